@@ -1,0 +1,39 @@
+# Every target works on a fresh clone: `make test` builds .venv first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv test demo chaos bench lint types clean
+
+venv: $(STAMP)
+
+# Reinstall only when the project's metadata changes.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# Extra pytest arguments: make test ARGS='-k cluster -x'
+test: venv
+	$(BIN)/pytest $(ARGS)
+
+chaos: venv
+	$(BIN)/pytest -m chaos $(ARGS)
+
+demo: venv
+	$(BIN)/python -m example_project.demo
+
+bench: venv
+	$(BIN)/python -m benchmarks.run
+
+lint: venv
+	$(BIN)/ruff check .
+
+types: venv
+	$(BIN)/mypy forseti_celery
+
+clean:
+	rm -rf $(VENV) .tox .mypy_cache .pytest_cache .ruff_cache build dist *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
