@@ -1,0 +1,264 @@
+"""Broker plumbing shared by clients and workers: a thread-safe publisher and a
+consumer thread that reconnects by itself.
+
+Both open connections of their own from the Celery app's broker settings, so
+forseti traffic never shares (or blocks) Celery's consumer connection, and a
+task blocked on ``get_key`` in a solo worker cannot stall the leader or the
+registry living in the same process.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import amqp.exceptions
+import redis.exceptions
+from celery.utils.log import get_logger
+from kombu.exceptions import OperationalError
+from kombu import Connection, Consumer, Exchange, Producer, Queue
+
+from .errors import BrokerUnavailable
+from .protocol import CONTENT_ENCODING, CONTENT_TYPE, Message, decode, encode
+
+logger = get_logger(__name__)
+
+__all__ = ["ConsumerLoop", "Publisher", "RestartIntensity"]
+
+
+class RestartIntensity:
+    """Erlang supervisor's restart intensity: more than ``max_retries`` failures
+    within ``max_time`` seconds means give up instead of looping."""
+
+    def __init__(self, max_retries: int, max_time: float) -> None:
+        self.max_retries = max_retries
+        self.max_time = max_time
+        self._failures: deque[float] = deque()
+
+    def failed(self) -> bool:
+        """Record a failure; return True while restarting is still allowed."""
+        now = time.monotonic()
+        self._failures.append(now)
+        while self._failures and now - self._failures[0] > self.max_time:
+            self._failures.popleft()
+        return len(self._failures) <= self.max_retries
+
+
+class Publisher:
+    """Publishes message batches on a connection of its own; safe from any thread."""
+
+    def __init__(self, connection: Connection, retries: int = 2) -> None:
+        self._conn = connection
+        self._lock = threading.Lock()
+        self._producer: Producer | None = None
+        self._retries = retries
+        self._declared: set[str] = set()
+
+    def publish(
+        self,
+        exchange: Exchange,
+        routing_key: str,
+        messages: list[Message],
+        *,
+        declare: Iterable[Queue] = (),
+        expiration: float | None = None,
+        body: bytes | None = None,
+    ) -> None:
+        """Send ``messages`` as one broker message; raises :class:`BrokerUnavailable`."""
+        payload = encode(messages) if body is None else body
+        with self._lock:
+            try:
+                if self._producer is None:
+                    self._producer = Producer(self._conn.default_channel)
+                to_declare = [q for q in declare if q.name not in self._declared]
+                publish = self._conn.ensure(
+                    self._producer, self._producer.publish,
+                    max_retries=self._retries, interval_start=0.2, interval_step=0.3, interval_max=1,
+                )
+                publish(
+                    payload, exchange=exchange, routing_key=routing_key,
+                    content_type=CONTENT_TYPE, content_encoding=CONTENT_ENCODING,
+                    declare=[exchange, *to_declare], expiration=expiration, retry=False,
+                )
+                self._declared.update(q.name for q in to_declare)
+            except self._conn.recoverable_connection_errors + self._conn.recoverable_channel_errors as exc:
+                self._reset()
+                raise BrokerUnavailable(f"broker unreachable: {exc!r}") from exc
+            except (OSError, *self._conn.connection_errors) as exc:
+                self._reset()
+                raise BrokerUnavailable(f"broker unreachable: {exc!r}") from exc
+
+    def declare(self, queue: Queue) -> None:
+        """Declare ``queue`` (and its exchange and binding) now; raises :class:`BrokerUnavailable`."""
+        with self._lock:
+            try:
+                self._conn.ensure_connection(max_retries=self._retries)
+                queue.bind(self._conn.default_channel).declare()
+            except (OSError, *self._conn.connection_errors, *self._conn.channel_errors) as exc:
+                self._reset()
+                raise BrokerUnavailable(f"broker unreachable: {exc!r}") from exc
+            self._declared.add(queue.name)
+
+    def _reset(self) -> None:
+        self._producer = None
+        self._declared.clear()
+        try:
+            self._conn.collect()
+        except Exception:  # pragma: no cover - best effort after a failure
+            pass
+
+    def close(self) -> None:
+        """Release the connection."""
+        with self._lock:
+            self._producer = None
+            self._conn.release()
+
+
+Handler = Callable[[list[Message]], None]
+
+
+class ConsumerLoop(threading.Thread):
+    """A daemon thread consuming queues with ``no_ack``; reconnects with backoff forever.
+
+    ``handler`` gets each batch (the protocol messages of one broker message). ``tick`` runs at least
+    every ``interval`` seconds (also while disconnected). Unexpected exceptions are
+    logged and counted against ``intensity``; past it the loop stops and says why.
+    Connection errors are not failures of ours and are retried without limit.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        connection_factory: Callable[[], Connection],
+        queues: Callable[[], list[Queue]],
+        handler: Handler,
+        *,
+        intensity: RestartIntensity,
+        tick: Callable[[], None] | None = None,
+        interval: float = 0.25,
+        on_connect: Callable[[], None] | None = None,
+        on_disconnect: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__(name=name, daemon=True)
+        self._connection_factory = connection_factory
+        self._queues = queues
+        self._handler = handler
+        self._tick = tick
+        self._interval = interval
+        self._on_connect = on_connect
+        self._on_disconnect = on_disconnect
+        self._intensity = intensity
+        self._stopping = threading.Event()
+        self._consumer: Consumer | None = None
+        self.connected = threading.Event()
+        #: Why the loop gave up (restart intensity reached), if it did.
+        self.failure: BaseException | None = None
+        #: monotonic time of the last successful contact with the broker.
+        self.last_contact = time.monotonic()
+
+    # -- control (from any thread) --------------------------------------------------
+    def stop(self, timeout: float = 5.0) -> None:
+        """Ask the loop to end and wait for it."""
+        self._stopping.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout)
+
+    # -- called from the loop thread only ----------------------------------------------
+    def add_queue(self, queue: Queue) -> None:
+        """Start consuming ``queue`` on the live consumer (no-op while disconnected)."""
+        if self._consumer is not None and not self._consumer.consuming_from(queue):
+            self._consumer.add_queue(queue)
+            self._consumer.consume()
+
+    def cancel_queue(self, queue: Queue) -> None:
+        """Stop consuming ``queue``."""
+        if self._consumer is not None and self._consumer.consuming_from(queue):
+            self._consumer.cancel_by_queue(queue.name)
+
+    def run(self) -> None:
+        backoff = 0.1
+        while not self._stopping.is_set():
+            try:
+                self._serve()
+                backoff = 0.1
+            except Exception as exc:
+                self.connected.clear()
+                self._consumer = None
+                if self._on_disconnect is not None:
+                    self._safe(self._on_disconnect)
+                if not _is_connection_error(exc):
+                    logger.exception("forseti: %s failed", self.name)
+                    if not self._intensity.failed():
+                        self.failure = exc
+                        logger.critical(
+                            "forseti: %s stopped: more than %d failures in %.0f s (forseti_max_retries/"
+                            "forseti_max_time); last: %r", self.name, self._intensity.max_retries,
+                            self._intensity.max_time, exc,
+                        )
+                        return
+                else:
+                    logger.warning("forseti: %s lost the broker (%r); reconnecting", self.name, exc)
+                deadline = time.monotonic() + backoff
+                while not self._stopping.is_set() and time.monotonic() < deadline:
+                    if self._tick is not None:
+                        self._safe(self._tick)
+                    self._stopping.wait(min(self._interval, max(0.0, deadline - time.monotonic())))
+                backoff = min(backoff * 2, 2.0)
+
+    def _serve(self) -> None:
+        with self._connection_factory() as conn:
+            conn.ensure_connection(max_retries=1)
+            channel = conn.channel()
+            consumer = Consumer(channel, self._queues(), no_ack=True, on_message=self._on_message)
+            consumer.consume()
+            self._consumer = consumer
+            self.last_contact = time.monotonic()
+            self.connected.set()
+            if self._on_connect is not None:
+                self._on_connect()
+            next_tick = time.monotonic()
+            while not self._stopping.is_set():
+                now = time.monotonic()
+                if now >= next_tick:
+                    if self._tick is not None:
+                        self._tick()
+                    next_tick = now + self._interval
+                try:
+                    conn.drain_events(timeout=max(0.001, next_tick - time.monotonic()))
+                except socket.timeout:
+                    conn.heartbeat_check()
+                self.last_contact = time.monotonic()
+            self._consumer = None
+            self.connected.clear()
+            try:
+                consumer.cancel()
+            except Exception:  # closing anyway
+                pass
+
+    def _on_message(self, message: Any) -> None:
+        try:
+            self._handler(decode(message.body))
+        except BrokerUnavailable as exc:
+            logger.warning("forseti: %s could not answer: %r", self.name, exc)
+        except Exception:
+            logger.exception("forseti: %s could not handle a message", self.name)
+
+    def _safe(self, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except Exception:
+            logger.exception("forseti: %s callback failed", self.name)
+
+
+_CONNECTION_ERRORS = (
+    OSError, EOFError, OperationalError, BrokerUnavailable, amqp.exceptions.ConnectionError,
+    amqp.exceptions.ChannelError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+)
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    return isinstance(exc, _CONNECTION_ERRORS)

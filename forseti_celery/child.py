@@ -1,0 +1,175 @@
+"""The keyed process itself: the code that runs in a billiard child forked by a worker.
+
+The child talks only to its worker, over a pipe: no broker connection of its own,
+which keeps creation at fork cost and memory at the pages the child touches.
+A reader thread moves frames from the pipe into the mailbox at once, so a busy
+callback never makes the worker block on a full pipe. The child dies with its
+worker: ``PR_SET_PDEATHSIG`` and end-of-file on the pipe both end it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import queue
+import signal
+import threading
+import traceback
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from celery.utils.log import get_logger
+
+from .process import KeyedProcess
+
+logger = get_logger(__name__)
+
+__all__ = ["Mailbox", "mailbox", "run"]
+
+_PR_SET_PDEATHSIG = 1
+_STOP = object()
+_current: Mailbox | None = None
+
+
+class Mailbox:
+    """The child's end of the pipe: incoming messages queued in order, answers sent back."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.stop_reason: str | None = None
+        self._reader = threading.Thread(target=self._read, name="forseti-mailbox", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        try:
+            while True:
+                for msg in json.loads(self._conn.recv_bytes()):
+                    self._queue.put(msg)
+        except (EOFError, OSError):
+            # The worker is gone: a keyed process never outlives its worker.
+            os._exit(1)
+
+    def get(self, timeout: float | None = None) -> dict[str, Any] | None:
+        """Next raw protocol message, or ``None`` after ``timeout``."""
+        try:
+            return self._queue.get(timeout=timeout)  # type: ignore[no-any-return]
+        except queue.Empty:
+            return None
+
+    def send(self, msg: dict[str, Any]) -> None:
+        """Report to the worker."""
+        self._conn.send_bytes(json.dumps([msg]).encode())
+
+    def reply(self, request: dict[str, Any], **fields: Any) -> None:
+        """Answer a call (the worker forwards it to the caller's reply queue)."""
+        try:
+            frame = json.dumps([{"t": "reply", "r": request["r"], "c": request["c"], **fields}])
+        except (TypeError, ValueError) as exc:
+            frame = json.dumps([{
+                "t": "reply", "r": request["r"], "c": request["c"],
+                "error": "invalid", "type": type(exc).__name__, "msg": f"answer is not JSON: {exc}",
+            }])
+        self._conn.send_bytes(frame.encode())
+
+    def receive(self, timeout: float | None) -> Any:
+        """Function form: the next cast's payload, or ``None``; calls are refused."""
+        while True:
+            msg = self.get(timeout)
+            if msg is None:
+                return None
+            kind = msg["t"]
+            if kind == "cast":
+                return msg["m"]
+            if kind == "stop":
+                self.stop_reason = msg.get("reason", "stop")
+                raise SystemExit(0)
+            if kind == "call":
+                self.reply(msg, error="invalid", type="TypeError",
+                           msg="function-form keyed processes take no calls; use send()")
+
+
+def mailbox() -> Mailbox:
+    """The running keyed process's mailbox; only valid inside a keyed process."""
+    if _current is None:
+        raise RuntimeError("forseti_celery.receive() is only available inside a keyed process")
+    return _current
+
+
+def run(conn: Any, target: Any, key: str, args: list[Any], parent_pid: int, close_fds: Iterable[int]) -> None:
+    """Entry point of the billiard child (runs after the fork)."""
+    global _current
+    _detach(parent_pid, close_fds)
+    box = _current = Mailbox(conn)
+    is_class = isinstance(target, type) and issubclass(target, KeyedProcess)
+    try:
+        if is_class:
+            _serve(box, target, key, args)
+        else:
+            box.send({"t": "started"})
+            target(key, *args)
+    except SystemExit:
+        pass
+    except BaseException as exc:
+        logger.error("keyed process %r crashed:\n%s", key, traceback.format_exc())
+        box.send({"t": "exit", "reason": f"crash: {_describe(exc)}"})
+        os._exit(1)
+    box.send({"t": "exit", "reason": box.stop_reason or "normal"})
+
+
+def _serve(box: Mailbox, cls: type[KeyedProcess], key: str, args: list[Any]) -> None:
+    obj = cls()
+    try:
+        obj.init(key, *args)
+    except BaseException as exc:
+        box.send({"t": "init_error", "type": _qualname(exc), "msg": str(exc)})
+        os._exit(1)
+    box.send({"t": "started"})
+    handlers: dict[str, Callable[[dict[str, Any]], None]] = {
+        "cast": lambda m: obj.handle_cast(m["m"]),
+        "call": lambda m: box.reply(m, v=obj.handle_call(m["m"])),
+    }
+    while True:
+        msg = box.get()
+        assert msg is not None
+        kind = msg["t"]
+        if kind == "stop":
+            box.stop_reason = msg.get("reason", "stop")
+            obj.terminate(box.stop_reason)
+            return
+        try:
+            handlers[kind](msg)
+        except Exception as exc:
+            if kind == "call":
+                box.reply(msg, error="crash", type=_qualname(exc), msg=str(exc))
+            raise
+
+
+def _detach(parent_pid: int, close_fds: Iterable[int]) -> None:
+    # Celery's handlers were inherited and do nothing outside the worker's main
+    # process; a keyed process must die on SIGTERM. SIGINT (a terminal's ^C) goes
+    # to the whole process group: the worker stops its children itself.
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the pipe's end-of-file still ends us
+        pass
+    if os.getppid() != parent_pid:
+        os._exit(1)
+    for fd in close_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _qualname(exc: BaseException) -> str:
+    cls = type(exc)
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{_qualname(exc)}: {exc}"

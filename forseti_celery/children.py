@@ -1,0 +1,331 @@
+"""A worker's keyed processes: billiard children it forks, feeds and watches.
+
+Forking happens in the worker's forseti consumer thread, a thread that lives as
+long as the registry (``PR_SET_PDEATHSIG`` fires when the *thread* that forked
+exits). A watcher thread polls every child's pipe and exit sentinel: it forwards
+answers to callers, reports starts and exits to the leader (through an outbox
+that is retried until the broker takes it: exits are never lost), and kills
+children that overstay a stop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import billiard
+from celery.utils.log import get_logger
+
+from . import child as child_main
+from . import protocol as p
+from .errors import BrokerUnavailable
+
+logger = get_logger(__name__)
+
+__all__ = ["Child", "Children"]
+
+Key = tuple[str, str]
+Waiter = tuple[str, str]
+_READ = select.POLLIN | select.POLLHUP | select.POLLERR
+
+
+@dataclass(eq=False)
+class Child:
+    """The worker's record of one keyed process."""
+
+    name: str
+    key: str
+    sid: str
+    process: Any
+    conn: Any
+    started_at: float = field(default_factory=time.time)
+    started: bool = False
+    messages: int = 0
+    init_error: tuple[str, str] | None = None
+    reason: str | None = None
+    calls: dict[str, str] = field(default_factory=dict)
+    stoppers: list[Waiter] = field(default_factory=list)
+    kill_at: float | None = None
+    gone: bool = False
+    conn_fd: int = -1
+
+    @property
+    def pid(self) -> int:
+        return int(self.process.pid)
+
+
+class Children:
+    """Spawn, deliver to, stop and watch the keyed processes of one worker."""
+
+    def __init__(
+        self,
+        hostname: str,
+        resolve: Callable[[str], Any],
+        publish: Callable[[str, list[dict[str, Any]]], None],
+        leader_rk: str,
+        event: Callable[..., None],
+        stop_timeout: float,
+    ) -> None:
+        self.hostname = hostname
+        self._resolve = resolve
+        self._publish = publish
+        self._leader_rk = leader_rk
+        self._event = event
+        self._stop_timeout = stop_timeout
+        self._lock = threading.Lock()
+        self._by_key: dict[Key, Child] = {}
+        self._by_fd: dict[int, tuple[Child, bool]] = {}
+        self._new: list[Child] = []
+        self._outbox: deque[dict[str, Any]] = deque()
+        self._replies: dict[str, list[dict[str, Any]]] = {}
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._poller = select.poll()
+        self._poller.register(self._wake_r, select.POLLIN)
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="forseti-children", daemon=True)
+        self.starts = 0
+        self.exits = 0
+
+    def start(self) -> None:
+        """Start watching."""
+        self._thread.start()
+
+    # -- from the consumer thread ---------------------------------------------------------
+    def spawn(self, name: str, key: str, args: list[Any], sid: str) -> None:
+        """Fork a keyed process for ``(name, key)`` unless one runs here already."""
+        k = (name, key)
+        with self._lock:
+            existing = self._by_key.get(k)
+            if existing is not None:
+                existing.sid = sid  # the leader's current order names it now
+                if existing.started:
+                    self._report(p.SPAWNED, existing, pid=existing.pid)
+                return
+            target = self._resolve(name)
+            if target is None:
+                self._outbox.append({"t": p.SPAWN_FAILED, "n": name, "k": key, "node": self.hostname,
+                                     "sid": sid, "error": "unknown_name",
+                                     "msg": f"{self.hostname} does not know {name!r}"})
+                self._wake()
+                return
+            inherited = [self._wake_r, self._wake_w] + [c.conn_fd for c in self._by_key.values()]
+        parent_end, child_end = billiard.Pipe(duplex=True)
+        proc = billiard.Process(
+            target=child_main.run, name=f"forseti:{name}",
+            args=(child_end, target, key, args, os.getpid(), inherited),
+        )
+        proc.start()
+        child_end.close()
+        c = Child(name, key, sid, proc, parent_end, conn_fd=parent_end.fileno())
+        with self._lock:
+            self._by_key[k] = c
+            self._new.append(c)
+        self._wake()
+
+    def deliver(self, batches: dict[Key, list[dict[str, Any]]]) -> None:
+        """Forward casts/calls/stops, grouped per key, each group in one pipe write."""
+        for k, msgs in batches.items():
+            with self._lock:
+                c = self._by_key.get(k)
+                live = [m for m in msgs if c is not None and not c.gone and m.get("p") in (None, c.pid)]
+                dead = [m for m in msgs if m not in live] if len(live) != len(msgs) else []
+                if c is not None:
+                    for m in live:
+                        if m["t"] == p.CALL:
+                            c.calls[m["c"]] = m["r"]
+                        elif m["t"] == p.STOP:
+                            if "r" in m:
+                                c.stoppers.append((m["r"], m["c"]))
+                            if c.kill_at is None:
+                                c.kill_at = time.monotonic() + float(m.get("grace", self._stop_timeout))
+                    c.messages += len(live)
+            if live:
+                assert c is not None
+                try:
+                    c.conn.send_bytes(json.dumps(live).encode())
+                except OSError:
+                    dead.extend(live)
+            for m in dead:
+                self._not_there(k, m)
+        self._wake()
+
+    def _not_there(self, k: Key, m: dict[str, Any]) -> None:
+        if m["t"] == p.CALL:
+            self._reply(m["r"], {"t": p.REPLY, "c": m["c"], "error": "gone",
+                                 "msg": f"keyed process {k[1]!r} ({k[0]}) has exited"})
+        elif m["t"] == p.STOP and "r" in m:
+            # Already gone: the leader answers once its table has caught up (same queue, in order).
+            self._outbox.append({"t": p.EXITED, "n": k[0], "k": k[1], "node": self.hostname,
+                                 "pid": None, "stoppers": [[m["r"], m["c"]]]})
+
+    def stop_all(self, reason: str, grace: float) -> bool:
+        """Stop every keyed process (``terminate`` runs); True if all exits reached the broker."""
+        with self._lock:
+            keys = list(self._by_key)
+        self.deliver({k: [{"t": p.STOP, "reason": reason, "grace": grace}] for k in keys})
+        deadline = time.monotonic() + grace + 3.0
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._by_key and not self._outbox:
+                    return True
+            time.sleep(0.02)
+        return False
+
+    def snapshot(self) -> list[Child]:
+        """The keyed processes running here now."""
+        with self._lock:
+            return list(self._by_key.values())
+
+    def stop(self) -> None:
+        """Stop watching (after :meth:`stop_all`); kills whatever is left."""
+        for c in self.snapshot():
+            c.process.kill()
+        self._stopping.set()
+        self._wake()
+        self._thread.join(5)
+
+    # -- watcher thread ---------------------------------------------------------------------
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass
+
+    def _watch(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._watch_once()
+            except Exception:
+                logger.exception("forseti: child watcher failed")
+                time.sleep(0.1)
+
+    def _watch_once(self) -> None:
+        now = time.monotonic()
+        deadlines = [c.kill_at for c in self._by_fd_children() if c.kill_at is not None]
+        timeout = min([0.25] + [max(0.0, d - now) for d in deadlines])
+        for fd, _ in self._poller.poll(timeout * 1000):
+            if fd == self._wake_r:
+                self._drain_wake()
+                continue
+            entry = self._by_fd.get(fd)
+            if entry is None:
+                continue
+            c, is_conn = entry
+            if is_conn:
+                self._read(c)
+            else:
+                self._reap(c)
+        self._kill_overdue()
+        self._flush()
+
+    def _by_fd_children(self) -> list[Child]:
+        return [c for c, is_conn in self._by_fd.values() if is_conn]
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        with self._lock:
+            new, self._new = self._new, []
+        for c in new:
+            for fd, is_conn in ((c.conn_fd, True), (c.process.sentinel, False)):
+                self._by_fd[fd] = (c, is_conn)
+                self._poller.register(fd, _READ)
+
+    def _read(self, c: Child) -> None:
+        try:
+            while c.conn.poll(0):
+                for msg in json.loads(c.conn.recv_bytes()):
+                    self._from_child(c, msg)
+        except (EOFError, OSError):
+            self._unwatch(c.conn_fd)
+
+    def _from_child(self, c: Child, msg: dict[str, Any]) -> None:
+        kind = msg["t"]
+        if kind == "reply":
+            with self._lock:
+                c.calls.pop(msg["c"], None)
+            self._reply(msg.pop("r"), msg)
+        elif kind == "started":
+            c.started = True
+            self.starts += 1
+            self._report(p.SPAWNED, c, pid=c.pid)
+            self._event(p.EVENT_STARTED, key=c.key, name=c.name, child_pid=c.pid,
+                        startup_ms=round((time.time() - c.started_at) * 1000, 3))
+        elif kind == "init_error":
+            c.init_error = (msg["type"], msg["msg"])
+        elif kind == "exit":
+            c.reason = msg["reason"]
+
+    def _reap(self, c: Child) -> None:
+        if c.conn_fd in self._by_fd:
+            self._read(c)
+            self._unwatch(c.conn_fd)
+        self._unwatch(c.process.sentinel)
+        c.process.join(1.0)
+        code = c.process.exitcode
+        with self._lock:
+            c.gone = True
+            if self._by_key.get((c.name, c.key)) is c:
+                del self._by_key[(c.name, c.key)]
+            calls, c.calls = c.calls, {}
+        c.conn.close()
+        reason = c.reason or (f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}")
+        for corr, reply_to in calls.items():
+            self._reply(reply_to, {"t": p.REPLY, "c": corr, "error": "gone",
+                                   "msg": f"keyed process {c.key!r} exited: {reason}"})
+        if not c.started:
+            etype, emsg = c.init_error or ("ProcessExited", f"exited during init: {reason}")
+            self._outbox.append({"t": p.SPAWN_FAILED, "n": c.name, "k": c.key, "node": self.hostname,
+                                 "sid": c.sid, "error": "start", "type": etype, "msg": emsg})
+            return
+        self.exits += 1
+        self._report(p.EXITED, c, pid=c.pid, reason=reason, code=code, stoppers=[list(s) for s in c.stoppers])
+        self._event(p.EVENT_EXITED, key=c.key, name=c.name, child_pid=c.pid, reason=reason, exitcode=code,
+                    uptime=round(time.time() - c.started_at, 3))
+
+    def _unwatch(self, fd: int) -> None:
+        if self._by_fd.pop(fd, None) is not None:
+            self._poller.unregister(fd)
+
+    def _kill_overdue(self) -> None:
+        now = time.monotonic()
+        for c in self._by_fd_children():
+            if c.kill_at is not None and now >= c.kill_at and c.process.exitcode is None:
+                logger.warning("forseti: keyed process %r (pid %d) ignored stop; killing it", c.key, c.pid)
+                c.process.kill()
+                c.kill_at = now + 1.0
+
+    def _report(self, kind: str, c: Child, **fields: Any) -> None:
+        self._outbox.append({"t": kind, "n": c.name, "k": c.key, "node": self.hostname, "sid": c.sid, **fields})
+
+    def _reply(self, reply_to: str, msg: dict[str, Any]) -> None:
+        with self._lock:
+            self._replies.setdefault(reply_to, []).append(msg)
+
+    def _flush(self) -> None:
+        with self._lock:
+            replies, self._replies = self._replies, {}
+        for rk, msgs in replies.items():
+            try:
+                self._publish(rk, msgs)
+            except BrokerUnavailable:
+                logger.warning("forseti: %d answers to %s lost: broker unreachable", len(msgs), rk)
+        if self._outbox:
+            batch = list(self._outbox)
+            try:
+                self._publish(self._leader_rk, batch)
+            except BrokerUnavailable:
+                return  # kept: retried on the next round
+            for _ in batch:
+                self._outbox.popleft()

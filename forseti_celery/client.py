@@ -1,0 +1,174 @@
+"""The client: ``get_key``, ``search_key``, metrics, and a KeyRef's ``call``/``send``/``stop``.
+
+One :class:`Client` per process and app (made again after a fork), safe to use
+from many threads. It publishes on a connection of its own and receives every
+answer on a private reply queue through one consumer thread. Requests to the
+leader are re-sent while unanswered (with the same correlation id, so answering
+twice is harmless): a request held by a leader that dies is served by the next.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from . import protocol as p
+from .broker import ConsumerLoop, Publisher, RestartIntensity
+from .errors import ForsetiTimeout, InvalidArgument, InvalidKey, ProcessGone, remote_error
+from .keyref import KeyRef
+
+if TYPE_CHECKING:
+    from .app import Forseti
+
+__all__ = ["Client"]
+
+
+class _Pending:
+    __slots__ = ("event", "reply")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.reply: dict[str, Any] | None = None
+
+
+class Client:
+    """Talks to the leader and to keyed processes through the broker."""
+
+    def __init__(self, forseti: Forseti) -> None:
+        self.forseti = forseti
+        self.settings = forseti.settings
+        self.names = forseti.names
+        self.id = uuid.uuid4().hex
+        self._reply_queue = self.names.reply_queue(self.id)
+        self._reply_rk = self._reply_queue.routing_key
+        self._publisher = Publisher(forseti.app.connection_for_write())
+        self._pending: dict[str, _Pending] = {}
+        self._start_lock = threading.Lock()
+        self._loop = ConsumerLoop(
+            "forseti-client", forseti.app.connection_for_read, lambda: [self._reply_queue], self._on_replies,
+            intensity=RestartIntensity(self.settings.max_retries, self.settings.max_time),
+        )
+
+    # -- leader requests ----------------------------------------------------------------------
+    def get_key(self, key: str, args: Any, name: str, timeout: float | None) -> KeyRef:
+        """The live process for ``(name, key)``, created on the least-used worker if absent."""
+        self._check(key, name)
+        args = list(args)
+        p.check_json(args, "args")
+        node, pid = self._leader({"t": p.GET, "n": name, "k": key, "a": args}, timeout)
+        return KeyRef(node, pid, key, name, self.forseti.app)
+
+    def search_key(self, key: str, name: str, timeout: float | None) -> KeyRef | None:
+        """The live process for ``(name, key)`` or ``None``; never creates one."""
+        self._check(key, name)
+        found = self._leader({"t": p.SEARCH, "n": name, "k": key}, timeout)
+        return None if found is None else KeyRef(found[0], found[1], key, name, self.forseti.app)
+
+    def get_metrics(self, timeout: float | None) -> dict[str, int]:
+        """Live keyed processes per eligible live worker."""
+        return dict(self._leader({"t": p.METRICS}, timeout))
+
+    def get_less_used_node(self, timeout: float | None) -> str:
+        """The eligible worker the next new key would be placed on (names aside)."""
+        metrics = self.get_metrics(timeout)
+        if not metrics:
+            raise ForsetiTimeout("no eligible live worker")
+        return min(metrics, key=lambda host: (metrics[host], host))
+
+    # -- keyed processes ------------------------------------------------------------------------
+    def call(self, ref: KeyRef, msg: Any, timeout: float | None) -> Any:
+        """``ref.call(msg)``."""
+        p.check_json(msg, "message")
+        return self._request(self._node_rk(ref), {**self._addr(ref), "t": p.CALL, "m": msg},
+                             self._timeout(timeout, self.settings.call_timeout), resend=False)
+
+    def cast(self, ref: KeyRef, msg: Any) -> None:
+        """``ref.send(msg)``."""
+        self._ensure_started()
+        self._publisher.publish(self.names.exchange, self._node_rk(ref), [{**self._addr(ref), "t": p.CAST, "m": msg}])
+
+    def stop(self, ref: KeyRef, timeout: float | None) -> None:
+        """``ref.stop()``: returns once the process has exited and the leader has freed its key."""
+        t = self._timeout(timeout, self.settings.call_timeout)
+        grace = min(self.settings.stop_timeout, t * 0.8)
+        try:
+            self._request(self._node_rk(ref), {**self._addr(ref), "t": p.STOP, "reason": "stop", "grace": grace},
+                          t, resend=False)
+        except ProcessGone:
+            pass
+
+    # -- plumbing -------------------------------------------------------------------------------
+    def _leader(self, msg: dict[str, Any], timeout: float | None) -> Any:
+        return self._request("leader", msg, self._timeout(timeout, self.settings.timeout), resend=True)
+
+    def _request(self, routing_key: str, msg: dict[str, Any], timeout: float, resend: bool) -> Any:
+        self._ensure_started()
+        corr = uuid.uuid4().hex
+        msg.update(r=self._reply_rk, c=corr, d=time.time() + timeout)
+        pending = self._pending[corr] = _Pending()
+        deadline = time.monotonic() + timeout
+        declare = [self.names.leader_queue] if routing_key == "leader" else []
+        try:
+            self._publisher.publish(self.names.exchange, routing_key, [msg], declare=declare)
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ForsetiTimeout(f"no answer to {msg['t']!r} within {timeout:g} s"
+                                         + (" (is a worker with forseti running?)" if resend else ""))
+                if pending.event.wait(min(remaining, self.settings.retry_interval) if resend else remaining):
+                    break
+                if resend:
+                    self._publisher.publish(self.names.exchange, routing_key, [msg], declare=declare)
+        finally:
+            del self._pending[corr]
+        reply = pending.reply
+        assert reply is not None
+        if "error" in reply:
+            raise remote_error(reply["error"], reply.get("type", ""), reply.get("msg", ""))
+        return reply.get("v")
+
+    def _on_replies(self, batch: list[dict[str, Any]]) -> None:
+        for reply in batch:
+            pending = self._pending.get(reply.get("c", ""))
+            if pending is not None:
+                pending.reply = reply
+                pending.event.set()
+
+    def _ensure_started(self) -> None:
+        if self._loop.is_alive():
+            return
+        with self._start_lock:
+            if not self._loop.is_alive():
+                # The reply queue must exist before anyone answers into it.
+                self._publisher.declare(self._reply_queue)
+                self._loop.start()
+
+    def _check(self, key: Any, name: Any) -> None:
+        if not isinstance(key, str):
+            raise InvalidKey(f"keys are str, not {type(key).__name__}")
+        if len(key) > self.settings.max_key_length:
+            raise InvalidKey(f"key of {len(key)} characters exceeds forseti_max_key_length")
+        if not isinstance(name, str) or not name:
+            raise InvalidArgument(f"name must be a non-empty str, not {name!r}")
+
+    @staticmethod
+    def _timeout(timeout: float | None, default: float) -> float:
+        if timeout is None:
+            return default
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise InvalidArgument(f"timeout must be a positive number of seconds, not {timeout!r}")
+        return float(timeout)
+
+    def _node_rk(self, ref: KeyRef) -> str:
+        return self.names.node_routing_key(ref.node)
+
+    @staticmethod
+    def _addr(ref: KeyRef) -> dict[str, Any]:
+        return {"n": ref.name, "k": ref.key, "p": ref.pid}
+
+    def close(self) -> None:
+        """Stop the reply thread and release the connections."""
+        self._loop.stop()
+        self._publisher.close()

@@ -1,0 +1,72 @@
+"""KeyRef: a reference to one live keyed process, like forseti's ``{Node, PID}``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from kombu.utils.json import register_type
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+__all__ = ["KeyRef"]
+
+
+@dataclass(frozen=True)
+class KeyRef:
+    """The live process behind ``(name, key)``: ``node, pid = ref`` unpacks like ``{Node, PID}``.
+
+    Immutable and hashable; two refs to the same live process are equal, also
+    after a trip through a Celery task argument or result (JSON), and work on the
+    other side (they talk through the current Celery app there).
+    """
+
+    #: Hostname of the worker running the process, e.g. ``"w1@host"``.
+    node: str
+    #: The keyed process's OS pid.
+    pid: int
+    #: The key.
+    key: str
+    #: The keyed-process name (``"default"`` unless registered otherwise).
+    name: str = "default"
+    _app: Celery | None = field(default=None, compare=False, repr=False)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.node, self.pid))
+
+    def call(self, msg: Any, timeout: float | None = None) -> Any:
+        """Send ``msg`` to ``handle_call`` and return its answer.
+
+        Raises :class:`~forseti_celery.ProcessGone` if the process has exited,
+        :class:`~forseti_celery.RemoteError` if it raised (and so crashed), and
+        :class:`~forseti_celery.ForsetiTimeout` after ``timeout`` seconds
+        (default ``forseti_call_timeout``, 5 s).
+        """
+        return self._client().call(self, msg, timeout)
+
+    def send(self, msg: Any) -> None:
+        """Deliver ``msg`` to ``handle_cast`` (or ``receive()``) without waiting; ordered per client."""
+        self._client().cast(self, msg)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the process (its ``terminate`` runs) and return once it has exited and its key is free."""
+        self._client().stop(self, timeout)
+
+    def _client(self) -> Any:
+        from .app import Forseti
+
+        return Forseti.of(self._app).client
+
+    def to_json(self) -> dict[str, Any]:
+        """The wire form (also what Celery's JSON serializer carries)."""
+        return {"node": self.node, "pid": self.pid, "key": self.key, "name": self.name}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], app: Celery | None = None) -> KeyRef:
+        """Rebuild a ref from :meth:`to_json` output."""
+        return cls(data["node"], int(data["pid"]), data["key"], data.get("name", "default"), app)
+
+
+register_type(KeyRef, "forseti_keyref", KeyRef.to_json, KeyRef.from_json)

@@ -1,0 +1,245 @@
+"""The leader: owner of the table ``(name, key) -> (node, pid)`` and of placement.
+
+Runs in the consumer thread of the worker that holds the role, so its state needs
+no lock. On taking the role it first asks every live worker for its registry and
+answers nothing until all have reported (or been declared dead): requests that
+arrive meanwhile wait in order. Every request costs O(1) in the number of keys
+(placement is O(workers)).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery.utils.log import get_logger
+
+from . import protocol as p
+from .membership import Members
+
+logger = get_logger(__name__)
+
+__all__ = ["Leader"]
+
+Key = tuple[str, str]
+Waiter = tuple[str, str]  # (reply routing key, correlation id)
+Send = Callable[[str, dict[str, Any]], None]  # (routing key, message)
+_NODE_MESSAGES = frozenset({p.SPAWNED, p.SPAWN_FAILED, p.EXITED})
+
+
+@dataclass
+class Entry:
+    """One key's process: starting (``pid is None``) or live."""
+
+    node: str
+    sid: str
+    args: list[Any]
+    pid: int | None = None
+    waiters: list[Waiter] = field(default_factory=list)
+
+
+class Leader:
+    """Arbitration state; every method is called from the owning worker's consumer thread."""
+
+    def __init__(self, hostname: str, members: Members, send_node: Send, reply: Send) -> None:
+        self.hostname = hostname
+        self.members = members
+        self._send_node = send_node
+        self._reply = reply
+        self.active = False
+        self.ready = False
+        self.epoch = 0
+        self._table: dict[Key, Entry] = {}
+        self._by_node: dict[str, set[Key]] = {}
+        self._counts: dict[str, int] = {}
+        self._awaiting: set[str] = set()
+        self._deferred: list[dict[str, Any]] = []
+        self._handlers: dict[str, Callable[[dict[str, Any]], None]] = {
+            p.GET: self._get, p.SEARCH: self._search, p.METRICS: self._metrics,
+            p.SPAWNED: self._spawned, p.SPAWN_FAILED: self._spawn_failed, p.EXITED: self._exited,
+        }
+
+    # -- role -------------------------------------------------------------------------
+    def activate(self, seen_epoch: int, previous_leader: str | None) -> None:
+        """Take the role: ask every live worker (but the previous leader) for its registry."""
+        self.deactivate()
+        self.active = True
+        self.epoch = seen_epoch
+        if previous_leader and previous_leader != self.hostname:
+            self.members.remove(previous_leader)
+        self._awaiting = {m.hostname for m in self.members} | {self.hostname}
+        logger.info("forseti: %s takes the leader role; rebuilding from %d workers",
+                    self.hostname, len(self._awaiting))
+        for host in sorted(self._awaiting):
+            self._send_node(host, {"t": p.REPORT_REQUEST, "leader": self.hostname, "epoch": seen_epoch + 1})
+
+    def deactivate(self) -> None:
+        """Drop the role and everything learnt with it."""
+        if self.active:
+            logger.info("forseti: %s no longer leads", self.hostname)
+        self.active = self.ready = False
+        self._table.clear()
+        self._by_node.clear()
+        self._counts.clear()
+        self._awaiting.clear()
+        self._deferred.clear()
+
+    def report(self, msg: dict[str, Any]) -> None:
+        """A worker's registry, sent in answer to the rebuild request."""
+        host = msg["node"]
+        if not self.active or self.ready or host not in self._awaiting:
+            return
+        self._awaiting.discard(host)
+        self.epoch = max(self.epoch, int(msg["epoch"]))
+        self._counts.setdefault(host, 0)
+        for name, key, pid, sid in msg["procs"]:
+            self._record(host, (name, key), Entry(host, sid, [], pid))
+        self._maybe_ready()
+
+    def node_lost(self, hostname: str) -> None:
+        """A worker died or left: its keys are free; keys it was starting are placed again."""
+        self._awaiting.discard(hostname)
+        keys = self._by_node.pop(hostname, set())
+        self._counts.pop(hostname, None)
+        restart: list[tuple[Key, Entry]] = []
+        for k in keys:
+            entry = self._table.pop(k)
+            if entry.pid is None and entry.waiters:
+                restart.append((k, entry))
+        if keys:
+            logger.info("forseti: worker %s lost; %d keys freed", hostname, len(keys))
+        for k, entry in restart:
+            self._start(k, entry.args, entry.waiters)
+        if self.active:
+            self._maybe_ready()
+
+    def _maybe_ready(self) -> None:
+        if self.ready or self._awaiting:
+            return
+        self.epoch += 1
+        self.ready = True
+        logger.info("forseti: %s leads (epoch %d) with %d keys on %d workers",
+                    self.hostname, self.epoch, len(self._table), len(self._counts))
+        deferred, self._deferred = self._deferred, []
+        for msg in deferred:
+            self.handle(msg)
+
+    # -- messages ---------------------------------------------------------------------
+    def handle(self, msg: dict[str, Any]) -> None:
+        """A message from the leader queue."""
+        if not self.ready:
+            self._deferred.append(msg)
+            return
+        handler = self._handlers.get(msg["t"])
+        if handler is None:
+            return
+        if msg["t"] not in _NODE_MESSAGES and msg.get("d", float("inf")) < time.time():
+            return  # the caller has given up already
+        handler(msg)
+
+    def _get(self, msg: dict[str, Any]) -> None:
+        k = (msg["n"], msg["k"])
+        waiter = (msg["r"], msg["c"])
+        entry = self._table.get(k)
+        if entry is None:
+            self._start(k, msg.get("a", []), [waiter])
+        elif entry.pid is not None:
+            self._answer(waiter, k, entry)
+        elif waiter not in entry.waiters:
+            entry.waiters.append(waiter)
+
+    def _search(self, msg: dict[str, Any]) -> None:
+        entry = self._table.get((msg["n"], msg["k"]))
+        live = entry is not None and entry.pid is not None
+        self._reply(msg["r"], {"t": p.REPLY, "c": msg["c"], "v": [entry.node, entry.pid] if live else None})  # type: ignore[union-attr]
+
+    def _metrics(self, msg: dict[str, Any]) -> None:
+        counts = {m.hostname: self._counts.get(m.hostname, 0) for m in self.members if m.eligible}
+        self._reply(msg["r"], {"t": p.REPLY, "c": msg["c"], "v": counts})
+
+    def _spawned(self, msg: dict[str, Any]) -> None:
+        k = (msg["n"], msg["k"])
+        entry = self._table.get(k)
+        if entry is not None and entry.sid == msg["sid"]:
+            entry.pid = msg["pid"]
+            for waiter in entry.waiters:
+                self._answer(waiter, k, entry)
+            entry.waiters.clear()
+        elif entry is None and msg["node"] in self.members:
+            # Started on an order this leader did not give (a deposed leader's): adopt it.
+            self._record(msg["node"], k, Entry(msg["node"], msg["sid"], [], msg["pid"]))
+        elif entry is not None:
+            logger.warning("forseti: duplicate process for %r on %s; stopping it", k, msg["node"])
+            self._send_node(msg["node"], {"t": p.STOP, "n": k[0], "k": k[1], "p": msg["pid"], "reason": "duplicate"})
+
+    def _spawn_failed(self, msg: dict[str, Any]) -> None:
+        k = (msg["n"], msg["k"])
+        entry = self._table.get(k)
+        if entry is None or entry.sid != msg["sid"]:
+            return
+        self._forget(k, entry)
+        error = {"t": p.REPLY, "error": msg["error"], "type": msg.get("type", ""), "msg": msg.get("msg", "")}
+        for reply_to, corr in entry.waiters:
+            self._reply(reply_to, {**error, "c": corr})
+
+    def _exited(self, msg: dict[str, Any]) -> None:
+        k = (msg["n"], msg["k"])
+        entry = self._table.get(k)
+        if entry is not None and entry.node == msg["node"] and entry.pid == msg["pid"]:
+            self._forget(k, entry)
+        for reply_to, corr in msg.get("stoppers", ()):
+            self._reply(reply_to, {"t": p.REPLY, "c": corr, "v": True})
+
+    # -- table ------------------------------------------------------------------------
+    def _start(self, k: Key, args: list[Any], waiters: list[Waiter]) -> None:
+        node = self.least_used(k[0])
+        if node is None:
+            known = any(k[0] in m.names for m in self.members)
+            error = "unknown_name" if not known else "timeout"
+            text = (f"no worker knows the keyed-process name {k[0]!r}" if not known
+                    else f"no eligible live worker for {k[0]!r}")
+            for reply_to, corr in waiters:
+                self._reply(reply_to, {"t": p.REPLY, "c": corr, "error": error, "msg": text})
+            return
+        entry = Entry(node, uuid.uuid4().hex, args, waiters=list(waiters))
+        self._record(node, k, entry)
+        self._send_node(node, {"t": p.SPAWN, "n": k[0], "k": k[1], "a": args, "sid": entry.sid,
+                               "epoch": self.epoch, "leader": self.hostname})
+
+    def least_used(self, name: str | None) -> str | None:
+        """The eligible live worker (knowing ``name``) with the fewest processes; ties by hostname."""
+        best: tuple[int, str] | None = None
+        for m in self.members:
+            if m.eligible and (name is None or name in m.names):
+                cand = (self._counts.get(m.hostname, 0), m.hostname)
+                if best is None or cand < best:
+                    best = cand
+        return None if best is None else best[1]
+
+    def _record(self, node: str, k: Key, entry: Entry) -> None:
+        old = self._table.get(k)
+        if old is not None:
+            if old.node == node and old.pid == entry.pid:
+                return
+            # Two workers report one key (only after a split brain): keep the first, stop the other.
+            logger.warning("forseti: %r reported by %s and %s; stopping the latter", k, old.node, node)
+            self._send_node(node, {"t": p.STOP, "n": k[0], "k": k[1], "p": entry.pid, "reason": "duplicate"})
+            return
+        self._table[k] = entry
+        self._by_node.setdefault(node, set()).add(k)
+        self._counts[node] = self._counts.get(node, 0) + 1
+
+    def _forget(self, k: Key, entry: Entry) -> None:
+        del self._table[k]
+        self._by_node.get(entry.node, set()).discard(k)
+        self._counts[entry.node] = max(0, self._counts.get(entry.node, 1) - 1)
+
+    def _answer(self, waiter: Waiter, k: Key, entry: Entry) -> None:
+        self._reply(waiter[0], {"t": p.REPLY, "c": waiter[1], "v": [entry.node, entry.pid]})
+
+    def info(self) -> dict[str, Any]:
+        """Summary for ``celery inspect stats``."""
+        return {"keys": len(self._table), "epoch": self.epoch, "ready": self.ready}

@@ -1,0 +1,74 @@
+"""Which workers are alive: every worker hears every heartbeat (a fanout), so a
+worker that becomes leader already knows whom to ask for their registries."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Member", "Members"]
+
+
+@dataclass
+class Member:
+    """What the last heartbeat of one worker said."""
+
+    hostname: str
+    incarnation: str
+    eligible: bool
+    names: frozenset[str]
+    last_seen: float = field(default_factory=time.monotonic)
+    leader: bool = False
+    epoch: int = 0
+
+
+class Members:
+    """Live workers by hostname, expired after ``node_timeout`` seconds of silence."""
+
+    def __init__(self, node_timeout: float) -> None:
+        self.node_timeout = node_timeout
+        self._members: dict[str, Member] = {}
+
+    def __iter__(self) -> Iterator[Member]:
+        return iter(list(self._members.values()))
+
+    def __contains__(self, hostname: object) -> bool:
+        return hostname in self._members
+
+    def get(self, hostname: str) -> Member | None:
+        """The member called ``hostname``, if alive."""
+        return self._members.get(hostname)
+
+    def heard(self, hb: dict[str, Any]) -> Member | None:
+        """Record a heartbeat; returns the *previous* incarnation's member when the
+        worker restarted under the same hostname (its processes are all gone)."""
+        host = hb["node"]
+        old = self._members.get(host)
+        self._members[host] = Member(
+            host, hb["inc"], bool(hb["eligible"]), frozenset(hb["names"]),
+            leader=bool(hb.get("leader")), epoch=int(hb.get("epoch", 0)),
+        )
+        if old is not None and old.incarnation != hb["inc"]:
+            return old
+        return None
+
+    def remove(self, hostname: str) -> Member | None:
+        """Forget a worker (it said goodbye, or was declared dead)."""
+        return self._members.pop(hostname, None)
+
+    def expire(self, now: float | None = None) -> list[Member]:
+        """Remove and return the workers silent for longer than ``node_timeout``."""
+        now = time.monotonic() if now is None else now
+        dead = [m for m in self._members.values() if now - m.last_seen > self.node_timeout]
+        for m in dead:
+            del self._members[m.hostname]
+        return dead
+
+    def leader(self) -> str | None:
+        """Hostname of the worker whose heartbeat says it leads, if any."""
+        for m in self._members.values():
+            if m.leader:
+                return m.hostname
+        return None

@@ -1,0 +1,123 @@
+"""The wire: every queue, exchange, message type and event type, and the codec.
+
+All traffic goes through the Celery app's broker. A kombu message body is a JSON
+*list* of protocol messages (dicts with a ``"t"`` type field), so hot paths can
+batch many messages into one broker message while keeping their order. Key text
+never appears in a queue name or routing key: queues are named after worker
+hostnames, client ids and the namespace only. See ``docs/protocol.rst``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from kombu import Exchange, Queue
+
+from .errors import InvalidMessage
+
+# -- message types ------------------------------------------------------------
+# client -> leader
+GET = "get"                  # name, key, args: the live process, created if absent
+SEARCH = "search"            # name, key: the live process or None
+METRICS = "metrics"          # live keyed processes per eligible node
+# node -> leader
+SPAWNED = "spawned"          # a keyed process finished init (name, key, node, pid, sid)
+SPAWN_FAILED = "spawn_failed"  # init raised / node refused (name, key, node, sid, error)
+EXITED = "exited"            # a keyed process ended (name, key, node, pid, reason)
+# leader -> node (node queue)
+SPAWN = "spawn"              # start name/key with args (epoch, sid)
+REPORT_REQUEST = "report?"   # a new leader asks for the node's registry (epoch)
+# node -> leader's node queue
+REPORT = "report"            # the node's registry (node, epoch, procs)
+# client -> node (node queue)
+CAST = "cast"
+CALL = "call"
+STOP = "stop"
+# anyone -> client (reply queue)
+REPLY = "reply"
+# node -> every node (broadcast)
+HEARTBEAT = "hb"
+BYE = "bye"
+
+# -- event types (sent with the worker's hostname; see docs/monitoring.rst) ---------
+EVENT_STARTED = "forseti-process-started"
+EVENT_EXITED = "forseti-process-exited"
+EVENT_LEADER = "forseti-leader-elected"
+
+CONTENT_TYPE = "application/json"
+CONTENT_ENCODING = "utf-8"
+
+Message = dict[str, Any]
+
+
+def encode(messages: list[Message]) -> bytes:
+    """Encode a batch for the wire; raises :class:`InvalidMessage` for non-JSON content."""
+    try:
+        return json.dumps(messages, ensure_ascii=False, separators=(",", ":")).encode()
+    except (TypeError, ValueError) as exc:
+        raise InvalidMessage(f"not JSON-serialisable: {exc}") from exc
+
+
+def decode(body: Any) -> list[Message]:
+    """Decode a batch from a kombu message body (bytes, str, or already decoded)."""
+    if isinstance(body, (bytes, bytearray, memoryview)):
+        body = json.loads(bytes(body))
+    elif isinstance(body, str):
+        body = json.loads(body)
+    if isinstance(body, dict):
+        return [body]
+    return list(body)
+
+
+def check_json(value: Any, what: str) -> None:
+    """Refuse ``value`` before anything is sent if JSON cannot carry it."""
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidMessage(f"{what} is not JSON-serialisable: {exc}") from exc
+
+
+class Names:
+    """Queue, exchange and routing names of one namespace (one cluster)."""
+
+    def __init__(self, namespace: str, single_active_consumer: bool) -> None:
+        self.namespace = namespace
+        self.exchange = Exchange(namespace, type="direct", durable=False, auto_delete=False)
+        self.bcast_exchange = Exchange(f"{namespace}.bcast", type="fanout", durable=False, auto_delete=False)
+        # Every declarer must use identical arguments (RabbitMQ answers 406 otherwise).
+        args = {"x-single-active-consumer": True} if single_active_consumer else None
+        self.leader_queue = Queue(
+            f"{namespace}.leader", self.exchange, routing_key="leader",
+            durable=False, auto_delete=False, queue_arguments=args,
+        )
+        self._amqp = single_active_consumer
+
+    def node_routing_key(self, hostname: str) -> str:
+        """Routing key of a worker's own queue (hostnames are Celery node names, never key text)."""
+        return f"node.{hostname}"
+
+    def node_queue(self, hostname: str) -> Queue:
+        """The queue a worker consumes for spawn orders, casts, calls and stops to its processes."""
+        # A dead worker's queue expires on RabbitMQ instead of collecting messages forever.
+        args = {"x-expires": 120_000} if self._amqp else None
+        return Queue(
+            f"{self.namespace}.node.{hostname}", self.exchange,
+            routing_key=self.node_routing_key(hostname),
+            durable=False, auto_delete=False, queue_arguments=args,
+        )
+
+    def bcast_queue(self, hostname: str) -> Queue:
+        """A worker's subscription to cluster-wide heartbeats."""
+        return Queue(
+            f"{self.namespace}.bcast.{hostname}", self.bcast_exchange,
+            durable=False, auto_delete=True,
+        )
+
+    def reply_queue(self, client_id: str) -> Queue:
+        """A client's private queue for answers."""
+        args = {"x-expires": 60_000} if self._amqp else None
+        return Queue(
+            f"{self.namespace}.reply.{client_id}", self.exchange, routing_key=f"reply.{client_id}",
+            durable=False, auto_delete=True, queue_arguments=args,
+        )

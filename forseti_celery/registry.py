@@ -1,0 +1,266 @@
+"""The registry: a worker bootstep that gives every worker its keyed processes.
+
+Each worker runs one :class:`Node`: a consumer thread with its own broker
+connection (its queue, the heartbeat fanout and, when it leads, the leader
+queue) and the :class:`~forseti_celery.children.Children` watcher. Running apart
+from Celery's consumer keeps children alive across Celery's consumer restarts
+and keeps a task blocked in ``get_key`` (solo pool) from stalling the leader.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+from celery import bootsteps
+from celery.utils.log import get_logger
+
+from . import protocol as p
+from .broker import ConsumerLoop, Publisher, RestartIntensity
+from .children import Children
+from .election import election_for
+from .errors import BrokerUnavailable, ConfigurationError
+from .events import EventSender
+from .leader import Leader
+from .membership import Members
+
+if TYPE_CHECKING:
+    from .app import Forseti
+
+logger = get_logger(__name__)
+
+__all__ = ["Node", "RegistryStep", "SUPPORTED_TRANSPORTS"]
+
+#: Transports with what the leader election needs (single active consumer, or Redis for the lease).
+SUPPORTED_TRANSPORTS = ("amqp", "redis")
+_LEADER_TYPES = frozenset({p.GET, p.SEARCH, p.METRICS, p.SPAWNED, p.SPAWN_FAILED, p.EXITED, "ping"})
+_TO_CHILD = frozenset({p.CAST, p.CALL, p.STOP})
+
+
+class Node:
+    """One worker's share of the cluster: its keyed processes, and the leader role when it holds it."""
+
+    def __init__(self, forseti: Forseti, hostname: str) -> None:
+        app = forseti.app
+        self.forseti = forseti
+        self.hostname = hostname
+        self.settings = s = forseti.settings
+        driver = app.connection_for_write().transport.driver_type
+        if driver not in SUPPORTED_TRANSPORTS:
+            raise ConfigurationError(
+                f"forseti_celery needs a RabbitMQ (amqp) or Redis broker; {driver!r} has neither a single "
+                "active consumer nor a lease for the leader queue")
+        self.names = forseti.names
+        self.incarnation = uuid.uuid4().hex
+        self.eligible = not s.nodes or hostname in s.nodes
+        self.epoch = 0  # highest leader epoch seen: orders from older leaders are refused
+        self.members = Members(s.node_timeout)
+        self.events = EventSender(app, hostname)
+        self.publisher = Publisher(app.connection_for_write())
+        self.election = election_for(driver, app.connection_for_write(), f"{s.namespace}:leader", s.lease)
+        self.leader = Leader(hostname, self.members, self._send_node, self._send_reply)
+        self.children = Children(hostname, forseti.resolve, self._send_reply, "leader", self.events.send,
+                                 s.stop_timeout)
+        self._node_queue = self.names.node_queue(hostname)
+        self._next_beat = 0.0
+        self._closing = False
+        self.loop = ConsumerLoop(
+            "forseti-node", app.connection_for_read,
+            lambda: [self._node_queue, self.names.bcast_queue(hostname)]
+            + ([self.names.leader_queue] if self.election.always_consume else []),
+            self._handle,
+            intensity=RestartIntensity(s.max_retries, s.max_time),
+            tick=self._tick, interval=min(0.25, s.heartbeat / 2),
+            on_connect=self._connected, on_disconnect=self._disconnected,
+        )
+
+    # -- life cycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the watcher and the consumer thread."""
+        self.children.start()
+        self.loop.start()
+        logger.info("forseti: registry of %s started (eligible: %s)", self.hostname, self.eligible)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Warm shutdown: stop every keyed process, report the exits, hand the role over."""
+        self._closing = True
+        self._broadcast({"t": p.BYE, "node": self.hostname})
+        done = self.children.stop_all("shutdown", self.settings.stop_timeout if grace is None else grace)
+        if not done:
+            logger.warning("forseti: %s stopped before every exit reached the broker", self.hostname)
+        self.election.release()
+        self.loop.stop()
+        self.children.stop()
+        self.events.close()
+        self.publisher.close()
+        self.election.close()
+
+    def _connected(self) -> None:
+        self._next_beat = 0.0
+        self._tick()
+
+    def _disconnected(self) -> None:
+        # A lost connection loses the single active consumer slot (and maybe the lease).
+        self.leader.deactivate()
+
+    # -- consumer thread ----------------------------------------------------------------------
+    def _handle(self, batch: list[dict[str, Any]]) -> None:
+        to_children: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for msg in batch:
+            kind = msg["t"]
+            if kind in _TO_CHILD:
+                to_children.setdefault((msg["n"], msg["k"]), []).append(msg)
+                continue
+            if to_children:  # keep the order of everything else relative to deliveries
+                self.children.deliver(to_children)
+                to_children = {}
+            self._dispatch(kind, msg)
+        if to_children:
+            self.children.deliver(to_children)
+
+    def _dispatch(self, kind: str, msg: dict[str, Any]) -> None:
+        if kind in _LEADER_TYPES:
+            if not self.leader.active and not self._closing:
+                self.leader.activate(self.epoch, self.members.leader())
+                self.events.send(p.EVENT_LEADER, leader=self.hostname)
+            if kind != "ping":
+                self.leader.handle(msg)
+        elif kind == p.HEARTBEAT:
+            self._heard(msg)
+        elif kind == p.BYE:
+            if msg["node"] != self.hostname and self.members.remove(msg["node"]) and self.leader.active:
+                self.leader.node_lost(msg["node"])
+        elif kind == p.SPAWN:
+            self._spawn(msg)
+        elif kind == p.REPORT_REQUEST:
+            self.epoch = max(self.epoch, int(msg["epoch"]))
+            procs = [[c.name, c.key, c.pid if c.started else None, c.sid] for c in self.children.snapshot()]
+            self._send_node(msg["leader"], {"t": p.REPORT, "node": self.hostname, "epoch": self.epoch,
+                                            "procs": procs})
+        elif kind == p.REPORT:
+            self.leader.report(msg)
+
+    def _spawn(self, msg: dict[str, Any]) -> None:
+        epoch = int(msg["epoch"])
+        if epoch < self.epoch:
+            logger.warning("forseti: refused spawn of %r from deposed leader %s (epoch %d < %d)",
+                           msg["k"], msg.get("leader"), epoch, self.epoch)
+            return
+        self.epoch = epoch
+        if self._closing:
+            return  # the leader places it again when our goodbye arrives
+        self.children.spawn(msg["n"], msg["k"], msg.get("a", []), msg["sid"])
+
+    def _heard(self, hb: dict[str, Any]) -> None:
+        if hb.get("leader"):
+            self.epoch = max(self.epoch, int(hb.get("epoch", 0)))
+            if hb["node"] != self.hostname and self.leader.active:
+                self.leader.deactivate()  # someone else leads now (our role was lost)
+        old = self.members.heard(hb)
+        if old is not None and self.leader.active:
+            self.leader.node_lost(old.hostname)
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        held = self.election.poll() if self.loop.connected.is_set() else False
+        if held is not None:
+            self._lease(held)
+        for dead in self.members.expire(now):
+            logger.info("forseti: worker %s is silent; declared dead", dead.hostname)
+            if self.leader.active:
+                self.leader.node_lost(dead.hostname)
+        if now >= self._next_beat and self.loop.connected.is_set():
+            self._next_beat = now + self.settings.heartbeat
+            self._beat()
+
+    def _lease(self, held: bool) -> None:
+        if held and not self.leader.active and not self._closing:
+            self.leader.activate(self.epoch, self.members.leader())
+            self.loop.add_queue(self.names.leader_queue)
+            self.events.send(p.EVENT_LEADER, leader=self.hostname)
+        elif not held and self.leader.active:
+            self.loop.cancel_queue(self.names.leader_queue)
+            self.leader.deactivate()
+
+    def _beat(self) -> None:
+        hb = {"t": p.HEARTBEAT, "node": self.hostname, "inc": self.incarnation, "eligible": self.eligible,
+              "names": sorted(self.forseti.known_names()), "count": len(self.children.snapshot()),
+              "leader": self.leader.ready, "epoch": self.leader.epoch if self.leader.ready else self.epoch}
+        self._heard(hb)
+        self._broadcast(hb)
+        if self.election.always_consume:
+            # Lets the single active consumer learn that it leads, even when no client asks anything.
+            try:
+                self.publisher.publish(self.names.exchange, "leader", [{"t": "ping"}],
+                                       expiration=self.settings.heartbeat * 2)
+            except BrokerUnavailable:
+                pass
+
+    # -- sending --------------------------------------------------------------------------
+    def _send_node(self, hostname: str, msg: dict[str, Any]) -> None:
+        if hostname == self.hostname:
+            self._handle([msg])
+            return
+        self._send(self.names.node_routing_key(hostname), [msg])
+
+    def _send_reply(self, routing_key: str, msgs: list[dict[str, Any]] | dict[str, Any]) -> None:
+        self._send(routing_key, msgs if isinstance(msgs, list) else [msgs])
+
+    def _send(self, routing_key: str, msgs: list[dict[str, Any]]) -> None:
+        self.publisher.publish(self.names.exchange, routing_key, msgs,
+                               declare=[self.names.leader_queue] if routing_key == "leader" else ())
+
+    def _broadcast(self, msg: dict[str, Any]) -> None:
+        try:
+            self.publisher.publish(self.names.bcast_exchange, "", [msg])
+        except BrokerUnavailable:
+            pass
+
+    def info(self) -> dict[str, Any]:
+        """The ``forseti`` section of ``celery inspect stats``."""
+        procs = self.children.snapshot()
+        return {
+            "leader": self.leader.ready,
+            "eligible": self.eligible,
+            "processes": dict(Counter(c.name for c in procs)),
+            "total": len(procs),
+            "starts": self.children.starts,
+            "exits": self.children.exits,
+            "epoch": self.epoch,
+            "members": sorted(m.hostname for m in self.members),
+            **({"table": self.leader.info()} if self.leader.active else {}),
+        }
+
+
+class RegistryStep(bootsteps.StartStopStep):
+    """Worker bootstep running a :class:`Node` (added to ``app.steps['worker']`` by ``Forseti``)."""
+
+    label = "forseti"
+    requires = ("celery.worker.components:Pool",)
+    forseti: Forseti  # set on the subclass Forseti creates for its app
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.node: Node | None = None
+
+    def create(self, parent: Any) -> RegistryStep:
+        return self
+
+    def start(self, parent: Any) -> None:
+        self.node = Node(self.forseti, parent.hostname)
+        self.node.start()
+
+    def stop(self, parent: Any) -> None:
+        if self.node is not None:
+            self.node.stop()
+            self.node = None
+
+    def terminate(self, parent: Any) -> None:
+        if self.node is not None:
+            self.node.stop(grace=1.0)
+            self.node = None
+
+    def info(self, parent: Any) -> dict[str, Any]:
+        return {"forseti": self.node.info() if self.node is not None else {"running": False}}

@@ -1,0 +1,117 @@
+"""The Celery app the test suite's real workers run (``celery -A tests.app worker``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from celery import Celery
+
+import forseti_celery
+from forseti_celery import Forseti, KeyedProcess
+
+app = Celery("tests", broker=os.environ.get("FORSETI_BROKER_URL"), set_as_current=True)
+app.conf.update(
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
+    forseti_namespace=os.environ.get("FORSETI_NAMESPACE", "forseti"),
+    forseti_heartbeat=float(os.environ.get("FORSETI_HEARTBEAT", "0.5")),
+    forseti_node_timeout=float(os.environ.get("FORSETI_NODE_TIMEOUT", "3")),
+    forseti_lease=float(os.environ.get("FORSETI_LEASE", "2")),
+)
+if os.environ.get("FORSETI_NODES"):
+    app.conf.forseti_nodes = os.environ["FORSETI_NODES"].split(",")
+forseti = Forseti(app)
+
+
+def journal(event: str, key: str, **fields: Any) -> None:
+    """Record a start or an end, from the keyed process itself, for the invariant checks."""
+    folder = os.environ.get("FORSETI_JOURNAL")
+    if folder:
+        line = json.dumps({"ev": event, "key": key, "pid": os.getpid(), "t": time.time(), **fields})
+        with open(os.path.join(folder, f"{os.getpid()}.jsonl"), "a") as f:
+            f.write(line + "\n")
+
+
+@forseti.keyed
+class Counter(KeyedProcess):
+    """Holds a number; answers calls, counts casts."""
+
+    def init(self, key: str, start: int = 0, *rest: Any) -> None:
+        self.key = key
+        self.value = start
+        self.seen: list[Any] = []
+        journal("start", key, args=[start, *rest])
+
+    def handle_call(self, msg: Any) -> Any:
+        if msg == "get":
+            return self.value
+        if msg == "seen":
+            return self.seen
+        if msg == "pid":
+            return os.getpid()
+        if msg == "key":
+            return self.key
+        if msg == "crash":
+            raise ValueError("asked to crash")
+        if msg == "exit":
+            os._exit(3)
+        if isinstance(msg, dict) and "sleep" in msg:
+            time.sleep(msg["sleep"])
+            return "slept"
+        return ["echo", msg]
+
+    def handle_cast(self, msg: Any) -> None:
+        self.seen.append(msg)
+        if msg == "inc":
+            self.value += 1
+        elif msg == "crash":
+            raise RuntimeError("cast crash")
+
+    def terminate(self, reason: str) -> None:
+        journal("terminate", self.key, reason=reason)
+
+
+@forseti.keyed(name="slow")
+class Slow(Counter):
+    """Takes ``seconds`` to start."""
+
+    def init(self, key: str, seconds: float = 5.0, *rest: Any) -> None:
+        time.sleep(seconds)
+        super().init(key)
+
+
+@forseti.keyed(name="failing")
+class Failing(KeyedProcess):
+    """``init`` always raises."""
+
+    def init(self, key: str, *args: Any) -> None:
+        raise ValueError(f"cannot start {key}")
+
+
+@forseti.keyed(name="poller")
+def poll_device(key: str, interval: float = 0.05) -> None:
+    """Function form: lives until it receives "stop" (or returns on "return"/raises on "raise")."""
+    journal("start", key)
+    try:
+        while (msg := forseti_celery.receive(timeout=interval)) != "stop":
+            if msg == "raise":
+                raise RuntimeError("poller failed")
+            if msg == "exit":
+                os._exit(4)
+    finally:
+        journal("end", key)
+
+
+@app.task
+def lookup(key: str) -> Any:
+    """get_key from inside a task: the ref travels back as a task result (JSON)."""
+    return forseti_celery.get_key(key)
+
+
+@app.task
+def call_ref(ref: Any, msg: Any) -> Any:
+    """Use a ref that arrived as a task argument."""
+    return [type(ref).__name__, ref.call(msg)]
