@@ -1,0 +1,108 @@
+"""Brokers for the whole suite: real Redis and RabbitMQ on loopback.
+
+Locally, a missing Redis is replaced by an embedded one and a missing RabbitMQ skips its
+tests; with ``CI=true`` either one missing fails the run, so CI can never pass by skipping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+import redis
+from kombu import Connection
+
+from forseti_celery.embedded import EmbeddedRedis
+
+pytest_plugins = ["pytester"]
+
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+#: A database of its own, flushed at session start: the suite never touches db 0.
+REDIS_TEST_DB = 9
+RABBITMQ_HOST, RABBITMQ_PORT = "127.0.0.1", 5672
+RABBITMQ_URL = f"amqp://guest:guest@{RABBITMQ_HOST}:{RABBITMQ_PORT}//"
+#: Queues and exchanges whose names start with this are deleted at session start.
+RABBITMQ_TEST_PREFIX = "forseti"
+
+
+def in_ci() -> bool:
+    """Whether the suite runs in CI, where a missing broker fails instead of skipping."""
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def reachable(host: str, port: int, timeout: float = 1.0) -> bool:
+    """Whether a TCP connection to ``host:port`` opens within ``timeout`` seconds."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """The local Redis (db 9, flushed), else an embedded Redis; fails in CI if Redis is down."""
+    if reachable(REDIS_HOST, REDIS_PORT):
+        url = f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_TEST_DB}"
+        with redis.Redis.from_url(url) as client:
+            client.flushdb()
+        yield url
+        return
+    if in_ci():
+        pytest.fail(f"CI=true but Redis is not reachable on {REDIS_HOST}:{REDIS_PORT}")
+    with EmbeddedRedis() as server:
+        yield server.url
+
+
+def _rabbitmqctl_names(what: str) -> list[str]:
+    """Names from ``rabbitmqctl list_<what> name`` that carry the test prefix ([] without it)."""
+    ctl = shutil.which("rabbitmqctl")
+    if ctl is None:
+        return []
+    result = subprocess.run(
+        [ctl, "-q", "--no-table-headers", f"list_{what}", "name"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return [name for name in result.stdout.split() if name.startswith(RABBITMQ_TEST_PREFIX)]
+
+
+def _delete_rabbitmq_leftovers(url: str) -> None:
+    """Delete ``forseti*`` queues and exchanges left by earlier runs."""
+    queues, exchanges = _rabbitmqctl_names("queues"), _rabbitmqctl_names("exchanges")
+    if not queues and not exchanges:
+        return
+    with Connection(url) as conn:
+        for name in queues:
+            # A failed delete closes the channel: use a fresh one each time.
+            with contextlib.suppress(conn.channel_errors), conn.channel() as channel:
+                channel.queue_delete(name)
+        for name in exchanges:
+            with contextlib.suppress(conn.channel_errors), conn.channel() as channel:
+                channel.exchange_delete(name)
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url() -> str:
+    """The local RabbitMQ (``forseti*`` leftovers deleted); skips locally, fails in CI if down."""
+    if not reachable(RABBITMQ_HOST, RABBITMQ_PORT):
+        message = f"RabbitMQ is not reachable on {RABBITMQ_HOST}:{RABBITMQ_PORT}"
+        if in_ci():
+            pytest.fail(f"CI=true but {message}")
+        pytest.skip(message)
+    _delete_rabbitmq_leftovers(RABBITMQ_URL)
+    return RABBITMQ_URL
+
+
+@pytest.fixture(params=["redis", "rabbitmq"])
+def broker_url(request: pytest.FixtureRequest) -> str:
+    """Each test using it runs once on Redis and once on RabbitMQ."""
+    url: str = request.getfixturevalue(f"{request.param}_url")
+    return url
