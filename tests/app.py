@@ -12,7 +12,7 @@ from celery import Celery
 import forseti_celery
 from forseti_celery import Forseti, KeyedProcess
 
-app = Celery("tests", broker=os.environ.get("FORSETI_BROKER_URL"), set_as_current=True)
+app = Celery("tests", broker=os.environ.get("FORSETI_BROKER_URL"), backend="rpc://", set_as_current=True)
 app.conf.update(
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
