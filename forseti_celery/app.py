@@ -21,6 +21,7 @@ from .registry import RegistryStep
 __all__ = ["Forseti"]
 
 T = TypeVar("T")
+_last_installed: Forseti | None = None
 
 
 class Forseti:
@@ -41,12 +42,19 @@ class Forseti:
         self._client_pid = 0
         self._client_lock = threading.Lock()
         app._forseti = self  # type: ignore[attr-defined]
+        global _last_installed
+        _last_installed = self
         app.steps["worker"].add(type("RegistryStep", (RegistryStep,), {"forseti": self}))
 
     @classmethod
     def of(cls, app: Celery | None = None) -> Forseti:
-        """The ``Forseti`` installed on ``app`` (default: the current Celery app)."""
-        app = app if app is not None else current_app._get_current_object()
+        """The ``Forseti`` installed on ``app``; without ``app``, the current Celery app's, or else
+        the one installed last in this process (for refs decoded outside any app, e.g. task results)."""
+        if app is None:
+            forseti = getattr(current_app._get_current_object(), "_forseti", None) or _last_installed
+            if forseti is not None:
+                return forseti
+            app = current_app._get_current_object()
         forseti = getattr(app, "_forseti", None)
         if forseti is None:
             raise ConfigurationError(f"forseti_celery is not installed on {app!r}: call Forseti(app) first")

@@ -79,10 +79,19 @@ class Client:
 
     # -- keyed processes ------------------------------------------------------------------------
     def call(self, ref: KeyRef, msg: Any, timeout: float | None) -> Any:
-        """``ref.call(msg)``."""
+        """``ref.call(msg)``; a call unanswered because the worker died is :class:`ProcessGone`."""
         p.check_json(msg, "message")
-        return self._request(self._node_rk(ref), {**self._addr(ref), "t": p.CALL, "m": msg},
-                             self._timeout(timeout, self.settings.call_timeout), resend=False)
+        t = self._timeout(timeout, self.settings.call_timeout)
+        try:
+            return self._request(self._node_rk(ref), {**self._addr(ref), "t": p.CALL, "m": msg}, t, resend=False)
+        except ForsetiTimeout:
+            try:
+                current = self.search_key(ref.key, ref.name, min(t, 2.0))
+            except ForsetiTimeout:
+                current = ref  # cannot tell: report the timeout
+            if current != ref:
+                raise ProcessGone(f"keyed process {ref.key!r} on {ref.node} has exited") from None
+            raise
 
     def cast(self, ref: KeyRef, msg: Any) -> None:
         """``ref.send(msg)``."""
@@ -93,11 +102,8 @@ class Client:
         """``ref.stop()``: returns once the process has exited and the leader has freed its key."""
         t = self._timeout(timeout, self.settings.call_timeout)
         grace = min(self.settings.stop_timeout, t * 0.8)
-        try:
-            self._request(self._node_rk(ref), {**self._addr(ref), "t": p.STOP, "reason": "stop", "grace": grace},
-                          t, resend=False)
-        except ProcessGone:
-            pass
+        self._request("leader", {**self._addr(ref), "t": p.STOP_KEY, "node": ref.node, "reason": "stop",
+                                 "grace": grace}, t, resend=True)
 
     # -- plumbing -------------------------------------------------------------------------------
     def _leader(self, msg: dict[str, Any], timeout: float | None) -> Any:

@@ -58,7 +58,7 @@ class Leader:
         self._awaiting: set[str] = set()
         self._deferred: list[dict[str, Any]] = []
         self._handlers: dict[str, Callable[[dict[str, Any]], None]] = {
-            p.GET: self._get, p.SEARCH: self._search, p.METRICS: self._metrics,
+            p.GET: self._get, p.SEARCH: self._search, p.METRICS: self._metrics, p.STOP_KEY: self._stop,
             p.SPAWNED: self._spawned, p.SPAWN_FAILED: self._spawn_failed, p.EXITED: self._exited,
         }
 
@@ -159,6 +159,14 @@ class Leader:
     def _metrics(self, msg: dict[str, Any]) -> None:
         counts = {m.hostname: self._counts.get(m.hostname, 0) for m in self.members if m.eligible}
         self._reply(msg["r"], {"t": p.REPLY, "c": msg["c"], "v": counts})
+
+    def _stop(self, msg: dict[str, Any]) -> None:
+        entry = self._table.get((msg["n"], msg["k"]))
+        if entry is None or entry.node != msg["node"] or entry.pid != msg["p"]:
+            self._reply(msg["r"], {"t": p.REPLY, "c": msg["c"], "v": True})  # gone already: its key is free
+            return
+        # The worker stops it; its exit report names the stopper, answered once the key is free.
+        self._send_node(entry.node, {**msg, "t": p.STOP})
 
     def _spawned(self, msg: dict[str, Any]) -> None:
         k = (msg["n"], msg["k"])

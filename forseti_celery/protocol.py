@@ -21,6 +21,7 @@ from .errors import InvalidMessage
 GET = "get"                  # name, key, args: the live process, created if absent
 SEARCH = "search"            # name, key: the live process or None
 METRICS = "metrics"          # live keyed processes per eligible node
+STOP_KEY = "stop_key"        # name, key, node, pid: stop that process (forwarded as STOP) or ack if gone
 # node -> leader
 SPAWNED = "spawned"          # a keyed process finished init (name, key, node, pid, sid)
 SPAWN_FAILED = "spawn_failed"  # init raised / node refused (name, key, node, sid, error)

@@ -35,7 +35,7 @@ __all__ = ["Node", "RegistryStep", "SUPPORTED_TRANSPORTS"]
 
 #: Transports with what the leader election needs (single active consumer, or Redis for the lease).
 SUPPORTED_TRANSPORTS = ("amqp", "redis")
-_LEADER_TYPES = frozenset({p.GET, p.SEARCH, p.METRICS, p.SPAWNED, p.SPAWN_FAILED, p.EXITED, "ping"})
+_LEADER_TYPES = frozenset({p.GET, p.SEARCH, p.METRICS, p.STOP_KEY, p.SPAWNED, p.SPAWN_FAILED, p.EXITED, "ping"})
 _TO_CHILD = frozenset({p.CAST, p.CALL, p.STOP})
 
 

@@ -294,9 +294,10 @@ def short_hostname() -> str:
 class Cluster:
     """N real Celery workers of one app on one broker.
 
-    Workers are named ``w1@<host>``, ``w2@<host>``, ... unless ``hostnames`` is given.
-    ``first_index`` shifts the numbering so that several clusters on one broker never share
-    a node name. Used as a context manager, it starts on entry and stops on exit.
+    Workers are named ``w1-<tag>@<host>``, ``w2-<tag>@<host>``, ... unless ``hostnames`` is
+    given; ``tag`` (random by default) keeps two clusters, or two test runs, sharing a broker
+    from answering each other's pings and control commands as the same node. Used as a context
+    manager, it starts on entry and stops on exit.
     """
 
     def __init__(
@@ -314,7 +315,7 @@ class Cluster:
         cwd: str | os.PathLike[str] | None = None,
         ready_timeout: float = 60.0,
         orphan_grace: float = 5.0,
-        first_index: int = 1,
+        tag: str | None = None,
     ) -> None:
         self.app_module = app_module
         self.broker_url = broker_url
@@ -328,13 +329,14 @@ class Cluster:
         self.orphan_grace = orphan_grace
         #: Shared by all workers of this cluster: finds their orphans after shutdown.
         self.marker = uuid.uuid4().hex
-        self._next_index = first_index
+        self.tag = tag or uuid.uuid4().hex[:4]
+        self._next_index = 1
         names = list(hostnames) if hostnames is not None else [self._next_name() for _ in range(n)]
         self.workers: list[WorkerProcess] = [self._worker(name) for name in names]
         self._started = False
 
     def _next_name(self) -> str:
-        name = f"w{self._next_index}@{short_hostname()}"
+        name = f"w{self._next_index}-{self.tag}@{short_hostname()}"
         self._next_index += 1
         return name
 
@@ -371,9 +373,9 @@ class Cluster:
         return worker
 
     def worker(self, hostname: str) -> WorkerProcess:
-        """The worker named ``hostname`` (the part before ``@`` is enough)."""
+        """The worker named ``hostname``; the part before ``-<tag>`` or ``@`` is enough."""
         for worker in self.workers:
-            if hostname in (worker.hostname, worker.hostname.split("@")[0]):
+            if hostname in (worker.hostname, worker.hostname.split("@")[0], worker.hostname.split("-")[0]):
                 return worker
         raise KeyError(hostname)
 
@@ -461,7 +463,6 @@ def forseti_cluster_factory(request: pytest.FixtureRequest, tmp_path: Path) -> I
     """
     clusters: list[Cluster] = []
     request.node.stash[_CLUSTERS] = clusters
-    next_index = 1
 
     def make(
         app_module: str,
@@ -470,15 +471,12 @@ def forseti_cluster_factory(request: pytest.FixtureRequest, tmp_path: Path) -> I
         broker_url: str | None = None,
         **kw: Any,
     ) -> Cluster:
-        nonlocal next_index
         url = broker_url or os.environ.get("FORSETI_BROKER_URL")
         if not url:
             url = request.getfixturevalue("forseti_embedded_broker")
         kw.setdefault("cwd", str(request.config.rootpath))
-        kw.setdefault("first_index", next_index)
         kw.setdefault("log_dir", tmp_path / f"cluster{len(clusters) + 1}")
         cluster = Cluster(app_module, n, pool=pool, broker_url=url, **kw)
-        next_index = cluster._next_index
         clusters.append(cluster)
         return cluster.start()
 

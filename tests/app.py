@@ -21,6 +21,9 @@ app.conf.update(
     forseti_node_timeout=float(os.environ.get("FORSETI_NODE_TIMEOUT", "3")),
     forseti_lease=float(os.environ.get("FORSETI_LEASE", "2")),
 )
+if os.environ.get("FORSETI_FS_FOLDER"):  # the filesystem transport, which forseti must refuse
+    folder = os.environ["FORSETI_FS_FOLDER"]
+    app.conf.broker_transport_options = {"data_folder_in": folder, "data_folder_out": folder}
 if os.environ.get("FORSETI_NODES"):
     app.conf.forseti_nodes = os.environ["FORSETI_NODES"].split(",")
 forseti = Forseti(app)

@@ -1,0 +1,82 @@
+"""The public surface: exports, settings, errors, refs and the wire codec (no broker needed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from celery import Celery
+from kombu.utils.json import dumps, loads
+
+import forseti_celery
+from forseti_celery import ConfigurationError, Forseti, ForsetiError, KeyRef
+from forseti_celery import errors as errors_module
+from forseti_celery.conf import Settings
+from forseti_celery.protocol import decode, encode
+
+
+def test_all_is_sorted_and_lists_every_public_name() -> None:
+    assert forseti_celery.__all__ == sorted(forseti_celery.__all__)
+    public = {n for n in dir(forseti_celery) if not n.startswith("_")}
+    modules = {n for n in public if type(getattr(forseti_celery, n)).__name__ == "module"}
+    assert set(forseti_celery.__all__) == public - modules - {"annotations", "Any", "Celery", "Sequence"}
+
+
+def test_every_error_derives_from_forseti_error_and_says_when_it_is_raised() -> None:
+    for name in errors_module.__all__:
+        cls = getattr(errors_module, name)
+        assert issubclass(cls, ForsetiError)
+        assert cls.__doc__ and cls.__doc__.startswith("Raised") or cls is ForsetiError
+
+
+def test_settings_come_from_app_conf_and_explicit_arguments_win() -> None:
+    app = Celery("conf", set_as_current=False)
+    app.conf.update(forseti_max_retries=3, forseti_nodes=["a@x"], forseti_timeout=2.5)
+    s = Settings.from_app(app.conf, max_retries=7)
+    assert (s.max_retries, s.nodes, s.timeout, s.max_time) == (7, ("a@x",), 2.5, 10.0)
+    assert Settings() == Settings.from_app(Celery("d", set_as_current=False).conf)
+
+
+def test_bad_settings_are_refused_with_a_clear_error() -> None:
+    with pytest.raises(ConfigurationError, match="unknown forseti settings"):
+        Forseti(Celery("bad", set_as_current=False), colour="blue")
+    with pytest.raises(ConfigurationError, match="forseti_heartbeat"):
+        Settings.from_app({}, heartbeat=-1)
+    with pytest.raises(ConfigurationError, match="namespace"):
+        Settings.from_app({}, namespace="a b")
+
+
+def test_a_ref_unpacks_like_node_pid_and_round_trips_through_celery_json() -> None:
+    ref = KeyRef("w1@host", 1234, "cart:42", "default")
+    node, pid = ref
+    assert (node, pid) == ("w1@host", 1234)
+    back = loads(dumps({"ref": ref}))["ref"]
+    assert isinstance(back, KeyRef) and back == ref and hash(back) == hash(ref)
+    assert KeyRef("w1@host", 1234, "cart:42", "other") != ref
+    with pytest.raises(AttributeError):
+        ref.pid = 1  # type: ignore[misc]
+
+
+def test_the_wire_is_a_json_list_and_refuses_what_json_cannot_carry() -> None:
+    batch = [{"t": "cast", "k": "ключ.*#\n", "m": [1, "two"]}]
+    assert decode(encode(batch)) == batch
+    assert json.loads(encode(batch)) == batch
+    with pytest.raises(forseti_celery.InvalidMessage):
+        encode([{"m": object()}])
+
+
+def test_keyed_registers_classes_and_functions_by_name() -> None:
+    forseti = Forseti(Celery("reg", set_as_current=False))
+
+    @forseti.keyed
+    class Room(forseti_celery.KeyedProcess):
+        pass
+
+    @forseti.keyed(name="poller")
+    def poll(key: str) -> None:
+        pass
+
+    assert forseti.resolve("default") is Room and forseti.resolve("poller") is poll
+    assert forseti.resolve("missing") is None and forseti.known_names() == {"default", "poller"}
+    with pytest.raises(forseti_celery.InvalidArgument):
+        forseti.keyed(name="")

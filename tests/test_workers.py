@@ -1,0 +1,156 @@
+"""Worker life: pools, shutdown, SIGKILL, broker reconnects, many client processes, transports."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+
+from forseti_celery import Forseti, KeyRef
+from forseti_celery.testing import wait_for
+
+from .helpers import ROOT, Harness, alive, client_app, harness
+
+
+@pytest.mark.parametrize("pool", ["solo", "threads", "prefork"])
+def test_every_pool_runs_keyed_processes_and_get_key_inside_a_task(
+    pool: str, redis_url: str, tmp_path: Path
+) -> None:
+    # One worker: it is the leader and the chosen node of the get_key made by its own task.
+    with harness(redis_url, tmp_path, n=1, pool=pool) as h:
+        key = f"{pool}-task"
+        from_task = h.app.send_task("tests.app.lookup", args=[key]).get(timeout=20)
+        assert isinstance(from_task, KeyRef) and from_task.node == h.cluster.workers[0].hostname
+        assert h.forseti.get_key(key) == from_task
+        assert from_task.call("get") == 0
+        assert from_task.pid in h.cluster.workers[0].descendants()
+        from_task.stop()
+
+
+def test_warm_shutdown_runs_terminate_and_frees_the_keys(rabbitmq_url: str, tmp_path: Path) -> None:
+    with harness(rabbitmq_url, tmp_path, n=2) as h:
+        refs = [h.forseti.get_key(f"warm-{i}") for i in range(6)]
+        leaving = h.cluster.workers[1]
+        mine = [r for r in refs if r.node == leaving.hostname]
+        assert mine
+        leaving.stop()
+        terminated = {e["key"]: e["reason"] for e in h.journal() if e["ev"] == "terminate"}
+        assert {r.key: "shutdown" for r in mine}.items() <= terminated.items()
+        assert not any(alive(r.pid) for r in mine)
+        wait_for(lambda: all(h.forseti.search_key(r.key) is None for r in mine), 2.0)
+        again = h.forseti.get_key(mine[0].key)
+        assert again.node == h.cluster.workers[0].hostname
+        for r in refs:
+            r.stop()
+
+
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_sigkill_of_a_worker_takes_its_children_and_frees_their_keys(
+    broker: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    url = request.getfixturevalue(f"{broker}_url")
+    with harness(url, tmp_path, n=3) as h:
+        refs = [h.forseti.get_key(f"sigkill-{i}") for i in range(9)]
+        victim = next(w for w in h.cluster.workers if w.hostname == refs[-1].node)
+        doomed = [r for r in refs if r.node == victim.hostname]
+        victim.kill(signal.SIGKILL)
+        wait_for(lambda: not any(alive(r.pid) for r in doomed), 5.0, message="children outlived their worker")
+        survivors = [r for r in refs if r.node != victim.hostname]
+        wait_for(lambda: all(h.forseti.search_key(r.key) is None for r in doomed), 15.0,
+                 message="the dead worker's keys were not freed")
+        assert [h.forseti.search_key(r.key) for r in survivors] == survivors
+        again = h.forseti.get_key(doomed[0].key)
+        assert again.node != victim.hostname and again.call("get") == 0
+        for r in [*survivors, again]:
+            r.stop()
+
+
+def test_children_survive_a_broker_reconnect_of_their_worker(redis_url: str, tmp_path: Path) -> None:
+    with harness(redis_url, tmp_path, n=2) as h:
+        refs = [h.forseti.get_key(f"reconnect-{i}") for i in range(4)]
+        with redis.Redis.from_url(redis_url) as r:
+            killed = r.client_kill_filter(_type="normal", skipme=True)
+        assert killed > 0
+        for ref in refs:
+            assert wait_for(lambda ref=ref: _call_quietly(ref), 15.0) == ["echo", "still here"]
+        assert [h.forseti.search_key(ref.key) for ref in refs] == refs
+        for ref in refs:
+            ref.stop()
+
+
+def _call_quietly(ref: KeyRef) -> object:
+    try:
+        return ref.call("still here", timeout=1)
+    except Exception:
+        return None
+
+
+def _hammer(args: tuple[str, str, list[str], int]) -> list[list[object]]:
+    broker_url, namespace, keys, rounds = args
+    forseti = Forseti.of(client_app(broker_url, namespace))
+    out = []
+    for _ in range(rounds):
+        for key in keys:
+            ref = forseti.get_key(key)
+            out.append([ref.key, ref.node, ref.pid])
+    forseti.client.close()
+    return out
+
+
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_concurrent_get_key_from_four_client_processes_starts_each_key_once(
+    broker: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    url = request.getfixturevalue(f"{broker}_url")
+    with harness(url, tmp_path, n=3) as h:
+        keys = [f"hammer-{i}" for i in range(25)]
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(4) as pool:
+            results = pool.map(_hammer, [(url, h.namespace, keys[::step], 3) for step in (1, -1, 1, -1)])
+        seen: dict[str, set[tuple[str, int]]] = {}
+        for result in results:
+            for key, node, pid in result:
+                seen.setdefault(str(key), set()).add((str(node), int(pid)))  # type: ignore[call-overload]
+        assert all(len(refs) == 1 for refs in seen.values()), {k: v for k, v in seen.items() if len(v) > 1}
+        for key in keys:
+            assert len(h.starts(key)) == 1, h.starts(key)
+        assert sorted(h.forseti.get_metrics().values()) == [8, 8, 9]
+        for key in keys:
+            ref = h.forseti.search_key(key)
+            assert ref is not None
+            ref.stop()
+
+
+def test_forseti_nodes_limits_placement(redis_url: str, tmp_path: Path) -> None:
+    h = Harness(redis_url, tmp_path, n=3)
+    eligible = [w.hostname for w in h.cluster.workers[:2]]
+    h.env["FORSETI_NODES"] = ",".join(eligible)
+    for w in h.cluster.workers:
+        w.env.update(h.env)
+    try:
+        h.cluster.start()
+        h.wait_members(2)
+        refs = [h.forseti.get_key(f"eligible-{i}") for i in range(6)]
+        assert {r.node for r in refs} == set(eligible)
+        assert sorted(h.forseti.get_metrics()) == sorted(eligible)
+        for r in refs:
+            r.stop()
+    finally:
+        assert not h.stop()
+
+
+def test_a_transport_without_election_is_refused_at_worker_start(tmp_path: Path) -> None:
+    env = {**os.environ, "FORSETI_BROKER_URL": "filesystem://", "FORSETI_FS_FOLDER": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "tests.app", "worker", "-P", "solo", "-n", "fs@x",
+         "--without-mingle", "--without-gossip", "--without-heartbeat"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode != 0
+    assert "forseti_celery needs a RabbitMQ (amqp) or Redis broker" in proc.stdout + proc.stderr
