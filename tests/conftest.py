@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import subprocess
+import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -23,7 +24,7 @@ pytest_plugins = ["pytester"]
 
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 #: A database of its own, flushed at session start: the suite never touches db 0.
-REDIS_TEST_DB = 9
+REDIS_TEST_DB = int(os.environ.get("FORSETI_TEST_REDIS_DB", "9"))
 RABBITMQ_HOST, RABBITMQ_PORT = "127.0.0.1", 5672
 RABBITMQ_URL = f"amqp://guest:guest@{RABBITMQ_HOST}:{RABBITMQ_PORT}//"
 #: Queues and exchanges whose names start with this are deleted at session start.
@@ -49,14 +50,24 @@ def redis_url() -> Iterator[str]:
     """The local Redis (db 9, flushed), else an embedded Redis; fails in CI if Redis is down."""
     if reachable(REDIS_HOST, REDIS_PORT):
         url = f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_TEST_DB}"
-        with redis.Redis.from_url(url) as client:
-            client.flushdb()
+        _flush_unless_in_use(url)
         yield url
         return
     if in_ci():
         pytest.fail(f"CI=true but Redis is not reachable on {REDIS_HOST}:{REDIS_PORT}")
     with EmbeddedRedis() as server:
         yield server.url
+
+
+def _flush_unless_in_use(url: str) -> None:
+    """FLUSHDB, unless another client (a concurrent test run) has the database selected."""
+    with redis.Redis.from_url(url) as client:
+        me = client.client_id()
+        others = [c for c in client.client_list() if c["db"] == str(REDIS_TEST_DB) and c["id"] != str(me)]
+        if others:
+            warnings.warn(f"Redis db {REDIS_TEST_DB} in use by {len(others)} other clients: not flushed", stacklevel=1)
+        else:
+            client.flushdb()
 
 
 def _rabbitmqctl_names(what: str) -> list[str]:
@@ -75,7 +86,11 @@ def _rabbitmqctl_names(what: str) -> list[str]:
 
 
 def _delete_rabbitmq_leftovers(url: str) -> None:
-    """Delete ``forseti*`` queues and exchanges left by earlier runs."""
+    """Delete ``forseti*`` queues and exchanges left by earlier runs.
+
+    ``if_unused`` spares those a concurrent run is using (queues with consumers, exchanges
+    with bindings): the broker refuses to delete them, and the refusal is ignored.
+    """
     queues, exchanges = _rabbitmqctl_names("queues"), _rabbitmqctl_names("exchanges")
     if not queues and not exchanges:
         return
@@ -83,10 +98,10 @@ def _delete_rabbitmq_leftovers(url: str) -> None:
         for name in queues:
             # A failed delete closes the channel: use a fresh one each time.
             with contextlib.suppress(conn.channel_errors), conn.channel() as channel:
-                channel.queue_delete(name)
+                channel.queue_delete(name, if_unused=True)
         for name in exchanges:
             with contextlib.suppress(conn.channel_errors), conn.channel() as channel:
-                channel.exchange_delete(name)
+                channel.exchange_delete(name, if_unused=True)
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -37,6 +38,20 @@ def cmdline(pid: int) -> list[str]:
             return [arg.decode() for arg in fh.read().split(b"\0") if arg]
     except OSError:
         return []
+
+
+def send_task(broker_url: str, name: str, *args: object, queue: str | None = None) -> None:
+    """Send task ``name`` through the broker, to ``queue`` if given."""
+    client = Celery("harness-client", broker=broker_url)
+    try:
+        client.send_task(name, args, queue=queue)
+    finally:
+        client.close()
+
+
+def own_queue() -> str:
+    """A task queue name no concurrent test run consumes from (the shared ``celery`` queue might)."""
+    return f"harness-{uuid.uuid4().hex[:8]}"
 
 
 def pong(broker_url: str, hostnames: Iterable[str], timeout: float = 5.0) -> set[str]:
@@ -145,7 +160,8 @@ def test_cluster_starts_three_real_workers_and_leaves_no_orphans(forseti_cluster
     pool_children = {w.hostname: w.descendants() for w in cluster.workers}
     pids = [w.pid for w in cluster.workers] + [pid for pids in pool_children.values() for pid in pids]
 
-    assert [h.split("@")[0] for h in hostnames] == ["w1", "w2", "w3"]
+    assert [h.split("-")[0] for h in hostnames] == ["w1", "w2", "w3"]
+    assert len({h.split("@")[0].split("-")[1] for h in hostnames}) == 1  # one tag per cluster
     assert pong(broker_url, hostnames) == set(hostnames)
     assert all(len(children) == 2 for children in pool_children.values()), pool_children
 
@@ -161,11 +177,7 @@ def test_cluster_defaults_to_the_embedded_broker_and_its_workers_run_tasks(
     (worker,) = cluster.workers
     assert cluster.broker_url == forseti_embedded_broker
 
-    client = Celery("harness-client", broker=cluster.broker_url)
-    try:
-        client.send_task("harness.add", (2, 3))
-    finally:
-        client.close()
+    send_task(cluster.broker_url, "harness.add", 2, 3)
 
     done = re.compile(r"Task harness\.add\[[^]]+\] succeeded in [0-9.]+s: 5")
     wait_for(lambda: done.search(worker.log_text()), 20, message=lambda: f"task not run:\n{worker.log_tail()}")
@@ -188,18 +200,15 @@ def test_added_worker_gets_the_next_name_and_joins(forseti_cluster_factory, redi
 
     added = cluster.add_worker()
 
-    assert added.hostname.startswith("w2@")
+    assert added.hostname.startswith(f"w2-{cluster.tag}@")
     assert pong(redis_url, [added.hostname]) == {added.hostname}
 
 
 def test_orphans_left_by_workers_are_reported_and_killed(forseti_cluster_factory, redis_url: str) -> None:
-    cluster = forseti_cluster_factory(HARNESS_APP, n=1, pool="solo", broker_url=redis_url)
+    queue = own_queue()
+    cluster = forseti_cluster_factory(HARNESS_APP, n=1, pool="solo", broker_url=redis_url, extra_args=["-Q", queue])
     (worker,) = cluster.workers
-    client = Celery("harness-client", broker=redis_url)
-    try:
-        client.send_task("harness.spawn_sleeper", (300,))
-    finally:
-        client.close()
+    send_task(redis_url, "harness.spawn_sleeper", 300, queue=queue)
     sleepers = wait_for(lambda: [p for p in worker.descendants() if cmdline(p)[:1] == ["sleep"]], 20)
 
     orphans = cluster.stop(orphan_grace=0.5)
@@ -211,6 +220,7 @@ def test_orphans_left_by_workers_are_reported_and_killed(forseti_cluster_factory
 def test_plugin_adds_worker_logs_to_failures_and_fails_tests_that_leave_orphans(
     pytester: pytest.Pytester, redis_url: str
 ) -> None:
+    queue = own_queue()
     pytester.makepyfile(
         f"""
         from celery import Celery
@@ -218,7 +228,7 @@ def test_plugin_adds_worker_logs_to_failures_and_fails_tests_that_leave_orphans(
 
         def make(factory):
             return factory({HARNESS_APP!r}, n=1, pool="solo", broker_url={redis_url!r}, cwd={str(ROOT)!r},
-                           orphan_grace=0.5)
+                           orphan_grace=0.5, extra_args=["-Q", {queue!r}])
 
         def test_failing(forseti_cluster_factory):
             make(forseti_cluster_factory)
@@ -227,7 +237,7 @@ def test_plugin_adds_worker_logs_to_failures_and_fails_tests_that_leave_orphans(
         def test_leaving_an_orphan(forseti_cluster_factory):
             (worker,) = make(forseti_cluster_factory).workers
             client = Celery("c", broker={redis_url!r})
-            client.send_task("harness.spawn_sleeper", (300,))
+            client.send_task("harness.spawn_sleeper", (300,), queue={queue!r})
             client.close()
             wait_for(lambda: len(worker.descendants()) == 1, 20)
         """
@@ -236,5 +246,5 @@ def test_plugin_adds_worker_logs_to_failures_and_fails_tests_that_leave_orphans(
     result = pytester.runpytest("-p", "no:cacheprovider")
 
     result.assert_outcomes(failed=1, passed=1, errors=1)
-    result.stdout.fnmatch_lines(["*_ test_failing _*", "*inner failure*", "*forseti worker logs*", "*w1@* ready.*"])
+    result.stdout.fnmatch_lines(["*_ test_failing _*", "*inner failure*", "*forseti worker logs*", "*w1-*@* ready.*"])
     result.stdout.fnmatch_lines(["*ERROR at teardown of test_leaving_an_orphan*", "*left orphan processes*"])
