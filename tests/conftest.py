@@ -11,7 +11,6 @@ import os
 import shutil
 import socket
 import subprocess
-import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -23,8 +22,10 @@ from forseti_celery.embedded import EmbeddedRedis
 pytest_plugins = ["pytester"]
 
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
-#: A database of its own, flushed at session start: the suite never touches db 0.
-REDIS_TEST_DB = int(os.environ.get("FORSETI_TEST_REDIS_DB", "9"))
+#: Databases a session may claim (the first free one; FORSETI_TEST_REDIS_DB forces one); never db 0.
+REDIS_TEST_DBS = range(9, 16)
+#: CLIENT SETNAME of the connection that holds a session's db.
+REDIS_CLAIM_NAME = "forseti-test-session"
 RABBITMQ_HOST, RABBITMQ_PORT = "127.0.0.1", 5672
 RABBITMQ_URL = f"amqp://guest:guest@{RABBITMQ_HOST}:{RABBITMQ_PORT}//"
 #: Queues and exchanges whose names start with this are deleted at session start.
@@ -47,11 +48,13 @@ def reachable(host: str, port: int, timeout: float = 1.0) -> bool:
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    """The local Redis (db 9, flushed), else an embedded Redis; fails in CI if Redis is down."""
+    """The local Redis (a test db of its own, flushed), else an embedded Redis; fails in CI if Redis is down."""
     if reachable(REDIS_HOST, REDIS_PORT):
-        url = f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_TEST_DB}"
-        _flush_unless_in_use(url)
-        yield url
+        holder = _claim_test_db()
+        try:
+            yield f"redis://{REDIS_HOST}:{REDIS_PORT}/{holder.connection_pool.connection_kwargs['db']}"
+        finally:
+            holder.close()
         return
     if in_ci():
         pytest.fail(f"CI=true but Redis is not reachable on {REDIS_HOST}:{REDIS_PORT}")
@@ -59,15 +62,23 @@ def redis_url() -> Iterator[str]:
         yield server.url
 
 
-def _flush_unless_in_use(url: str) -> None:
-    """FLUSHDB, unless another client (a concurrent test run) has the database selected."""
-    with redis.Redis.from_url(url) as client:
-        me = client.client_id()
-        others = [c for c in client.client_list() if c["db"] == str(REDIS_TEST_DB) and c["id"] != str(me)]
-        if others:
-            warnings.warn(f"Redis db {REDIS_TEST_DB} in use by {len(others)} other clients: not flushed", stacklevel=1)
-        else:
-            client.flushdb()
+def _claim_test_db() -> redis.Redis:
+    """Flush and hold (one open connection, for the session) the first test db no client is on.
+
+    Two suites running at once on this machine (two developers, or a developer and CI) would
+    otherwise share queues, leases and worker names in one db and break each other.
+    """
+    dbs = [int(os.environ["FORSETI_TEST_REDIS_DB"])] if "FORSETI_TEST_REDIS_DB" in os.environ else REDIS_TEST_DBS
+    with redis.Redis(host=REDIS_HOST, port=REDIS_PORT) as probe:
+        busy = {int(c["db"]) for c in probe.client_list()}
+    free = [db for db in dbs if db not in busy]
+    if not free:
+        pytest.fail(f"every Redis test db {list(dbs)} is in use by another client (a concurrent test run?)")
+    holder = redis.Redis(
+        host=REDIS_HOST, port=REDIS_PORT, db=free[0], client_name=REDIS_CLAIM_NAME, single_connection_client=True
+    )
+    holder.flushdb()
+    return holder
 
 
 def _rabbitmqctl_names(what: str) -> list[str]:
