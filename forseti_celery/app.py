@@ -11,6 +11,7 @@ from typing import Any, TypeVar, overload
 from celery import Celery, current_app
 from kombu.utils.imports import symbol_by_name
 
+from . import control as _control  # noqa: F401  (registers the workers' inspect/control commands)
 from .client import Client
 from .conf import Settings
 from .errors import ConfigurationError, InvalidArgument

@@ -27,7 +27,7 @@ from .protocol import CONTENT_ENCODING, CONTENT_TYPE, Message, decode, encode
 
 logger = get_logger(__name__)
 
-__all__ = ["ConsumerLoop", "Publisher", "RestartIntensity"]
+__all__ = ["Batcher", "ConsumerLoop", "Publisher", "RestartIntensity"]
 
 
 class RestartIntensity:
@@ -85,10 +85,7 @@ class Publisher:
                     declare=[exchange, *to_declare], expiration=expiration, retry=False,
                 )
                 self._declared.update(q.name for q in to_declare)
-            except self._conn.recoverable_connection_errors + self._conn.recoverable_channel_errors as exc:
-                self._reset()
-                raise BrokerUnavailable(f"broker unreachable: {exc!r}") from exc
-            except (OSError, *self._conn.connection_errors) as exc:
+            except (OSError, OperationalError, *self._conn.connection_errors, *self._conn.channel_errors) as exc:
                 self._reset()
                 raise BrokerUnavailable(f"broker unreachable: {exc!r}") from exc
 
@@ -98,7 +95,7 @@ class Publisher:
             try:
                 self._conn.ensure_connection(max_retries=self._retries)
                 queue.bind(self._conn.default_channel).declare()
-            except (OSError, *self._conn.connection_errors, *self._conn.channel_errors) as exc:
+            except (OSError, OperationalError, *self._conn.connection_errors, *self._conn.channel_errors) as exc:
                 self._reset()
                 raise BrokerUnavailable(f"broker unreachable: {exc!r}") from exc
             self._declared.add(queue.name)
@@ -116,6 +113,60 @@ class Publisher:
         with self._lock:
             self._producer = None
             self._conn.release()
+
+
+class Batcher:
+    """Publishes queued messages in order, many to a broker message.
+
+    ``put`` only queues; a sender thread publishes whatever accumulated while the
+    previous batch was on the wire, so a burst of sends costs a few publishes.
+    ``flush`` publishes everything queued so far from the calling thread (a call
+    flushes before it waits, which keeps it behind the sends made before it).
+    Messages to one destination keep their order.
+    """
+
+    #: Most messages in one broker message.
+    max_batch = 500
+
+    def __init__(self, publish: Callable[[str, list[Message]], None], name: str = "forseti-sender") -> None:
+        self._publish = publish
+        self._queue: deque[tuple[str, Message]] = deque()
+        self._lock = threading.Lock()
+        self._wakeup = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._start_lock = threading.Lock()
+
+    def put(self, routing_key: str, msg: Message) -> None:
+        """Queue ``msg``; the sender thread publishes it shortly."""
+        self._queue.append((routing_key, msg))
+        if not self._thread.is_alive():
+            with self._start_lock:
+                if not self._thread.is_alive():
+                    self._thread.start()
+        self._wakeup.set()
+
+    def flush(self) -> None:
+        """Publish everything queued so far; raises :class:`BrokerUnavailable` (those messages are lost)."""
+        with self._lock:
+            queue = self._queue
+            while queue:
+                batch = [queue.popleft() for _ in range(min(len(queue), self.max_batch))]
+                start = 0
+                for i in range(1, len(batch) + 1):
+                    if i == len(batch) or batch[i][0] != batch[start][0]:
+                        self._publish(batch[start][0], [m for _, m in batch[start:i]])
+                        start = i
+
+    def _run(self) -> None:
+        while True:
+            self._wakeup.wait()
+            self._wakeup.clear()
+            try:
+                self.flush()
+            except BrokerUnavailable as exc:
+                logger.warning("forseti: messages not sent: %s", exc)
+            except Exception:
+                logger.exception("forseti: sender failed")
 
 
 Handler = Callable[[list[Message]], None]

@@ -51,6 +51,7 @@ class Child:
     init_error: tuple[str, str] | None = None
     reason: str | None = None
     calls: dict[str, str] = field(default_factory=dict)
+    last_words: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     stoppers: list[Waiter] = field(default_factory=list)
     kill_at: float | None = None
     gone: bool = False
@@ -255,7 +256,11 @@ class Children:
         if kind == "reply":
             with self._lock:
                 c.calls.pop(msg["c"], None)
-            self._reply(msg.pop("r"), msg)
+            if msg.get("error") == "crash":
+                # Answered once the exit is reported: the caller may retry get_key at once.
+                c.last_words.append((msg.pop("r"), msg))
+            else:
+                self._reply(msg.pop("r"), msg)
         elif kind == "started":
             c.started = True
             self.starts += 1
@@ -291,6 +296,8 @@ class Children:
             return
         self.exits += 1
         self._report(p.EXITED, c, pid=c.pid, reason=reason, code=code, stoppers=[list(s) for s in c.stoppers])
+        for reply_to, msg in c.last_words:
+            self._reply(reply_to, msg)
         self._event(p.EVENT_EXITED, key=c.key, name=c.name, child_pid=c.pid, reason=reason, exitcode=code,
                     uptime=round(time.time() - c.started_at, 3))
 
@@ -314,6 +321,16 @@ class Children:
             self._replies.setdefault(reply_to, []).append(msg)
 
     def _flush(self) -> None:
+        # Reports first: a caller told "gone" may ask the leader again at once, and must
+        # find the key already freed (both travel through the leader queue, in order).
+        if self._outbox:
+            batch = list(self._outbox)
+            try:
+                self._publish(self._leader_rk, batch)
+            except BrokerUnavailable:
+                return  # kept, and the answers behind them: retried on the next round
+            for _ in batch:
+                self._outbox.popleft()
         with self._lock:
             replies, self._replies = self._replies, {}
         for rk, msgs in replies.items():
@@ -321,11 +338,3 @@ class Children:
                 self._publish(rk, msgs)
             except BrokerUnavailable:
                 logger.warning("forseti: %d answers to %s lost: broker unreachable", len(msgs), rk)
-        if self._outbox:
-            batch = list(self._outbox)
-            try:
-                self._publish(self._leader_rk, batch)
-            except BrokerUnavailable:
-                return  # kept: retried on the next round
-            for _ in batch:
-                self._outbox.popleft()

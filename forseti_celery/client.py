@@ -9,13 +9,14 @@ twice is harmless): a request held by a leader that dies is served by the next.
 
 from __future__ import annotations
 
+import atexit
 import threading
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
 from . import protocol as p
-from .broker import ConsumerLoop, Publisher, RestartIntensity
+from .broker import Batcher, ConsumerLoop, Publisher, RestartIntensity
 from .errors import ForsetiTimeout, InvalidArgument, InvalidKey, ProcessGone, remote_error
 from .keyref import KeyRef
 
@@ -44,6 +45,8 @@ class Client:
         self._reply_queue = self.names.reply_queue(self.id)
         self._reply_rk = self._reply_queue.routing_key
         self._publisher = Publisher(forseti.app.connection_for_write())
+        self._sender = Batcher(self._publish)
+        atexit.register(self._flush_quietly)
         self._pending: dict[str, _Pending] = {}
         self._start_lock = threading.Lock()
         self._loop = ConsumerLoop(
@@ -94,20 +97,20 @@ class Client:
             raise
 
     def cast(self, ref: KeyRef, msg: Any) -> None:
-        """``ref.send(msg)``."""
-        self._ensure_started()
-        self._publisher.publish(self.names.exchange, self._node_rk(ref), [{**self._addr(ref), "t": p.CAST, "m": msg}])
+        """``ref.send(msg)``: queued and published in batches by the sender thread, in order."""
+        p.check_json(msg, "message")
+        self._sender.put(self._node_rk(ref), {"n": ref.name, "k": ref.key, "p": ref.pid, "t": p.CAST, "m": msg})
 
     def stop(self, ref: KeyRef, timeout: float | None) -> None:
         """``ref.stop()``: returns once the process has exited and the leader has freed its key."""
         t = self._timeout(timeout, self.settings.call_timeout)
         grace = min(self.settings.stop_timeout, t * 0.8)
-        self._request("leader", {**self._addr(ref), "t": p.STOP_KEY, "node": ref.node, "reason": "stop",
+        self._request(self.names.leader, {**self._addr(ref), "t": p.STOP_KEY, "node": ref.node, "reason": "stop",
                                  "grace": grace}, t, resend=True)
 
     # -- plumbing -------------------------------------------------------------------------------
     def _leader(self, msg: dict[str, Any], timeout: float | None) -> Any:
-        return self._request("leader", msg, self._timeout(timeout, self.settings.timeout), resend=True)
+        return self._request(self.names.leader, msg, self._timeout(timeout, self.settings.timeout), resend=True)
 
     def _request(self, routing_key: str, msg: dict[str, Any], timeout: float, resend: bool) -> Any:
         self._ensure_started()
@@ -115,9 +118,9 @@ class Client:
         msg.update(r=self._reply_rk, c=corr, d=time.time() + timeout)
         pending = self._pending[corr] = _Pending()
         deadline = time.monotonic() + timeout
-        declare = [self.names.leader_queue] if routing_key == "leader" else []
         try:
-            self._publisher.publish(self.names.exchange, routing_key, [msg], declare=declare)
+            self._sender.put(routing_key, msg)
+            self._sender.flush()  # also sends what this client queued before, ahead of this request
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -126,7 +129,8 @@ class Client:
                 if pending.event.wait(min(remaining, self.settings.retry_interval) if resend else remaining):
                     break
                 if resend:
-                    self._publisher.publish(self.names.exchange, routing_key, [msg], declare=declare)
+                    self._sender.put(routing_key, msg)
+                    self._sender.flush()
         finally:
             del self._pending[corr]
         reply = pending.reply
@@ -134,6 +138,17 @@ class Client:
         if "error" in reply:
             raise remote_error(reply["error"], reply.get("type", ""), reply.get("msg", ""))
         return reply.get("v")
+
+    def _publish(self, routing_key: str, msgs: list[dict[str, Any]]) -> None:
+        self._ensure_started()
+        declare = [self.names.leader_queue] if routing_key == self.names.leader else ()
+        self._publisher.publish(self.names.exchange, routing_key, msgs, declare=declare)
+
+    def _flush_quietly(self) -> None:
+        try:
+            self._sender.flush()
+        except Exception:  # at exit: nothing left to tell
+            pass
 
     def _on_replies(self, batch: list[dict[str, Any]]) -> None:
         for reply in batch:
@@ -175,6 +190,8 @@ class Client:
         return {"n": ref.name, "k": ref.key, "p": ref.pid}
 
     def close(self) -> None:
-        """Stop the reply thread and release the connections."""
+        """Send what is queued, stop the reply thread and release the connections."""
+        self._flush_quietly()
+        atexit.unregister(self._flush_quietly)
         self._loop.stop()
         self._publisher.close()

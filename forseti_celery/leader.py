@@ -196,7 +196,7 @@ class Leader:
     def _exited(self, msg: dict[str, Any]) -> None:
         k = (msg["n"], msg["k"])
         entry = self._table.get(k)
-        if entry is not None and entry.node == msg["node"] and entry.pid == msg["pid"]:
+        if entry is not None and entry.pid is not None and (entry.node, entry.pid) == (msg["node"], msg["pid"]):
             self._forget(k, entry)
         for reply_to, corr in msg.get("stoppers", ()):
             self._reply(reply_to, {"t": p.REPLY, "c": corr, "v": True})

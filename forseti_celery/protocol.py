@@ -84,26 +84,30 @@ class Names:
 
     def __init__(self, namespace: str, single_active_consumer: bool) -> None:
         self.namespace = namespace
-        self.exchange = Exchange(namespace, type="direct", durable=False, auto_delete=False)
+        # Direct messages go through the default exchange, routed by queue name: on Redis that
+        # skips kombu's binding-table lookup, one round trip per publish.
+        self.exchange = Exchange("")
         self.bcast_exchange = Exchange(f"{namespace}.bcast", type="fanout", durable=False, auto_delete=False)
         # Every declarer must use identical arguments (RabbitMQ answers 406 otherwise).
         args = {"x-single-active-consumer": True} if single_active_consumer else None
+        #: Routing key (= queue name) of the leader queue.
+        self.leader = f"{namespace}.leader"
         self.leader_queue = Queue(
-            f"{namespace}.leader", self.exchange, routing_key="leader",
+            self.leader, self.exchange, routing_key=self.leader,
             durable=False, auto_delete=False, queue_arguments=args,
         )
         self._amqp = single_active_consumer
 
     def node_routing_key(self, hostname: str) -> str:
-        """Routing key of a worker's own queue (hostnames are Celery node names, never key text)."""
-        return f"node.{hostname}"
+        """Routing key (= queue name) of a worker's own queue (a Celery node name, never key text)."""
+        return f"{self.namespace}.node.{hostname}"
 
     def node_queue(self, hostname: str) -> Queue:
         """The queue a worker consumes for spawn orders, casts, calls and stops to its processes."""
         # A dead worker's queue expires on RabbitMQ instead of collecting messages forever.
         args = {"x-expires": 120_000} if self._amqp else None
         return Queue(
-            f"{self.namespace}.node.{hostname}", self.exchange,
+            self.node_routing_key(hostname), self.exchange,
             routing_key=self.node_routing_key(hostname),
             durable=False, auto_delete=False, queue_arguments=args,
         )
@@ -118,7 +122,8 @@ class Names:
     def reply_queue(self, client_id: str) -> Queue:
         """A client's private queue for answers."""
         args = {"x-expires": 60_000} if self._amqp else None
+        name = f"{self.namespace}.reply.{client_id}"
         return Queue(
-            f"{self.namespace}.reply.{client_id}", self.exchange, routing_key=f"reply.{client_id}",
+            name, self.exchange, routing_key=name,
             durable=False, auto_delete=True, queue_arguments=args,
         )

@@ -61,7 +61,7 @@ class Node:
         self.publisher = Publisher(app.connection_for_write())
         self.election = election_for(driver, app.connection_for_write(), f"{s.namespace}:leader", s.lease)
         self.leader = Leader(hostname, self.members, self._send_node, self._send_reply)
-        self.children = Children(hostname, forseti.resolve, self._send_reply, "leader", self.events.send,
+        self.children = Children(hostname, forseti.resolve, self._send_reply, self.names.leader, self.events.send,
                                  s.stop_timeout)
         self._node_queue = self.names.node_queue(hostname)
         self._next_beat = 0.0
@@ -193,7 +193,7 @@ class Node:
         if self.election.always_consume:
             # Lets the single active consumer learn that it leads, even when no client asks anything.
             try:
-                self.publisher.publish(self.names.exchange, "leader", [{"t": "ping"}],
+                self.publisher.publish(self.names.exchange, self.names.leader, [{"t": "ping"}],
                                        expiration=self.settings.heartbeat * 2)
             except BrokerUnavailable:
                 pass
@@ -210,7 +210,7 @@ class Node:
 
     def _send(self, routing_key: str, msgs: list[dict[str, Any]]) -> None:
         self.publisher.publish(self.names.exchange, routing_key, msgs,
-                               declare=[self.names.leader_queue] if routing_key == "leader" else ())
+                               declare=[self.names.leader_queue] if routing_key == self.names.leader else ())
 
     def _broadcast(self, msg: dict[str, Any]) -> None:
         try:

@@ -101,6 +101,9 @@ def test_module_functions_use_the_current_app(h: Harness) -> None:
 def test_sixty_creations_on_three_workers_balance_exactly_and_stopping_them_empties_all(h: Harness) -> None:
     assert set(h.forseti.get_metrics().values()) == {0}
     refs = [h.forseti.get_key(f"load-{i}") for i in range(60)]
+    hosts = [w.hostname for w in h.cluster.workers]
+    held = {host: s["forseti"]["total"] for host, s in (h.app.control.inspect(hosts, timeout=2).stats() or {}).items()}
+    assert h.forseti.get_metrics() == held, "the leader's counts differ from what the workers hold"
     assert sorted(h.forseti.get_metrics().values()) == [20, 20, 20]
     for node in h.forseti.get_metrics():
         assert sum(r.node == node for r in refs) == 20
@@ -252,6 +255,19 @@ def test_a_crash_in_handle_call_is_a_remote_error_and_frees_the_key(h: Harness) 
         ref.call("crash")
     assert info.value.exc_type == "ValueError" and "asked to crash" in str(info.value)
     assert_freed(h, ref)
+
+
+def test_get_key_right_after_a_crash_or_process_gone_resolves_afresh(h: Harness) -> None:
+    for i in range(10):
+        ref = h.forseti.get_key(fresh(f"afresh{i}"))
+        with pytest.raises(RemoteError):
+            ref.call("crash")
+        again = h.forseti.get_key(ref.key)  # no waiting: the exit reached the leader first
+        assert again.pid != ref.pid
+        with pytest.raises(ProcessGone):
+            ref.call("get")
+        assert h.forseti.get_key(ref.key) == again
+        again.stop()
 
 
 def test_a_crash_in_handle_cast_frees_the_key(h: Harness) -> None:

@@ -1,0 +1,286 @@
+"""``celery forseti``: the cluster's keyed processes from the shell.
+
+A Celery CLI plugin (entry point ``celery.commands``), so it runs with the app
+given to ``celery -A``::
+
+    celery -A proj forseti status                  # leader, processes per worker, totals
+    celery -A proj forseti keys [--node N] [--name NAME]
+    celery -A proj forseti get KEY [--name NAME] [--args '[1, "x"]']
+    celery -A proj forseti stop KEY [--name NAME]
+
+Every subcommand takes ``--json`` and ``--timeout``. Exit codes, for scripts:
+0 ok; 1 not found (no such key, unknown name); 2 usage; 3 no answer in time
+(no leader, no worker, broker unreachable); 4 any other :class:`ForsetiError`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, NoReturn, TypeVar
+
+import click
+from celery.bin.base import COMMA_SEPARATED_LIST, CeleryCommand, CeleryOption, JsonArray
+from celery.exceptions import CeleryCommandException
+from celery.utils.time import humanize_seconds
+from kombu.exceptions import OperationalError
+
+from .app import Forseti
+from .errors import (
+    BrokerUnavailable,
+    ForsetiError,
+    ForsetiTimeout,
+    InvalidArgument,
+    ProcessGone,
+    UnknownName,
+)
+
+__all__ = ["EXIT_ERROR", "EXIT_NOT_FOUND", "EXIT_OK", "EXIT_UNAVAILABLE", "EXIT_USAGE", "forseti"]
+
+#: Success.
+EXIT_OK = 0
+#: No such key, unknown keyed-process name.
+EXIT_NOT_FOUND = 1
+#: Bad command line (click's own code).
+EXIT_USAGE = 2
+#: No answer in time: no leader, no worker of the namespace, broker unreachable.
+EXIT_UNAVAILABLE = 3
+#: Any other :class:`~forseti_celery.ForsetiError` (a failed ``init``, a bad configuration, …).
+EXIT_ERROR = 4
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _options(default_timeout: float | None, timeout_help: str) -> Callable[[F], F]:
+    """``--json`` and ``--timeout``, shared by every subcommand."""
+    def decorate(f: F) -> F:
+        f = click.option("-j", "--json", "as_json", cls=CeleryOption, is_flag=True, help_group="Output Options",
+                         help="Print JSON (errors too) instead of a table.")(f)
+        f = click.option("-t", "--timeout", cls=CeleryOption, type=click.FloatRange(0, min_open=True),
+                         default=default_timeout, show_default=default_timeout is not None,
+                         help_group="Remote Control Options", help=timeout_help)(f)
+        return f
+    return decorate
+
+
+def _name_option(help: str) -> Callable[[F], F]:
+    return click.option("--name", cls=CeleryOption, default="default", show_default=True,
+                        help_group="Keyed Process Options", help=help)
+
+
+# -- output ------------------------------------------------------------------------------------
+def _print_json(obj: Any, value: Any) -> None:
+    obj.echo(json.dumps(value, sort_keys=True))
+
+
+def _table(obj: Any, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()
+    obj.echo(obj.style(line, bold=True))
+    for r in cells:
+        obj.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _fail(obj: Any, as_json: bool, code: int, kind: str, message: str) -> NoReturn:
+    """Exit with ``code``; with ``--json`` the error is also printed on stdout as an object."""
+    if as_json:
+        _print_json(obj, {"error": kind, "message": message})
+    raise CeleryCommandException(message=message, exit_code=code)
+
+
+@contextmanager
+def _errors(obj: Any, as_json: bool) -> Iterator[None]:
+    """Turn forseti's errors into the documented exit codes."""
+    try:
+        yield
+    except (UnknownName, ProcessGone) as exc:
+        _fail(obj, as_json, EXIT_NOT_FOUND, "not_found", str(exc))
+    except InvalidArgument as exc:
+        _fail(obj, as_json, EXIT_USAGE, "usage", str(exc))
+    except (ForsetiTimeout, BrokerUnavailable, OperationalError) as exc:
+        _fail(obj, as_json, EXIT_UNAVAILABLE, "unavailable", str(exc))
+    except ForsetiError as exc:
+        _fail(obj, as_json, EXIT_ERROR, type(exc).__name__, str(exc))
+    except Exception as exc:
+        conn = obj.app.connection_for_write()  # not connected: only asked for its transport's errors
+        if not isinstance(exc, (*conn.connection_errors, *conn.channel_errors)):
+            raise
+        _fail(obj, as_json, EXIT_UNAVAILABLE, "unavailable", f"broker unreachable: {exc!r}")
+
+
+@contextmanager
+def _forseti(obj: Any, as_json: bool) -> Iterator[Forseti]:
+    """The app's :class:`Forseti`; its client (if one was made) is closed on the way out."""
+    with _errors(obj, as_json):
+        forseti = Forseti.of(obj.app)
+        try:
+            yield forseti
+        finally:
+            forseti.client.close()
+
+
+def _stats(app: Any, hosts: set[str], timeout: float) -> dict[str, Any]:
+    """``celery inspect stats`` of ``hosts``, returning as soon as all have answered."""
+    if not hosts:
+        return {}
+    stats = app.control.inspect(destination=sorted(hosts), timeout=timeout, limit=len(hosts)).stats()
+    return {host: s for host, s in (stats or {}).items() if isinstance(s, dict)}
+
+
+def _yes(flag: Any) -> str:
+    return "yes" if flag else "no"
+
+
+def _by_name(counts: dict[str, int]) -> str:
+    return ", ".join(f"{name}={n}" for name, n in sorted(counts.items())) or "-"
+
+
+# -- commands ----------------------------------------------------------------------------------
+@click.group(name="forseti")
+def forseti(**kwargs: Any) -> None:
+    """Keyed processes of forseti_celery: status, keys, get, stop.
+
+    Exit codes: 0 ok, 1 not found, 2 usage, 3 no answer in time (no leader, no
+    worker, broker unreachable), 4 other forseti error.
+    """
+
+
+@forseti.command(cls=CeleryCommand)
+@_options(1.0, "Seconds to wait for the leader and for the workers' stats.")
+@click.pass_obj
+def status(obj: Any, as_json: bool, timeout: float) -> None:
+    """Show the leader, the keyed processes of every worker, and totals.
+
+    Exits 3 when no leader of the app's namespace answers.
+    """
+    with _forseti(obj, as_json) as f:
+        namespace = f.settings.namespace
+        try:
+            metrics = f.get_metrics(timeout=timeout)
+        except ForsetiTimeout:
+            _fail(obj, as_json, EXIT_UNAVAILABLE, "no_leader",
+                  f"no leader of namespace {namespace!r} answered within {timeout:g} s")
+        # Ask only this namespace's workers (others may share the broker): the leader's eligible
+        # workers first, then any other member they know of (non-eligible workers).
+        stats = _stats(obj.app, set(metrics), timeout)
+        hosts = set(metrics).union(*((s.get("forseti") or {}).get("members", ()) for s in stats.values()))
+        if hosts - set(stats):
+            stats.update(_stats(obj.app, hosts - set(stats), timeout))
+    workers: dict[str, dict[str, Any] | None] = {h: (stats.get(h) or {}).get("forseti") for h in sorted(hosts)}
+    leaders = [h for h, s in workers.items() if s and s.get("leader")]
+    processes: Counter[str] = Counter()
+    for s in workers.values():
+        processes.update((s or {}).get("processes", {}))
+    leader = leaders[0] if leaders else None
+    summary = {
+        "namespace": namespace,
+        "leader": leader,
+        "workers": workers,
+        "metrics": metrics,
+        "total": sum(processes.values()),
+        "processes": dict(processes),
+    }
+    if as_json:
+        _print_json(obj, summary)
+        return
+    epoch = (workers[leader] or {}).get("epoch") if leader else None
+    obj.echo(f"namespace {namespace}: leader {leader or 'unknown (no worker claims it yet)'}"
+             + (f" (epoch {epoch})" if epoch is not None else ""))
+    obj.echo()
+    rows = []
+    for host, s in workers.items():
+        if s is None:
+            rows.append([host, "?", "?", metrics.get(host, "?"), "?", "?", "no answer to stats"])
+        else:
+            rows.append([host, "*" if s.get("leader") else "", _yes(s.get("eligible")), s.get("total", 0),
+                         s.get("starts", 0), s.get("exits", 0), _by_name(s.get("processes", {}))])
+    _table(obj, ["NODE", "LEADER", "ELIGIBLE", "PROCESSES", "STARTS", "EXITS", "BY NAME"], rows)
+    obj.echo()
+    n = len(workers)
+    obj.echo(f"{n} worker{'s' if n != 1 else ''}, {summary['total']} keyed processes ({_by_name(processes)})")
+
+
+@forseti.command(cls=CeleryCommand)
+@click.option("--node", "nodes", cls=CeleryOption, type=COMMA_SEPARATED_LIST, help_group="Keyed Process Options",
+              help="Only these workers (comma-separated hostnames).")
+@click.option("--name", cls=CeleryOption, help_group="Keyed Process Options",
+              help="Only keyed processes of this name.")
+@_options(1.0, "Seconds to wait for the workers' answers.")
+@click.pass_obj
+def keys(obj: Any, nodes: list[str] | None, name: str | None, as_json: bool, timeout: float) -> None:
+    """List the keyed processes of every worker (or of --node): key, name, pid, uptime, messages.
+
+    Exits 3 when no worker of the app's namespace (or not every --node) answers.
+    """
+    with _errors(obj, as_json):
+        namespace = Forseti.of(obj.app).settings.namespace
+        replies = obj.app.control.broadcast(
+            "forseti_keys", arguments={"name": name} if name else {}, destination=nodes or None,
+            reply=True, timeout=timeout, limit=len(nodes) if nodes else None,
+        )
+    answered: list[str] = []
+    rows: list[dict[str, Any]] = []
+    for reply in replies or ():
+        for host, body in reply.items():
+            # Every worker on the broker answers a broadcast: keep the app's namespace.
+            if isinstance(body, dict) and body.get("namespace") == namespace:
+                answered.append(host)
+                rows.extend({"node": host, **k} for k in body["keys"])
+    rows.sort(key=lambda r: (r["node"], r["name"], r["key"]))
+    missing = sorted(set(nodes or ()) - set(answered))
+    if answered and not missing:
+        if as_json:
+            _print_json(obj, rows)
+        else:
+            _table(obj, ["NODE", "NAME", "KEY", "PID", "UPTIME", "MESSAGES"],
+                   [[r["node"], r["name"], r["key"], r["pid"] if r["started"] else f"{r['pid']} (starting)",
+                     humanize_seconds(r["uptime"], microseconds=True), r["messages"]] for r in rows])
+            obj.echo(f"\n{len(rows)} keyed processes on {len(answered)} workers")
+        return
+    who = f"workers {', '.join(missing)}" if missing else "no worker"
+    _fail(obj, as_json, EXIT_UNAVAILABLE, "unavailable",
+          f"{who} of namespace {namespace!r} answered within {timeout:g} s")
+
+
+@forseti.command(cls=CeleryCommand)
+@click.argument("key")
+@_name_option("Keyed-process name.")
+@click.option("-a", "--args", "args", cls=CeleryOption, type=JsonArray(), default="[]",
+              help_group="Keyed Process Options", help="JSON array passed to init after the key if it starts.")
+@_options(None, "Seconds to wait for the leader (default: forseti_timeout).")
+@click.pass_obj
+def get(obj: Any, key: str, name: str, args: list[Any], as_json: bool, timeout: float | None) -> None:
+    """Get KEY's live process, starting it on the least-used worker if there is none.
+
+    Exits 1 if no worker knows the name, 4 if its init failed.
+    """
+    with _forseti(obj, as_json) as f:
+        ref = f.get_key(key, args, name=name, timeout=timeout)
+    if as_json:
+        _print_json(obj, ref.to_json())
+    else:
+        _table(obj, ["NODE", "PID", "NAME", "KEY"], [[ref.node, ref.pid, ref.name, ref.key]])
+
+
+@forseti.command(cls=CeleryCommand)
+@click.argument("key")
+@_name_option("Keyed-process name.")
+@_options(None, "Seconds to wait for the leader and for the exit (default: forseti_timeout, forseti_call_timeout).")
+@click.pass_obj
+def stop(obj: Any, key: str, name: str, as_json: bool, timeout: float | None) -> None:
+    """Stop KEY's process and wait until it has exited and its key is free.
+
+    Exits 1 if KEY has no live process.
+    """
+    with _forseti(obj, as_json) as f:
+        ref = f.search_key(key, name=name, timeout=timeout)
+        if ref is None:
+            _fail(obj, as_json, EXIT_NOT_FOUND, "not_found", f"no live keyed process {key!r} ({name})")
+        ref.stop(timeout)
+    if as_json:
+        _print_json(obj, {"stopped": True, **ref.to_json()})
+    else:
+        obj.echo(f"stopped {key!r} ({name}): pid {ref.pid} on {ref.node}")
