@@ -113,7 +113,7 @@ def _errors(obj: Any, as_json: bool) -> Iterator[None]:
 
 @contextmanager
 def _forseti(obj: Any, as_json: bool) -> Iterator[Forseti]:
-    """The app's :class:`Forseti`; its client (if one was made) is closed on the way out."""
+    """The app's :class:`Forseti`; its client is closed on the way out."""
     with _errors(obj, as_json):
         forseti = Forseti.of(obj.app)
         try:
@@ -128,6 +128,10 @@ def _stats(app: Any, hosts: set[str], timeout: float) -> dict[str, Any]:
         return {}
     stats = app.control.inspect(destination=sorted(hosts), timeout=timeout, limit=len(hosts)).stats()
     return {host: s for host, s in (stats or {}).items() if isinstance(s, dict)}
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}{'es' if noun.endswith('s') else 's'}"
 
 
 def _yes(flag: Any) -> str:
@@ -174,13 +178,14 @@ def status(obj: Any, as_json: bool, timeout: float) -> None:
     processes: Counter[str] = Counter()
     for s in workers.values():
         processes.update((s or {}).get("processes", {}))
+    total = sum(processes.values())
     leader = leaders[0] if leaders else None
     summary = {
         "namespace": namespace,
         "leader": leader,
         "workers": workers,
         "metrics": metrics,
-        "total": sum(processes.values()),
+        "total": total,
         "processes": dict(processes),
     }
     if as_json:
@@ -199,8 +204,8 @@ def status(obj: Any, as_json: bool, timeout: float) -> None:
                          s.get("starts", 0), s.get("exits", 0), _by_name(s.get("processes", {}))])
     _table(obj, ["NODE", "LEADER", "ELIGIBLE", "PROCESSES", "STARTS", "EXITS", "BY NAME"], rows)
     obj.echo()
-    n = len(workers)
-    obj.echo(f"{n} worker{'s' if n != 1 else ''}, {summary['total']} keyed processes ({_by_name(processes)})")
+    obj.echo(f"{_count(len(workers), 'worker')}, {_count(total, 'keyed process')} "
+             f"({_by_name(processes)})")
 
 
 @forseti.command(cls=CeleryCommand)
@@ -211,9 +216,10 @@ def status(obj: Any, as_json: bool, timeout: float) -> None:
 @_options(1.0, "Seconds to wait for the workers' answers.")
 @click.pass_obj
 def keys(obj: Any, nodes: list[str] | None, name: str | None, as_json: bool, timeout: float) -> None:
-    """List the keyed processes of every worker (or of --node): key, name, pid, uptime, messages.
+    """List keyed processes: node, name, key, pid, uptime, messages.
 
-    Exits 3 when no worker of the app's namespace (or not every --node) answers.
+    Asks every worker on the broker (or only the --node ones) and keeps those of
+    the app's namespace. Exits 3 when no worker of the app's namespace (or not every --node) answers.
     """
     with _errors(obj, as_json):
         namespace = Forseti.of(obj.app).settings.namespace
@@ -238,7 +244,7 @@ def keys(obj: Any, nodes: list[str] | None, name: str | None, as_json: bool, tim
             _table(obj, ["NODE", "NAME", "KEY", "PID", "UPTIME", "MESSAGES"],
                    [[r["node"], r["name"], r["key"], r["pid"] if r["started"] else f"{r['pid']} (starting)",
                      humanize_seconds(r["uptime"], microseconds=True), r["messages"]] for r in rows])
-            obj.echo(f"\n{len(rows)} keyed processes on {len(answered)} workers")
+            obj.echo(f"\n{_count(len(rows), 'keyed process')} on {_count(len(answered), 'worker')}")
         return
     who = f"workers {', '.join(missing)}" if missing else "no worker"
     _fail(obj, as_json, EXIT_UNAVAILABLE, "unavailable",
@@ -253,8 +259,9 @@ def keys(obj: Any, nodes: list[str] | None, name: str | None, as_json: bool, tim
 @_options(None, "Seconds to wait for the leader (default: forseti_timeout).")
 @click.pass_obj
 def get(obj: Any, key: str, name: str, args: list[Any], as_json: bool, timeout: float | None) -> None:
-    """Get KEY's live process, starting it on the least-used worker if there is none.
+    """Get KEY's live process, started if there is none.
 
+    A new process starts on the least-used worker, with --args after the key.
     Exits 1 if no worker knows the name, 4 if its init failed.
     """
     with _forseti(obj, as_json) as f:
@@ -271,9 +278,9 @@ def get(obj: Any, key: str, name: str, args: list[Any], as_json: bool, timeout: 
 @_options(None, "Seconds to wait for the leader and for the exit (default: forseti_timeout, forseti_call_timeout).")
 @click.pass_obj
 def stop(obj: Any, key: str, name: str, as_json: bool, timeout: float | None) -> None:
-    """Stop KEY's process and wait until it has exited and its key is free.
+    """Stop KEY's process; returns once its key is free.
 
-    Exits 1 if KEY has no live process.
+    Its terminate() runs; the command waits until it has exited. Exits 1 if KEY has no live process.
     """
     with _forseti(obj, as_json) as f:
         ref = f.search_key(key, name=name, timeout=timeout)

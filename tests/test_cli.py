@@ -1,0 +1,136 @@
+"""``celery -A tests.app forseti ...`` as a user runs it: a subprocess against two real workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from forseti_celery.cli import EXIT_NOT_FOUND, EXIT_UNAVAILABLE, EXIT_USAGE
+
+from .helpers import ROOT, Harness, harness
+
+
+@pytest.fixture(scope="module", params=["redis", "rabbitmq"])
+def h(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
+    url = request.getfixturevalue(f"{request.param}_url")
+    with harness(url, tmp_path_factory.mktemp(request.param), n=2) as h:
+        yield h
+
+
+def fresh(prefix: str) -> str:
+    return f"{prefix}-{time.monotonic_ns()}"
+
+
+def forseti(broker_url: str, namespace: str, *args: str, expect: int = 0) -> subprocess.CompletedProcess[str]:
+    """Run ``celery -A tests.app forseti ARGS`` on ``namespace``; assert its exit code."""
+    env = {**os.environ, "FORSETI_BROKER_URL": broker_url, "FORSETI_NAMESPACE": namespace}
+    done = subprocess.run([sys.executable, "-m", "celery", "-A", "tests.app", "forseti", *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=90, check=False)
+    assert done.returncode == expect, f"exit {done.returncode} != {expect}\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+def cli(h: Harness, *args: str, expect: int = 0) -> subprocess.CompletedProcess[str]:
+    return forseti(h.cluster.broker_url, h.namespace, *args, expect=expect)
+
+
+def cli_json(h: Harness, *args: str, expect: int = 0) -> Any:
+    return json.loads(cli(h, *args, "--json", expect=expect).stdout)
+
+
+def rows(table: str) -> list[list[str]]:
+    """The rows of a table printed by the CLI (header first), split on runs of two spaces."""
+    return [[cell.strip() for cell in line.split("  ") if cell.strip()] for line in table.splitlines() if line.strip()]
+
+
+def hostnames(h: Harness) -> str:
+    return ",".join(w.hostname for w in h.cluster.workers)
+
+
+def test_status_shows_the_leader_and_the_processes_of_each_worker(h: Harness) -> None:
+    refs = [h.forseti.get_key(fresh("status")) for _ in range(3)]
+    hosts = sorted(w.hostname for w in h.cluster.workers)
+    status = cli_json(h, "status", "--timeout", "5")
+    assert status["namespace"] == h.namespace and sorted(status["workers"]) == hosts
+    assert status["leader"] in hosts and status["workers"][status["leader"]]["leader"] is True
+    assert status["total"] == 3 and status["processes"] == {"default": 3}
+    assert status["metrics"] == {host: sum(r.node == host for r in refs) for host in hosts}
+
+    text = cli(h, "status", "--timeout", "5").stdout
+    assert f"leader {status['leader']}" in text.splitlines()[0]
+    table = rows(text)
+    header = table.index(["NODE", "LEADER", "ELIGIBLE", "PROCESSES", "STARTS", "EXITS", "BY NAME"])
+    for line in table[header + 1 : header + 3]:
+        count = sum(r.node == line[0] for r in refs)
+        assert line[0] in hosts and str(count) in line and (line[1] == "*") == (line[0] == status["leader"])
+    assert "2 workers, 3 keyed processes (default=3)" in text
+    for r in refs:
+        r.stop()
+
+
+def test_keys_lists_every_process_with_node_and_pid_and_filters_by_node_and_name(h: Harness) -> None:
+    counter, poller = h.forseti.get_key(fresh("keys")), h.forseti.get_key(fresh("keys"), name="poller")
+    listed = cli_json(h, "keys", "--timeout", "2")  # every worker on the broker is asked
+    assert {(k["node"], k["name"], k["key"], k["pid"]) for k in listed} == {
+        (counter.node, "default", counter.key, counter.pid), (poller.node, "poller", poller.key, poller.pid)}
+    assert all(k["started"] and k["uptime"] >= 0 and k["messages"] == 0 for k in listed)
+
+    on_node = cli_json(h, "keys", "--node", counter.node, "--timeout", "10")
+    assert {k["node"] for k in on_node} == {counter.node} and counter.key in {k["key"] for k in on_node}
+
+    table = rows(cli(h, "keys", "--node", hostnames(h), "--name", "default", "--timeout", "10").stdout)
+    assert table == [["NODE", "NAME", "KEY", "PID", "UPTIME", "MESSAGES"],
+                     [counter.node, "default", counter.key, str(counter.pid), table[1][4], "0"],
+                     ["1 keyed process on 2 workers"]]
+    assert table[1][4].endswith(("seconds", "minutes"))
+    counter.stop()
+    poller.stop()
+
+
+def test_get_starts_a_key_once_and_passes_json_args(h: Harness) -> None:
+    key = fresh("get")
+    got = cli_json(h, "get", key, "--args", "[41]")
+    ref = h.forseti.search_key(key)
+    assert ref is not None and got == {"node": ref.node, "pid": ref.pid, "key": key, "name": "default"}
+    assert ref.call("get") == 41
+    assert rows(cli(h, "get", key).stdout) == [["NODE", "PID", "NAME", "KEY"], [ref.node, str(ref.pid), "default", key]]
+    ref.stop()
+
+
+def test_stop_frees_the_key_and_a_missing_key_exits_1(h: Harness) -> None:
+    ref = h.forseti.get_key(fresh("cli-stop"), name="poller")
+    assert cli_json(h, "stop", ref.key, "--name", "poller") == {"stopped": True, **ref.to_json()}
+    assert h.forseti.search_key(ref.key, name="poller") is None
+    missing = cli(h, "stop", ref.key, "--name", "poller", "--json", expect=EXIT_NOT_FOUND)
+    assert json.loads(missing.stdout)["error"] == "not_found" and "no live keyed process" in missing.stderr
+
+
+def test_a_name_no_worker_knows_exits_1(h: Harness) -> None:
+    assert cli_json(h, "get", "k", "--name", "nobody-knows-me", expect=EXIT_NOT_FOUND)["error"] == "not_found"
+
+
+# -- without a cluster of its own ---------------------------------------------------------------
+
+def test_bad_arguments_exit_2(redis_url: str) -> None:
+    assert "was not an array" in forseti(redis_url, "forseti-unused", "get", "k", "--args", "{}",
+                                         expect=EXIT_USAGE).stderr
+    forseti(redis_url, "forseti-unused", "keys", "--timeout", "0", expect=EXIT_USAGE)
+
+
+def test_without_a_leader_or_workers_status_stop_and_keys_exit_3_in_bounded_time(redis_url: str) -> None:
+    unused = f"forseti-nobody-{time.monotonic_ns()}"
+    t0 = time.monotonic()
+    status = forseti(redis_url, unused, "status", "--timeout", "0.3", "--json", expect=EXIT_UNAVAILABLE)
+    assert json.loads(status.stdout)["error"] == "no_leader" and unused in status.stderr
+    forseti(redis_url, unused, "stop", "k", "--timeout", "0.3", expect=EXIT_UNAVAILABLE)
+    missing = forseti(redis_url, unused, "keys", "--node", "nobody@nowhere", "--timeout", "0.3",
+                      expect=EXIT_UNAVAILABLE)
+    assert "nobody@nowhere" in missing.stderr
+    assert time.monotonic() - t0 < 30
