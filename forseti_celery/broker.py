@@ -281,7 +281,8 @@ class ConsumerLoop(threading.Thread):
                 try:
                     conn.drain_events(timeout=max(0.001, next_tick - time.monotonic()))
                 except socket.timeout:
-                    conn.heartbeat_check()
+                    pass
+                conn.heartbeat_check()
                 self.last_contact = time.monotonic()
             self._consumer = None
             self.connected.clear()

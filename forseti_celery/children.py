@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import select
+import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -34,6 +36,47 @@ __all__ = ["Child", "Children"]
 Key = tuple[str, str]
 Waiter = tuple[str, str]
 _READ = select.POLLIN | select.POLLHUP | select.POLLERR
+
+
+class KeyedChild(billiard.Process):  # type: ignore[misc]
+    """A billiard process that skips the parent's after-fork hooks.
+
+    Those hooks tidy up the worker's broker connections and pools, which a keyed
+    process never uses; they take locks that another thread of the worker (a task
+    on the solo pool, a client) may hold at the instant of the fork, which would
+    hang the child forever, and they cost milliseconds of every start.
+    """
+
+    def _bootstrap(self) -> int:
+        from billiard import process as bp
+        from billiard import util
+
+        bp._children = set()
+        bp._set_current_process(self)
+        util._finalizer_registry.clear()
+        code = 1
+        try:
+            self.run()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            logger.exception("keyed process %s failed", self.name)
+        finally:
+            util._exit_function()
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (AttributeError, ValueError, OSError):
+                    pass
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL it (billiard 4's Process has no ``kill``)."""
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @dataclass(eq=False)
@@ -117,9 +160,10 @@ class Children:
                                      "msg": f"{self.hostname} does not know {name!r}"})
                 self._wake()
                 return
-            inherited = [self._wake_r, self._wake_w] + [c.conn_fd for c in self._by_key.values()]
-        parent_end, child_end = billiard.Pipe(duplex=True)
-        proc = billiard.Process(
+            parent_end, child_end = billiard.Pipe(duplex=True)
+            # The child keeps none of the worker's pipe ends: end-of-file then means "worker gone".
+            inherited = [self._wake_r, self._wake_w, parent_end.fileno(), *(c.conn_fd for c in self._by_key.values())]
+        proc = KeyedChild(
             target=child_main.run, name=f"forseti:{name}",
             args=(child_end, target, key, args, os.getpid(), inherited),
         )

@@ -35,8 +35,9 @@ class Settings:
     retry_interval: float = 1.0
     #: Seconds between a worker's heartbeats to the rest of the cluster.
     heartbeat: float = 1.0
-    #: A worker silent for this many seconds is dead: the leader frees its keys.
-    node_timeout: float = 6.0
+    #: A worker silent for this many seconds is dead: the leader frees its keys. A worker that
+    #: cannot reach the broker for :attr:`fence_after` seconds kills its keyed processes first.
+    node_timeout: float = 8.0
     #: Redis only: the leader lease length in seconds (renewed every third of it).
     lease: float = 5.0
     #: Seconds a stopped keyed process gets to run ``terminate`` before it is killed.
@@ -65,12 +66,18 @@ class Settings:
         settings._validate()
         return settings
 
+    @property
+    def fence_after(self) -> float:
+        """Seconds without broker contact after which a worker kills its keyed processes: two
+        heartbeats before the leader may declare it dead (so a key never has two processes)."""
+        return self.node_timeout - 2 * self.heartbeat
+
     def _validate(self) -> None:
         for name in ("max_time", "timeout", "call_timeout", "retry_interval", "heartbeat", "node_timeout", "lease", "stop_timeout"):
             if not float(getattr(self, name)) > 0:
                 raise ConfigurationError(f"forseti_{name} must be a positive number of seconds")
-        if self.node_timeout <= 2 * self.heartbeat:
-            raise ConfigurationError("forseti_node_timeout must exceed two heartbeats")
+        if self.node_timeout <= 3 * self.heartbeat:
+            raise ConfigurationError("forseti_node_timeout must exceed three heartbeats")
         if not self.namespace or not self.namespace.replace("_", "").replace("-", "").isalnum():
             raise ConfigurationError("forseti_namespace must be a non-empty [A-Za-z0-9_-] word")
         if self.max_retries < 0:

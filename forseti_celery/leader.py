@@ -56,6 +56,8 @@ class Leader:
         self._by_node: dict[str, set[Key]] = {}
         self._counts: dict[str, int] = {}
         self._awaiting: set[str] = set()
+        self._suspects: set[str] = set()
+        self._asked: dict[str, float] = {}
         self._deferred: list[dict[str, Any]] = []
         self._handlers: dict[str, Callable[[dict[str, Any]], None]] = {
             p.GET: self._get, p.SEARCH: self._search, p.METRICS: self._metrics, p.STOP_KEY: self._stop,
@@ -86,11 +88,18 @@ class Leader:
         self._counts.clear()
         self._awaiting.clear()
         self._deferred.clear()
+        self._suspects.clear()
+        self._asked.clear()
 
     def report(self, msg: dict[str, Any]) -> None:
-        """A worker's registry, sent in answer to the rebuild request."""
+        """A worker's registry: during the rebuild, or asked for to reconcile (see :meth:`heartbeat`)."""
         host = msg["node"]
-        if not self.active or self.ready or host not in self._awaiting:
+        if not self.active:
+            return
+        if self.ready:
+            self._reconcile(host, msg["procs"])
+            return
+        if host not in self._awaiting:
             return
         self._awaiting.discard(host)
         self.epoch = max(self.epoch, int(msg["epoch"]))
@@ -98,6 +107,39 @@ class Leader:
         for name, key, pid, sid in msg["procs"]:
             self._record(host, (name, key), Entry(host, sid, [], pid))
         self._maybe_ready()
+
+    def heartbeat(self, hb: dict[str, Any]) -> None:
+        """Compare a worker's own count with the table; ask for its registry when they disagree
+        twice in a row, or when the worker is new to the table (joined, or came back)."""
+        host = hb["node"]
+        if not self.ready or host not in self.members:
+            return
+        if host in self._counts and hb["count"] == self._counts[host]:
+            self._suspects.discard(host)
+            return
+        if host in self._counts and host not in self._suspects:
+            self._suspects.add(host)  # may be messages in flight: look again next beat
+            return
+        self._suspects.discard(host)
+        now = time.monotonic()
+        if now - self._asked.get(host, 0.0) > 2 * self.members.node_timeout / 3:
+            self._asked[host] = now
+            self._send_node(host, {"t": p.REPORT_REQUEST, "leader": self.hostname, "epoch": self.epoch})
+
+    def _reconcile(self, host: str, procs: list[list[Any]]) -> None:
+        self._asked.pop(host, None)
+        if host not in self.members:
+            return
+        self._counts.setdefault(host, 0)
+        reported = {(name, key): (pid, sid) for name, key, pid, sid in procs}
+        for k in list(self._by_node.get(host, ())):
+            entry = self._table[k]
+            if entry.pid is not None and reported.get(k, (None, ""))[0] != entry.pid:
+                logger.info("forseti: %r is no longer on %s; freed", k, host)
+                self._forget(k, entry)  # its exit report was lost
+        for k, (pid, sid) in reported.items():
+            if pid is not None:
+                self._record(host, k, Entry(host, sid, [], pid))
 
     def node_lost(self, hostname: str) -> None:
         """A worker died or left: its keys are free; keys it was starting are placed again."""
@@ -230,8 +272,8 @@ class Leader:
     def _record(self, node: str, k: Key, entry: Entry) -> None:
         old = self._table.get(k)
         if old is not None:
-            if old.node == node and old.pid == entry.pid:
-                return
+            if old.node == node and old.pid in (entry.pid, None):
+                return  # known (or starting there: its start report is on the way)
             # Two workers report one key (only after a split brain): keep the first, stop the other.
             logger.warning("forseti: %r reported by %s and %s; stopping the latter", k, old.node, node)
             self._send_node(node, {"t": p.STOP, "n": k[0], "k": k[1], "p": entry.pid, "reason": "duplicate"})

@@ -58,6 +58,12 @@ class Members:
         """Forget a worker (it said goodbye, or was declared dead)."""
         return self._members.pop(hostname, None)
 
+    def refresh(self) -> None:
+        """Restart every member's timeout (after we were cut off and could not hear them)."""
+        now = time.monotonic()
+        for m in self._members.values():
+            m.last_seen = now
+
     def expire(self, now: float | None = None) -> list[Member]:
         """Remove and return the workers silent for longer than ``node_timeout``."""
         now = time.monotonic() if now is None else now

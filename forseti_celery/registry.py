@@ -66,8 +66,11 @@ class Node:
         self._node_queue = self.names.node_queue(hostname)
         self._next_beat = 0.0
         self._closing = False
+        self._last_echo = time.monotonic()
+        self._fenced = False
         self.loop = ConsumerLoop(
-            "forseti-node", app.connection_for_read,
+            # The broker's heartbeat ends a hung leader's connection, so a standby takes over.
+            "forseti-node", lambda: app.connection_for_read(heartbeat=s.lease),
             lambda: [self._node_queue, self.names.bcast_queue(hostname)]
             + ([self.names.leader_queue] if self.election.always_consume else []),
             self._handle,
@@ -99,6 +102,8 @@ class Node:
 
     def _connected(self) -> None:
         self._next_beat = 0.0
+        self._last_echo = max(self._last_echo, time.monotonic() - self.settings.heartbeat)
+        self.members.refresh()  # we heard nothing while away: give everyone a fresh timeout
         self._tick()
 
     def _disconnected(self) -> None:
@@ -149,31 +154,54 @@ class Node:
                            msg["k"], msg.get("leader"), epoch, self.epoch)
             return
         self.epoch = epoch
-        if self._closing:
-            return  # the leader places it again when our goodbye arrives
+        if self._closing or self._fenced:
+            return  # the leader places it again when our goodbye (or our silence) reaches it
         self.children.spawn(msg["n"], msg["k"], msg.get("a", []), msg["sid"])
 
     def _heard(self, hb: dict[str, Any]) -> None:
-        if hb.get("leader"):
-            self.epoch = max(self.epoch, int(hb.get("epoch", 0)))
-            if hb["node"] != self.hostname and self.leader.active:
-                self.leader.deactivate()  # someone else leads now (our role was lost)
+        if hb["node"] == self.hostname and hb["inc"] == self.incarnation:
+            self._last_echo = time.monotonic()  # our own beat came back: the broker hears us
+        if hb.get("leader") and hb["node"] != self.hostname:
+            epoch = int(hb.get("epoch", 0))
+            self.epoch = max(self.epoch, epoch)
+            if self.leader.active and epoch > self.leader.epoch:
+                logger.warning("forseti: %s leads with a newer epoch (%d); stepping down", hb["node"], epoch)
+                self.leader.deactivate()
         old = self.members.heard(hb)
         if old is not None and self.leader.active:
             self.leader.node_lost(old.hostname)
+        self.leader.heartbeat(hb)
 
     def _tick(self) -> None:
         now = time.monotonic()
-        held = self.election.poll() if self.loop.connected.is_set() else False
+        connected = self.loop.connected.is_set()
+        held = self.election.poll() if connected else False
         if held is not None:
             self._lease(held)
-        for dead in self.members.expire(now):
-            logger.info("forseti: worker %s is silent; declared dead", dead.hostname)
-            if self.leader.active:
-                self.leader.node_lost(dead.hostname)
-        if now >= self._next_beat and self.loop.connected.is_set():
-            self._next_beat = now + self.settings.heartbeat
-            self._beat()
+        if connected:  # silence heard while we cannot hear anything proves nothing
+            for dead in self.members.expire(now):
+                logger.info("forseti: worker %s is silent; declared dead", dead.hostname)
+                if self.leader.active:
+                    self.leader.node_lost(dead.hostname)
+            if now >= self._next_beat:
+                self._next_beat = now + self.settings.heartbeat
+                self._beat()
+        self._fence(now)
+
+    def _fence(self, now: float) -> None:
+        # Cut off from the broker for longer than this, the leader may soon declare us dead and
+        # start our keys elsewhere: stop our processes first, so no key ever has two.
+        silent = now - self._last_echo
+        if silent > self.settings.fence_after and not self._fenced:
+            self._fenced = True
+            victims = self.children.snapshot()
+            logger.warning("forseti: %s has not heard the broker for %.1f s; stopping its %d keyed processes",
+                           self.hostname, silent, len(victims))
+            for c in victims:
+                c.process.kill()
+        elif silent <= self.settings.fence_after and self._fenced:
+            logger.info("forseti: %s hears the broker again", self.hostname)
+            self._fenced = False
 
     def _lease(self, held: bool) -> None:
         if held and not self.leader.active and not self._closing:
@@ -188,7 +216,7 @@ class Node:
         hb = {"t": p.HEARTBEAT, "node": self.hostname, "inc": self.incarnation, "eligible": self.eligible,
               "names": sorted(self.forseti.known_names()), "count": len(self.children.snapshot()),
               "leader": self.leader.ready, "epoch": self.leader.epoch if self.leader.ready else self.epoch}
-        self._heard(hb)
+        self.members.heard(hb)  # we are a member at once; the broker's echo proves we are heard
         self._broadcast(hb)
         if self.election.always_consume:
             # Lets the single active consumer learn that it leads, even when no client asks anything.
