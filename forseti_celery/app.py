@@ -42,7 +42,7 @@ class Forseti:
         self._client: Client | None = None
         self._client_pid = 0
         self._client_lock = threading.Lock()
-        app._forseti = self  # type: ignore[attr-defined]
+        app._forseti = self
         global _last_installed
         _last_installed = self
         app.steps["worker"].add(type("RegistryStep", (RegistryStep,), {"forseti": self}))

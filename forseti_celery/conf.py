@@ -73,7 +73,9 @@ class Settings:
         return self.node_timeout - 2 * self.heartbeat
 
     def _validate(self) -> None:
-        for name in ("max_time", "timeout", "call_timeout", "retry_interval", "heartbeat", "node_timeout", "lease", "stop_timeout"):
+        durations = ("max_time", "timeout", "call_timeout", "retry_interval", "heartbeat", "node_timeout",
+                     "lease", "stop_timeout")
+        for name in durations:
             if not float(getattr(self, name)) > 0:
                 raise ConfigurationError(f"forseti_{name} must be a positive number of seconds")
         if self.node_timeout <= 3 * self.heartbeat:

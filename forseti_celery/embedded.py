@@ -29,6 +29,8 @@ from types import TracebackType
 import redis
 from celery.utils.log import get_logger
 
+from .errors import ForsetiError
+
 __all__ = ["EmbeddedRedis", "EmbeddedRedisError", "broker_url_from_env"]
 
 logger = get_logger(__name__)
@@ -42,7 +44,7 @@ _PR_SET_PDEATHSIG = 1
 _DIR_PREFIX = "forseti-redis-"
 
 
-class EmbeddedRedisError(RuntimeError):
+class EmbeddedRedisError(ForsetiError, RuntimeError):
     """Raised when the embedded redis-server cannot be found, exits, or does not answer PING."""
 
 

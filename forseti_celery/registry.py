@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 logger = get_logger(__name__)
 
-__all__ = ["Node", "RegistryStep", "SUPPORTED_TRANSPORTS"]
+__all__ = ["SUPPORTED_TRANSPORTS", "Node", "RegistryStep"]
 
 #: Transports with what the leader election needs (single active consumer, or Redis for the lease).
 SUPPORTED_TRANSPORTS = ("amqp", "redis")
@@ -250,6 +250,7 @@ class Node:
         """The ``forseti`` section of ``celery inspect stats``."""
         procs = self.children.snapshot()
         return {
+            "namespace": self.settings.namespace,
             "leader": self.leader.ready,
             "eligible": self.eligible,
             "processes": dict(Counter(c.name for c in procs)),
@@ -262,7 +263,7 @@ class Node:
         }
 
 
-class RegistryStep(bootsteps.StartStopStep):
+class RegistryStep(bootsteps.StartStopStep):  # type: ignore[misc]
     """Worker bootstep running a :class:`Node` (added to ``app.steps['worker']`` by ``Forseti``)."""
 
     label = "forseti"

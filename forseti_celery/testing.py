@@ -36,6 +36,8 @@ from typing import Any, TypeVar
 
 import pytest
 
+from .errors import ForsetiError
+
 __all__ = [
     "Cluster",
     "ClusterError",
@@ -50,7 +52,7 @@ T = TypeVar("T")
 MARKER_ENV = "FORSETI_TESTING_MARKER"
 
 
-class ClusterError(RuntimeError):
+class ClusterError(ForsetiError, RuntimeError):
     """Raised when a worker does not become ready, or exits while being waited on."""
 
 

@@ -17,6 +17,8 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
     forseti_namespace=os.environ.get("FORSETI_NAMESPACE", "forseti"),
+    # Tasks of one test cluster stay among its own workers when runs share a broker.
+    task_default_queue=os.environ.get("FORSETI_NAMESPACE", "celery"),
     forseti_heartbeat=float(os.environ.get("FORSETI_HEARTBEAT", "0.5")),
     forseti_node_timeout=float(os.environ.get("FORSETI_NODE_TIMEOUT", "3")),
     forseti_lease=float(os.environ.get("FORSETI_LEASE", "2")),

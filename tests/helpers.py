@@ -67,6 +67,7 @@ def client_app(broker_url: str, namespace: str) -> Celery:
     """A Celery app for the test process, on the cluster's namespace."""
     app = Celery(f"client-{namespace}", broker=broker_url, backend="rpc://", set_as_current=False)
     app.conf.update(forseti_namespace=namespace, forseti_heartbeat=0.5, forseti_node_timeout=3,
+                    task_default_queue=namespace,
                     broker_connection_retry_on_startup=True)
     Forseti(app)
     return app

@@ -26,7 +26,7 @@ def test_every_error_derives_from_forseti_error_and_says_when_it_is_raised() -> 
     for name in errors_module.__all__:
         cls = getattr(errors_module, name)
         assert issubclass(cls, ForsetiError)
-        assert cls.__doc__ and cls.__doc__.startswith("Raised") or cls is ForsetiError
+        assert (cls.__doc__ and cls.__doc__.startswith("Raised")) or cls is ForsetiError
 
 
 def test_settings_come_from_app_conf_and_explicit_arguments_win() -> None:
