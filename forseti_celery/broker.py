@@ -9,7 +9,6 @@ registry living in the same process.
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections import deque
@@ -19,8 +18,8 @@ from typing import Any
 import amqp.exceptions
 import redis.exceptions
 from celery.utils.log import get_logger
-from kombu.exceptions import OperationalError
 from kombu import Connection, Consumer, Exchange, Producer, Queue
+from kombu.exceptions import OperationalError
 
 from .errors import BrokerUnavailable
 from .protocol import CONTENT_ENCODING, CONTENT_TYPE, Message, decode, encode
@@ -268,6 +267,11 @@ class ConsumerLoop(threading.Thread):
             consumer.consume()
             self._consumer = consumer
             self.last_contact = time.monotonic()
+            # A first round of the event loop subscribes fanout queues (Redis pub/sub) for real.
+            try:
+                conn.drain_events(timeout=0.001)
+            except TimeoutError:
+                pass
             self.connected.set()
             if self._on_connect is not None:
                 self._on_connect()
@@ -280,7 +284,7 @@ class ConsumerLoop(threading.Thread):
                     next_tick = now + self._interval
                 try:
                     conn.drain_events(timeout=max(0.001, next_tick - time.monotonic()))
-                except socket.timeout:
+                except TimeoutError:
                     pass
                 conn.heartbeat_check()
                 self.last_contact = time.monotonic()

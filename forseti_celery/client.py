@@ -15,9 +15,12 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from kombu import Queue
+
 from . import protocol as p
 from .broker import Batcher, ConsumerLoop, Publisher, RestartIntensity
-from .errors import ForsetiTimeout, InvalidArgument, InvalidKey, ProcessGone, remote_error
+from .cache import RefCache
+from .errors import ForsetiTimeout, InvalidArgument, InvalidKey, ProcessGone, RemoteError, remote_error
 from .keyref import KeyRef
 
 if TYPE_CHECKING:
@@ -49,19 +52,30 @@ class Client:
         atexit.register(self._flush_quietly)
         self._pending: dict[str, _Pending] = {}
         self._start_lock = threading.Lock()
+        self._cache = RefCache(self.settings.cache)
+        self._exits_queue = self.names.exits_queue(self.id, forseti.app) if self.settings.cache else None
         self._loop = ConsumerLoop(
-            "forseti-client", forseti.app.connection_for_read, lambda: [self._reply_queue], self._on_replies,
+            "forseti-client", forseti.app.connection_for_read, self._queues, self._on_replies,
             intensity=RestartIntensity(self.settings.max_retries, self.settings.max_time),
+            on_connect=lambda: self._cache.subscribed(True), on_disconnect=lambda: self._cache.subscribed(False),
         )
+
+    def _queues(self) -> list[Queue]:
+        return [self._reply_queue] + ([self._exits_queue] if self._exits_queue is not None else [])
 
     # -- leader requests ----------------------------------------------------------------------
     def get_key(self, key: str, args: Any, name: str, timeout: float | None) -> KeyRef:
         """The live process for ``(name, key)``, created on the least-used worker if absent."""
+        cached = self._cache.get(name, key)
+        if cached is not None:
+            return cached
         self._check(key, name)
         args = list(args)
         p.check_json(args, "args")
         node, pid = self._leader({"t": p.GET, "n": name, "k": key, "a": args}, timeout)
-        return KeyRef(node, pid, key, name, self.forseti.app)
+        ref = KeyRef(node, pid, key, name, self.forseti.app)
+        self._cache.put(ref)
+        return ref
 
     def search_key(self, key: str, name: str, timeout: float | None) -> KeyRef | None:
         """The live process for ``(name, key)`` or ``None``; never creates one."""
@@ -87,12 +101,16 @@ class Client:
         t = self._timeout(timeout, self.settings.call_timeout)
         try:
             return self._request(self._node_rk(ref), {**self._addr(ref), "t": p.CALL, "m": msg}, t, resend=False)
+        except (ProcessGone, RemoteError):
+            self._cache.forget(ref)
+            raise
         except ForsetiTimeout:
             try:
                 current = self.search_key(ref.key, ref.name, min(t, 2.0))
             except ForsetiTimeout:
                 current = ref  # cannot tell: report the timeout
             if current != ref:
+                self._cache.forget(ref)
                 raise ProcessGone(f"keyed process {ref.key!r} on {ref.node} has exited") from None
             raise
 
@@ -105,6 +123,7 @@ class Client:
         """``ref.stop()``: returns once the process has exited and the leader has freed its key."""
         t = self._timeout(timeout, self.settings.call_timeout)
         grace = min(self.settings.stop_timeout, t * 0.8)
+        self._cache.forget(ref)
         self._request(self.names.leader, {**self._addr(ref), "t": p.STOP_KEY, "node": ref.node, "reason": "stop",
                                  "grace": grace}, t, resend=True)
 
@@ -152,6 +171,10 @@ class Client:
 
     def _on_replies(self, batch: list[dict[str, Any]]) -> None:
         for reply in batch:
+            if reply.get("type") == p.EVENT_EXITED:
+                if reply.get("namespace") == self.names.namespace:
+                    self._cache.exited(reply["name"], reply["key"], reply["hostname"], reply["child_pid"])
+                continue
             pending = self._pending.get(reply.get("c", ""))
             if pending is not None:
                 pending.reply = reply
@@ -163,7 +186,8 @@ class Client:
         with self._start_lock:
             if not self._loop.is_alive():
                 # The reply queue must exist before anyone answers into it.
-                self._publisher.declare(self._reply_queue)
+                for queue in self._queues():
+                    self._publisher.declare(queue)
                 self._loop.start()
 
     def _check(self, key: Any, name: Any) -> None:

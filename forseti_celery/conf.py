@@ -31,6 +31,9 @@ class Settings:
     timeout: float = 15.0
     #: Default timeout, in seconds, of ``KeyRef.call`` and ``KeyRef.stop``.
     call_timeout: float = 5.0
+    #: Clients cache live refs so ``get_key`` of a known key costs no round trip; a cached ref is
+    #: dropped when the process's exit event arrives or a call finds it gone.
+    cache: bool = True
     #: Seconds after which a client re-sends an unanswered leader request (the leader may have died).
     retry_interval: float = 1.0
     #: Seconds between a worker's heartbeats to the rest of the cluster.

@@ -22,9 +22,10 @@ __all__ = ["EventSender"]
 class EventSender:
     """Thread-safe ``forseti-*`` event sender with its own broker connection."""
 
-    def __init__(self, app: Celery, hostname: str) -> None:
+    def __init__(self, app: Celery, hostname: str, namespace: str) -> None:
         self._app = app
         self._hostname = hostname
+        self._namespace = namespace
         self._lock = threading.Lock()
         self._conn: Any = None
         self._dispatcher: Any = None
@@ -38,7 +39,7 @@ class EventSender:
                     self._dispatcher = self._app.events.Dispatcher(
                         self._conn, hostname=self._hostname, enabled=True, groups=None,
                     )
-                self._dispatcher.send(type_, **fields)
+                self._dispatcher.send(type_, namespace=self._namespace, **fields)
             except Exception as exc:
                 logger.debug("forseti: event %s not sent: %r", type_, exc)
                 self._close()

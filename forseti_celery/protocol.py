@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from celery.events.event import get_exchange
 from kombu import Exchange, Queue
 
 from .errors import InvalidMessage
@@ -117,6 +118,16 @@ class Names:
         return Queue(
             f"{self.namespace}.bcast.{hostname}", self.bcast_exchange,
             durable=False, auto_delete=True,
+        )
+
+    def exits_queue(self, client_id: str, app: Any) -> Queue:
+        """A client's subscription to keyed-process exit events (for its cache of refs)."""
+        with app.connection_for_read() as conn:
+            exchange = get_exchange(conn)  # Celery's event exchange (a fanout on Redis)
+        args = {"x-expires": 60_000} if self._amqp else None
+        return Queue(
+            f"{self.namespace}.exits.{client_id}", exchange, routing_key=EVENT_EXITED.replace("-", "."),
+            durable=False, auto_delete=True, queue_arguments=args,
         )
 
     def reply_queue(self, client_id: str) -> Queue:

@@ -57,7 +57,7 @@ class Node:
         self.eligible = not s.nodes or hostname in s.nodes
         self.epoch = 0  # highest leader epoch seen: orders from older leaders are refused
         self.members = Members(s.node_timeout)
-        self.events = EventSender(app, hostname)
+        self.events = EventSender(app, hostname, s.namespace)
         self.publisher = Publisher(app.connection_for_write())
         self.election = election_for(driver, app.connection_for_write(), f"{s.namespace}:leader", s.lease)
         self.leader = Leader(hostname, self.members, self._send_node, self._send_reply)

@@ -200,6 +200,18 @@ def test_unicode_keys_with_routing_characters_are_plain_text(h: Harness) -> None
         r.stop()
 
 
+def test_a_cached_ref_is_dropped_when_its_exit_event_arrives(h: Harness) -> None:
+    ref = h.forseti.get_key(fresh("cached"))
+    assert h.forseti.get_key(ref.key) is ref  # served from the cache
+    os.kill(ref.pid, signal.SIGKILL)
+    fresh_ref = wait_for(lambda: (r := h.forseti.get_key(ref.key)) != ref and r, 3.0,
+                         message="get_key kept answering the killed process")
+    assert fresh_ref.pid != ref.pid and fresh_ref.call("get") == 0
+    fresh_ref.stop()
+    assert h.forseti.get_key(ref.key) not in (ref, fresh_ref)
+    h.forseti.search_key(ref.key).stop()  # type: ignore[union-attr]
+
+
 def test_client_functions_are_safe_from_many_threads(h: Harness) -> None:
     keys = [fresh(f"thr{i}") for i in range(5)]
     with ThreadPoolExecutor(16) as pool:

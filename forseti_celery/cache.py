@@ -1,0 +1,60 @@
+"""The client's cache of live refs, which makes ``get_key`` of a known key free.
+
+An entry is dropped as soon as its process's exit is known: the exit event the
+worker sends (received on a queue of the client's own, bound to Celery's event
+exchange), a call that finds the process gone or crashed, or a stop. While the
+client is not subscribed to exit events (before its first connection, after a
+disconnect) nothing is cached, since an exit could go unseen. An exit noticed
+while an answer was on its way is remembered briefly so the stale answer is
+not cached.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+
+from .keyref import KeyRef
+
+__all__ = ["RefCache"]
+
+_Key = tuple[str, str]
+
+
+class RefCache:
+    """``(name, key) -> KeyRef`` of live processes; safe from many threads."""
+
+    def __init__(self, enabled: bool, remember: int = 4096) -> None:
+        self.enabled = enabled
+        self._refs: dict[_Key, KeyRef] = {}
+        self._recent_exits: deque[tuple[str, int]] = deque(maxlen=remember)
+        self._lock = threading.Lock()
+        self._ready = False
+
+    def get(self, name: str, key: str) -> KeyRef | None:
+        """The cached live ref, if any."""
+        return self._refs.get((name, key)) if self._ready else None
+
+    def put(self, ref: KeyRef) -> None:
+        """Remember ``ref`` unless its exit has been seen already."""
+        with self._lock:
+            if self._ready and (ref.node, ref.pid) not in self._recent_exits:
+                self._refs[(ref.name, ref.key)] = ref
+
+    def exited(self, name: str, key: str, node: str, pid: int) -> None:
+        """The process ``pid`` on ``node`` has ended."""
+        with self._lock:
+            self._recent_exits.append((node, pid))
+            ref = self._refs.get((name, key))
+            if ref is not None and (ref.node, ref.pid) == (node, pid):
+                del self._refs[(name, key)]
+
+    def forget(self, ref: KeyRef) -> None:
+        """Drop ``ref`` (a call found it gone, or it was stopped)."""
+        self.exited(ref.name, ref.key, ref.node, ref.pid)
+
+    def subscribed(self, ready: bool) -> None:
+        """Exit events are (or are no longer) being received; either way, start empty."""
+        with self._lock:
+            self._refs.clear()
+            self._ready = ready and self.enabled
