@@ -10,6 +10,7 @@ worker: ``PR_SET_PDEATHSIG`` and end-of-file on the pipe both end it.
 from __future__ import annotations
 
 import ctypes
+import gc
 import json
 import os
 import queue
@@ -100,6 +101,9 @@ def mailbox() -> Mailbox:
 def run(conn: Any, target: Any, key: str, args: list[Any], parent_pid: int, close_fds: Iterable[int]) -> None:
     """Entry point of the billiard child (runs after the fork)."""
     global _current
+    # Everything inherited from the worker stays out of this process's collections: a collection
+    # would touch (and so copy) every inherited page.
+    gc.freeze()
     _detach(parent_pid, close_fds)
     box = _current = Mailbox(conn)
     is_class = isinstance(target, type) and issubclass(target, KeyedProcess)

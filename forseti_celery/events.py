@@ -8,7 +8,10 @@ leader learns of exits through its queue.
 
 from __future__ import annotations
 
+import contextlib
+import queue
 import threading
+import time
 from typing import Any
 
 from celery import Celery
@@ -20,41 +23,46 @@ __all__ = ["EventSender"]
 
 
 class EventSender:
-    """Thread-safe ``forseti-*`` event sender with its own broker connection."""
+    """``forseti-*`` event sender with its own connection and thread.
+
+    :meth:`send` only queues (with the time of the fact), so the keyed-process hot
+    paths never wait on a monitoring publish; a broker outage loses events only.
+    """
 
     def __init__(self, app: Celery, hostname: str, namespace: str) -> None:
         self._app = app
         self._hostname = hostname
         self._namespace = namespace
-        self._lock = threading.Lock()
-        self._conn: Any = None
-        self._dispatcher: Any = None
+        self._queue: queue.SimpleQueue[tuple[str, dict[str, Any]] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="forseti-events", daemon=True)
+        self._thread.start()
 
     def send(self, type_: str, **fields: Any) -> None:
-        """Send one event; a broker outage only loses the event (it is logged at DEBUG)."""
-        with self._lock:
+        """Queue one event."""
+        self._queue.put((type_, {"timestamp": time.time(), "namespace": self._namespace, **fields}))
+
+    def _run(self) -> None:
+        conn: Any = None
+        dispatcher: Any = None
+        while (item := self._queue.get()) is not None:
+            type_, fields = item
             try:
-                if self._dispatcher is None:
-                    self._conn = self._app.connection_for_write()
-                    self._dispatcher = self._app.events.Dispatcher(
-                        self._conn, hostname=self._hostname, enabled=True, groups=None,
-                    )
-                self._dispatcher.send(type_, namespace=self._namespace, **fields)
+                if dispatcher is None:
+                    conn = self._app.connection_for_write()
+                    dispatcher = self._app.events.Dispatcher(conn, hostname=self._hostname, enabled=True, groups=None)
+                dispatcher.send(type_, **fields)
             except Exception as exc:
                 logger.debug("forseti: event %s not sent: %r", type_, exc)
-                self._close()
+                with contextlib.suppress(Exception):
+                    dispatcher.close()
+                    conn.release()
+                dispatcher = conn = None
+        with contextlib.suppress(Exception):
+            if dispatcher is not None:
+                dispatcher.close()
+                conn.release()
 
-    def _close(self) -> None:
-        try:
-            if self._dispatcher is not None:
-                self._dispatcher.close()
-            if self._conn is not None:
-                self._conn.release()
-        except Exception:
-            pass
-        self._dispatcher = self._conn = None
-
-    def close(self) -> None:
-        """Release the connection."""
-        with self._lock:
-            self._close()
+    def close(self, timeout: float = 2.0) -> None:
+        """Send what is queued, then release the connection."""
+        self._queue.put(None)
+        self._thread.join(timeout)
