@@ -80,3 +80,43 @@ def test_keyed_registers_classes_and_functions_by_name() -> None:
     assert forseti.resolve("missing") is None and forseti.known_names() == {"default", "poller"}
     with pytest.raises(forseti_celery.InvalidArgument):
         forseti.keyed(name="")
+
+
+def test_forseti_call_serves_the_default_name() -> None:
+    forseti = Forseti(Celery("call", set_as_current=False), call="tests.app:Counter")
+    from tests.app import Counter
+
+    assert forseti.resolve("default") is Counter and forseti.known_names() == {"default"}
+
+
+def test_restart_intensity_gives_up_past_max_retries_within_max_time() -> None:
+    from forseti_celery.broker import RestartIntensity
+
+    intensity = RestartIntensity(max_retries=3, max_time=60)
+    assert [intensity.failed() for _ in range(4)] == [True, True, True, False]
+    assert RestartIntensity(max_retries=0, max_time=60).failed() is False
+
+
+def test_the_ref_cache_drops_a_ref_on_its_exit_and_never_caches_a_seen_exit() -> None:
+    from forseti_celery.cache import RefCache
+
+    cache = RefCache(enabled=True)
+    ref = KeyRef("w1@h", 10, "k")
+    cache.put(ref)
+    assert cache.get("default", "k") is None  # not subscribed to exit events yet
+    cache.subscribed(True)
+    cache.put(ref)
+    assert cache.get("default", "k") is ref
+    cache.exited("default", "k", "w1@h", 11)  # another process of the key: not this one
+    assert cache.get("default", "k") is ref
+    cache.exited("default", "k", "w1@h", 10)
+    assert cache.get("default", "k") is None
+    cache.put(ref)  # an answer that was in flight when the exit was seen
+    assert cache.get("default", "k") is None
+    cache.put(KeyRef("w2@h", 12, "k"))
+    cache.subscribed(False)
+    assert cache.get("default", "k") is None
+    disabled = RefCache(enabled=False)
+    disabled.subscribed(True)
+    disabled.put(ref)
+    assert disabled.get("default", "k") is None
