@@ -25,8 +25,10 @@ chaos: venv
 demo: venv
 	$(BIN)/python -m example_project.demo
 
+# Figures of docs/benchmarks.rst: make bench ARGS='--broker redis --quick'.
+# The Ray column needs the optional extra: $(BIN)/pip install -e '.[bench]'
 bench: venv
-	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks.run $(ARGS)
 
 lint: venv
 	$(BIN)/ruff check .

@@ -1,0 +1,1 @@
+"""Benchmarks of forseti_celery against a plain Celery task and Ray named actors (``make bench``)."""

@@ -1,0 +1,78 @@
+"""The Celery app the benchmark's workers run (``celery -A benchmarks.app worker``).
+
+A keyed process that echoes and counts, and a task that echoes, so the benchmark
+measures forseti_celery's own overhead and Celery's, not user code. The broker
+comes from ``FORSETI_BROKER_URL`` and the namespace from ``FORSETI_NAMESPACE``;
+every ``forseti_*`` setting keeps its library default unless ``FORSETI_HEARTBEAT``,
+``FORSETI_NODE_TIMEOUT`` or ``FORSETI_LEASE`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from celery import Celery
+from celery.app.backends import by_url
+
+from forseti_celery import Forseti, KeyedProcess
+
+#: Extra result backend (a Redis URL) for :data:`echo_redis`, so one run can time both backends.
+REDIS_BACKEND_ENV = "FORSETI_BENCH_REDIS_BACKEND"
+
+
+class Echo(KeyedProcess):
+    """Answers every call with its message; counts casts (``call("count")`` reads the count)."""
+
+    def init(self, key: str, *args: Any) -> None:
+        self.casts = 0
+
+    def handle_call(self, msg: Any) -> Any:
+        if msg == "count":
+            return self.casts
+        if msg == "pid":
+            return os.getpid()
+        return msg
+
+    def handle_cast(self, msg: Any) -> None:
+        self.casts += 1
+
+
+def make_app(broker_url: str | None, namespace: str, redis_backend: str | None = None) -> Celery:
+    """A Celery app with :class:`Echo` as forseti's ``"default"`` and the ``echo`` tasks.
+
+    The workers and the benchmark's client build it the same way. Tasks go to a queue of the
+    namespace's own, so other Celery workers on the same broker never take them.
+    """
+    app = Celery("benchmarks", broker=broker_url, backend="rpc://", set_as_current=False)
+    app.conf.update(
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        task_default_queue=f"{namespace}.tasks",
+        result_expires=300,
+        forseti_namespace=namespace,
+    )
+    for setting in ("heartbeat", "node_timeout", "lease"):
+        value = os.environ.get(f"FORSETI_{setting.upper()}")
+        if value:
+            app.conf[f"forseti_{setting}"] = float(value)
+    Forseti(app).keyed(Echo)
+
+    @app.task(name="benchmarks.echo", shared=False)
+    def echo(x: Any) -> Any:
+        """Celery's own round trip, with the rpc:// result backend."""
+        return x
+
+    if redis_backend:
+        backend_cls, url = by_url(redis_backend, app.loader)
+
+        @app.task(name="benchmarks.echo_redis", shared=False, backend=backend_cls(app=app, url=url))
+        def echo_redis(x: Any) -> Any:
+            """Celery's own round trip, with the Redis result backend."""
+            return x
+
+    return app
+
+
+app = make_app(os.environ.get("FORSETI_BROKER_URL"), os.environ.get("FORSETI_NAMESPACE", "forseti-bench"),
+               os.environ.get(REDIS_BACKEND_ENV) or None)
