@@ -29,6 +29,10 @@ logger = get_logger(__name__)
 __all__ = ["Mailbox", "mailbox", "run"]
 
 _PR_SET_PDEATHSIG = 1
+try:  # resolved once in the worker, so a new child does not load libc again
+    _prctl: Any = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux: the pipe's end-of-file still ends a child
+    _prctl = None
 _STOP = object()
 _current: Mailbox | None = None
 
@@ -157,10 +161,8 @@ def _detach(parent_pid: int, close_fds: Iterable[int]) -> None:
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: the pipe's end-of-file still ends us
-        pass
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent_pid:
         os._exit(1)
     for fd in close_fds:

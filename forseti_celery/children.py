@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import select
 import signal
 import sys
@@ -135,16 +136,39 @@ class Children:
         self._poller.register(self._wake_r, select.POLLIN)
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="forseti-children", daemon=True)
+        self._spawns: queue.SimpleQueue[tuple[str, str, list[Any], str] | None] = queue.SimpleQueue()
+        self._spawn_thread = threading.Thread(target=self._spawner, name="forseti-spawner", daemon=True)
+        self._dying: set[Child] = set()  # children asked to stop, with a kill deadline
         self.starts = 0
         self.exits = 0
 
     def start(self) -> None:
-        """Start watching."""
+        """Start watching and spawning."""
         self._thread.start()
+        self._spawn_thread.start()
 
     # -- from the consumer thread ---------------------------------------------------------
     def spawn(self, name: str, key: str, args: list[Any], sid: str) -> None:
-        """Fork a keyed process for ``(name, key)`` unless one runs here already."""
+        """Have a keyed process forked for ``(name, key)`` unless one runs here already.
+
+        The fork happens on the spawner thread, so the consumer thread (and the leader
+        living on it) never waits for one.
+        """
+        self._spawns.put((name, key, args, sid))
+
+    def _spawner(self) -> None:
+        # Long-lived on purpose: PR_SET_PDEATHSIG fires when the thread that forked exits.
+        while (order := self._spawns.get()) is not None:
+            name, key, args, sid = order
+            try:
+                self._spawn(name, key, args, sid)
+            except Exception as exc:
+                logger.exception("forseti: could not start %r", key)
+                self._outbox.append({"t": p.SPAWN_FAILED, "n": name, "k": key, "node": self.hostname, "sid": sid,
+                                     "error": "start", "type": type(exc).__name__, "msg": str(exc)})
+                self._wake()
+
+    def _spawn(self, name: str, key: str, args: list[Any], sid: str) -> None:
         k = (name, key)
         with self._lock:
             existing = self._by_key.get(k)
@@ -191,6 +215,7 @@ class Children:
                                 c.stoppers.append((m["r"], m["c"]))
                             if c.kill_at is None:
                                 c.kill_at = time.monotonic() + float(m.get("grace", self._stop_timeout))
+                                self._dying.add(c)
                     c.messages += len(live)
             if live:
                 assert c is not None
@@ -231,6 +256,8 @@ class Children:
 
     def stop(self) -> None:
         """Stop watching (after :meth:`stop_all`); kills whatever is left."""
+        self._spawns.put(None)
+        self._spawn_thread.join(5)
         for c in self.snapshot():
             c.process.kill()
         self._stopping.set()
@@ -254,7 +281,8 @@ class Children:
 
     def _watch_once(self) -> None:
         now = time.monotonic()
-        deadlines = [c.kill_at for c in self._by_fd_children() if c.kill_at is not None]
+        with self._lock:
+            deadlines = [c.kill_at for c in self._dying if c.kill_at is not None]
         timeout = min([0.25] + [max(0.0, d - now) for d in deadlines])
         for fd, _ in self._poller.poll(timeout * 1000):
             if fd == self._wake_r:
@@ -270,9 +298,6 @@ class Children:
                 self._reap(c)
         self._kill_overdue()
         self._flush()
-
-    def _by_fd_children(self) -> list[Child]:
-        return [c for c, is_conn in self._by_fd.values() if is_conn]
 
     def _drain_wake(self) -> None:
         try:
@@ -325,6 +350,7 @@ class Children:
         code = c.process.exitcode
         with self._lock:
             c.gone = True
+            self._dying.discard(c)
             if self._by_key.get((c.name, c.key)) is c:
                 del self._by_key[(c.name, c.key)]
             calls, c.calls = c.calls, {}
@@ -351,7 +377,9 @@ class Children:
 
     def _kill_overdue(self) -> None:
         now = time.monotonic()
-        for c in self._by_fd_children():
+        with self._lock:
+            dying = list(self._dying)
+        for c in dying:
             if c.kill_at is not None and now >= c.kill_at and c.process.exitcode is None:
                 logger.warning("forseti: keyed process %r (pid %d) ignored stop; killing it", c.key, c.pid)
                 c.process.kill()

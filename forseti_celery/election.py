@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import redis.exceptions
@@ -55,6 +56,7 @@ class RedisLease(Election):
         self._key = key
         self._lease = lease
         self._lock: Any = None
+        self._renew_at = 0.0
 
     def _get_lock(self) -> Any:
         if self._lock is None:
@@ -66,8 +68,12 @@ class RedisLease(Election):
         try:
             lock = self._get_lock()
             if lock.local.token is not None:
+                now = time.monotonic()
+                if now < self._renew_at:
+                    return True  # renewed less than a quarter lease ago
                 try:
                     lock.extend(self._lease, replace_ttl=True)
+                    self._renew_at = now + self._lease / 4
                     return True
                 except redis.exceptions.LockError:
                     lock.local.token = None

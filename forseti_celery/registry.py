@@ -61,7 +61,8 @@ class Node:
         self.publisher = Publisher(app.connection_for_write())
         self.election = election_for(driver, app.connection_for_write(), f"{s.namespace}:leader", s.lease)
         self.leader = Leader(hostname, self.members, self._send_node, self._send_reply)
-        self.children = Children(hostname, forseti.resolve, self._send_reply, self.names.leader, self.events.send,
+        self._out: dict[str, list[dict[str, Any]]] = {}  # what the consumer thread sends, per queue
+        self.children = Children(hostname, forseti.resolve, self._send, self.names.leader, self.events.send,
                                  s.stop_timeout)
         self._node_queue = self.names.node_queue(hostname)
         self._next_beat = 0.0
@@ -73,7 +74,7 @@ class Node:
             "forseti-node", lambda: app.connection_for_read(heartbeat=s.lease),
             lambda: [self._node_queue, self.names.bcast_queue(hostname)]
             + ([self.names.leader_queue] if self.election.always_consume else []),
-            self._handle,
+            self._on_batch,
             intensity=RestartIntensity(s.max_retries, s.max_time),
             tick=self._tick, interval=min(0.25, s.heartbeat / 2),
             on_connect=self._connected, on_disconnect=self._disconnected,
@@ -90,10 +91,10 @@ class Node:
         """Warm shutdown: stop every keyed process, report the exits, hand the role over."""
         self._closing = True
         self._broadcast({"t": p.BYE, "node": self.hostname})
+        self.election.release()  # a standby takes the role now, not when the lease runs out
         done = self.children.stop_all("shutdown", self.settings.stop_timeout if grace is None else grace)
         if not done:
             logger.warning("forseti: %s stopped before every exit reached the broker", self.hostname)
-        self.election.release()
         self.loop.stop()
         self.children.stop()
         self.events.close()
@@ -111,6 +112,19 @@ class Node:
         self.leader.deactivate()
 
     # -- consumer thread ----------------------------------------------------------------------
+    def _on_batch(self, batch: list[dict[str, Any]]) -> None:
+        self._handle(batch)
+        self._flush_out()
+
+    def _flush_out(self) -> None:
+        """Publish what handling a batch (or a tick) produced: one broker message per queue."""
+        out, self._out = self._out, {}
+        for routing_key, msgs in out.items():
+            try:
+                self._send(routing_key, msgs)
+            except BrokerUnavailable as exc:
+                logger.warning("forseti: %d messages to %s lost: %s", len(msgs), routing_key, exc)
+
     def _handle(self, batch: list[dict[str, Any]]) -> None:
         to_children: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for msg in batch:
@@ -175,7 +189,7 @@ class Node:
     def _tick(self) -> None:
         now = time.monotonic()
         connected = self.loop.connected.is_set()
-        held = self.election.poll() if connected else False
+        held = self.election.poll() if connected and not self._closing else False
         if held is not None:
             self._lease(held)
         if connected:  # silence heard while we cannot hear anything proves nothing
@@ -187,6 +201,7 @@ class Node:
                 self._next_beat = now + self.settings.heartbeat
                 self._beat()
         self._fence(now)
+        self._flush_out()
 
     def _fence(self, now: float) -> None:
         # Cut off from the broker for longer than this, the leader may soon declare us dead and
@@ -231,10 +246,10 @@ class Node:
         if hostname == self.hostname:
             self._handle([msg])
             return
-        self._send(self.names.node_routing_key(hostname), [msg])
+        self._out.setdefault(self.names.node_routing_key(hostname), []).append(msg)
 
-    def _send_reply(self, routing_key: str, msgs: list[dict[str, Any]] | dict[str, Any]) -> None:
-        self._send(routing_key, msgs if isinstance(msgs, list) else [msgs])
+    def _send_reply(self, routing_key: str, msg: dict[str, Any]) -> None:
+        self._out.setdefault(routing_key, []).append(msg)
 
     def _send(self, routing_key: str, msgs: list[dict[str, Any]]) -> None:
         self.publisher.publish(self.names.exchange, routing_key, msgs,
