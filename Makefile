@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo chaos bench lint types clean
+.PHONY: venv test demo chaos bench lint types docs clean
 
 venv: $(STAMP)
 
@@ -36,6 +36,10 @@ lint: venv
 types: venv
 	$(BIN)/mypy forseti_celery
 
+# The docs site, warnings as errors (as `tox -e docs`): open docs/_build/html/index.html.
+docs: venv
+	$(BIN)/sphinx-build -W -b html docs docs/_build/html
+
 clean:
-	rm -rf $(VENV) .tox .mypy_cache .pytest_cache .ruff_cache build dist *.egg-info
+	rm -rf $(VENV) .tox .mypy_cache .pytest_cache .ruff_cache build dist *.egg-info docs/_build
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
