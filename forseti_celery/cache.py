@@ -49,6 +49,20 @@ class RefCache:
             if ref is not None and (ref.node, ref.pid) == (node, pid):
                 del self._refs[(name, key)]
 
+    def node_lost(self, node: str) -> None:
+        """Every process on ``node`` has ended (the leader declared it dead or it left)."""
+        with self._lock:
+            for k in [k for k, ref in self._refs.items() if ref.node == node]:
+                del self._refs[k]
+
+    def found(self, name: str, key: str, ref: KeyRef | None) -> None:
+        """The leader's answer to a lookup, which is the truth: cache it, or forget the key."""
+        if ref is not None:
+            self.put(ref)
+            return
+        with self._lock:
+            self._refs.pop((name, key), None)
+
     def forget(self, ref: KeyRef) -> None:
         """Drop ``ref`` (a call found it gone, or it was stopped)."""
         self.exited(ref.name, ref.key, ref.node, ref.pid)

@@ -81,7 +81,9 @@ class Client:
         """The live process for ``(name, key)`` or ``None``; never creates one."""
         self._check(key, name)
         found = self._leader({"t": p.SEARCH, "n": name, "k": key}, timeout)
-        return None if found is None else KeyRef(found[0], found[1], key, name, self.forseti.app)
+        ref = None if found is None else KeyRef(found[0], found[1], key, name, self.forseti.app)
+        self._cache.found(name, key, ref)
+        return ref
 
     def get_metrics(self, timeout: float | None) -> dict[str, int]:
         """Live keyed processes per eligible live worker."""
@@ -171,9 +173,14 @@ class Client:
 
     def _on_replies(self, batch: list[dict[str, Any]]) -> None:
         for reply in batch:
-            if reply.get("type") == p.EVENT_EXITED:
-                if reply.get("namespace") == self.names.namespace:
+            kind = reply.get("type")
+            if kind is not None:  # an event (on Redis every event of the cluster arrives here)
+                if reply.get("namespace") != self.names.namespace:
+                    continue
+                if kind == p.EVENT_EXITED:
                     self._cache.exited(reply["name"], reply["key"], reply["hostname"], reply["child_pid"])
+                elif kind == p.EVENT_NODE_LOST:
+                    self._cache.node_lost(reply["node"])
                 continue
             pending = self._pending.get(reply.get("c", ""))
             if pending is not None:

@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 from celery.events.event import get_exchange
-from kombu import Exchange, Queue
+from kombu import Exchange, Queue, binding
 
 from .errors import InvalidMessage
 
@@ -46,6 +46,7 @@ BYE = "bye"
 EVENT_STARTED = "forseti-process-started"
 EVENT_EXITED = "forseti-process-exited"
 EVENT_LEADER = "forseti-leader-elected"
+EVENT_NODE_LOST = "forseti-node-lost"  # the leader freed every key of a worker (field ``node``)
 
 CONTENT_TYPE = "application/json"
 CONTENT_ENCODING = "utf-8"
@@ -126,7 +127,8 @@ class Names:
             exchange = get_exchange(conn)  # Celery's event exchange (a fanout on Redis)
         args = {"x-expires": 60_000} if self._amqp else None
         return Queue(
-            f"{self.namespace}.exits.{client_id}", exchange, routing_key=EVENT_EXITED.replace("-", "."),
+            f"{self.namespace}.exits.{client_id}",
+            bindings=[binding(exchange, routing_key=t.replace("-", ".")) for t in (EVENT_EXITED, EVENT_NODE_LOST)],
             durable=False, auto_delete=True, queue_arguments=args,
         )
 

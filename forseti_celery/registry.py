@@ -149,8 +149,8 @@ class Node:
         elif kind == p.HEARTBEAT:
             self._heard(msg)
         elif kind == p.BYE:
-            if msg["node"] != self.hostname and self.members.remove(msg["node"]) and self.leader.active:
-                self.leader.node_lost(msg["node"])
+            if msg["node"] != self.hostname and self.members.remove(msg["node"]):
+                self._lost(msg["node"])
         elif kind == p.SPAWN:
             self._spawn(msg)
         elif kind == p.REPORT_REQUEST:
@@ -182,8 +182,8 @@ class Node:
                 logger.warning("forseti: %s leads with a newer epoch (%d); stepping down", hb["node"], epoch)
                 self.leader.deactivate()
         old = self.members.heard(hb)
-        if old is not None and self.leader.active:
-            self.leader.node_lost(old.hostname)
+        if old is not None:
+            self._lost(old.hostname)
         self.leader.heartbeat(hb)
 
     def _tick(self) -> None:
@@ -195,8 +195,7 @@ class Node:
         if connected:  # silence heard while we cannot hear anything proves nothing
             for dead in self.members.expire(now):
                 logger.info("forseti: worker %s is silent; declared dead", dead.hostname)
-                if self.leader.active:
-                    self.leader.node_lost(dead.hostname)
+                self._lost(dead.hostname)
             if now >= self._next_beat:
                 self._next_beat = now + self.settings.heartbeat
                 self._beat()
@@ -217,6 +216,12 @@ class Node:
         elif silent <= self.settings.fence_after and self._fenced:
             logger.info("forseti: %s hears the broker again", self.hostname)
             self._fenced = False
+
+    def _lost(self, hostname: str) -> None:
+        """A worker died or left (or restarted): the leader frees its keys and tells clients."""
+        if self.leader.active:
+            self.leader.node_lost(hostname)
+            self.events.send(p.EVENT_NODE_LOST, node=hostname)
 
     def _lease(self, held: bool) -> None:
         if held and not self.leader.active and not self._closing:
