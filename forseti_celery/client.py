@@ -173,8 +173,8 @@ class Client:
 
     def _on_replies(self, batch: list[dict[str, Any]]) -> None:
         for reply in batch:
-            kind = reply.get("type")
-            if kind is not None:  # an event (on Redis every event of the cluster arrives here)
+            if "t" not in reply:  # a Celery event (on Redis every event of the cluster arrives here)
+                kind = reply.get("type")
                 if reply.get("namespace") != self.names.namespace:
                     continue
                 if kind == p.EVENT_EXITED:
