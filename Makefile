@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# Extra pytest arguments: make test ARGS='-k cluster -x'
-test: venv
+# The whole check, as CI runs it: lint, strict types, the docs (warnings as errors), then the
+# suite. Extra pytest arguments: make test ARGS='-k cluster -x'
+test: lint types docs
 	$(BIN)/pytest $(ARGS)
 
 chaos: venv

@@ -12,11 +12,11 @@ from pathlib import Path
 # Autodoc imports the package from this checkout (no broker is needed to import it).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import forseti_celery  # noqa: E402
+import forseti_celery
 
 project = "forseti_celery"
 author = "forseti_celery contributors"
-copyright = "forseti_celery contributors"  # noqa: A001
+copyright = "forseti_celery contributors"
 release = forseti_celery.__version__
 version = ".".join(release.split(".")[:2])
 
