@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from functools import cached_property
 from typing import Any, TypeVar, overload
@@ -22,7 +23,8 @@ from .registry import RegistryStep
 __all__ = ["Forseti"]
 
 T = TypeVar("T")
-_last_installed: Forseti | None = None
+#: Every Forseti of this process, oldest first (refs decoded outside any app look here).
+_installed: list[weakref.ref[Forseti]] = []
 
 
 class Forseti:
@@ -43,18 +45,20 @@ class Forseti:
         self._client_pid = 0
         self._client_lock = threading.Lock()
         app._forseti = self
-        global _last_installed
-        _last_installed = self
+        _installed.append(weakref.ref(self))
         app.steps["worker"].add(type("RegistryStep", (RegistryStep,), {"forseti": self}))
 
     @classmethod
-    def of(cls, app: Celery | None = None) -> Forseti:
-        """The ``Forseti`` installed on ``app``; without ``app``, the current Celery app's, or else
-        the one installed last in this process (for refs decoded outside any app, e.g. task results)."""
+    def of(cls, app: Celery | None = None, namespace: str | None = None) -> Forseti:
+        """The ``Forseti`` installed on ``app``. Without ``app``: the current Celery app's, or else
+        the one installed last in this process; with ``namespace`` (a ref decoded outside any app,
+        e.g. from a task result), the first of those serving that namespace."""
         if app is None:
-            forseti = getattr(current_app._get_current_object(), "_forseti", None) or _last_installed
-            if forseti is not None:
-                return forseti
+            current: Forseti | None = getattr(current_app._get_current_object(), "_forseti", None)
+            candidates = [current] + [r() for r in reversed(_installed)]
+            for forseti in candidates:
+                if forseti is not None and namespace in (None, forseti.settings.namespace):
+                    return forseti
             app = current_app._get_current_object()
         forseti = getattr(app, "_forseti", None)
         if forseti is None:
@@ -116,6 +120,13 @@ class Forseti:
                     self._client = Client(self)
                     self._client_pid = pid
         return self._client
+
+    def close(self) -> None:
+        """Close this process's client (its connections and threads); the next use makes a new one."""
+        with self._client_lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
 
     def get_key(self, key: str, args: Sequence[Any] = (), *, name: str = "default",
                 timeout: float | None = None) -> KeyRef:

@@ -2,7 +2,8 @@
 
 An entry is dropped as soon as its process's exit is known: the exit event the
 worker sends (received on a queue of the client's own, bound to Celery's event
-exchange), a call that finds the process gone or crashed, or a stop. While the
+exchange), the leader's event that a worker is lost, a call that finds the
+process gone or crashed, or a stop; a new leader empties the cache. While the
 client is not subscribed to exit events (before its first connection, after a
 disconnect) nothing is cached, since an exit could go unseen. An exit noticed
 while an answer was on its way is remembered briefly so the stale answer is
@@ -66,6 +67,11 @@ class RefCache:
     def forget(self, ref: KeyRef) -> None:
         """Drop ``ref`` (a call found it gone, or it was stopped)."""
         self.exited(ref.name, ref.key, ref.node, ref.pid)
+
+    def clear(self) -> None:
+        """Forget everything (a new leader: it may have declared dead workers it never announced)."""
+        with self._lock:
+            self._refs.clear()
 
     def subscribed(self, ready: bool) -> None:
         """Exit events are (or are no longer) being received; either way, start empty."""

@@ -16,17 +16,19 @@ import os
 import queue
 import signal
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import billiard.sharedctypes
 from celery.utils.log import get_logger
 
 from .process import KeyedProcess
 
 logger = get_logger(__name__)
 
-__all__ = ["Mailbox", "mailbox", "run"]
+__all__ = ["Lifeline", "Mailbox", "mailbox", "run"]
 
 _PR_SET_PDEATHSIG = 1
 try:  # resolved once in the worker, so a new child does not load libc again
@@ -37,19 +39,43 @@ _STOP = object()
 _current: Mailbox | None = None
 
 
+class Lifeline:
+    """When the worker last heard the broker (``time.monotonic()``), in memory shared with its
+    children: a keyed process whose worker is cut off, hung or stopped (SIGSTOP) for longer
+    than ``fence_after`` ends itself before the leader may start its key elsewhere."""
+
+    def __init__(self, fence_after: float) -> None:
+        self.fence_after = fence_after
+        self._heard = billiard.sharedctypes.RawValue("d", time.monotonic())
+
+    def heard(self, when: float) -> None:
+        """The worker heard the broker at ``when`` (called in the worker)."""
+        self._heard.value = when
+
+    def cut_off(self) -> bool:
+        """Whether the worker has not heard the broker for too long (asked in the child)."""
+        return time.monotonic() - float(self._heard.value) > self.fence_after
+
+
 class Mailbox:
     """The child's end of the pipe: incoming messages queued in order, answers sent back."""
 
-    def __init__(self, conn: Any) -> None:
+    def __init__(self, conn: Any, lifeline: Lifeline) -> None:
         self._conn = conn
+        self._lifeline = lifeline
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.stop_reason: str | None = None
         self._reader = threading.Thread(target=self._read, name="forseti-mailbox", daemon=True)
         self._reader.start()
 
     def _read(self) -> None:
+        check = min(1.0, self._lifeline.fence_after / 4)
         try:
             while True:
+                if not self._conn.poll(check):
+                    if self._lifeline.cut_off():
+                        os._exit(2)  # fenced: our key may be given to another worker soon
+                    continue
                 for msg in json.loads(self._conn.recv_bytes()):
                     self._queue.put(msg)
         except (EOFError, OSError):
@@ -102,14 +128,15 @@ def mailbox() -> Mailbox:
     return _current
 
 
-def run(conn: Any, target: Any, key: str, args: list[Any], parent_pid: int, close_fds: Iterable[int]) -> None:
+def run(conn: Any, target: Any, key: str, args: list[Any], parent_pid: int, close_fds: Iterable[int],
+        lifeline: Lifeline) -> None:
     """Entry point of the billiard child (runs after the fork)."""
     global _current
     # Everything inherited from the worker stays out of this process's collections: a collection
     # would touch (and so copy) every inherited page.
     gc.freeze()
     _detach(parent_pid, close_fds)
-    box = _current = Mailbox(conn)
+    box = _current = Mailbox(conn, lifeline)
     is_class = isinstance(target, type) and issubclass(target, KeyedProcess)
     try:
         if is_class:

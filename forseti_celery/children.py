@@ -117,7 +117,10 @@ class Children:
         leader_rk: str,
         event: Callable[..., None],
         stop_timeout: float,
+        fence_after: float,
     ) -> None:
+        #: Shared with every child: see :class:`~forseti_celery.child.Lifeline`.
+        self.lifeline = child_main.Lifeline(fence_after)
         self.hostname = hostname
         self._resolve = resolve
         self._publish = publish
@@ -189,7 +192,7 @@ class Children:
             inherited = [self._wake_r, self._wake_w, parent_end.fileno(), *(c.conn_fd for c in self._by_key.values())]
         proc = KeyedChild(
             target=child_main.run, name=f"forseti:{name}",
-            args=(child_end, target, key, args, os.getpid(), inherited),
+            args=(child_end, target, key, args, os.getpid(), inherited, self.lifeline),
         )
         proc.start()
         child_end.close()

@@ -119,7 +119,7 @@ def _forseti(obj: Any, as_json: bool) -> Iterator[Forseti]:
         try:
             yield forseti
         finally:
-            forseti.client.close()
+            forseti.close()
 
 
 def _stats(app: Any, hosts: set[str], timeout: float) -> dict[str, Any]:

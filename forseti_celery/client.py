@@ -73,7 +73,7 @@ class Client:
         args = list(args)
         p.check_json(args, "args")
         node, pid = self._leader({"t": p.GET, "n": name, "k": key, "a": args}, timeout)
-        ref = KeyRef(node, pid, key, name, self.forseti.app)
+        ref = KeyRef(node, pid, key, name, self.names.namespace, self.forseti.app)
         self._cache.put(ref)
         return ref
 
@@ -81,7 +81,7 @@ class Client:
         """The live process for ``(name, key)`` or ``None``; never creates one."""
         self._check(key, name)
         found = self._leader({"t": p.SEARCH, "n": name, "k": key}, timeout)
-        ref = None if found is None else KeyRef(found[0], found[1], key, name, self.forseti.app)
+        ref = None if found is None else KeyRef(found[0], found[1], key, name, self.names.namespace, self.forseti.app)
         self._cache.found(name, key, ref)
         return ref
 
@@ -181,6 +181,8 @@ class Client:
                     self._cache.exited(reply["name"], reply["key"], reply["hostname"], reply["child_pid"])
                 elif kind == p.EVENT_NODE_LOST:
                     self._cache.node_lost(reply["node"])
+                elif kind == p.EVENT_LEADER:
+                    self._cache.clear()
                 continue
             pending = self._pending.get(reply.get("c", ""))
             if pending is not None:

@@ -20,7 +20,8 @@ class KeyRef:
 
     Immutable and hashable; two refs to the same live process are equal, also
     after a trip through a Celery task argument or result (JSON), and work on the
-    other side (they talk through the current Celery app there).
+    other side: there they talk through the app whose ``forseti_namespace`` they
+    carry (the current app's when it matches).
     """
 
     #: Hostname of the worker running the process, e.g. ``"w1@host"``.
@@ -31,6 +32,8 @@ class KeyRef:
     key: str
     #: The keyed-process name (``"default"`` unless registered otherwise).
     name: str = "default"
+    #: The cluster (``forseti_namespace``) the process belongs to.
+    namespace: str = "forseti"
     _app: Celery | None = field(default=None, compare=False, repr=False)
 
     def __iter__(self) -> Iterator[Any]:
@@ -57,16 +60,17 @@ class KeyRef:
     def _client(self) -> Any:
         from .app import Forseti
 
-        return Forseti.of(self._app).client
+        return Forseti.of(self._app, namespace=self.namespace).client
 
     def to_json(self) -> dict[str, Any]:
         """The wire form (also what Celery's JSON serializer carries)."""
-        return {"node": self.node, "pid": self.pid, "key": self.key, "name": self.name}
+        return {"node": self.node, "pid": self.pid, "key": self.key, "name": self.name, "ns": self.namespace}
 
     @classmethod
     def from_json(cls, data: dict[str, Any], app: Celery | None = None) -> KeyRef:
         """Rebuild a ref from :meth:`to_json` output."""
-        return cls(data["node"], int(data["pid"]), data["key"], data.get("name", "default"), app)
+        return cls(data["node"], int(data["pid"]), data["key"], data.get("name", "default"),
+                   data.get("ns", "forseti"), app)
 
 
 register_type(KeyRef, "forseti_keyref", KeyRef.to_json, KeyRef.from_json)

@@ -65,13 +65,13 @@ class Leader:
         }
 
     # -- role -------------------------------------------------------------------------
-    def activate(self, seen_epoch: int, previous_leader: str | None) -> None:
-        """Take the role: ask every live worker (but the previous leader) for its registry."""
+    def activate(self, seen_epoch: int) -> None:
+        """Take the role: ask every live worker for its registry, and answer nothing until each
+        has reported or been declared dead (the previous leader too: if it only lost its
+        connection or hangs, its processes live until they fence themselves)."""
         self.deactivate()
         self.active = True
         self.epoch = seen_epoch
-        if previous_leader and previous_leader != self.hostname:
-            self.members.remove(previous_leader)
         self._awaiting = {m.hostname for m in self.members} | {self.hostname}
         logger.info("forseti: %s takes the leader role; rebuilding from %d workers",
                     self.hostname, len(self._awaiting))

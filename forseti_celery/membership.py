@@ -71,10 +71,3 @@ class Members:
         for m in dead:
             del self._members[m.hostname]
         return dead
-
-    def leader(self) -> str | None:
-        """Hostname of the worker whose heartbeat says it leads, if any."""
-        for m in self._members.values():
-            if m.leader:
-                return m.hostname
-        return None

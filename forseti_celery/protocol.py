@@ -125,11 +125,13 @@ class Names:
         """A client's subscription to keyed-process exit events (for its cache of refs)."""
         with app.connection_for_read() as conn:
             exchange = get_exchange(conn)  # Celery's event exchange (a fanout on Redis)
-        args = {"x-expires": 60_000} if self._amqp else None
+        types = (EVENT_EXITED, EVENT_NODE_LOST, EVENT_LEADER)
+        # Redis subscribes a fanout queue to one routing-key pattern only (its last binding).
+        keys = [t.replace("-", ".") for t in types] if self._amqp else ["forseti.#"]
         return Queue(
             f"{self.namespace}.exits.{client_id}",
-            bindings=[binding(exchange, routing_key=t.replace("-", ".")) for t in (EVENT_EXITED, EVENT_NODE_LOST)],
-            durable=False, auto_delete=True, queue_arguments=args,
+            bindings=[binding(exchange, routing_key=k) for k in keys],
+            durable=False, auto_delete=True, queue_arguments={"x-expires": 60_000} if self._amqp else None,
         )
 
     def reply_queue(self, client_id: str) -> Queue:

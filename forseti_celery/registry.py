@@ -63,7 +63,7 @@ class Node:
         self.leader = Leader(hostname, self.members, self._send_node, self._send_reply)
         self._out: dict[str, list[dict[str, Any]]] = {}  # what the consumer thread sends, per queue
         self.children = Children(hostname, forseti.resolve, self._send, self.names.leader, self.events.send,
-                                 s.stop_timeout)
+                                 s.stop_timeout, s.fence_after)
         self._node_queue = self.names.node_queue(hostname)
         self._next_beat = 0.0
         self._closing = False
@@ -90,11 +90,12 @@ class Node:
     def stop(self, grace: float | None = None) -> None:
         """Warm shutdown: stop every keyed process, report the exits, hand the role over."""
         self._closing = True
-        self._broadcast({"t": p.BYE, "node": self.hostname})
         self.election.release()  # a standby takes the role now, not when the lease runs out
         done = self.children.stop_all("shutdown", self.settings.stop_timeout if grace is None else grace)
         if not done:
             logger.warning("forseti: %s stopped before every exit reached the broker", self.hostname)
+        # Only now, with every process gone: the leader frees what is left of ours at once.
+        self._broadcast({"t": p.BYE, "node": self.hostname})
         self.loop.stop()
         self.children.stop()
         self.events.close()
@@ -103,7 +104,6 @@ class Node:
 
     def _connected(self) -> None:
         self._next_beat = 0.0
-        self._last_echo = max(self._last_echo, time.monotonic() - self.settings.heartbeat)
         self.members.refresh()  # we heard nothing while away: give everyone a fresh timeout
         self._tick()
 
@@ -142,7 +142,7 @@ class Node:
     def _dispatch(self, kind: str, msg: dict[str, Any]) -> None:
         if kind in _LEADER_TYPES:
             if not self.leader.active and not self._closing:
-                self.leader.activate(self.epoch, self.members.leader())
+                self.leader.activate(self.epoch)
                 self.events.send(p.EVENT_LEADER, leader=self.hostname)
             if kind != "ping":
                 self.leader.handle(msg)
@@ -175,6 +175,7 @@ class Node:
     def _heard(self, hb: dict[str, Any]) -> None:
         if hb["node"] == self.hostname and hb["inc"] == self.incarnation:
             self._last_echo = time.monotonic()  # our own beat came back: the broker hears us
+            self.children.lifeline.heard(self._last_echo)
         if hb.get("leader") and hb["node"] != self.hostname:
             epoch = int(hb.get("epoch", 0))
             self.epoch = max(self.epoch, epoch)
@@ -225,7 +226,7 @@ class Node:
 
     def _lease(self, held: bool) -> None:
         if held and not self.leader.active and not self._closing:
-            self.leader.activate(self.epoch, self.members.leader())
+            self.leader.activate(self.epoch)
             self.loop.add_queue(self.names.leader_queue)
             self.events.send(p.EVENT_LEADER, leader=self.hostname)
         elif not held and self.leader.active:

@@ -20,7 +20,7 @@ app.conf.update(
     # Tasks of one test cluster stay among its own workers when runs share a broker.
     task_default_queue=os.environ.get("FORSETI_NAMESPACE", "celery"),
     forseti_heartbeat=float(os.environ.get("FORSETI_HEARTBEAT", "0.5")),
-    forseti_node_timeout=float(os.environ.get("FORSETI_NODE_TIMEOUT", "3")),
+    forseti_node_timeout=float(os.environ.get("FORSETI_NODE_TIMEOUT", "4")),
     forseti_lease=float(os.environ.get("FORSETI_LEASE", "2")),
 )
 if os.environ.get("FORSETI_FS_FOLDER"):  # the filesystem transport, which forseti must refuse

@@ -59,7 +59,7 @@ class Harness:
         return [e for e in self.journal() if e["ev"] == "start" and e["key"] == key]
 
     def stop(self) -> list[int]:
-        self.forseti.client.close()
+        self.forseti.close()
         return self.cluster.stop()
 
 

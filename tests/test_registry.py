@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import celery
 import pytest
 
 import forseti_celery
@@ -90,12 +91,16 @@ def test_messages_from_one_client_arrive_in_order(h: Harness) -> None:
 
 def test_module_functions_use_the_current_app(h: Harness) -> None:
     key = fresh("current")
+    previous = celery.current_app._get_current_object()
     h.app.set_current()
-    ref = forseti_celery.get_key(key)
-    assert forseti_celery.search_key(key) == ref
-    assert set(forseti_celery.get_metrics()) == set(h.forseti.get_metrics())
-    assert forseti_celery.get_less_used_node() in forseti_celery.get_metrics()
-    ref.stop()
+    try:
+        ref = forseti_celery.get_key(key)
+        assert forseti_celery.search_key(key) == ref
+        assert set(forseti_celery.get_metrics()) == set(h.forseti.get_metrics())
+        assert forseti_celery.get_less_used_node() in forseti_celery.get_metrics()
+        ref.stop()
+    finally:
+        previous.set_current()
 
 
 def test_sixty_creations_on_three_workers_balance_exactly_and_stopping_them_empties_all(h: Harness) -> None:
@@ -187,7 +192,7 @@ def test_no_leader_is_a_timeout_not_a_hang(h: Harness) -> None:
     with pytest.raises(ForsetiTimeout):
         forseti.get_metrics(timeout=0.5)
     assert time.monotonic() - t0 < 4
-    forseti.client.close()
+    forseti.close()
 
 
 def test_unicode_keys_with_routing_characters_are_plain_text(h: Harness) -> None:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,44 @@ def test_sigkill_of_a_worker_takes_its_children_and_frees_their_keys(
             r.stop()
 
 
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_children_of_a_stopped_worker_end_themselves_before_their_keys_move(
+    broker: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    url = request.getfixturevalue(f"{broker}_url")
+    with harness(url, tmp_path, n=2) as h:
+        refs = [h.forseti.get_key(f"sigstop-{i}") for i in range(4)]
+        frozen = next(w for w in h.cluster.workers if w.hostname == refs[-1].node)
+        mine = [r for r in refs if r.node == frozen.hostname]
+        frozen.kill(signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            wait_for(lambda: not any(alive(r.pid) for r in mine), 10.0,
+                     message="children of a stopped worker kept running")
+            gone_after = time.monotonic() - t0
+            # Cached refs go with the leader's node-lost event, once the worker is declared dead.
+            wait_for(lambda: (r := _get_quietly(h, mine[0].key)) and r.node != frozen.hostname and r, 20.0)
+            # No instant with two processes: the old one had ended before the key moved.
+            assert not alive(mine[0].pid) and gone_after < 4 - 2 * 0.5 + 1.5
+        finally:
+            frozen.kill(signal.SIGCONT)
+        wait_for(lambda: len(h.forseti.get_metrics(timeout=2)) == 2, 20.0, message="the worker did not come back")
+        held = {host: s["forseti"]["total"] for host, s in
+                (h.app.control.inspect([w.hostname for w in h.cluster.workers], timeout=2).stats() or {}).items()}
+        wait_for(lambda: h.forseti.get_metrics() == held, 10.0)
+        for r in refs:
+            current = h.forseti.search_key(r.key)
+            if current is not None:
+                current.stop()
+
+
+def _get_quietly(h: Harness, key: str) -> KeyRef | None:
+    try:
+        return h.forseti.get_key(key, timeout=2)
+    except Exception:
+        return None
+
+
 def test_children_survive_a_broker_reconnect_of_their_worker(redis_url: str, tmp_path: Path) -> None:
     with harness(redis_url, tmp_path, n=2) as h:
         refs = [h.forseti.get_key(f"reconnect-{i}") for i in range(4)]
@@ -107,7 +146,7 @@ def _hammer(args: tuple[str, str, list[str], int]) -> list[list[object]]:
         for key in keys:
             ref = forseti.get_key(key)
             out.append([ref.key, ref.node, ref.pid])
-    forseti.client.close()
+    forseti.close()
     return out
 
 
