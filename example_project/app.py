@@ -26,7 +26,7 @@ app.conf.update(
     # A namespace of its own, so the example never mixes with another forseti
     # cluster (the test suite's, say) on the same broker.
     forseti_namespace=os.environ.get("FORSETI_NAMESPACE", "chatdemo"),
-    # Faster than the defaults (1 s / 6 s / 5 s) so the demo's cluster forms in
+    # Faster than the defaults (1 s / 8 s / 5 s) so the demo's cluster forms in
     # about a second; a production cluster can keep the defaults.
     forseti_heartbeat=0.5,
     forseti_node_timeout=3.0,

@@ -1,8 +1,9 @@
 """A worker's keyed processes: billiard children it forks, feeds and watches.
 
-Forking happens in the worker's forseti consumer thread, a thread that lives as
-long as the registry (``PR_SET_PDEATHSIG`` fires when the *thread* that forked
-exits). A watcher thread polls every child's pipe and exit sentinel: it forwards
+Forking happens on a spawner thread that lives as long as the registry
+(``PR_SET_PDEATHSIG`` fires when the *thread* that forked exits), so neither the
+consumer thread nor the leader on it ever waits for a fork. A watcher thread
+polls every child's pipe and exit sentinel: it forwards
 answers to callers, reports starts and exits to the leader (through an outbox
 that is retried until the broker takes it: exits are never lost), and kills
 children that overstay a stop.

@@ -41,7 +41,8 @@ class Settings:
     #: A worker silent for this many seconds is dead: the leader frees its keys. A worker that
     #: cannot reach the broker for :attr:`fence_after` seconds kills its keyed processes first.
     node_timeout: float = 8.0
-    #: Redis only: the leader lease length in seconds (renewed every third of it).
+    #: Redis: the leader lease length in seconds (renewed every quarter of it). RabbitMQ: the
+    #: broker heartbeat of the registry's connection, so a hung leader loses its connection (and role).
     lease: float = 5.0
     #: Seconds a stopped keyed process gets to run ``terminate`` before it is killed.
     stop_timeout: float = 5.0

@@ -7,7 +7,7 @@
   leading when its connection drops.
 * Redis: several consumers of one list would compete, so a worker consumes the
   leader queue only while it holds a lease: a redis-py ``Lock`` on
-  ``<namespace>:leader`` acquired without blocking, extended every tick and
+  ``<namespace>:leader`` acquired without blocking, extended every quarter lease and
   released on a warm shutdown so another worker takes over at once.
 """
 
@@ -47,7 +47,7 @@ class SingleActiveConsumer(Election):
 
 
 class RedisLease(Election):
-    """Redis: hold a lease of ``lease`` seconds, renewed every tick."""
+    """Redis: hold a lease of ``lease`` seconds, renewed every quarter lease."""
 
     always_consume = False
 

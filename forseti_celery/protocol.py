@@ -4,7 +4,7 @@ All traffic goes through the Celery app's broker. A kombu message body is a JSON
 *list* of protocol messages (dicts with a ``"t"`` type field), so hot paths can
 batch many messages into one broker message while keeping their order. Key text
 never appears in a queue name or routing key: queues are named after worker
-hostnames, client ids and the namespace only. See ``docs/protocol.rst``.
+hostnames, client ids and the namespace only. See ``docs/design.rst``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ STOP_KEY = "stop_key"        # name, key, node, pid: stop that process (forwarde
 SPAWNED = "spawned"          # a keyed process finished init (name, key, node, pid, sid)
 SPAWN_FAILED = "spawn_failed"  # init raised / node refused (name, key, node, sid, error)
 EXITED = "exited"            # a keyed process ended (name, key, node, pid, reason)
+PING = "ping"                # every worker, every heartbeat (RabbitMQ): lets the active consumer learn it leads
 # leader -> node (node queue)
 SPAWN = "spawn"              # start name/key with args (epoch, sid)
 REPORT_REQUEST = "report?"   # a new leader asks for the node's registry (epoch)

@@ -35,7 +35,7 @@ __all__ = ["SUPPORTED_TRANSPORTS", "Node", "RegistryStep"]
 
 #: Transports with what the leader election needs (single active consumer, or Redis for the lease).
 SUPPORTED_TRANSPORTS = ("amqp", "redis")
-_LEADER_TYPES = frozenset({p.GET, p.SEARCH, p.METRICS, p.STOP_KEY, p.SPAWNED, p.SPAWN_FAILED, p.EXITED, "ping"})
+_LEADER_TYPES = frozenset({p.GET, p.SEARCH, p.METRICS, p.STOP_KEY, p.SPAWNED, p.SPAWN_FAILED, p.EXITED, p.PING})
 _TO_CHILD = frozenset({p.CAST, p.CALL, p.STOP})
 
 
@@ -144,7 +144,7 @@ class Node:
             if not self.leader.active and not self._closing:
                 self.leader.activate(self.epoch)
                 self.events.send(p.EVENT_LEADER, leader=self.hostname)
-            if kind != "ping":
+            if kind != p.PING:
                 self.leader.handle(msg)
         elif kind == p.HEARTBEAT:
             self._heard(msg)
@@ -242,7 +242,7 @@ class Node:
         if self.election.always_consume:
             # Lets the single active consumer learn that it leads, even when no client asks anything.
             try:
-                self.publisher.publish(self.names.exchange, self.names.leader, [{"t": "ping"}],
+                self.publisher.publish(self.names.exchange, self.names.leader, [{"t": p.PING}],
                                        expiration=self.settings.heartbeat * 2)
             except BrokerUnavailable:
                 pass
