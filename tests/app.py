@@ -88,6 +88,19 @@ class Slow(Counter):
         super().init(key)
 
 
+@forseti.keyed(name="lingering")
+class Lingering(Counter):
+    """Takes ``linger`` seconds to ``terminate`` (saving its state, say); journals its end after."""
+
+    def init(self, key: str, linger: float = 1.0, *rest: Any) -> None:
+        super().init(key)
+        self.linger = linger
+
+    def terminate(self, reason: str) -> None:
+        time.sleep(self.linger)
+        super().terminate(reason)
+
+
 @forseti.keyed(name="failing")
 class Failing(KeyedProcess):
     """``init`` always raises."""
