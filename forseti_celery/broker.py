@@ -72,11 +72,11 @@ class Publisher:
         with self._lock:
             try:
                 if self._producer is None:
-                    self._producer = Producer(self._conn.default_channel)
+                    self._producer = Producer(self._channel())
                 to_declare = [q for q in declare if q.name not in self._declared]
                 publish = self._conn.ensure(
                     self._producer, self._producer.publish,
-                    max_retries=self._retries, interval_start=0.2, interval_step=0.3, interval_max=1,
+                    max_retries=self._retries, interval_start=0.1, interval_step=0.2, interval_max=0.3,
                 )
                 publish(
                     payload, exchange=exchange, routing_key=routing_key,
@@ -92,12 +92,19 @@ class Publisher:
         """Declare ``queue`` (and its exchange and binding) now; raises :class:`BrokerUnavailable`."""
         with self._lock:
             try:
-                self._conn.ensure_connection(max_retries=self._retries)
-                queue.bind(self._conn.default_channel).declare()
+                queue.bind(self._channel()).declare()
             except (OSError, OperationalError, *self._conn.connection_errors, *self._conn.channel_errors) as exc:
                 self._reset()
                 raise BrokerUnavailable(f"broker unreachable: {exc!r}") from exc
             self._declared.add(queue.name)
+
+    def _channel(self) -> Any:
+        # Connect with a bounded retry of our own: kombu's default_channel would otherwise follow
+        # the app's broker_connection_* policy and block a caller far past its timeout.
+        if not self._conn.connected:
+            self._conn.ensure_connection(max_retries=1, interval_start=0.1, interval_step=0.2, interval_max=0.2,
+                                         timeout=2.0)
+        return self._conn.default_channel
 
     def _reset(self) -> None:
         self._producer = None

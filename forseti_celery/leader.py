@@ -112,6 +112,13 @@ class Leader:
         """Compare a worker's own count with the table; ask for its registry when they disagree
         twice in a row, or when the worker is new to the table (joined, or came back)."""
         host = hb["node"]
+        if self.active and not self.ready and host in self._awaiting and host != self.hostname:
+            # Our request may have been lost (its queue did not exist yet after a broker restart).
+            now = time.monotonic()
+            if now - self._asked.get(host, 0.0) > 2 * self.members.node_timeout / 3:
+                self._asked[host] = now
+                self._send_node(host, {"t": p.REPORT_REQUEST, "leader": self.hostname, "epoch": self.epoch + 1})
+            return
         if not self.ready or host not in self.members:
             return
         if host in self._counts and hb["count"] == self._counts[host]:

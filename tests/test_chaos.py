@@ -357,9 +357,7 @@ def test_broker_restart_keeps_the_children_and_the_table_and_clients_fail_fast_m
         server.close()
 
 
-@pytest.mark.parametrize("broker", ["redis", pytest.param("rabbitmq", marks=pytest.mark.xfail(
-    strict=True, reason="core bug: a new leader sends report? once; on RabbitMQ the one to a worker whose "
-    "queue is not declared again yet is dropped, and the leader waits for that (live) worker for good"))])
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
 def test_broker_restart_with_one_worker_back_late_is_served_again(broker: str, tmp_path: Path) -> None:
     require("redis-server" if broker == "redis" else "rabbitmq-server")
     if broker == "redis":
@@ -397,9 +395,6 @@ def test_broker_restart_with_one_worker_back_late_is_served_again(broker: str, t
         server.close()
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: a request blocks for ~6 s in kombu's default_channel "
-                   "reconnection (Publisher.publish) whatever its timeout, and concurrent requests queue behind "
-                   "each other's attempts on the publisher's lock")
 @pytest.mark.parametrize("scheme", ["redis", "amqp"])
 def test_broker_down_client_requests_fail_within_their_timeout(scheme: str) -> None:
     # Nothing listens on the port: the broker is down for this client from its first request on.
