@@ -65,10 +65,9 @@ class Publisher:
         *,
         declare: Iterable[Queue] = (),
         expiration: float | None = None,
-        body: bytes | None = None,
     ) -> None:
         """Send ``messages`` as one broker message; raises :class:`BrokerUnavailable`."""
-        payload = encode(messages) if body is None else body
+        payload = encode(messages)
         with self._lock:
             try:
                 if self._producer is None:
@@ -214,8 +213,6 @@ class ConsumerLoop(threading.Thread):
         self.connected = threading.Event()
         #: Why the loop gave up (restart intensity reached), if it did.
         self.failure: BaseException | None = None
-        #: monotonic time of the last successful contact with the broker.
-        self.last_contact = time.monotonic()
 
     # -- control (from any thread) --------------------------------------------------
     def stop(self, timeout: float = 5.0) -> None:
@@ -273,7 +270,6 @@ class ConsumerLoop(threading.Thread):
             consumer = Consumer(channel, self._queues(), no_ack=True, on_message=self._on_message)
             consumer.consume()
             self._consumer = consumer
-            self.last_contact = time.monotonic()
             # A first round of the event loop subscribes fanout queues (Redis pub/sub) for real.
             try:
                 conn.drain_events(timeout=0.001)
@@ -294,8 +290,7 @@ class ConsumerLoop(threading.Thread):
                 except TimeoutError:
                     pass
                 conn.heartbeat_check()
-                self.last_contact = time.monotonic()
-            self._consumer = None
+                self._consumer = None
             self.connected.clear()
             try:
                 consumer.cancel()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -92,3 +93,6 @@ def alive(pid: int) -> bool:
         return False
 
 
+def fresh(prefix: str) -> str:
+    """A key no earlier test used."""
+    return f"{prefix}-{time.monotonic_ns()}"

@@ -14,7 +14,7 @@ import pytest
 
 from forseti_celery.cli import EXIT_NOT_FOUND, EXIT_UNAVAILABLE, EXIT_USAGE
 
-from .helpers import ROOT, Harness, harness
+from .helpers import ROOT, Harness, fresh, harness
 
 
 @pytest.fixture(scope="module", params=["redis", "rabbitmq"])
@@ -22,10 +22,6 @@ def h(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) 
     url = request.getfixturevalue(f"{request.param}_url")
     with harness(url, tmp_path_factory.mktemp(request.param), n=2) as h:
         yield h
-
-
-def fresh(prefix: str) -> str:
-    return f"{prefix}-{time.monotonic_ns()}"
 
 
 def forseti(broker_url: str, namespace: str, *args: str, expect: int = 0) -> subprocess.CompletedProcess[str]:

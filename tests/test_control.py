@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -16,7 +15,7 @@ import pytest
 from forseti_celery.control import forseti_keys, forseti_stop, node_of
 from forseti_celery.testing import wait_for
 
-from .helpers import ROOT, Harness, alive, harness
+from .helpers import ROOT, Harness, alive, fresh, harness
 
 
 @pytest.fixture(scope="module", params=["redis", "rabbitmq"])
@@ -24,10 +23,6 @@ def h(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) 
     url = request.getfixturevalue(f"{request.param}_url")
     with harness(url, tmp_path_factory.mktemp(request.param), n=2) as h:
         yield h
-
-
-def fresh(prefix: str) -> str:
-    return f"{prefix}-{time.monotonic_ns()}"
 
 
 def hostnames(h: Harness) -> list[str]:

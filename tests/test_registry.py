@@ -26,7 +26,7 @@ from forseti_celery import (
 )
 from forseti_celery.testing import wait_for
 
-from .helpers import Harness, alive, client_app, harness
+from .helpers import Harness, alive, client_app, fresh, harness
 
 
 @pytest.fixture(scope="module", params=["redis", "rabbitmq"])
@@ -34,10 +34,6 @@ def h(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) 
     url = request.getfixturevalue(f"{request.param}_url")
     with harness(url, tmp_path_factory.mktemp(request.param)) as h:
         yield h
-
-
-def fresh(prefix: str) -> str:
-    return f"{prefix}-{time.monotonic_ns()}"
 
 
 def assert_freed(h: Harness, ref: KeyRef) -> None:
