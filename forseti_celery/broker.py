@@ -290,7 +290,7 @@ class ConsumerLoop(threading.Thread):
                 except TimeoutError:
                     pass
                 conn.heartbeat_check()
-                self._consumer = None
+            self._consumer = None
             self.connected.clear()
             try:
                 consumer.cancel()

@@ -133,17 +133,3 @@ def broker_url(request: pytest.FixtureRequest) -> str:
     url: str = request.getfixturevalue(f"{request.param}_url")
     return url
 
-
-#: Intermittent on Redis (the new leader sometimes never serves; see the closing note of the
-#: first session): reported as xfail when they fail, never hidden when they pass.
-_FLAKY_REDIS_HANDOVER = (
-    "test_leader_kill_under_load_serves_every_request_and_keeps_the_survivors_keys[redis]",
-    "test_graceful_leader_stop_hands_over_without_waiting_for_the_lease[redis]",
-    "test_late_joiner_is_eligible_at_once_and_takes_the_next_key[redis]",
-)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if item.name in _FLAKY_REDIS_HANDOVER:
-            item.add_marker(pytest.mark.xfail(strict=False, reason="intermittent Redis leader handover"))
