@@ -42,10 +42,13 @@ _current: Mailbox | None = None
 class Lifeline:
     """When the worker last heard the broker (``time.monotonic()``), in memory shared with its
     children: a keyed process whose worker is cut off, hung or stopped (SIGSTOP) for longer
-    than ``fence_after`` ends itself before the leader may start its key elsewhere."""
+    than ``fence_after`` ends itself before the leader may start its key elsewhere. Children look
+    every ``check_every`` seconds (half a heartbeat: well inside the two heartbeats between
+    ``fence_after`` and the leader's ``node_timeout``)."""
 
-    def __init__(self, fence_after: float) -> None:
+    def __init__(self, fence_after: float, check_every: float) -> None:
         self.fence_after = fence_after
+        self.check_every = min(check_every, fence_after / 4)
         self._heard = billiard.sharedctypes.RawValue("d", time.monotonic())
 
     def heard(self, when: float) -> None:
@@ -69,15 +72,19 @@ class Mailbox:
         self._reader.start()
 
     def _read(self) -> None:
-        check = min(1.0, self._lifeline.fence_after / 4)
+        check = self._lifeline.check_every
+        next_check = time.monotonic() + check
         try:
             while True:
-                if not self._conn.poll(check):
+                ready = self._conn.poll(check)
+                now = time.monotonic()
+                if now >= next_check:  # also under a steady stream of messages
+                    next_check = now + check
                     if self._lifeline.cut_off():
                         os._exit(2)  # fenced: our key may be given to another worker soon
-                    continue
-                for msg in json.loads(self._conn.recv_bytes()):
-                    self._queue.put(msg)
+                if ready:
+                    for msg in json.loads(self._conn.recv_bytes()):
+                        self._queue.put(msg)
         except (EOFError, OSError):
             # The worker is gone: a keyed process never outlives its worker.
             os._exit(1)
@@ -136,6 +143,8 @@ def run(conn: Any, target: Any, key: str, args: list[Any], parent_pid: int, clos
     # would touch (and so copy) every inherited page.
     gc.freeze()
     _detach(parent_pid, close_fds)
+    if lifeline.cut_off():
+        os._exit(2)  # forked by a worker that has just stopped hearing the broker: too late to start
     box = _current = Mailbox(conn, lifeline)
     is_class = isinstance(target, type) and issubclass(target, KeyedProcess)
     try:

@@ -119,9 +119,10 @@ class Children:
         event: Callable[..., None],
         stop_timeout: float,
         fence_after: float,
+        heartbeat: float,
     ) -> None:
         #: Shared with every child: see :class:`~forseti_celery.child.Lifeline`.
-        self.lifeline = child_main.Lifeline(fence_after)
+        self.lifeline = child_main.Lifeline(fence_after, heartbeat / 2)
         self.hostname = hostname
         self._resolve = resolve
         self._publish = publish
@@ -141,6 +142,7 @@ class Children:
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="forseti-children", daemon=True)
         self._spawns: queue.SimpleQueue[tuple[str, str, list[Any], str] | None] = queue.SimpleQueue()
+        self._pending: dict[Key, str] = {}  # ordered, not forked yet: key -> sid
         self._spawn_thread = threading.Thread(target=self._spawner, name="forseti-spawner", daemon=True)
         self._dying: set[Child] = set()  # children asked to stop, with a kill deadline
         self.starts = 0
@@ -158,6 +160,8 @@ class Children:
         The fork happens on the spawner thread, so the consumer thread (and the leader
         living on it) never waits for one.
         """
+        with self._lock:
+            self._pending[(name, key)] = sid
         self._spawns.put((name, key, args, sid))
 
     def _spawner(self) -> None:
@@ -171,6 +175,10 @@ class Children:
                 self._outbox.append({"t": p.SPAWN_FAILED, "n": name, "k": key, "node": self.hostname, "sid": sid,
                                      "error": "start", "type": type(exc).__name__, "msg": str(exc)})
                 self._wake()
+            finally:
+                with self._lock:
+                    if self._pending.get((name, key)) == sid:
+                        del self._pending[(name, key)]
 
     def _spawn(self, name: str, key: str, args: list[Any], sid: str) -> None:
         k = (name, key)
@@ -180,6 +188,13 @@ class Children:
                 existing.sid = sid  # the leader's current order names it now
                 if existing.started:
                     self._report(p.SPAWNED, existing, pid=existing.pid)
+                return
+            if self.lifeline.cut_off():
+                # The order came before a stall (the worker was stopped, or cut off): the leader
+                # may have given the key to another worker meanwhile. Let it place the key again.
+                self._outbox.append({"t": p.SPAWN_FAILED, "n": name, "k": key, "node": self.hostname,
+                                     "sid": sid, "error": "unavailable"})
+                self._wake()
                 return
             target = self._resolve(name)
             if target is None:
@@ -257,6 +272,15 @@ class Children:
         """The keyed processes running here now."""
         with self._lock:
             return list(self._by_key.values())
+
+    def registry(self) -> list[list[Any]]:
+        """``[name, key, pid or None while starting, sid]`` of every process here, ordered ones
+        not forked yet included: what a node reports to its leader."""
+        with self._lock:
+            procs = [[c.name, c.key, c.pid if c.started else None, c.sid] for c in self._by_key.values()]
+            procs += [[name, key, None, sid] for (name, key), sid in self._pending.items()
+                      if (name, key) not in self._by_key]
+        return procs
 
     def stop(self) -> None:
         """Stop watching (after :meth:`stop_all`); kills whatever is left."""

@@ -39,6 +39,10 @@ class Entry:
     args: list[Any]
     pid: int | None = None
     waiters: list[Waiter] = field(default_factory=list)
+    #: When the leader recorded it, in its own count of records: a worker's report answers
+    #: for the entries recorded before it was asked for, never for later ones.
+    seq: int = 0
+    since: float = field(default_factory=time.monotonic)
 
 
 class Leader:
@@ -58,6 +62,8 @@ class Leader:
         self._awaiting: set[str] = set()
         self._suspects: set[str] = set()
         self._asked: dict[str, float] = {}
+        self._seq = 0
+        self._starting: dict[Key, Entry] = {}
         self._deferred: list[dict[str, Any]] = []
         self._handlers: dict[str, Callable[[dict[str, Any]], None]] = {
             p.GET: self._get, p.SEARCH: self._search, p.METRICS: self._metrics, p.STOP_KEY: self._stop,
@@ -76,7 +82,7 @@ class Leader:
         logger.info("forseti: %s takes the leader role; rebuilding from %d workers",
                     self.hostname, len(self._awaiting))
         for host in sorted(self._awaiting):
-            self._send_node(host, {"t": p.REPORT_REQUEST, "leader": self.hostname, "epoch": seen_epoch + 1})
+            self._ask(host, seen_epoch + 1)
 
     def deactivate(self) -> None:
         """Drop the role and everything learnt with it."""
@@ -90,6 +96,7 @@ class Leader:
         self._deferred.clear()
         self._suspects.clear()
         self._asked.clear()
+        self._starting.clear()
 
     def report(self, msg: dict[str, Any]) -> None:
         """A worker's registry: during the rebuild, or asked for to reconcile (see :meth:`heartbeat`)."""
@@ -97,7 +104,7 @@ class Leader:
         if not self.active:
             return
         if self.ready:
-            self._reconcile(host, msg["procs"])
+            self._reconcile(host, msg["procs"], int(msg.get("q", 0)))
             return
         if host not in self._awaiting:
             return
@@ -110,16 +117,19 @@ class Leader:
 
     def heartbeat(self, hb: dict[str, Any]) -> None:
         """Compare a worker's own count with the table; ask for its registry when they disagree
-        twice in a row, or when the worker is new to the table (joined, or came back)."""
+        twice in a row, when the worker is new to the table (joined, or came back), or when a
+        process placed there has not reported its start for a while (its order or its start
+        report may have been lost)."""
         host = hb["node"]
         if self.active and not self.ready and host in self._awaiting and host != self.hostname:
             # Our request may have been lost (its queue did not exist yet after a broker restart).
-            now = time.monotonic()
-            if now - self._asked.get(host, 0.0) > 2 * self.members.node_timeout / 3:
-                self._asked[host] = now
-                self._send_node(host, {"t": p.REPORT_REQUEST, "leader": self.hostname, "epoch": self.epoch + 1})
+            self._ask_again(host, self.epoch + 1, self.members.node_timeout / 4)
             return
         if not self.ready or host not in self.members:
+            return
+        late = time.monotonic() - self.members.node_timeout / 4
+        if any(e.node == host and e.since < late for e in self._starting.values()):
+            self._ask_again(host, self.epoch, 2 * self.members.node_timeout / 3)
             return
         if host in self._counts and hb["count"] == self._counts[host]:
             self._suspects.discard(host)
@@ -128,12 +138,17 @@ class Leader:
             self._suspects.add(host)  # may be messages in flight: look again next beat
             return
         self._suspects.discard(host)
-        now = time.monotonic()
-        if now - self._asked.get(host, 0.0) > 2 * self.members.node_timeout / 3:
-            self._asked[host] = now
-            self._send_node(host, {"t": p.REPORT_REQUEST, "leader": self.hostname, "epoch": self.epoch})
+        self._ask_again(host, self.epoch, 2 * self.members.node_timeout / 3)
 
-    def _reconcile(self, host: str, procs: list[list[Any]]) -> None:
+    def _ask_again(self, host: str, epoch: int, after: float) -> None:
+        if time.monotonic() - self._asked.get(host, 0.0) > after:
+            self._ask(host, epoch)
+
+    def _ask(self, host: str, epoch: int) -> None:
+        self._asked[host] = time.monotonic()
+        self._send_node(host, {"t": p.REPORT_REQUEST, "leader": self.hostname, "epoch": epoch, "q": self._seq})
+
+    def _reconcile(self, host: str, procs: list[list[Any]], asked_at: int) -> None:
         self._asked.pop(host, None)
         if host not in self.members:
             return
@@ -141,7 +156,20 @@ class Leader:
         reported = {(name, key): (pid, sid) for name, key, pid, sid in procs}
         for k in list(self._by_node.get(host, ())):
             entry = self._table[k]
-            if entry.pid is not None and reported.get(k, (None, ""))[0] != entry.pid:
+            if entry.seq >= asked_at:
+                continue  # recorded after the question: the answer cannot know it yet
+            pid, sid = reported.get(k, (None, None))
+            if entry.pid is None:
+                if pid is not None:
+                    entry.sid = sid
+                    self._started(k, entry, pid)  # its start report was lost
+                elif sid != entry.sid:
+                    # Its order was lost, or refused: place it again, for whoever still waits.
+                    logger.info("forseti: %r never started on %s; placed again", k, host)
+                    self._forget(k, entry)
+                    if entry.waiters:
+                        self._start(k, entry.args, entry.waiters)
+            elif pid != entry.pid:
                 logger.info("forseti: %r is no longer on %s; freed", k, host)
                 self._forget(k, entry)  # its exit report was lost
         for k, (pid, sid) in reported.items():
@@ -156,6 +184,7 @@ class Leader:
         restart: list[tuple[Key, Entry]] = []
         for k in keys:
             entry = self._table.pop(k)
+            self._starting.pop(k, None)
             if entry.pid is None and entry.waiters:
                 restart.append((k, entry))
         if keys:
@@ -221,10 +250,7 @@ class Leader:
         k = (msg["n"], msg["k"])
         entry = self._table.get(k)
         if entry is not None and entry.sid == msg["sid"]:
-            entry.pid = msg["pid"]
-            for waiter in entry.waiters:
-                self._answer(waiter, k, entry)
-            entry.waiters.clear()
+            self._started(k, entry, msg["pid"])
         elif entry is None and msg["node"] in self.members:
             # Started on an order this leader did not give (a deposed leader's): adopt it.
             self._record(msg["node"], k, Entry(msg["node"], msg["sid"], [], msg["pid"]))
@@ -238,9 +264,21 @@ class Leader:
         if entry is None or entry.sid != msg["sid"]:
             return
         self._forget(k, entry)
+        if msg["error"] == "unavailable":
+            # The worker is stopping or cut off: not a failure of the key. Elsewhere, then.
+            self.members.exclude(msg["node"])
+            self._start(k, entry.args, entry.waiters)
+            return
         error = {"t": p.REPLY, "error": msg["error"], "type": msg.get("type", ""), "msg": msg.get("msg", "")}
         for reply_to, corr in entry.waiters:
             self._reply(reply_to, {**error, "c": corr})
+
+    def _started(self, k: Key, entry: Entry, pid: int) -> None:
+        entry.pid = pid
+        self._starting.pop(k, None)
+        for waiter in entry.waiters:
+            self._answer(waiter, k, entry)
+        entry.waiters.clear()
 
     def _exited(self, msg: dict[str, Any]) -> None:
         k = (msg["n"], msg["k"])
@@ -285,12 +323,16 @@ class Leader:
             logger.warning("forseti: %r reported by %s and %s; stopping the latter", k, old.node, node)
             self._send_node(node, {"t": p.STOP, "n": k[0], "k": k[1], "p": entry.pid, "reason": "duplicate"})
             return
+        entry.seq, self._seq = self._seq, self._seq + 1
         self._table[k] = entry
+        if entry.pid is None:
+            self._starting[k] = entry
         self._by_node.setdefault(node, set()).add(k)
         self._counts[node] = self._counts.get(node, 0) + 1
 
     def _forget(self, k: Key, entry: Entry) -> None:
         del self._table[k]
+        self._starting.pop(k, None)
         self._by_node.get(entry.node, set()).discard(k)
         self._counts[entry.node] = max(0, self._counts.get(entry.node, 1) - 1)
 

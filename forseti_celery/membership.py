@@ -54,6 +54,12 @@ class Members:
             return old
         return None
 
+    def exclude(self, hostname: str) -> None:
+        """Place nothing on ``hostname`` until its next heartbeat says otherwise (it refused a start)."""
+        member = self._members.get(hostname)
+        if member is not None:
+            member.eligible = False
+
     def remove(self, hostname: str) -> Member | None:
         """Forget a worker (it said goodbye, or was declared dead)."""
         return self._members.pop(hostname, None)

@@ -37,6 +37,9 @@ __all__ = ["SUPPORTED_TRANSPORTS", "Node", "RegistryStep"]
 SUPPORTED_TRANSPORTS = ("amqp", "redis")
 _LEADER_TYPES = frozenset({p.GET, p.SEARCH, p.METRICS, p.STOP_KEY, p.SPAWNED, p.SPAWN_FAILED, p.EXITED, p.PING})
 _TO_CHILD = frozenset({p.CAST, p.CALL, p.STOP})
+#: Held, not handled, while a worker is not sure it still holds the leader role (see ``Node._stalled``).
+_HELD_TYPES = _LEADER_TYPES | {p.REPORT, p.BYE}
+_LOST = "lost"  # internal: a worker died while the role was in doubt, replayed once it is not
 
 
 class Node:
@@ -63,12 +66,19 @@ class Node:
         self.leader = Leader(hostname, self.members, self._send_node, self._send_reply)
         self._out: dict[str, list[dict[str, Any]]] = {}  # what the consumer thread sends, per queue
         self.children = Children(hostname, forseti.resolve, self._send, self.names.leader, self.events.send,
-                                 s.stop_timeout, s.fence_after)
+                                 s.stop_timeout, s.fence_after, s.heartbeat)
         self._node_queue = self.names.node_queue(hostname)
         self._next_beat = 0.0
         self._closing = False
         self._last_echo = time.monotonic()
         self._fenced = False
+        self._beats = 0  # heartbeats sent (their "seq"): an echo of a later one proves we are heard now
+        self._doubt: int | None = None  # after a stall: the last beat sent before it
+        self._held: list[dict[str, Any]] = []
+        self._last_run = time.monotonic()
+        # Longer than this without running a tick or a batch (stopped, swapped, starved), the
+        # consumer thread may have been deposed meanwhile; well under the lease either way.
+        self._stall_after = max(min(2 * s.heartbeat, s.lease / 2), 4 * min(0.25, s.heartbeat / 2))
         self.loop = ConsumerLoop(
             # The broker's heartbeat ends a hung leader's connection, so a standby takes over.
             "forseti-node", lambda: app.connection_for_read(heartbeat=s.lease),
@@ -109,12 +119,31 @@ class Node:
 
     def _disconnected(self) -> None:
         # A lost connection loses the single active consumer slot (and maybe the lease).
-        self.leader.deactivate()
+        self._step_down()
+        self._flush_out()
 
     # -- consumer thread ----------------------------------------------------------------------
     def _on_batch(self, batch: list[dict[str, Any]]) -> None:
+        self._stalled(time.monotonic())
         self._handle(batch)
         self._flush_out()
+
+    def _stalled(self, now: float) -> None:
+        """Notice that this thread did not run for a while (SIGSTOP, swap, starvation).
+
+        Meanwhile the lease may have run out, or RabbitMQ may have closed our connection and
+        given the leader queue to a standby: until our own next heartbeat comes back (the
+        connection is alive) and, on Redis, the lease is renewed, every leader message waits.
+        Messages sent to a deposed leader go back to the leader queue, for the real one.
+        """
+        gap, self._last_run = now - self._last_run, now
+        if gap <= self._stall_after or self._doubt is not None:
+            return
+        logger.warning("forseti: %s did not run for %.1f s; holding leader messages until the broker hears it",
+                       self.hostname, gap)
+        self._doubt = self._beats
+        self._next_beat = 0.0
+        self.members.refresh()  # we heard nothing while stopped: their silence proves nothing
 
     def _flush_out(self) -> None:
         """Publish what handling a batch (or a tick) produced: one broker message per queue."""
@@ -140,12 +169,19 @@ class Node:
             self.children.deliver(to_children)
 
     def _dispatch(self, kind: str, msg: dict[str, Any]) -> None:
-        if kind in _LEADER_TYPES:
+        if self._doubt is not None and kind in _HELD_TYPES:
+            self._held.append(msg)
+        elif kind in _LEADER_TYPES:
             if not self.leader.active and not self._closing:
+                if not self.election.always_consume:
+                    self._forward([msg])  # popped as the lease passed: for the new holder
+                    return
                 self.leader.activate(self.epoch)
                 self.events.send(p.EVENT_LEADER, leader=self.hostname)
             if kind != p.PING:
                 self.leader.handle(msg)
+        elif kind == _LOST:
+            self._lost(msg["node"])
         elif kind == p.HEARTBEAT:
             self._heard(msg)
         elif kind == p.BYE:
@@ -155,9 +191,8 @@ class Node:
             self._spawn(msg)
         elif kind == p.REPORT_REQUEST:
             self.epoch = max(self.epoch, int(msg["epoch"]))
-            procs = [[c.name, c.key, c.pid if c.started else None, c.sid] for c in self.children.snapshot()]
             self._send_node(msg["leader"], {"t": p.REPORT, "node": self.hostname, "epoch": self.epoch,
-                                            "procs": procs})
+                                            "procs": self.children.registry(), "q": msg.get("q", 0)})
         elif kind == p.REPORT:
             self.leader.report(msg)
 
@@ -168,27 +203,48 @@ class Node:
                            msg["k"], msg.get("leader"), epoch, self.epoch)
             return
         self.epoch = epoch
-        if self._closing or self._fenced:
-            return  # the leader places it again when our goodbye (or our silence) reaches it
+        if not self._available():
+            # Stopping, cut off, or not sure we are heard: the leader places it elsewhere.
+            self._out.setdefault(self.names.leader, []).append(
+                {"t": p.SPAWN_FAILED, "n": msg["n"], "k": msg["k"], "node": self.hostname, "sid": msg["sid"],
+                 "error": "unavailable"})
+            return
         self.children.spawn(msg["n"], msg["k"], msg.get("a", []), msg["sid"])
 
     def _heard(self, hb: dict[str, Any]) -> None:
         if hb["node"] == self.hostname and hb["inc"] == self.incarnation:
             self._last_echo = time.monotonic()  # our own beat came back: the broker hears us
             self.children.lifeline.heard(self._last_echo)
+            if self._doubt is not None and int(hb.get("seq", 0)) > self._doubt:
+                self._doubt = None
+                self._trust()
         if hb.get("leader") and hb["node"] != self.hostname:
             epoch = int(hb.get("epoch", 0))
             self.epoch = max(self.epoch, epoch)
             if self.leader.active and epoch > self.leader.epoch:
                 logger.warning("forseti: %s leads with a newer epoch (%d); stepping down", hb["node"], epoch)
-                self.leader.deactivate()
+                self._step_down()
         old = self.members.heard(hb)
         if old is not None:
             self._lost(old.hostname)
-        self.leader.heartbeat(hb)
+        if self._doubt is None:
+            self.leader.heartbeat(hb)
+
+    def _trust(self) -> None:
+        """Heard again after a stall: handle what was held (its leader messages go to whoever leads)."""
+        held, self._held = self._held, []
+        if held:
+            logger.info("forseti: %s is heard again; handling %d held messages", self.hostname, len(held))
+        for msg in held:
+            self._dispatch(msg["t"], msg)
+
+    def _available(self) -> bool:
+        """Whether this worker takes new keyed processes now."""
+        return not (self._closing or self._fenced or self._doubt is not None)
 
     def _tick(self) -> None:
         now = time.monotonic()
+        self._stalled(now)
         connected = self.loop.connected.is_set()
         held = self.election.poll() if connected and not self._closing else False
         if held is not None:
@@ -197,10 +253,10 @@ class Node:
             for dead in self.members.expire(now):
                 logger.info("forseti: worker %s is silent; declared dead", dead.hostname)
                 self._lost(dead.hostname)
-            if now >= self._next_beat:
-                self._next_beat = now + self.settings.heartbeat
-                self._beat()
         self._fence(now)
+        if connected and now >= self._next_beat:
+            self._next_beat = now + self.settings.heartbeat
+            self._beat()
         self._flush_out()
 
     def _fence(self, now: float) -> None:
@@ -220,7 +276,9 @@ class Node:
 
     def _lost(self, hostname: str) -> None:
         """A worker died or left (or restarted): the leader frees its keys and tells clients."""
-        if self.leader.active:
+        if self._doubt is not None:
+            self._held.append({"t": _LOST, "node": hostname})
+        elif self.leader.active:
             self.leader.node_lost(hostname)
             self.events.send(p.EVENT_NODE_LOST, node=hostname)
 
@@ -229,12 +287,26 @@ class Node:
             self.leader.activate(self.epoch)
             self.loop.add_queue(self.names.leader_queue)
             self.events.send(p.EVENT_LEADER, leader=self.hostname)
-        elif not held and self.leader.active:
+        elif not held:
+            self._step_down()
+
+    def _step_down(self) -> None:
+        """Leave the role (lease lost, connection lost, or a newer leader heard): messages held for
+        it go back to the leader queue."""
+        if not self.election.always_consume:
             self.loop.cancel_queue(self.names.leader_queue)
-            self.leader.deactivate()
+        self.leader.deactivate()
+        held, self._held = self._held, []
+        self._forward([m for m in held if m["t"] in _LEADER_TYPES and m["t"] != p.PING])
+
+    def _forward(self, msgs: list[dict[str, Any]]) -> None:
+        if msgs:
+            self._out.setdefault(self.names.leader, []).extend(msgs)
 
     def _beat(self) -> None:
-        hb = {"t": p.HEARTBEAT, "node": self.hostname, "inc": self.incarnation, "eligible": self.eligible,
+        self._beats += 1
+        hb = {"t": p.HEARTBEAT, "node": self.hostname, "inc": self.incarnation, "seq": self._beats,
+              "eligible": self.eligible and self._available(),
               "names": sorted(self.forseti.known_names()), "count": len(self.children.snapshot()),
               "leader": self.leader.ready, "epoch": self.leader.epoch if self.leader.ready else self.epoch}
         self.members.heard(hb)  # we are a member at once; the broker's echo proves we are heard

@@ -475,10 +475,6 @@ def test_stale_leader_resumed_after_a_takeover_has_its_orders_refused(
         wait_consistent(h, hosts, monitor)
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: a worker that has fenced itself drops spawn orders silently "
-                   "while its heartbeats still offer it as eligible, and reconciliation never places again a "
-                   "starting entry its worker does not report, so a key placed on the resumed worker hangs; the "
-                   "resumed leader also starts a process on its own stale order (a request buffered in its pause)")
 @pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
 def test_stale_leader_resumed_after_being_declared_dead_starts_nothing(
     broker: str, request: pytest.FixtureRequest, tmp_path: Path
