@@ -37,6 +37,8 @@ except (OSError, AttributeError):  # not Linux: the pipe's end-of-file still end
     _prctl = None
 _STOP = object()
 _current: Mailbox | None = None
+#: Exit code of a keyed process that ended itself because its worker stopped hearing the broker.
+FENCED = 2
 
 
 class Lifeline:
@@ -81,7 +83,7 @@ class Mailbox:
                 if now >= next_check:  # also under a steady stream of messages
                     next_check = now + check
                     if self._lifeline.cut_off():
-                        os._exit(2)  # fenced: our key may be given to another worker soon
+                        os._exit(FENCED)  # fenced: our key may be given to another worker soon
                 if ready:
                     for msg in json.loads(self._conn.recv_bytes()):
                         self._queue.put(msg)
@@ -136,16 +138,24 @@ def mailbox() -> Mailbox:
 
 
 def run(conn: Any, target: Any, key: str, args: list[Any], parent_pid: int, close_fds: Iterable[int],
-        lifeline: Lifeline) -> None:
-    """Entry point of the billiard child (runs after the fork)."""
+        lifeline: Lifeline, resolve: Callable[[str], Any]) -> None:
+    """Entry point of the billiard child (runs after the fork). A spare (``target`` None) waits
+    for its key first: an ``assign`` message naming the keyed-process name, key and args."""
     global _current
     # Everything inherited from the worker stays out of this process's collections: a collection
     # would touch (and so copy) every inherited page.
     gc.freeze()
     _detach(parent_pid, close_fds)
     if lifeline.cut_off():
-        os._exit(2)  # forked by a worker that has just stopped hearing the broker: too late to start
+        os._exit(FENCED)  # forked by a worker that has just stopped hearing the broker: too late to start
     box = _current = Mailbox(conn, lifeline)
+    if target is None:
+        order = box.get()
+        assert order is not None and order["t"] == "assign", order
+        key, args, target = order["k"], order["a"], resolve(order["n"])
+        billiard.current_process().name = f"forseti:{order['n']}"
+        if lifeline.cut_off():
+            os._exit(FENCED)
     is_class = isinstance(target, type) and issubclass(target, KeyedProcess)
     try:
         if is_class:

@@ -2,7 +2,10 @@
 
 Forking happens on a spawner thread that lives as long as the registry
 (``PR_SET_PDEATHSIG`` fires when the *thread* that forked exits), so neither the
-consumer thread nor the leader on it ever waits for a fork. A watcher thread
+consumer thread nor the leader on it ever waits for a fork. The spawner keeps a
+few *spares* forked ahead (``forseti_spares``): a spare is a keyed process that
+has not been given its key yet, so a new key costs a pipe write, not a fork and
+a process start; the spawner forks a new spare behind it. A watcher thread
 polls every child's pipe and exit sentinel: it forwards
 answers to callers, reports starts and exits to the leader (through an outbox
 that is retried until the broker takes it: exits are never lost), and kills
@@ -37,6 +40,8 @@ __all__ = ["Child", "Children"]
 
 Key = tuple[str, str]
 Waiter = tuple[str, str]
+_Order = tuple[str, str, list[Any], str, list[list[str]]]  # name, key, args, sid, waiters
+_REFILL: _Order = ("", "", [], "", [])  # the spawner's cue to fork spares up to the target
 _READ = select.POLLIN | select.POLLHUP | select.POLLERR
 
 
@@ -101,6 +106,10 @@ class Child:
     kill_at: float | None = None
     gone: bool = False
     conn_fd: int = -1
+    #: Callers to answer directly when it has started (``[reply queue, correlation id]``).
+    waiters: list[list[str]] = field(default_factory=list)
+    #: Forked ahead, waiting for a key (see :class:`Children`).
+    spare: bool = False
 
     @property
     def pid(self) -> int:
@@ -120,6 +129,7 @@ class Children:
         stop_timeout: float,
         fence_after: float,
         heartbeat: float,
+        spares: int = 0,
     ) -> None:
         #: Shared with every child: see :class:`~forseti_celery.child.Lifeline`.
         self.lifeline = child_main.Lifeline(fence_after, heartbeat / 2)
@@ -141,8 +151,10 @@ class Children:
         self._poller.register(self._wake_r, select.POLLIN)
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="forseti-children", daemon=True)
-        self._spawns: queue.SimpleQueue[tuple[str, str, list[Any], str] | None] = queue.SimpleQueue()
+        self._spawns: queue.SimpleQueue[_Order | None] = queue.SimpleQueue()
         self._pending: dict[Key, str] = {}  # ordered, not forked yet: key -> sid
+        self._spares: deque[Child] = deque()
+        self._spare_target = spares
         self._spawn_thread = threading.Thread(target=self._spawner, name="forseti-spawner", daemon=True)
         self._dying: set[Child] = set()  # children asked to stop, with a kill deadline
         self.starts = 0
@@ -152,24 +164,50 @@ class Children:
         """Start watching and spawning."""
         self._thread.start()
         self._spawn_thread.start()
+        if self._spare_target:
+            self._spawns.put(_REFILL)
 
     # -- from the consumer thread ---------------------------------------------------------
-    def spawn(self, name: str, key: str, args: list[Any], sid: str) -> None:
-        """Have a keyed process forked for ``(name, key)`` unless one runs here already.
+    def spawn(self, name: str, key: str, args: list[Any], sid: str, waiters: list[list[str]] | None = None) -> None:
+        """Start a keyed process for ``(name, key)`` unless one runs here already; ``waiters``
+        are answered directly once it has started.
 
-        The fork happens on the spawner thread, so the consumer thread (and the leader
-        living on it) never waits for one.
+        A spare takes the key at once (a pipe write); otherwise the fork happens on the
+        spawner thread, so the consumer thread (and the leader living on it) never waits for one.
         """
+        k = (name, key)
+        waiters = list(waiters or ())
         with self._lock:
-            self._pending[(name, key)] = sid
-        self._spawns.put((name, key, args, sid))
+            if k not in self._by_key and self._assign_spare(name, key, args, sid, waiters):
+                if len(self._spares) < self._spare_target:
+                    self._spawns.put(_REFILL)
+                return
+            self._pending[k] = sid
+        self._spawns.put((name, key, args, sid, waiters))
+
+    def _assign_spare(self, name: str, key: str, args: list[Any], sid: str, waiters: list[list[str]]) -> bool:
+        # Under self._lock. Not when cut off: the spawner then answers "unavailable".
+        while self._spares and not self.lifeline.cut_off() and self._resolve(name) is not None:
+            c = self._spares.popleft()
+            try:
+                c.conn.send_bytes(json.dumps([{"t": "assign", "n": name, "k": key, "a": args}]).encode())
+            except OSError:
+                continue  # that spare has died: the watcher reaps it
+            c.name, c.key, c.sid, c.waiters, c.spare = name, key, sid, waiters, False
+            c.started_at = time.time()
+            self._by_key[(name, key)] = c
+            return True
+        return False
 
     def _spawner(self) -> None:
         # Long-lived on purpose: PR_SET_PDEATHSIG fires when the thread that forked exits.
         while (order := self._spawns.get()) is not None:
-            name, key, args, sid = order
+            if order is _REFILL:
+                self._refill()
+                continue
+            name, key, args, sid, waiters = order
             try:
-                self._spawn(name, key, args, sid)
+                self._spawn(name, key, args, sid, waiters)
             except Exception as exc:
                 logger.exception("forseti: could not start %r", key)
                 self._outbox.append({"t": p.SPAWN_FAILED, "n": name, "k": key, "node": self.hostname, "sid": sid,
@@ -180,15 +218,53 @@ class Children:
                     if self._pending.get((name, key)) == sid:
                         del self._pending[(name, key)]
 
-    def _spawn(self, name: str, key: str, args: list[Any], sid: str) -> None:
+    def _refill(self) -> None:
+        while not self._stopping.is_set() and not self.lifeline.cut_off():
+            with self._lock:
+                if len(self._spares) >= self._spare_target:
+                    return
+            try:
+                c = self._fork(None, "spare", "", [], "")
+            except Exception:
+                logger.exception("forseti: could not fork a spare keyed process")
+                return
+            c.spare = True
+            with self._lock:
+                self._spares.append(c)
+                self._new.append(c)
+            self._wake()
+
+    def _fork(self, target: Any, name: str, key: str, args: list[Any], sid: str) -> Child:
+        parent_end, child_end = billiard.Pipe(duplex=True)
+        with self._lock:
+            # The child keeps none of the worker's pipe ends: end-of-file then means "worker gone".
+            inherited = [self._wake_r, self._wake_w, parent_end.fileno(),
+                         *(c.conn_fd for c in (*self._by_key.values(), *self._spares))]
+        proc = KeyedChild(
+            target=child_main.run, name=f"forseti:{name}",
+            args=(child_end, target, key, args, os.getpid(), inherited, self.lifeline, self._resolve),
+        )
+        proc.start()
+        child_end.close()
+        return Child(name, key, sid, proc, parent_end, conn_fd=parent_end.fileno())
+
+    def _spawn(self, name: str, key: str, args: list[Any], sid: str, waiters: list[list[str]]) -> None:
         k = (name, key)
         with self._lock:
             existing = self._by_key.get(k)
             if existing is not None:
                 existing.sid = sid  # the leader's current order names it now
-                if existing.started:
-                    self._report(p.SPAWNED, existing, pid=existing.pid)
+                if not existing.started:
+                    existing.waiters.extend(waiters)
+            elif self._assign_spare(name, key, args, sid, waiters):
                 return
+        if existing is not None:
+            if existing.started:
+                self._report(p.SPAWNED, existing, pid=existing.pid)
+                self._answer(existing, waiters)
+                self._wake()
+            return
+        with self._lock:
             if self.lifeline.cut_off():
                 # The order came before a stall (the worker was stopped, or cut off): the leader
                 # may have given the key to another worker meanwhile. Let it place the key again.
@@ -203,20 +279,14 @@ class Children:
                                      "msg": f"{self.hostname} does not know {name!r}"})
                 self._wake()
                 return
-            parent_end, child_end = billiard.Pipe(duplex=True)
-            # The child keeps none of the worker's pipe ends: end-of-file then means "worker gone".
-            inherited = [self._wake_r, self._wake_w, parent_end.fileno(), *(c.conn_fd for c in self._by_key.values())]
-        proc = KeyedChild(
-            target=child_main.run, name=f"forseti:{name}",
-            args=(child_end, target, key, args, os.getpid(), inherited, self.lifeline),
-        )
-        proc.start()
-        child_end.close()
-        c = Child(name, key, sid, proc, parent_end, conn_fd=parent_end.fileno())
+        c = self._fork(target, name, key, args, sid)
+        c.waiters = waiters
         with self._lock:
             self._by_key[k] = c
             self._new.append(c)
         self._wake()
+        if self._spare_target:
+            self._refill()
 
     def deliver(self, batches: dict[Key, list[dict[str, Any]]]) -> None:
         """Forward casts/calls/stops, grouped per key, each group in one pipe write."""
@@ -283,10 +353,13 @@ class Children:
         return procs
 
     def stop(self) -> None:
-        """Stop watching (after :meth:`stop_all`); kills whatever is left."""
+        """Stop watching (after :meth:`stop_all`); kills whatever is left, spares included."""
+        self._stopping.set()
         self._spawns.put(None)
         self._spawn_thread.join(5)
-        for c in self.snapshot():
+        with self._lock:
+            left = [*self._by_key.values(), *self._spares]
+        for c in left:
             c.process.kill()
         self._stopping.set()
         self._wake()
@@ -359,9 +432,12 @@ class Children:
             else:
                 self._reply(msg.pop("r"), msg)
         elif kind == "started":
-            c.started = True
+            with self._lock:
+                c.started = True
+                waiters, c.waiters = c.waiters, []
             self.starts += 1
-            self._report(p.SPAWNED, c, pid=c.pid)
+            self._report(p.SPAWNED, c, pid=c.pid)  # published before the answers (see _flush)
+            self._answer(c, waiters)
             self._event(p.EVENT_STARTED, key=c.key, name=c.name, child_pid=c.pid,
                         startup_ms=round((time.time() - c.started_at) * 1000, 3))
         elif kind == "init_error":
@@ -379,15 +455,27 @@ class Children:
         with self._lock:
             c.gone = True
             self._dying.discard(c)
-            if self._by_key.get((c.name, c.key)) is c:
+            if c.spare:
+                if c in self._spares:
+                    self._spares.remove(c)
+                if not self._stopping.is_set():
+                    self._spawns.put(_REFILL)
+            elif self._by_key.get((c.name, c.key)) is c:
                 del self._by_key[(c.name, c.key)]
             calls, c.calls = c.calls, {}
         c.conn.close()
+        if c.spare:
+            return
         reason = c.reason or (f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}")
         for corr, reply_to in calls.items():
             self._reply(reply_to, {"t": p.REPLY, "c": corr, "error": "gone",
                                    "msg": f"keyed process {c.key!r} exited: {reason}"})
         if not c.started:
+            if code == child_main.FENCED and c.init_error is None:
+                # Ended itself before init: its worker had stopped hearing the broker. Not the key's fault.
+                self._outbox.append({"t": p.SPAWN_FAILED, "n": c.name, "k": c.key, "node": self.hostname,
+                                     "sid": c.sid, "error": "unavailable"})
+                return
             etype, emsg = c.init_error or ("ProcessExited", f"exited during init: {reason}")
             self._outbox.append({"t": p.SPAWN_FAILED, "n": c.name, "k": c.key, "node": self.hostname,
                                  "sid": c.sid, "error": "start", "type": etype, "msg": emsg})
@@ -412,6 +500,10 @@ class Children:
                 logger.warning("forseti: keyed process %r (pid %d) ignored stop; killing it", c.key, c.pid)
                 c.process.kill()
                 c.kill_at = now + 1.0
+
+    def _answer(self, c: Child, waiters: list[list[str]]) -> None:
+        for reply_to, corr in waiters:
+            self._reply(reply_to, {"t": p.REPLY, "c": corr, "v": [self.hostname, c.pid]})
 
     def _report(self, kind: str, c: Child, **fields: Any) -> None:
         self._outbox.append({"t": kind, "n": c.name, "k": c.key, "node": self.hostname, "sid": c.sid, **fields})

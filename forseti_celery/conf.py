@@ -44,6 +44,9 @@ class Settings:
     #: Redis: the leader lease length in seconds (renewed every quarter of it). RabbitMQ: the
     #: broker heartbeat of the registry's connection, so a hung leader loses its connection (and role).
     lease: float = 5.0
+    #: Keyed processes each worker forks ahead of need, waiting for a key: a new key then costs
+    #: a pipe write instead of a fork and a process start. 0 forks on demand only.
+    spares: int = 2
     #: Seconds a stopped keyed process gets to run ``terminate`` before it is killed.
     stop_timeout: float = 5.0
     #: Prefix of every queue, exchange and Redis key, so several clusters can share a broker.
@@ -88,5 +91,7 @@ class Settings:
             raise ConfigurationError("forseti_namespace must be a non-empty [A-Za-z0-9_-] word")
         if self.max_retries < 0:
             raise ConfigurationError("forseti_max_retries must be >= 0")
+        if not isinstance(self.spares, int) or self.spares < 0:
+            raise ConfigurationError("forseti_spares must be an integer >= 0")
 
 

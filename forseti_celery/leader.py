@@ -43,6 +43,8 @@ class Entry:
     #: for the entries recorded before it was asked for, never for later ones.
     seq: int = 0
     since: float = field(default_factory=time.monotonic)
+    #: How many of ``waiters`` the worker answers itself when the process has started.
+    told: int = 0
 
 
 class Leader:
@@ -162,7 +164,7 @@ class Leader:
             if entry.pid is None:
                 if pid is not None:
                     entry.sid = sid
-                    self._started(k, entry, pid)  # its start report was lost
+                    self._started(k, entry, pid, told=0)  # its start report (and answers?) were lost
                 elif sid != entry.sid:
                     # Its order was lost, or refused: place it again, for whoever still waits.
                     logger.info("forseti: %r never started on %s; placed again", k, host)
@@ -273,10 +275,10 @@ class Leader:
         for reply_to, corr in entry.waiters:
             self._reply(reply_to, {**error, "c": corr})
 
-    def _started(self, k: Key, entry: Entry, pid: int) -> None:
+    def _started(self, k: Key, entry: Entry, pid: int, told: int | None = None) -> None:
         entry.pid = pid
         self._starting.pop(k, None)
-        for waiter in entry.waiters:
+        for waiter in entry.waiters[entry.told if told is None else told:]:
             self._answer(waiter, k, entry)
         entry.waiters.clear()
 
@@ -299,10 +301,11 @@ class Leader:
             for reply_to, corr in waiters:
                 self._reply(reply_to, {"t": p.REPLY, "c": corr, "error": error, "msg": text})
             return
-        entry = Entry(node, uuid.uuid4().hex, args, waiters=list(waiters))
+        entry = Entry(node, uuid.uuid4().hex, args, waiters=list(waiters), told=len(waiters))
         self._record(node, k, entry)
+        # The worker answers these callers itself once the process has started: one hop less.
         self._send_node(node, {"t": p.SPAWN, "n": k[0], "k": k[1], "a": args, "sid": entry.sid,
-                               "epoch": self.epoch, "leader": self.hostname})
+                               "epoch": self.epoch, "leader": self.hostname, "w": [list(w) for w in waiters]})
 
     def least_used(self, name: str | None) -> str | None:
         """The eligible live worker (knowing ``name``) with the fewest processes; ties by hostname."""

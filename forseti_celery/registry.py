@@ -66,7 +66,7 @@ class Node:
         self.leader = Leader(hostname, self.members, self._send_node, self._send_reply)
         self._out: dict[str, list[dict[str, Any]]] = {}  # what the consumer thread sends, per queue
         self.children = Children(hostname, forseti.resolve, self._send, self.names.leader, self.events.send,
-                                 s.stop_timeout, s.fence_after, s.heartbeat)
+                                 s.stop_timeout, s.fence_after, s.heartbeat, s.spares)
         self._node_queue = self.names.node_queue(hostname)
         self._next_beat = 0.0
         self._closing = False
@@ -209,7 +209,7 @@ class Node:
                 {"t": p.SPAWN_FAILED, "n": msg["n"], "k": msg["k"], "node": self.hostname, "sid": msg["sid"],
                  "error": "unavailable"})
             return
-        self.children.spawn(msg["n"], msg["k"], msg.get("a", []), msg["sid"])
+        self.children.spawn(msg["n"], msg["k"], msg.get("a", []), msg["sid"], msg.get("w"))
 
     def _heard(self, hb: dict[str, Any]) -> None:
         if hb["node"] == self.hostname and hb["inc"] == self.incarnation:
