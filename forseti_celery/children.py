@@ -155,6 +155,7 @@ class Children:
         self._pending: dict[Key, str] = {}  # ordered, not forked yet: key -> sid
         self._spares: deque[Child] = deque()
         self._spare_target = spares
+        self._refill_due = False  # watcher thread only
         self._spawn_thread = threading.Thread(target=self._spawner, name="forseti-spawner", daemon=True)
         self._dying: set[Child] = set()  # children asked to stop, with a kill deadline
         self.starts = 0
@@ -179,9 +180,7 @@ class Children:
         waiters = list(waiters or ())
         with self._lock:
             if k not in self._by_key and self._assign_spare(name, key, args, sid, waiters):
-                if len(self._spares) < self._spare_target:
-                    self._spawns.put(_REFILL)
-                return
+                return  # the watcher has the next spare forked once this one's answers are out
             self._pending[k] = sid
         self._spawns.put((name, key, args, sid, waiters))
 
@@ -285,8 +284,6 @@ class Children:
             self._by_key[k] = c
             self._new.append(c)
         self._wake()
-        if self._spare_target:
-            self._refill()
 
     def deliver(self, batches: dict[Key, list[dict[str, Any]]]) -> None:
         """Forward casts/calls/stops, grouped per key, each group in one pipe write."""
@@ -399,6 +396,10 @@ class Children:
                 self._reap(c)
         self._kill_overdue()
         self._flush()
+        if self._refill_due:
+            # Only now: a fork holds the interpreter for milliseconds, which would delay the answers.
+            self._refill_due = False
+            self._spawns.put(_REFILL)
 
     def _drain_wake(self) -> None:
         try:
@@ -438,6 +439,7 @@ class Children:
             self.starts += 1
             self._report(p.SPAWNED, c, pid=c.pid)  # published before the answers (see _flush)
             self._answer(c, waiters)
+            self._refill_due = self._spare_target > 0
             self._event(p.EVENT_STARTED, key=c.key, name=c.name, child_pid=c.pid,
                         startup_ms=round((time.time() - c.started_at) * 1000, 3))
         elif kind == "init_error":

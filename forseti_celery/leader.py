@@ -67,6 +67,7 @@ class Leader:
         self._seq = 0
         self._starting: dict[Key, Entry] = {}
         self._deferred: list[dict[str, Any]] = []
+        self._deferred_exits: set[Key] = set()
         self._handlers: dict[str, Callable[[dict[str, Any]], None]] = {
             p.GET: self._get, p.SEARCH: self._search, p.METRICS: self._metrics, p.STOP_KEY: self._stop,
             p.SPAWNED: self._spawned, p.SPAWN_FAILED: self._spawn_failed, p.EXITED: self._exited,
@@ -96,6 +97,7 @@ class Leader:
         self._counts.clear()
         self._awaiting.clear()
         self._deferred.clear()
+        self._deferred_exits.clear()
         self._suspects.clear()
         self._asked.clear()
         self._starting.clear()
@@ -204,14 +206,17 @@ class Leader:
         logger.info("forseti: %s leads (epoch %d) with %d keys on %d workers",
                     self.hostname, self.epoch, len(self._table), len(self._counts))
         deferred, self._deferred = self._deferred, []
+        self._deferred_exits.clear()
         for msg in deferred:
             self.handle(msg)
 
     # -- messages ---------------------------------------------------------------------
     def handle(self, msg: dict[str, Any]) -> None:
-        """A message from the leader queue."""
-        if not self.ready:
+        """A message from the leader queue; during the rebuild, only what :meth:`_settled` allows."""
+        if not self.ready and not self._settled(msg):
             self._deferred.append(msg)
+            if msg["t"] == p.EXITED:
+                self._deferred_exits.add((msg["n"], msg["k"]))
             return
         handler = self._handlers.get(msg["t"])
         if handler is None:
@@ -219,6 +224,23 @@ class Leader:
         if msg["t"] not in _NODE_MESSAGES and msg.get("d", float("inf")) < time.time():
             return  # the caller has given up already
         handler(msg)
+
+    def _settled(self, msg: dict[str, Any]) -> bool:
+        """Whether the rebuilding table already answers ``msg`` as the complete one will.
+
+        A key the table has as live was reported by its worker, and no other worker runs it
+        (one process per key), so reports still awaited cannot change the answer to a lookup
+        of it, nor its freeing by an exit report naming that very process. Every other message
+        waits, in order, for the complete table.
+        """
+        kind = msg["t"]
+        if kind not in (p.GET, p.SEARCH, p.EXITED):
+            return False
+        k = (msg["n"], msg["k"])
+        entry = self._table.get(k)
+        if entry is None or entry.pid is None or k in self._deferred_exits:
+            return False  # (an exit report that came before its worker's registry may name it)
+        return kind != p.EXITED or (entry.node, entry.pid) == (msg["node"], msg["pid"])
 
     def _get(self, msg: dict[str, Any]) -> None:
         k = (msg["n"], msg["k"])
