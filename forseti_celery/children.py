@@ -42,6 +42,7 @@ Key = tuple[str, str]
 Waiter = tuple[str, str]
 _Order = tuple[str, str, list[Any], str, list[list[str]]]  # name, key, args, sid, waiters
 _REFILL: _Order = ("", "", [], "", [])  # the spawner's cue to fork spares up to the target
+_QUIET = 0.01  # seconds without spawns or deliveries before a spare is forked (while one is left)
 _READ = select.POLLIN | select.POLLHUP | select.POLLERR
 
 
@@ -156,6 +157,7 @@ class Children:
         self._spares: deque[Child] = deque()
         self._spare_target = spares
         self._refill_due = False  # watcher thread only
+        self._busy_at = 0.0  # when the consumer thread last had work for the children
         self._spawn_thread = threading.Thread(target=self._spawner, name="forseti-spawner", daemon=True)
         self._dying: set[Child] = set()  # children asked to stop, with a kill deadline
         self.starts = 0
@@ -178,6 +180,7 @@ class Children:
         """
         k = (name, key)
         waiters = list(waiters or ())
+        self._busy_at = time.monotonic()
         with self._lock:
             if k not in self._by_key and self._assign_spare(name, key, args, sid, waiters):
                 return  # the watcher has the next spare forked once this one's answers are out
@@ -200,9 +203,18 @@ class Children:
 
     def _spawner(self) -> None:
         # Long-lived on purpose: PR_SET_PDEATHSIG fires when the thread that forked exits.
-        while (order := self._spawns.get()) is not None:
+        refill = False
+        while True:
+            try:
+                order = self._spawns.get(timeout=self._refill_wait() if refill else None)
+            except queue.Empty:  # time to fork a spare, unless the worker got busy meanwhile
+                if self._refill_wait() <= 0:
+                    refill = self._fork_spare()
+                continue
+            if order is None:
+                return
             if order is _REFILL:
-                self._refill()
+                refill = True
                 continue
             name, key, args, sid, waiters = order
             try:
@@ -217,21 +229,31 @@ class Children:
                     if self._pending.get((name, key)) == sid:
                         del self._pending[(name, key)]
 
-    def _refill(self) -> None:
-        while not self._stopping.is_set() and not self.lifeline.cut_off():
-            with self._lock:
-                if len(self._spares) >= self._spare_target:
-                    return
-            try:
-                c = self._fork(None, "spare", "", [], "")
-            except Exception:
-                logger.exception("forseti: could not fork a spare keyed process")
-                return
-            c.spare = True
-            with self._lock:
-                self._spares.append(c)
-                self._new.append(c)
-            self._wake()
+    def _refill_wait(self) -> float:
+        # With a spare still at hand, fork the next one when the worker has been quiet for a
+        # moment: a fork holds the interpreter for milliseconds, which would delay the calls
+        # that usually follow a start.
+        with self._lock:
+            at_hand = bool(self._spares)
+        return max(0.0, self._busy_at + _QUIET - time.monotonic()) if at_hand else 0.0
+
+    def _fork_spare(self) -> bool:
+        """Fork one spare if fewer than the target are ready; True while more are wanted."""
+        with self._lock:
+            wanted = self._spare_target - len(self._spares)
+        if wanted <= 0 or self._stopping.is_set() or self.lifeline.cut_off():
+            return False  # (cut off: the next start after we hear the broker again asks anew)
+        try:
+            c = self._fork(None, "spare", "", [], "")
+        except Exception:
+            logger.exception("forseti: could not fork a spare keyed process")
+            return False
+        c.spare = True
+        with self._lock:
+            self._spares.append(c)
+            self._new.append(c)
+        self._wake()
+        return wanted > 1
 
     def _fork(self, target: Any, name: str, key: str, args: list[Any], sid: str) -> Child:
         parent_end, child_end = billiard.Pipe(duplex=True)
@@ -287,6 +309,7 @@ class Children:
 
     def deliver(self, batches: dict[Key, list[dict[str, Any]]]) -> None:
         """Forward casts/calls/stops, grouped per key, each group in one pipe write."""
+        self._busy_at = time.monotonic()
         for k, msgs in batches.items():
             with self._lock:
                 c = self._by_key.get(k)

@@ -2,8 +2,8 @@
 
 Runs in the consumer thread of the worker that holds the role, so its state needs
 no lock. On taking the role it first asks every live worker for its registry and
-answers nothing until all have reported (or been declared dead): requests that
-arrive meanwhile wait in order. Every request costs O(1) in the number of keys
+answers nothing those registries could change until all have reported (or been
+declared dead): requests that arrive meanwhile wait in order. Every request costs O(1) in the number of keys
 (placement is O(workers)).
 """
 
