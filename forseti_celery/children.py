@@ -363,6 +363,12 @@ class Children:
         with self._lock:
             return list(self._by_key.values())
 
+    @property
+    def spares(self) -> int:
+        """Spares forked and waiting for a key now."""
+        with self._lock:
+            return len(self._spares)
+
     def registry(self) -> list[list[Any]]:
         """``[name, key, pid or None while starting, sid]`` of every process here, ordered ones
         not forked yet included: what a node reports to its leader."""

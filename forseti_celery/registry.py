@@ -348,6 +348,7 @@ class Node:
             "eligible": self.eligible,
             "processes": dict(Counter(c.name for c in procs)),
             "total": len(procs),
+            "spares": self.children.spares,
             "starts": self.children.starts,
             "exits": self.children.exits,
             "epoch": self.epoch,

@@ -22,6 +22,7 @@ app.conf.update(
     forseti_heartbeat=float(os.environ.get("FORSETI_HEARTBEAT", "0.5")),
     forseti_node_timeout=float(os.environ.get("FORSETI_NODE_TIMEOUT", "4")),
     forseti_lease=float(os.environ.get("FORSETI_LEASE", "2")),
+    forseti_spares=int(os.environ.get("FORSETI_SPARES", "2")),
 )
 if os.environ.get("FORSETI_FS_FOLDER"):  # the filesystem transport, which forseti must refuse
     folder = os.environ["FORSETI_FS_FOLDER"]

@@ -201,3 +201,39 @@ def test_a_transport_without_election_is_refused_at_worker_start(tmp_path: Path)
     )
     assert proc.returncode != 0
     assert "forseti_celery needs a RabbitMQ (amqp) or Redis broker" in proc.stdout + proc.stderr
+
+
+def _started_at(pid: int) -> float:
+    """When ``pid`` started, in seconds since boot (``/proc/<pid>/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[19]) / os.sysconf("SC_CLK_TCK")
+
+
+def _uptime() -> float:
+    return float(Path("/proc/uptime").read_text().split()[0])
+
+
+@pytest.mark.parametrize("spares", [2, 0])
+def test_a_new_key_goes_to_a_spare_forked_ahead_or_to_a_fork_on_demand(
+    spares: int, redis_url: str, tmp_path: Path
+) -> None:
+    with harness(redis_url, tmp_path, n=1, FORSETI_SPARES=str(spares)) as h:
+        worker = h.cluster.workers[0]
+
+        def stats() -> dict[str, object]:
+            replies = h.app.control.inspect(destination=[worker.hostname], timeout=2).stats() or {}
+            return dict(replies.get(worker.hostname, {}).get("forseti", {}))
+
+        wait_for(lambda: stats().get("spares") == spares, 20, 0.1, "the worker never had its spares")
+        time.sleep(0.3)
+        asked = _uptime()
+        ref = h.forseti.get_key("spare-1")
+        assert ref.call("get") == 0 and ref.pid in worker.descendants()
+        if spares:
+            assert _started_at(ref.pid) < asked - 0.1, "the key's process was forked on demand"
+            # Spares are no keyed processes: not counted; and another one is forked behind it.
+            assert h.forseti.get_metrics() == {worker.hostname: 1}
+            wait_for(lambda: stats().get("spares") == spares and stats().get("total") == 1, 10, 0.1)
+        else:
+            assert _started_at(ref.pid) >= asked - 0.02
+        ref.stop()
