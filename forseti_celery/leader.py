@@ -289,9 +289,11 @@ class Leader:
             return
         self._forget(k, entry)
         if msg["error"] == "unavailable":
-            # The worker is stopping or cut off: not a failure of the key. Elsewhere, then.
+            # The worker is stopping or cut off: not a failure of the key. Elsewhere, then; with
+            # nowhere else to go, its callers ask again (every forseti_retry_interval) meanwhile.
             self.members.exclude(msg["node"])
-            self._start(k, entry.args, entry.waiters)
+            if self.least_used(k[0]) is not None:
+                self._start(k, entry.args, entry.waiters)
             return
         error = {"t": p.REPLY, "error": msg["error"], "type": msg.get("type", ""), "msg": msg.get("msg", "")}
         for reply_to, corr in entry.waiters:
