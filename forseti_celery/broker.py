@@ -9,10 +9,11 @@ registry living in the same process.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import amqp.exceptions
@@ -26,7 +27,7 @@ from .protocol import CONTENT_ENCODING, CONTENT_TYPE, Message, decode, encode
 
 logger = get_logger(__name__)
 
-__all__ = ["Batcher", "ConsumerLoop", "Publisher", "RestartIntensity"]
+__all__ = ["Batcher", "ConsumerLoop", "Publisher", "RestartIntensity", "reuse_redis_client"]
 
 
 class RestartIntensity:
@@ -103,7 +104,9 @@ class Publisher:
         if not self._conn.connected:
             self._conn.ensure_connection(max_retries=1, interval_start=0.1, interval_step=0.2, interval_max=0.2,
                                          timeout=2.0)
-        return self._conn.default_channel
+        channel = self._conn.default_channel
+        reuse_redis_client(channel)
+        return channel
 
     def _reset(self) -> None:
         self._producer = None
@@ -118,6 +121,26 @@ class Publisher:
         with self._lock:
             self._producer = None
             self._conn.release()
+
+
+def reuse_redis_client(channel: Any) -> None:
+    """Publish through one redis-py client per channel.
+
+    kombu's Redis channel builds a new ``redis.Redis`` object for every message it
+    publishes (``conn_or_acquire``), which is half the cost of a publish (260 -> 130 µs
+    measured here). The client object holds no connection of its own (it borrows one
+    from the channel's pool per command), so one per channel is as safe across
+    reconnections as one per message.
+    """
+    if getattr(channel, "_forseti_client", None) is not None or not hasattr(channel, "_create_client"):
+        return
+    cached = channel._forseti_client = channel._create_client()
+
+    @contextlib.contextmanager
+    def conn_or_acquire(client: Any = None) -> Iterator[Any]:  # kombu's signature
+        yield client or cached
+
+    channel.conn_or_acquire = conn_or_acquire
 
 
 class Batcher:

@@ -17,6 +17,8 @@ from typing import Any
 from celery import Celery
 from celery.utils.log import get_logger
 
+from .broker import reuse_redis_client
+
 logger = get_logger(__name__)
 
 __all__ = ["EventSender"]
@@ -50,6 +52,7 @@ class EventSender:
                 if dispatcher is None:
                     conn = self._app.connection_for_write()
                     dispatcher = self._app.events.Dispatcher(conn, hostname=self._hostname, enabled=True, groups=None)
+                    reuse_redis_client(dispatcher.producer.channel)
                 dispatcher.send(type_, **fields)
             except Exception as exc:
                 logger.debug("forseti: event %s not sent: %r", type_, exc)
