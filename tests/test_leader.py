@@ -1,0 +1,121 @@
+"""The leader's table logic on its own (no broker): rebuild, early answers, reconciliation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from forseti_celery import protocol as p
+from forseti_celery.leader import Leader
+from forseti_celery.membership import Members
+
+
+class Wire:
+    """What a leader sends: to workers, and as replies."""
+
+    def __init__(self) -> None:
+        self.to_nodes: list[tuple[str, dict[str, Any]]] = []
+        self.replies: list[tuple[str, dict[str, Any]]] = []
+
+    def node(self, host: str, msg: dict[str, Any]) -> None:
+        self.to_nodes.append((host, msg))
+
+    def reply(self, rk: str, msg: dict[str, Any]) -> None:
+        self.replies.append((rk, msg))
+
+    def spawns(self) -> list[tuple[str, dict[str, Any]]]:
+        return [(h, m) for h, m in self.to_nodes if m["t"] == p.SPAWN]
+
+    def answer(self, corr: str) -> Any:
+        found = [m for _, m in self.replies if m["c"] == corr]
+        assert len(found) <= 1, found
+        return found[0] if found else None
+
+
+def beat(members: Members, host: str, count: int = 0) -> dict[str, Any]:
+    hb = {"t": p.HEARTBEAT, "node": host, "inc": f"inc-{host}", "eligible": True, "names": ["default"],
+          "count": count}
+    members.heard(hb)
+    return hb
+
+
+def get(key: str, corr: str) -> dict[str, Any]:
+    return {"t": p.GET, "n": "default", "k": key, "a": [], "r": "client", "c": corr}
+
+
+def report(host: str, procs: list[list[Any]], q: int = 0) -> dict[str, Any]:
+    return {"t": p.REPORT, "node": host, "epoch": 1, "procs": procs, "q": q}
+
+
+@pytest.fixture
+def cluster() -> tuple[Leader, Members, Wire]:
+    members = Members(node_timeout=8.0)
+    for host in ("a", "b", "c"):
+        beat(members, host)
+    wire = Wire()
+    return Leader("a", members, wire.node, wire.reply), members, wire
+
+
+def test_a_rebuilding_leader_answers_only_what_the_awaited_reports_cannot_change(cluster: Any) -> None:
+    leader, _, wire = cluster
+    leader.activate(0)
+    assert sorted(h for h, m in wire.to_nodes if m["t"] == p.REPORT_REQUEST) == ["a", "b", "c"]
+    leader.report(report("a", []))
+    # An exit report that came before its worker's registry (which still lists the process).
+    leader.handle({"t": p.EXITED, "n": "default", "k": "gone-on-c", "node": "c", "pid": 333, "sid": "s3"})
+    leader.report(report("c", [["default", "on-c", 332, "s1"], ["default", "gone-on-c", 333, "s3"],
+                               ["default", "exited-on-c", 334, "s2"]]))
+    leader.handle(get("on-c", "1"))
+    leader.handle({"t": p.SEARCH, "n": "default", "k": "on-c", "r": "client", "c": "2"})
+    leader.handle(get("new", "3"))
+    leader.handle(get("gone-on-c", "4"))
+    leader.handle({"t": p.EXITED, "n": "default", "k": "exited-on-c", "node": "c", "pid": 334, "sid": "s2"})
+    assert not leader.ready  # b has not reported
+    assert wire.answer("1")["v"] == ["c", 332] and wire.answer("2")["v"] == ["c", 332]
+    assert wire.answer("3") is None and wire.answer("4") is None and not wire.spawns()
+    leader.report(report("b", []))
+    assert leader.ready
+    # In order: the early exit report frees gone-on-c, so both keys are placed anew (with their callers).
+    placed = {m["k"]: m["w"] for _, m in wire.spawns()}
+    assert placed == {"new": [["client", "3"]], "gone-on-c": [["client", "4"]]}
+    leader.handle(get("exited-on-c", "5"))
+    assert "exited-on-c" in {m["k"] for _, m in wire.spawns()}
+
+
+def test_reconciliation_judges_only_what_was_recorded_before_the_question(cluster: Any) -> None:
+    leader, _, wire = cluster
+    leader.activate(0)
+    for host in ("a", "b", "c"):
+        leader.report(report(host, []))
+    leader.handle(get("k", "1"))
+    ((host, _),) = wire.spawns()
+    # A registry asked for before the placement cannot know it: the key stays starting.
+    leader.report(report(host, [], q=0))
+    assert len(wire.spawns()) == 1
+    # Asked after it, and the key is not there: its order was lost; placed again.
+    leader.report(report(host, [], q=10))
+    assert len(wire.spawns()) == 2 and wire.spawns()[1][1]["w"] == [["client", "1"]]
+    host2, spawn2 = wire.spawns()[1]
+    # Reported with a pid although its start report never came: recorded, and its caller answered.
+    leader.report(report(host2, [["default", "k", 77, spawn2["sid"]]], q=10))
+    assert wire.answer("1")["v"] == [host2, 77]
+    leader.handle({"t": p.SEARCH, "n": "default", "k": "k", "r": "client", "c": "2"})
+    assert wire.answer("2")["v"] == [host2, 77]
+
+
+def test_a_start_refused_as_unavailable_goes_to_another_worker(cluster: Any) -> None:
+    leader, members, wire = cluster
+    leader.activate(0)
+    for host in ("a", "b", "c"):
+        leader.report(report(host, []))
+    leader.handle(get("k", "1"))
+    ((first, spawn),) = wire.spawns()
+    leader.handle({"t": p.SPAWN_FAILED, "n": "default", "k": "k", "node": first, "sid": spawn["sid"],
+                   "error": "unavailable"})
+    assert wire.answer("1") is None  # not an error of the key
+    (second, again) = wire.spawns()[1]
+    assert second != first and again["w"] == [["client", "1"]]
+    # Eligible again on its next heartbeat.
+    beat(members, first)
+    assert members.get(first).eligible
