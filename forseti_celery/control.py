@@ -39,7 +39,7 @@ def node_of(state: Any) -> Node | None:
 
 
 def describe(child: Child, now: float) -> dict[str, Any]:
-    """One keyed process as ``forseti_keys`` lists it (``uptime`` in seconds since it was forked)."""
+    """One keyed process as ``forseti_keys`` lists it (``uptime`` in seconds since it was given its key)."""
     return {
         "key": child.key,
         "name": child.name,
