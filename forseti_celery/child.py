@@ -28,7 +28,7 @@ from .process import KeyedProcess
 
 logger = get_logger(__name__)
 
-__all__ = ["Lifeline", "Mailbox", "mailbox", "run"]
+__all__ = ["FENCED", "Lifeline", "Mailbox", "detach", "mailbox", "run"]
 
 _PR_SET_PDEATHSIG = 1
 try:  # resolved once in the worker, so a new child does not load libc again
@@ -145,7 +145,7 @@ def run(conn: Any, target: Any, key: str, args: list[Any], parent_pid: int, clos
     # Everything inherited from the worker stays out of this process's collections: a collection
     # would touch (and so copy) every inherited page.
     gc.freeze()
-    _detach(parent_pid, close_fds)
+    detach(parent_pid, close_fds)
     if lifeline.cut_off():
         os._exit(FENCED)  # forked by a worker that has just stopped hearing the broker: too late to start
     box = _current = Mailbox(conn, lifeline)
@@ -200,7 +200,9 @@ def _serve(box: Mailbox, cls: type[KeyedProcess], key: str, args: list[Any]) -> 
             raise
 
 
-def _detach(parent_pid: int, close_fds: Iterable[int]) -> None:
+def detach(parent_pid: int, close_fds: Iterable[int]) -> None:
+    """Right after a fork from ``parent_pid``: default signal handling, die with the parent,
+    close ``close_fds`` (the parent's ends of pipes and sockets)."""
     # Celery's handlers were inherited and do nothing outside the worker's main
     # process; a keyed process must die on SIGTERM. SIGINT (a terminal's ^C) goes
     # to the whole process group: the worker stops its children itself.

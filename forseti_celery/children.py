@@ -32,6 +32,7 @@ from celery.utils.log import get_logger
 
 from . import child as child_main
 from . import protocol as p
+from . import zygote as zygote_mod
 from .errors import BrokerUnavailable
 
 logger = get_logger(__name__)
@@ -156,6 +157,7 @@ class Children:
         self._pending: dict[Key, str] = {}  # ordered, not forked yet: key -> sid
         self._spares: deque[Child] = deque()
         self._spare_target = spares
+        self._zygote: zygote_mod.Zygote | None = None
         self._refill_due = False  # watcher thread only
         self._busy_at = 0.0  # when the consumer thread last had work for the children
         self._spawn_thread = threading.Thread(target=self._spawner, name="forseti-spawner", daemon=True)
@@ -164,7 +166,16 @@ class Children:
         self.exits = 0
 
     def start(self) -> None:
-        """Start watching and spawning."""
+        """Start watching and spawning (and the zygote that forks the spares, where it can run)."""
+        if self._spare_target and zygote_mod.available():
+            try:
+                # From the worker's main thread, before our threads run: the zygote dies with the worker.
+                self._zygote = zygote_mod.Zygote(KeyedChild, self.lifeline, self._resolve,
+                                                 [self._wake_r, self._wake_w])
+                self._poller.register(self._zygote.exit_fd, select.POLLIN)
+            except Exception:
+                logger.exception("forseti: no zygote; spares are forked by the worker")
+                self._zygote = None
         self._thread.start()
         self._spawn_thread.start()
         if self._spare_target:
@@ -244,7 +255,10 @@ class Children:
         if wanted <= 0 or self._stopping.is_set() or self.lifeline.cut_off():
             return False  # (cut off: the next start after we hear the broker again asks anew)
         try:
-            c = self._fork(None, "spare", "", [], "")
+            if self._zygote is not None and self._zygote.alive:
+                c = self._fork_from_zygote()
+            else:
+                c = self._fork(None, "spare", "", [], "")
         except Exception:
             logger.exception("forseti: could not fork a spare keyed process")
             return False
@@ -255,12 +269,18 @@ class Children:
         self._wake()
         return wanted > 1
 
+    def _fork_from_zygote(self) -> Child:
+        assert self._zygote is not None
+        process, fd = self._zygote.fork()
+        return Child("spare", "", "", process, billiard.connection.Connection(fd), conn_fd=fd)
+
     def _fork(self, target: Any, name: str, key: str, args: list[Any], sid: str) -> Child:
         parent_end, child_end = billiard.Pipe(duplex=True)
         with self._lock:
             # The child keeps none of the worker's pipe ends: end-of-file then means "worker gone".
             inherited = [self._wake_r, self._wake_w, parent_end.fileno(),
-                         *(c.conn_fd for c in (*self._by_key.values(), *self._spares))]
+                         *(c.conn_fd for c in (*self._by_key.values(), *self._spares)),
+                         *(self._zygote.fds if self._zygote is not None else ())]
         proc = KeyedChild(
             target=child_main.run, name=f"forseti:{name}",
             args=(child_end, target, key, args, os.getpid(), inherited, self.lifeline, self._resolve),
@@ -387,6 +407,8 @@ class Children:
             left = [*self._by_key.values(), *self._spares]
         for c in left:
             c.process.kill()
+        if self._zygote is not None:
+            self._zygote.stop()
         self._stopping.set()
         self._wake()
         self._thread.join(5)
@@ -414,6 +436,9 @@ class Children:
         for fd, _ in self._poller.poll(timeout * 1000):
             if fd == self._wake_r:
                 self._drain_wake()
+                continue
+            if self._zygote is not None and fd == self._zygote.exit_fd:
+                self._zygote.read_exits()
                 continue
             entry = self._by_fd.get(fd)
             if entry is None:
@@ -483,6 +508,8 @@ class Children:
         self._unwatch(c.process.sentinel)
         c.process.join(1.0)
         code = c.process.exitcode
+        if isinstance(c.process, zygote_mod.Grandchild):
+            c.process.close()
         with self._lock:
             c.gone = True
             self._dying.discard(c)

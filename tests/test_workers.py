@@ -237,6 +237,18 @@ def test_a_new_key_goes_to_a_spare_forked_ahead_or_to_a_fork_on_demand(
             # Spares are no keyed processes: not counted; and another one is forked behind it.
             assert h.forseti.get_metrics() == {worker.hostname: 1}
             wait_for(lambda: stats().get("spares") == spares and stats().get("total") == 1, 10, 0.1)
+            # Forked by the worker's zygote: it and every spare die with the worker.
+            zygote = _parent_of(ref.pid)
+            assert zygote != worker.pid and zygote in worker.descendants()
+            family = worker.descendants()
+            worker.kill(signal.SIGKILL)
+            wait_for(lambda: not any(alive(pid) for pid in family), 10, 0.05,
+                     lambda: f"outlived their worker: {[pid for pid in family if alive(pid)]}")
         else:
             assert _started_at(ref.pid) >= asked - 0.02
-        ref.stop()
+            assert _parent_of(ref.pid) == worker.pid
+            ref.stop()
+
+
+def _parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])

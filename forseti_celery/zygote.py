@@ -1,0 +1,230 @@
+"""The zygote: a small, quiet process forked by a worker at start that forks its spares.
+
+A fork from the worker itself holds the worker's interpreter while the kernel copies its page
+tables, and afterwards every page the busy worker writes is copied once more (the child still
+shares it), which costs the worker CPU and leaves the child's memory private. The zygote does
+nothing after its own fork, so the spares it forks keep sharing its pages and the worker's
+threads never wait for a fork.
+
+Spares forked by the zygote are the worker's grandchildren: the worker receives each one's end
+of the pipe over a Unix socket (``SCM_RIGHTS``), watches its exit through a pidfd, and learns its
+exit status from the zygote, which reaps it. A spare dies with the zygote
+(``PR_SET_PDEATHSIG``), the zygote with the worker's spawner thread, and both when the worker's
+end of their socket or pipe closes.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import billiard
+import billiard.connection
+from celery.utils.log import get_logger
+
+from . import child as child_main
+
+logger = get_logger(__name__)
+
+__all__ = ["Grandchild", "Zygote", "available"]
+
+
+def available() -> bool:
+    """Whether this system has what the zygote needs (Linux pidfds, fd passing)."""
+    return hasattr(os, "pidfd_open") and hasattr(socket, "send_fds") and sys.platform.startswith("linux")
+
+
+class Zygote:
+    """The worker's handle on its zygote; :meth:`fork` from the spawner thread only, exits read by
+    the watcher thread (:attr:`exit_fd`, :meth:`read_exits`)."""
+
+    def __init__(self, process_class: Any, lifeline: child_main.Lifeline, resolve: Callable[[str], Any],
+                 close_fds: Iterable[int]) -> None:
+        self._requests, their_requests = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._exits, their_exits = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._exits.setblocking(False)
+        keep_closed = [self._requests.fileno(), self._exits.fileno(), *close_fds]
+        self.process = process_class(
+            target=_main, name="forseti:zygote",
+            args=(their_requests, their_exits, lifeline, resolve, os.getpid(), keep_closed),
+        )
+        self.process.start()
+        their_requests.close()
+        their_exits.close()
+        self.exit_fd = self._exits.fileno()
+        self._codes: dict[int, int] = {}
+        #: False once a request failed: the worker then forks its spares itself.
+        self.alive = True
+
+    @property
+    def fds(self) -> list[int]:
+        """The worker's ends of the zygote's sockets (other children must not keep them open)."""
+        return [self._requests.fileno(), self._exits.fileno()]
+
+    def fork(self, timeout: float = 5.0) -> tuple[Grandchild, int]:
+        """Have a spare forked: the spare, and the worker's end of its pipe (an fd now ours)."""
+        try:
+            self._requests.settimeout(timeout)
+            self._requests.send(b"s")
+            msg, fds, _, _ = socket.recv_fds(self._requests, 32, 2)
+            if not msg or len(fds) != 2:
+                for fd in fds:
+                    os.close(fd)
+                raise OSError("the zygote has ended")
+        except OSError:
+            self.alive = False
+            raise
+        return Grandchild(int(msg), fds[1], self), fds[0]
+
+    def read_exits(self) -> None:
+        """Record the exit statuses the zygote has sent (non-blocking)."""
+        while True:
+            try:
+                data = self._exits.recv(64)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            if not data:
+                return
+            pid, code = data.split()
+            self._codes[int(pid)] = int(code)
+
+    def exitcode(self, pid: int) -> int | None:
+        """The exit status of a spare the zygote has reaped (negative: killed by that signal)."""
+        return self._codes.get(pid)
+
+    def wait(self, pid: int, timeout: float) -> int | None:
+        """Wait up to ``timeout`` seconds for the exit status of ``pid``."""
+        deadline = time.monotonic() + timeout
+        while pid not in self._codes:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._exits.fileno() < 0:
+                return None  # (the zygote was stopped: the worker is shutting down)
+            select.select([self._exits], [], [], remaining)
+            self.read_exits()
+        return self._codes[pid]
+
+    def forget(self, pid: int) -> None:
+        """Drop the exit status of a reaped spare."""
+        self._codes.pop(pid, None)
+
+    def stop(self) -> None:
+        """End the zygote (its spares end with it)."""
+        for sock in (self._requests, self._exits):
+            try:
+                sock.close()
+            except OSError:
+                pass
+        try:
+            os.kill(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.join(2)
+
+
+class Grandchild:
+    """What :class:`~forseti_celery.children.Children` needs of a process, for a zygote's spare."""
+
+    def __init__(self, pid: int, pidfd: int, zygote: Zygote) -> None:
+        self.pid = pid
+        self._zygote = zygote
+        #: Readable once the process has ended (a pidfd the zygote opened before it could reap it).
+        self.sentinel = pidfd
+
+    @property
+    def exitcode(self) -> int | None:
+        return self._zygote.exitcode(self.pid)
+
+    def join(self, timeout: float | None = None) -> None:
+        self._zygote.wait(self.pid, 1.0 if timeout is None else timeout)
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def close(self) -> None:
+        """Release the pidfd and the recorded status (after the exit has been handled)."""
+        self._zygote.forget(self.pid)
+        try:
+            os.close(self.sentinel)
+        except OSError:
+            pass
+
+
+def _main(requests: socket.socket, exits: socket.socket, lifeline: child_main.Lifeline,
+          resolve: Callable[[str], Any], worker_pid: int, close_fds: Iterable[int]) -> None:
+    """The zygote's loop (in the zygote process): fork a spare for each request, report exits."""
+    gc.disable()  # never walk (and so write) the heap it shares with the worker and the spares
+    child_main.detach(worker_pid, close_fds)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    me = os.getpid()
+    while True:
+        _reap(exits)
+        ready, _, _ = select.select([requests.fileno(), wake_r], [], [], 1.0)
+        if wake_r in ready:
+            try:
+                while os.read(wake_r, 512):
+                    pass
+            except BlockingIOError:
+                pass
+        if requests.fileno() not in ready:
+            continue
+        if not requests.recv(16):
+            os._exit(0)  # the worker is gone
+        ours, theirs = billiard.Pipe(duplex=True)
+        pid = os.fork()
+        if pid == 0:
+            _spare(theirs, [requests.fileno(), exits.fileno(), wake_r, wake_w, ours.fileno()], lifeline, resolve, me)
+        theirs.close()
+        pidfd = os.pidfd_open(pid)  # before any waitpid: it is our child, at worst a zombie
+        socket.send_fds(requests, [str(pid).encode()], [ours.fileno(), pidfd])
+        ours.close()
+        os.close(pidfd)
+
+
+def _spare(conn: Any, close_fds: list[int], lifeline: child_main.Lifeline, resolve: Callable[[str], Any],
+           zygote_pid: int) -> None:
+    code = 1
+    try:
+        signal.set_wakeup_fd(-1)
+        child_main.run(conn, None, "", [], zygote_pid, close_fds, lifeline, resolve)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        logger.exception("keyed process failed")
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (AttributeError, ValueError, OSError):
+                pass
+        os._exit(code)
+
+
+def _reap(exits: socket.socket) -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        try:
+            exits.send(f"{pid} {os.waitstatus_to_exitcode(status)}".encode())
+        except OSError:
+            pass
