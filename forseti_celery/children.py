@@ -5,7 +5,8 @@ Forking happens on a spawner thread that lives as long as the registry
 consumer thread nor the leader on it ever waits for a fork. The spawner keeps a
 few *spares* forked ahead (``forseti_spares``): a spare is a keyed process that
 has not been given its key yet, so a new key costs a pipe write, not a fork and
-a process start; the spawner forks a new spare behind it. A watcher thread
+a process start; the spawner has the next one forked behind it, by the worker's
+:mod:`~forseti_celery.zygote` where it runs (Linux), else by itself. A watcher thread
 polls every child's pipe and exit sentinel: it forwards
 answers to callers, reports starts and exits to the leader (through an outbox
 that is retried until the broker takes it: exits are never lost), and kills
@@ -232,9 +233,7 @@ class Children:
                 self._spawn(name, key, args, sid, waiters)
             except Exception as exc:
                 logger.exception("forseti: could not start %r", key)
-                self._outbox.append({"t": p.SPAWN_FAILED, "n": name, "k": key, "node": self.hostname, "sid": sid,
-                                     "error": "start", "type": type(exc).__name__, "msg": str(exc)})
-                self._wake()
+                self.spawn_failed(name, key, sid, "start", type=type(exc).__name__, msg=str(exc))
             finally:
                 with self._lock:
                     if self._pending.get((name, key)) == sid:
@@ -309,16 +308,11 @@ class Children:
             if self.lifeline.cut_off():
                 # The order came before a stall (the worker was stopped, or cut off): the leader
                 # may have given the key to another worker meanwhile. Let it place the key again.
-                self._outbox.append({"t": p.SPAWN_FAILED, "n": name, "k": key, "node": self.hostname,
-                                     "sid": sid, "error": "unavailable"})
-                self._wake()
+                self.spawn_failed(name, key, sid, "unavailable")
                 return
             target = self._resolve(name)
             if target is None:
-                self._outbox.append({"t": p.SPAWN_FAILED, "n": name, "k": key, "node": self.hostname,
-                                     "sid": sid, "error": "unknown_name",
-                                     "msg": f"{self.hostname} does not know {name!r}"})
-                self._wake()
+                self.spawn_failed(name, key, sid, "unknown_name", msg=f"{self.hostname} does not know {name!r}")
                 return
         c = self._fork(target, name, key, args, sid)
         c.waiters = waiters
@@ -409,7 +403,6 @@ class Children:
             c.process.kill()
         if self._zygote is not None:
             self._zygote.stop()
-        self._stopping.set()
         self._wake()
         self._thread.join(5)
 
@@ -531,12 +524,10 @@ class Children:
         if not c.started:
             if code == child_main.FENCED and c.init_error is None:
                 # Ended itself before init: its worker had stopped hearing the broker. Not the key's fault.
-                self._outbox.append({"t": p.SPAWN_FAILED, "n": c.name, "k": c.key, "node": self.hostname,
-                                     "sid": c.sid, "error": "unavailable"})
+                self.spawn_failed(c.name, c.key, c.sid, "unavailable")
                 return
             etype, emsg = c.init_error or ("ProcessExited", f"exited during init: {reason}")
-            self._outbox.append({"t": p.SPAWN_FAILED, "n": c.name, "k": c.key, "node": self.hostname,
-                                 "sid": c.sid, "error": "start", "type": etype, "msg": emsg})
+            self.spawn_failed(c.name, c.key, c.sid, "start", type=etype, msg=emsg)
             return
         self.exits += 1
         self._report(p.EXITED, c, pid=c.pid, reason=reason, code=code, stoppers=[list(s) for s in c.stoppers])
@@ -558,6 +549,13 @@ class Children:
                 logger.warning("forseti: keyed process %r (pid %d) ignored stop; killing it", c.key, c.pid)
                 c.process.kill()
                 c.kill_at = now + 1.0
+
+    def spawn_failed(self, name: str, key: str, sid: str, error: str, **fields: str) -> None:
+        """Tell the leader that the start ordered as ``sid`` did not happen (through the outbox:
+        retried until the broker takes it). ``unavailable`` has the key placed elsewhere."""
+        self._outbox.append({"t": p.SPAWN_FAILED, "n": name, "k": key, "node": self.hostname, "sid": sid,
+                             "error": error, **fields})
+        self._wake()
 
     def _answer(self, c: Child, waiters: list[list[str]]) -> None:
         for reply_to, corr in waiters:

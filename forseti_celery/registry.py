@@ -205,9 +205,7 @@ class Node:
         self.epoch = epoch
         if not self._available():
             # Stopping, cut off, or not sure we are heard: the leader places it elsewhere.
-            self._out.setdefault(self.names.leader, []).append(
-                {"t": p.SPAWN_FAILED, "n": msg["n"], "k": msg["k"], "node": self.hostname, "sid": msg["sid"],
-                 "error": "unavailable"})
+            self.children.spawn_failed(msg["n"], msg["k"], msg["sid"], "unavailable")
             return
         self.children.spawn(msg["n"], msg["k"], msg.get("a", []), msg["sid"], msg.get("w"))
 
@@ -287,7 +285,7 @@ class Node:
             self.leader.activate(self.epoch)
             self.loop.add_queue(self.names.leader_queue)
             self.events.send(p.EVENT_LEADER, leader=self.hostname)
-        elif not held:
+        elif not held and self.leader.active:
             self._step_down()
 
     def _step_down(self) -> None:
