@@ -44,6 +44,20 @@ def get(key: str, corr: str) -> dict[str, Any]:
     return {"t": p.GET, "n": "default", "k": key, "a": [], "r": "client", "c": corr}
 
 
+def search(key: str, corr: str) -> dict[str, Any]:
+    return {"t": p.SEARCH, "n": "default", "k": key, "r": "client", "c": corr}
+
+
+def place_one(leader: Leader, wire: Wire) -> tuple[str, dict[str, Any]]:
+    """Rebuild from three empty workers, then ``get`` the key "k" (caller "1"): where it went."""
+    leader.activate(0)
+    for host in ("a", "b", "c"):
+        leader.report(report(host, []))
+    leader.handle(get("k", "1"))
+    ((host, spawn),) = wire.spawns()
+    return host, spawn
+
+
 def report(host: str, procs: list[list[Any]], q: int = 0) -> dict[str, Any]:
     return {"t": p.REPORT, "node": host, "epoch": 1, "procs": procs, "q": q}
 
@@ -67,7 +81,7 @@ def test_a_rebuilding_leader_answers_only_what_the_awaited_reports_cannot_change
     leader.report(report("c", [["default", "on-c", 332, "s1"], ["default", "gone-on-c", 333, "s3"],
                                ["default", "exited-on-c", 334, "s2"]]))
     leader.handle(get("on-c", "1"))
-    leader.handle({"t": p.SEARCH, "n": "default", "k": "on-c", "r": "client", "c": "2"})
+    leader.handle(search("on-c", "2"))
     leader.handle(get("new", "3"))
     leader.handle(get("gone-on-c", "4"))
     leader.handle({"t": p.EXITED, "n": "default", "k": "exited-on-c", "node": "c", "pid": 334, "sid": "s2"})
@@ -85,11 +99,7 @@ def test_a_rebuilding_leader_answers_only_what_the_awaited_reports_cannot_change
 
 def test_reconciliation_judges_only_what_was_recorded_before_the_question(cluster: Any) -> None:
     leader, _, wire = cluster
-    leader.activate(0)
-    for host in ("a", "b", "c"):
-        leader.report(report(host, []))
-    leader.handle(get("k", "1"))
-    ((host, _),) = wire.spawns()
+    host, _ = place_one(leader, wire)
     # A registry asked for before the placement cannot know it: the key stays starting.
     leader.report(report(host, [], q=0))
     assert len(wire.spawns()) == 1
@@ -100,17 +110,13 @@ def test_reconciliation_judges_only_what_was_recorded_before_the_question(cluste
     # Reported with a pid although its start report never came: recorded, and its caller answered.
     leader.report(report(host2, [["default", "k", 77, spawn2["sid"]]], q=10))
     assert wire.answer("1")["v"] == [host2, 77]
-    leader.handle({"t": p.SEARCH, "n": "default", "k": "k", "r": "client", "c": "2"})
+    leader.handle(search("k", "2"))
     assert wire.answer("2")["v"] == [host2, 77]
 
 
 def test_a_start_refused_as_unavailable_goes_to_another_worker(cluster: Any) -> None:
     leader, members, wire = cluster
-    leader.activate(0)
-    for host in ("a", "b", "c"):
-        leader.report(report(host, []))
-    leader.handle(get("k", "1"))
-    ((first, spawn),) = wire.spawns()
+    first, spawn = place_one(leader, wire)
     leader.handle({"t": p.SPAWN_FAILED, "n": "default", "k": "k", "node": first, "sid": spawn["sid"],
                    "error": "unavailable"})
     assert wire.answer("1") is None  # not an error of the key
