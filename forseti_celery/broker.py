@@ -164,9 +164,12 @@ class Batcher:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._start_lock = threading.Lock()
 
-    def put(self, routing_key: str, msg: Message) -> None:
-        """Queue ``msg``; the sender thread publishes it shortly."""
+    def put(self, routing_key: str, msg: Message, wake: bool = True) -> None:
+        """Queue ``msg``; the sender thread publishes it shortly (``wake=False``: the caller
+        flushes itself next, so the sender thread is not woken for nothing)."""
         self._queue.append((routing_key, msg))
+        if not wake:
+            return
         if not self._thread.is_alive():
             with self._start_lock:
                 if not self._thread.is_alive():

@@ -203,15 +203,21 @@ class Children:
         # Under self._lock. Not when cut off: the spawner then answers "unavailable".
         while self._spares and not self.lifeline.cut_off() and self._resolve(name) is not None:
             c = self._spares.popleft()
-            try:
-                c.conn.send_bytes(json.dumps([{"t": "assign", "n": name, "k": key, "a": args}]).encode())
-            except OSError:
-                continue  # that spare has died: the watcher reaps it
-            c.name, c.key, c.sid, c.waiters, c.spare = name, key, sid, waiters, False
-            c.started_at = time.time()
-            self._by_key[(name, key)] = c
-            return True
+            if self._give(c, name, key, args, sid, waiters):
+                self._by_key[(name, key)] = c
+                return True
         return False
+
+    @staticmethod
+    def _give(c: Child, name: str, key: str, args: list[Any], sid: str, waiters: list[list[str]]) -> bool:
+        """Send a spare its key; False if it has died meanwhile (the watcher reaps it)."""
+        try:
+            c.conn.send_bytes(json.dumps([{"t": "assign", "n": name, "k": key, "a": args}]).encode())
+        except OSError:
+            return False
+        c.name, c.key, c.sid, c.waiters, c.spare = name, key, sid, waiters, False
+        c.started_at = time.time()
+        return True
 
     def _spawner(self) -> None:
         # Long-lived on purpose: PR_SET_PDEATHSIG fires when the thread that forked exits.
@@ -314,12 +320,31 @@ class Children:
             if target is None:
                 self.spawn_failed(name, key, sid, "unknown_name", msg=f"{self.hostname} does not know {name!r}")
                 return
-        c = self._fork(target, name, key, args, sid)
-        c.waiters = waiters
+        c = self._fork_for(target, name, key, args, sid, waiters)
         with self._lock:
             self._by_key[k] = c
             self._new.append(c)
         self._wake()
+
+    def _fork_for(self, target: Any, name: str, key: str, args: list[Any], sid: str,
+                  waiters: list[list[str]]) -> Child:
+        """A keyed process for a key no spare was left for: a spare the zygote forks at once and
+        is given the key (the worker's threads never wait for a fork), else a fork of the worker."""
+        if self._zygote is not None and self._zygote.alive:
+            try:
+                c = self._fork_from_zygote()
+            except OSError:
+                logger.warning("forseti: the zygote has ended; the worker forks keyed processes itself")
+            else:
+                if self._give(c, name, key, args, sid, waiters):
+                    return c
+                c.process.kill()  # died before its key reached it: reaped below, started afresh
+                c.process.join(1.0)
+                c.process.close()
+                c.conn.close()
+        c = self._fork(target, name, key, args, sid)
+        c.waiters = waiters
+        return c
 
     def deliver(self, batches: dict[Key, list[dict[str, Any]]]) -> None:
         """Forward casts/calls/stops, grouped per key, each group in one pipe write."""

@@ -140,7 +140,7 @@ class Client:
         pending = self._pending[corr] = _Pending()
         deadline = time.monotonic() + timeout
         try:
-            self._sender.put(routing_key, msg)
+            self._sender.put(routing_key, msg, wake=False)
             self._sender.flush()  # also sends what this client queued before, ahead of this request
             while True:
                 remaining = deadline - time.monotonic()
@@ -150,7 +150,7 @@ class Client:
                 if pending.event.wait(min(remaining, self.settings.retry_interval) if resend else remaining):
                     break
                 if resend:
-                    self._sender.put(routing_key, msg)
+                    self._sender.put(routing_key, msg, wake=False)
                     self._sender.flush()
         finally:
             del self._pending[corr]

@@ -165,6 +165,7 @@ def _main(requests: socket.socket, exits: socket.socket, lifeline: child_main.Li
           resolve: Callable[[str], Any], worker_pid: int, close_fds: Iterable[int]) -> None:
     """The zygote's loop (in the zygote process): fork a spare for each request, report exits."""
     gc.disable()  # never walk (and so write) the heap it shares with the worker and the spares
+    gc.freeze()  # nor should its spares (their own gc.freeze() then has nothing left to move)
     child_main.detach(worker_pid, close_fds)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
@@ -201,7 +202,8 @@ def _spare(conn: Any, close_fds: list[int], lifeline: child_main.Lifeline, resol
     code = 1
     try:
         signal.set_wakeup_fd(-1)
-        child_main.run(conn, None, "", [], zygote_pid, close_fds, lifeline, resolve)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the rest is as detach() left it in the zygote
+        child_main.run(conn, None, "", [], zygote_pid, close_fds, lifeline, resolve, signals=False)
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1

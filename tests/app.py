@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import time
@@ -58,6 +59,8 @@ class Counter(KeyedProcess):
             return self.seen
         if msg == "pid":
             return os.getpid()
+        if msg == "gc":
+            return gc.isenabled()
         if msg == "key":
             return self.key
         if msg == "crash":

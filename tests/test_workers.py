@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -240,6 +241,12 @@ def test_a_new_key_goes_to_a_spare_forked_ahead_or_to_a_fork_on_demand(
             # Forked by the worker's zygote: it and every spare die with the worker.
             zygote = _parent_of(ref.pid)
             assert zygote != worker.pid and zygote in worker.descendants()
+            # A burst larger than the spares: the zygote forks the rest on demand, too. Each one
+            # collects its own garbage (the zygote itself runs without).
+            with ThreadPoolExecutor(8) as pool:
+                burst = list(pool.map(h.forseti.get_key, [f"burst-{i}" for i in range(8)]))
+            assert {_parent_of(r.pid) for r in burst} == {zygote}
+            assert all(r.call("gc") is True for r in [ref, *burst])
             family = worker.descendants()
             worker.kill(signal.SIGKILL)
             wait_for(lambda: not any(alive(pid) for pid in family), 10, 0.05,
@@ -247,6 +254,7 @@ def test_a_new_key_goes_to_a_spare_forked_ahead_or_to_a_fork_on_demand(
         else:
             assert _started_at(ref.pid) >= asked - 0.02
             assert _parent_of(ref.pid) == worker.pid
+            assert ref.call("gc") is True
             ref.stop()
 
 
