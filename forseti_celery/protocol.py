@@ -49,6 +49,20 @@ EVENT_EXITED = "forseti-process-exited"
 EVENT_LEADER = "forseti-leader-elected"
 EVENT_NODE_LOST = "forseti-node-lost"  # the leader freed every key of a worker (field ``node``)
 
+#: What a client's cache of refs listens to.
+CACHE_EVENTS = (EVENT_EXITED, EVENT_NODE_LOST, EVENT_LEADER)
+#: The same as one Redis pub/sub glob (kombu binds a fanout queue on Redis to a single pattern):
+#: every ``forseti.*`` routing key but ``forseti.process.started``, which, alone of them, has an
+#: ``s`` for its 17th character. A client then never receives a start event (one per new key).
+#: ``tests/test_protocol.py`` checks it against every event type.
+REDIS_CACHE_EVENTS_PATTERN = "forseti.????????[^s]*"
+
+
+def event_routing_key(event_type: str) -> str:
+    """The routing key Celery publishes an event of ``event_type`` with."""
+    return event_type.replace("-", ".")
+
+
 CONTENT_TYPE = "application/json"
 CONTENT_ENCODING = "utf-8"
 
@@ -126,9 +140,8 @@ class Names:
         """A client's subscription to keyed-process exit events (for its cache of refs)."""
         with app.connection_for_read() as conn:
             exchange = get_exchange(conn)  # Celery's event exchange (a fanout on Redis)
-        types = (EVENT_EXITED, EVENT_NODE_LOST, EVENT_LEADER)
         # Redis subscribes a fanout queue to one routing-key pattern only (its last binding).
-        keys = [t.replace("-", ".") for t in types] if self._amqp else ["forseti.#"]
+        keys = [event_routing_key(t) for t in CACHE_EVENTS] if self._amqp else [REDIS_CACHE_EVENTS_PATTERN]
         return Queue(
             f"{self.namespace}.exits.{client_id}",
             bindings=[binding(exchange, routing_key=k) for k in keys],

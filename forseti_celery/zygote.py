@@ -21,6 +21,7 @@ import select
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -167,6 +168,9 @@ def _main(requests: socket.socket, exits: socket.socket, lifeline: child_main.Li
     gc.disable()  # never walk (and so write) the heap it shares with the worker and the spares
     gc.freeze()  # nor should its spares (their own gc.freeze() then has nothing left to move)
     child_main.detach(worker_pid, close_fds)
+    # The worker's Thread objects are dead copies here; os.fork() would reset their locks again in
+    # every spare (copying the pages they sit on).
+    threading._dangling.clear()  # type: ignore[attr-defined]
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)
