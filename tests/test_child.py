@@ -1,0 +1,112 @@
+"""A keyed process's own end of the contract, in a real forked process: its lifeline."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from typing import Any
+
+import billiard
+
+from forseti_celery import KeyedProcess
+from forseti_celery import child as child_main
+
+
+class Sink(KeyedProcess):
+    """Takes casts and does nothing with them."""
+
+    def handle_cast(self, msg: Any) -> None:
+        pass
+
+
+def _fork_spare(lifeline: child_main.Lifeline) -> tuple[int, Any]:
+    """A spare keyed process (as a zygote forks them) and the parent's end of its pipe."""
+    ours, theirs = billiard.Pipe(duplex=True)
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            ours.close()
+            child_main.run(theirs, None, "", [], parent, [], lifeline, lambda name: Sink)
+            code = 0
+        finally:
+            os._exit(code)
+    theirs.close()
+    return pid, ours
+
+
+def _wait_exit(pid: int, timeout: float) -> int | None:
+    """Its exit code once it has ended (reaped), ``None`` if it still runs after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.01)
+
+
+def _kill(pid: int) -> None:
+    """End it if a failed test left it running (never a pid reaped already: it may be reused)."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return
+    if not done:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+
+
+def test_a_keyed_process_ends_itself_once_its_worker_is_cut_off_even_under_a_stream_of_messages() -> None:
+    lifeline = child_main.Lifeline(fence_after=0.6, check_every=0.1)
+    pid, conn = _fork_spare(lifeline)
+    try:
+        conn.send_bytes(json.dumps([{"t": "assign", "n": "sink", "k": "k1", "a": []}]).encode())
+        assert conn.poll(5) and json.loads(conn.recv_bytes()) == [{"t": "started"}]
+        stop = threading.Event()
+
+        def feed() -> None:  # faster than the lifeline is checked: the pipe never stays quiet
+            while not stop.is_set():
+                try:
+                    conn.send_bytes(json.dumps([{"t": "cast", "m": "x"}]).encode())
+                except OSError:
+                    return
+                time.sleep(0.02)
+
+        # The worker stops hearing the broker now: no more lifeline.heard().
+        lifeline.heard(time.monotonic())
+        cut = time.monotonic()
+        feeder = threading.Thread(target=feed, daemon=True)
+        feeder.start()
+        code = _wait_exit(pid, 5.0)
+        stop.set()
+        feeder.join(2)
+        assert code == child_main.FENCED
+        assert time.monotonic() - cut < lifeline.fence_after + 1.0
+    finally:
+        _kill(pid)
+        conn.close()
+
+
+def test_a_keyed_process_lives_on_while_its_worker_hears_the_broker() -> None:
+    lifeline = child_main.Lifeline(fence_after=0.6, check_every=0.1)
+    pid, conn = _fork_spare(lifeline)
+    try:
+        conn.send_bytes(json.dumps([{"t": "assign", "n": "sink", "k": "k2", "a": []}]).encode())
+        assert conn.poll(5) and json.loads(conn.recv_bytes()) == [{"t": "started"}]
+        end = time.monotonic() + 1.5  # well past fence_after
+        while time.monotonic() < end:
+            lifeline.heard(time.monotonic())
+            conn.send_bytes(json.dumps([{"t": "cast", "m": "x"}]).encode())
+            time.sleep(0.05)
+        assert _wait_exit(pid, 0) is None
+        conn.send_bytes(json.dumps([{"t": "stop", "reason": "test"}]).encode())
+        assert _wait_exit(pid, 5.0) == 0
+        assert json.loads(conn.recv_bytes()) == [{"t": "exit", "reason": "test"}]
+    finally:
+        _kill(pid)
+        conn.close()
