@@ -5,12 +5,13 @@ Forking happens on a spawner thread that lives as long as the registry
 consumer thread nor the leader on it ever waits for a fork. The spawner keeps a
 few *spares* forked ahead (``forseti_spares``): a spare is a keyed process that
 has not been given its key yet, so a new key costs a pipe write, not a fork and
-a process start; the spawner has the next one forked behind it, by the worker's
-:mod:`~forseti_celery.zygote` where it runs (Linux), else by itself. A watcher thread
-polls every child's pipe and exit sentinel: it forwards
-answers to callers, reports starts and exits to the leader (through an outbox
-that is retried until the broker takes it: exits are never lost), and kills
-children that overstay a stop.
+a process start; the spawner has the next one forked behind it, and one forked
+at once for a key that finds none left, by the worker's
+:mod:`~forseti_celery.zygote` where it runs (Linux), else by itself. A watcher
+thread polls every child's pipe and exit sentinel: it forwards answers to
+callers, reports starts and exits to the leader (through an outbox that is
+retried until the broker takes it: exits are never lost), and kills children
+that overstay a stop.
 """
 
 from __future__ import annotations
