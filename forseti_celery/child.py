@@ -44,9 +44,10 @@ FENCED = 2
 class Lifeline:
     """When the worker last heard the broker (``time.monotonic()``), in memory shared with its
     children: a keyed process whose worker is cut off, hung or stopped (SIGSTOP) for longer
-    than ``fence_after`` ends itself before the leader may start its key elsewhere. Children look
-    every ``check_every`` seconds (half a heartbeat: well inside the two heartbeats between
-    ``fence_after`` and the leader's ``node_timeout``)."""
+    than ``fence_after`` ends before the leader may start its key elsewhere. The worker's zygote
+    looks every ``check_every`` seconds (half a heartbeat: well inside the two heartbeats between
+    ``fence_after`` and the leader's ``node_timeout``) and kills its children when it is cut off;
+    a keyed process the worker forked itself looks as often on its own."""
 
     def __init__(self, fence_after: float, check_every: float) -> None:
         self.fence_after = fence_after
@@ -65,9 +66,10 @@ class Lifeline:
 class Mailbox:
     """The child's end of the pipe: incoming messages queued in order, answers sent back."""
 
-    def __init__(self, conn: Any, lifeline: Lifeline) -> None:
+    def __init__(self, conn: Any, lifeline: Lifeline, watch_lifeline: bool = True) -> None:
         self._conn = conn
         self._lifeline = lifeline
+        self._watch = watch_lifeline
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.stop_reason: str | None = None
         # A bare thread: ``threading.Thread`` costs a keyed process ~80 more page faults (copies of
@@ -75,13 +77,13 @@ class Mailbox:
         _thread.start_new_thread(self._read, ())
 
     def _read(self) -> None:
-        check = self._lifeline.check_every
-        next_check = time.monotonic() + check
+        check = self._lifeline.check_every if self._watch else None  # None: the zygote watches it
+        next_check = time.monotonic() + (check or 0.0)
         try:
             while True:
                 ready = self._conn.poll(check)
                 now = time.monotonic()
-                if now >= next_check:  # also under a steady stream of messages
+                if check is not None and now >= next_check:  # also under a steady stream of messages
                     next_check = now + check
                     if self._lifeline.cut_off():
                         os._exit(FENCED)  # fenced: our key may be given to another worker soon
@@ -139,10 +141,12 @@ def mailbox() -> Mailbox:
 
 
 def run(conn: Any, target: Any, key: str, args: list[Any], parent_pid: int, close_fds: Iterable[int],
-        lifeline: Lifeline, resolve: Callable[[str], Any], signals: bool = True) -> None:
+        lifeline: Lifeline, resolve: Callable[[str], Any], signals: bool = True,
+        watch_lifeline: bool = True) -> None:
     """Entry point of the billiard child (runs after the fork). A spare (``target`` None) waits
     for its key first: an ``assign`` message naming the keyed-process name, key and args.
-    ``signals=False``: the parent's signal handling is already the keyed process's (a zygote)."""
+    With a zygote for parent (``signals=False``, ``watch_lifeline=False``), its signal handling
+    is already the keyed process's, and the zygote looks at the lifeline for it."""
     global _current
     # Everything inherited from the worker stays out of this process's collections: a collection
     # would touch (and so copy) every inherited page. Collection itself stays on for what the keyed
@@ -152,7 +156,7 @@ def run(conn: Any, target: Any, key: str, args: list[Any], parent_pid: int, clos
     detach(parent_pid, close_fds, signals)
     if lifeline.cut_off():
         os._exit(FENCED)  # forked by a worker that has just stopped hearing the broker: too late to start
-    box = _current = Mailbox(conn, lifeline)
+    box = _current = Mailbox(conn, lifeline, watch_lifeline)
     if target is None:
         order = box.get()
         assert order is not None and order["t"] == "assign", order

@@ -9,8 +9,10 @@ threads never wait for a fork.
 Spares forked by the zygote are the worker's grandchildren: the worker receives each one's end
 of the pipe over a Unix socket (``SCM_RIGHTS``), watches its exit through a pidfd, and learns its
 exit status from the zygote, which reaps it. A spare dies with the zygote
-(``PR_SET_PDEATHSIG``), the zygote with the worker's spawner thread, and both when the worker's
-end of their socket or pipe closes.
+(``PR_SET_PDEATHSIG``), the zygote with the worker's main thread, and both when the worker's
+end of their socket or pipe closes. The zygote also looks at the worker's
+:class:`~forseti_celery.child.Lifeline` for all of them (every half heartbeat) and kills them
+when the worker is cut off, so an idle keyed process never wakes up.
 """
 
 from __future__ import annotations
@@ -177,9 +179,22 @@ def _main(requests: socket.socket, exits: socket.socket, lifeline: child_main.Li
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     me = os.getpid()
+    children: set[int] = set()
+    fenced: set[int] = set()  # killed for the lifeline: reported with the code they would have ended with
+    check = lifeline.check_every
+    next_check = time.monotonic() + check
     while True:
-        _reap(exits)
-        ready, _, _ = select.select([requests.fileno(), wake_r], [], [], 1.0)
+        _reap(exits, children, fenced)
+        now = time.monotonic()
+        if now >= next_check:
+            # One look at the lifeline for all the worker's keyed processes, which then never wake
+            # up for it themselves: a worker cut off (stopped, hung) has them all killed here.
+            next_check = now + check
+            if lifeline.cut_off():
+                for pid in children - fenced:
+                    os.kill(pid, signal.SIGKILL)
+                    fenced.add(pid)
+        ready, _, _ = select.select([requests.fileno(), wake_r], [], [], max(0.0, next_check - time.monotonic()))
         if wake_r in ready:
             try:
                 while os.read(wake_r, 512):
@@ -194,6 +209,7 @@ def _main(requests: socket.socket, exits: socket.socket, lifeline: child_main.Li
         pid = os.fork()
         if pid == 0:
             _spare(theirs, [requests.fileno(), exits.fileno(), wake_r, wake_w, ours.fileno()], lifeline, resolve, me)
+        children.add(pid)
         theirs.close()
         pidfd = os.pidfd_open(pid)  # before any waitpid: it is our child, at worst a zombie
         socket.send_fds(requests, [str(pid).encode()], [ours.fileno(), pidfd])
@@ -207,7 +223,8 @@ def _spare(conn: Any, close_fds: list[int], lifeline: child_main.Lifeline, resol
     try:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the rest is as detach() left it in the zygote
-        child_main.run(conn, None, "", [], zygote_pid, close_fds, lifeline, resolve, signals=False)
+        child_main.run(conn, None, "", [], zygote_pid, close_fds, lifeline, resolve, signals=False,
+                       watch_lifeline=False)
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
@@ -222,7 +239,7 @@ def _spare(conn: Any, close_fds: list[int], lifeline: child_main.Lifeline, resol
         os._exit(code)
 
 
-def _reap(exits: socket.socket) -> None:
+def _reap(exits: socket.socket, children: set[int], fenced: set[int]) -> None:
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -230,7 +247,10 @@ def _reap(exits: socket.socket) -> None:
             return
         if pid == 0:
             return
+        children.discard(pid)
+        code = child_main.FENCED if pid in fenced else os.waitstatus_to_exitcode(status)
+        fenced.discard(pid)
         try:
-            exits.send(f"{pid} {os.waitstatus_to_exitcode(status)}".encode())
+            exits.send(f"{pid} {code}".encode())
         except OSError:
             pass

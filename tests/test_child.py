@@ -1,4 +1,4 @@
-"""A keyed process's own end of the contract, in a real forked process: its lifeline."""
+"""The lifeline, in real forked processes: a keyed process ends once its worker is cut off."""
 
 from __future__ import annotations
 
@@ -9,9 +9,13 @@ import time
 from typing import Any
 
 import billiard
+import billiard.connection
+import pytest
 
 from forseti_celery import KeyedProcess
 from forseti_celery import child as child_main
+from forseti_celery import zygote as zygote_mod
+from forseti_celery.children import KeyedChild
 
 
 class Sink(KeyedProcess):
@@ -110,3 +114,42 @@ def test_a_keyed_process_lives_on_while_its_worker_hears_the_broker() -> None:
     finally:
         _kill(pid)
         conn.close()
+
+
+def _switches(pid: int) -> int:
+    """Times any thread of ``pid`` went to sleep and woke up again."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        for line in open(f"/proc/{pid}/task/{tid}/status"):
+            if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not zygote_mod.available(), reason="the zygote needs Linux pidfds")
+def test_the_zygote_watches_the_lifeline_for_its_keyed_processes_which_never_wake_for_it() -> None:
+    lifeline = child_main.Lifeline(fence_after=0.6, check_every=0.1)
+    zygote = zygote_mod.Zygote(KeyedChild, lifeline, lambda name: Sink, [])
+    try:
+        process, fd = zygote.fork()
+        conn = billiard.connection.Connection(fd)
+        conn.send_bytes(json.dumps([{"t": "assign", "n": "sink", "k": "k3", "a": []}]).encode())
+        assert conn.poll(5) and json.loads(conn.recv_bytes()) == [{"t": "started"}]
+        # Idle while its worker hears the broker: it does not run at all (its own check would
+        # wake it every 0.1 s here).
+        time.sleep(0.2)
+        before = _switches(process.pid)
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:
+            lifeline.heard(time.monotonic())
+            time.sleep(0.05)
+        assert _switches(process.pid) - before <= 1
+        assert process.exitcode is None
+        # Cut off: the zygote kills it within a check, and reports it as fenced.
+        cut = time.monotonic()
+        assert zygote.wait(process.pid, 5.0) == child_main.FENCED
+        assert time.monotonic() - cut < lifeline.fence_after + 1.0
+        process.close()
+        conn.close()
+    finally:
+        zygote.stop()
