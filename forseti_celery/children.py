@@ -45,7 +45,7 @@ Key = tuple[str, str]
 Waiter = tuple[str, str]
 _Order = tuple[str, str, list[Any], str, list[list[str]]]  # name, key, args, sid, waiters
 _REFILL: _Order = ("", "", [], "", [])  # the spawner's cue to fork spares up to the target
-_QUIET = 0.01  # seconds without spawns or deliveries before a spare is forked (while one is left)
+_QUIET = 0.01  # seconds without spawns or deliveries before the worker forks a spare itself (one left)
 _READ = select.POLLIN | select.POLLHUP | select.POLLERR
 
 
@@ -114,6 +114,8 @@ class Child:
     waiters: list[list[str]] = field(default_factory=list)
     #: Forked ahead, waiting for a key (see :class:`Children`).
     spare: bool = False
+    #: Its pipe and exit are polled by the watcher (a spare's only once the watcher next runs).
+    watched: bool = False
 
     @property
     def pid(self) -> int:
@@ -206,6 +208,8 @@ class Children:
             c = self._spares.popleft()
             if self._give(c, name, key, args, sid, waiters):
                 self._by_key[(name, key)] = c
+                if not c.watched:
+                    self._wake()  # its "started" must not wait for the watcher's next round
                 return True
         return False
 
@@ -247,9 +251,11 @@ class Children:
                         del self._pending[(name, key)]
 
     def _refill_wait(self) -> float:
-        # With a spare still at hand, fork the next one when the worker has been quiet for a
-        # moment: a fork holds the interpreter for milliseconds, which would delay the calls
-        # that usually follow a start.
+        # Forking here, with a spare still at hand, waits until the worker has been quiet for a
+        # moment: a fork holds the interpreter for milliseconds, which would delay the calls that
+        # usually follow a start. Asking the zygote costs the worker nothing worth waiting for.
+        if self._zygote is not None and self._zygote.alive:
+            return 0.0
         with self._lock:
             at_hand = bool(self._spares)
         return max(0.0, self._busy_at + _QUIET - time.monotonic()) if at_hand else 0.0
@@ -271,8 +277,7 @@ class Children:
         c.spare = True
         with self._lock:
             self._spares.append(c)
-            self._new.append(c)
-        self._wake()
+            self._new.append(c)  # watched from the watcher's next round: no wake-up just for it
         return wanted > 1
 
     def _fork_from_zygote(self) -> Child:
@@ -467,6 +472,8 @@ class Children:
                 self._read(c)
             else:
                 self._reap(c)
+        if self._new:
+            self._watch_new()
         self._kill_overdue()
         self._flush()
         if self._refill_due:
@@ -480,12 +487,16 @@ class Children:
                 pass
         except BlockingIOError:
             pass
+        self._watch_new()
+
+    def _watch_new(self) -> None:
         with self._lock:
             new, self._new = self._new, []
         for c in new:
             for fd, is_conn in ((c.conn_fd, True), (c.process.sentinel, False)):
                 self._by_fd[fd] = (c, is_conn)
                 self._poller.register(fd, _READ)
+            c.watched = True
 
     def _read(self, c: Child) -> None:
         try:
