@@ -163,6 +163,7 @@ class Children:
         self._spare_target = spares
         self._zygote: zygote_mod.Zygote | None = None
         self._refill_due = False  # watcher thread only
+        self._events: list[tuple[str, dict[str, Any]]] = []  # watcher thread only: sent after _flush
         self._busy_at = 0.0  # when the consumer thread last had work for the children
         self._spawn_thread = threading.Thread(target=self._spawner, name="forseti-spawner", daemon=True)
         self._dying: set[Child] = set()  # children asked to stop, with a kill deadline
@@ -476,6 +477,10 @@ class Children:
             self._watch_new()
         self._kill_overdue()
         self._flush()
+        if self._events:
+            events, self._events = self._events, []
+            for type_, fields in events:
+                self._event(type_, **fields)
         if self._refill_due:
             # Only now: a fork holds the interpreter for milliseconds, which would delay the answers.
             self._refill_due = False
@@ -524,8 +529,8 @@ class Children:
             self._report(p.SPAWNED, c, pid=c.pid)  # published before the answers (see _flush)
             self._answer(c, waiters)
             self._refill_due = self._spare_target > 0
-            self._event(p.EVENT_STARTED, key=c.key, name=c.name, child_pid=c.pid,
-                        startup_ms=round((time.time() - c.started_at) * 1000, 3))
+            self._event_later(p.EVENT_STARTED, key=c.key, name=c.name, child_pid=c.pid,
+                              startup_ms=round((time.time() - c.started_at) * 1000, 3))
         elif kind == "init_error":
             c.init_error = (msg["type"], msg["msg"])
         elif kind == "exit":
@@ -570,8 +575,14 @@ class Children:
         self._report(p.EXITED, c, pid=c.pid, reason=reason, code=code, stoppers=[list(s) for s in c.stoppers])
         for reply_to, msg in c.last_words:
             self._reply(reply_to, msg)
-        self._event(p.EVENT_EXITED, key=c.key, name=c.name, child_pid=c.pid, reason=reason, exitcode=code,
-                    uptime=round(time.time() - c.started_at, 3))
+        self._event_later(p.EVENT_EXITED, key=c.key, name=c.name, child_pid=c.pid, reason=reason, exitcode=code,
+                          uptime=round(time.time() - c.started_at, 3))
+
+    def _event_later(self, type_: str, **fields: Any) -> None:
+        # Sent once this round's reports and answers are out: the events thread then does not
+        # compete with them, and a client that drops a ref on an exit event asks the leader
+        # after the exit report is on its queue.
+        self._events.append((type_, {"timestamp": time.time(), **fields}))
 
     def _unwatch(self, fd: int) -> None:
         if self._by_fd.pop(fd, None) is not None:
