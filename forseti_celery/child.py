@@ -94,6 +94,25 @@ class Mailbox:
             # The worker is gone: a keyed process never outlives its worker.
             os._exit(1)
 
+    def rehearse(self) -> None:
+        """Run once, on a pipe of its own, what taking a key runs (a frame received, decoded and
+        queued, an answer encoded and sent), while this process waits as a spare: the pages that
+        code touches are copied from the parent now, not while a caller waits for ``started``
+        (about half a millisecond per new key here)."""
+        ours, theirs = billiard.Pipe(duplex=True)
+        box: queue.SimpleQueue[Any] = queue.SimpleQueue()  # not ours: the real assign may be in it
+        try:
+            ours.send_bytes(json.dumps([{"t": "assign", "n": "", "k": "", "a": []}]).encode())
+            if theirs.poll(1.0):
+                for msg in json.loads(theirs.recv_bytes()):
+                    box.put(msg)
+                box.get()
+            theirs.send_bytes(json.dumps([{"t": "started"}]).encode())
+            ours.recv_bytes()
+        finally:
+            ours.close()
+            theirs.close()
+
     def get(self, timeout: float | None = None) -> dict[str, Any] | None:
         """Next raw protocol message, or ``None`` after ``timeout``."""
         try:
@@ -158,6 +177,7 @@ def run(conn: Any, target: Any, key: str, args: list[Any], parent_pid: int, clos
         os._exit(FENCED)  # forked by a worker that has just stopped hearing the broker: too late to start
     box = _current = Mailbox(conn, lifeline, watch_lifeline)
     if target is None:
+        box.rehearse()
         order = box.get()
         assert order is not None and order["t"] == "assign", order
         key, args, target = order["k"], order["a"], resolve(order["n"])
