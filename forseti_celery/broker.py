@@ -68,34 +68,66 @@ class Publisher:
         expiration: float | None = None,
     ) -> None:
         """Send ``messages`` as one broker message; raises :class:`BrokerUnavailable`."""
-        payload = encode(messages)
+        with self._guard():
+            producer = self._ready()
+            publish = self._conn.ensure(
+                producer, producer.publish,
+                max_retries=self._retries, interval_start=0.1, interval_step=0.2, interval_max=0.3,
+            )
+            self._put(publish, exchange, routing_key, messages, declare, expiration)
+
+    def publish_many(
+        self,
+        exchange: Exchange,
+        batches: list[tuple[str, list[Message]]],
+        declare: Callable[[str], Iterable[Queue]] = lambda routing_key: (),
+    ) -> None:
+        """Send each ``(routing_key, messages)`` as one broker message, in this order; on Redis all
+        of them in one round trip (a pipeline). Raises :class:`BrokerUnavailable`: then any of
+        them may have been sent or not."""
+        if len(batches) < 2 or self._conn.transport.driver_type != "redis":
+            for routing_key, messages in batches:
+                self.publish(exchange, routing_key, messages, declare=declare(routing_key))
+            return
+        with self._guard():
+            producer = self._ready()
+            channel = producer.channel
+            channel._forseti_pipe = channel._forseti_client.pipeline(transaction=False)
+            try:
+                for routing_key, messages in batches:
+                    self._put(producer.publish, exchange, routing_key, messages, declare(routing_key), None)
+                channel._forseti_pipe.execute()
+            finally:
+                channel._forseti_pipe = None
+
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[None]:
         with self._lock:
             try:
-                if self._producer is None:
-                    self._producer = Producer(self._channel())
-                to_declare = [q for q in declare if q.name not in self._declared]
-                publish = self._conn.ensure(
-                    self._producer, self._producer.publish,
-                    max_retries=self._retries, interval_start=0.1, interval_step=0.2, interval_max=0.3,
-                )
-                publish(
-                    payload, exchange=exchange, routing_key=routing_key,
-                    content_type=CONTENT_TYPE, content_encoding=CONTENT_ENCODING,
-                    declare=[exchange, *to_declare], expiration=expiration, retry=False,
-                )
-                self._declared.update(q.name for q in to_declare)
+                yield
             except (OSError, OperationalError, *self._conn.connection_errors, *self._conn.channel_errors) as exc:
                 self._reset()
                 raise BrokerUnavailable(f"broker unreachable: {exc!r}") from exc
 
+    def _ready(self) -> Producer:
+        if self._producer is None:
+            self._producer = Producer(self._channel())
+        return self._producer
+
+    def _put(self, publish: Callable[..., Any], exchange: Exchange, routing_key: str, messages: list[Message],
+             declare: Iterable[Queue], expiration: float | None) -> None:
+        to_declare = [q for q in declare if q.name not in self._declared]
+        publish(
+            encode(messages), exchange=exchange, routing_key=routing_key,
+            content_type=CONTENT_TYPE, content_encoding=CONTENT_ENCODING,
+            declare=[exchange, *to_declare], expiration=expiration, retry=False,
+        )
+        self._declared.update(q.name for q in to_declare)
+
     def declare(self, queue: Queue) -> None:
         """Declare ``queue`` (and its exchange and binding) now; raises :class:`BrokerUnavailable`."""
-        with self._lock:
-            try:
-                queue.bind(self._channel()).declare()
-            except (OSError, OperationalError, *self._conn.connection_errors, *self._conn.channel_errors) as exc:
-                self._reset()
-                raise BrokerUnavailable(f"broker unreachable: {exc!r}") from exc
+        with self._guard():
+            queue.bind(self._channel()).declare()
             self._declared.add(queue.name)
 
     def _channel(self) -> Any:
@@ -135,10 +167,11 @@ def reuse_redis_client(channel: Any) -> None:
     if getattr(channel, "_forseti_client", None) is not None or not hasattr(channel, "_create_client"):
         return
     cached = channel._forseti_client = channel._create_client()
+    channel._forseti_pipe = None  # set by Publisher.publish_many while it queues a pipeline
 
     @contextlib.contextmanager
     def conn_or_acquire(client: Any = None) -> Iterator[Any]:  # kombu's signature
-        yield client or cached
+        yield client or channel._forseti_pipe or cached
 
     channel.conn_or_acquire = conn_or_acquire
 

@@ -129,7 +129,7 @@ class Children:
         self,
         hostname: str,
         resolve: Callable[[str], Any],
-        publish: Callable[[str, list[dict[str, Any]]], None],
+        publish: Callable[[list[tuple[str, list[dict[str, Any]]]]], None],
         leader_rk: str,
         event: Callable[..., None],
         stop_timeout: float,
@@ -617,20 +617,20 @@ class Children:
             self._replies.setdefault(reply_to, []).append(msg)
 
     def _flush(self) -> None:
-        # Reports first: a caller told "gone" may ask the leader again at once, and must
-        # find the key already freed (both travel through the leader queue, in order).
-        if self._outbox:
-            batch = list(self._outbox)
-            try:
-                self._publish(self._leader_rk, batch)
-            except BrokerUnavailable:
-                return  # kept, and the answers behind them: retried on the next round
-            for _ in batch:
-                self._outbox.popleft()
+        # Reports first: a caller told "gone" (or given a new process) may ask the leader at once,
+        # and must find the key already freed (or recorded). Published in this order (on Redis,
+        # in one round trip).
+        batch = list(self._outbox)
         with self._lock:
             replies, self._replies = self._replies, {}
-        for rk, msgs in replies.items():
-            try:
-                self._publish(rk, msgs)
-            except BrokerUnavailable:
-                logger.warning("forseti: %d answers to %s lost: broker unreachable", len(msgs), rk)
+        if not batch and not replies:
+            return
+        try:
+            self._publish(([(self._leader_rk, batch)] if batch else []) + list(replies.items()))
+        except BrokerUnavailable:
+            with self._lock:  # all kept: retried on the next round
+                for rk, msgs in replies.items():
+                    self._replies[rk] = msgs + self._replies.get(rk, [])
+            return
+        for _ in batch:
+            self._outbox.popleft()

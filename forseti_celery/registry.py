@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps
 from celery.utils.log import get_logger
+from kombu import Queue
 
 from . import protocol as p
 from .broker import ConsumerLoop, Publisher, RestartIntensity
@@ -65,7 +66,7 @@ class Node:
         self.election = election_for(driver, app.connection_for_write(), f"{s.namespace}:leader", s.lease)
         self.leader = Leader(hostname, self.members, self._send_node, self._send_reply)
         self._out: dict[str, list[dict[str, Any]]] = {}  # what the consumer thread sends, per queue
-        self.children = Children(hostname, forseti.resolve, self._send, self.names.leader, self.events.send,
+        self.children = Children(hostname, forseti.resolve, self._send_many, self.names.leader, self.events.send,
                                  s.stop_timeout, s.fence_after, s.heartbeat, s.spares)
         self._node_queue = self.names.node_queue(hostname)
         self._next_beat = 0.0
@@ -328,8 +329,13 @@ class Node:
         self._out.setdefault(routing_key, []).append(msg)
 
     def _send(self, routing_key: str, msgs: list[dict[str, Any]]) -> None:
-        self.publisher.publish(self.names.exchange, routing_key, msgs,
-                               declare=[self.names.leader_queue] if routing_key == self.names.leader else ())
+        self.publisher.publish(self.names.exchange, routing_key, msgs, declare=self._declare(routing_key))
+
+    def _send_many(self, batches: list[tuple[str, list[dict[str, Any]]]]) -> None:
+        self.publisher.publish_many(self.names.exchange, batches, self._declare)
+
+    def _declare(self, routing_key: str) -> list[Queue]:
+        return [self.names.leader_queue] if routing_key == self.names.leader else []
 
     def _broadcast(self, msg: dict[str, Any]) -> None:
         try:

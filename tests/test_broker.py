@@ -43,3 +43,30 @@ def test_a_queue_added_to_a_loop_that_has_served_for_a_while_is_consumed(broker_
     finally:
         loop.stop()
         publisher.close()
+
+
+def test_publish_many_sends_every_batch_in_order_and_a_plain_publish_after_it(broker_url: str) -> None:
+    # On Redis the batches go out as one pipeline through kombu's own publishing code: each must
+    # arrive as its own broker message, in order, and the channel must publish normally afterwards.
+    app = Celery("broker-test", broker=broker_url, set_as_current=False)
+    tag = uuid.uuid4().hex[:8]
+    exchange = Exchange("", type="direct")
+    queues = [Queue(f"forseti-t-{tag}-{n}", exchange, routing_key=f"forseti-t-{tag}-{n}", auto_delete=True)
+              for n in ("a", "b")]
+    received: dict[str, list[object]] = {"a": [], "b": []}
+    loop = ConsumerLoop("test-loop", app.connection_for_read, lambda: queues,
+                        lambda batch: received[str(batch[0]["q"])].append([m["i"] for m in batch]),
+                        intensity=RestartIntensity(3, 10), interval=0.05)
+    publisher = Publisher(app.connection_for_write())
+    loop.start()
+    try:
+        assert loop.connected.wait(10)
+        a, b = (q.routing_key for q in queues)
+        publisher.publish_many(exchange, [(a, [{"q": "a", "i": 1}, {"q": "a", "i": 2}]), (b, [{"q": "b", "i": 3}]),
+                                          (a, [{"q": "a", "i": 4}])], lambda rk: queues)
+        publisher.publish(exchange, b, [{"q": "b", "i": 5}])
+        wait_for(lambda: received == {"a": [[1, 2], [4]], "b": [[3], [5]]}, 10, 0.02,
+                 lambda: f"received {received}")
+    finally:
+        loop.stop()
+        publisher.close()
