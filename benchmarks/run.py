@@ -208,7 +208,7 @@ class Sizes:
             return cls(cold=5, batches=1, thread_batches=1, fresh=1, warm=50, rtt=50, tasks=50, sends=1000,
                        send_reps=1, task_tput=100, many=many or 150, many_lookups=30, many_budget=10, ray_cold=2,
                        ray_batch=5, ray_fresh=1, ray_sends=500)
-        return cls(cold=30, batches=5, thread_batches=5, fresh=5, warm=500, rtt=500, tasks=300, sends=5000,
+        return cls(cold=30, batches=5, thread_batches=5, fresh=9, warm=500, rtt=500, tasks=300, sends=5000,
                    send_reps=3, task_tput=250, many=many or 1000, many_lookups=200, many_budget=75, ray_cold=6,
                    ray_batch=50, ray_fresh=3, ray_sends=5000)
 
