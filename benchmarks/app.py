@@ -58,7 +58,7 @@ def make_app(broker_url: str | None, namespace: str, redis_backend: str | None =
             app.conf[f"forseti_{setting}"] = float(value)
     Forseti(app).keyed(Echo)
 
-    @app.task(name="benchmarks.echo", shared=False)
+    @app.task(name="benchmarks.echo", shared=False)  # type: ignore[untyped-decorator]
     def echo(x: Any) -> Any:
         """Celery's own round trip, with the rpc:// result backend."""
         return x
@@ -66,7 +66,7 @@ def make_app(broker_url: str | None, namespace: str, redis_backend: str | None =
     if redis_backend:
         backend_cls, url = by_url(redis_backend, app.loader)
 
-        @app.task(name="benchmarks.echo_redis", shared=False, backend=backend_cls(app=app, url=url))
+        @app.task(name="benchmarks.echo_redis", shared=False, backend=backend_cls(app=app, url=url))  # type: ignore[untyped-decorator]
         def echo_redis(x: Any) -> Any:
             """Celery's own round trip, with the Redis result backend."""
             return x
