@@ -197,17 +197,20 @@ class Batcher:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._start_lock = threading.Lock()
 
-    def put(self, routing_key: str, msg: Message, wake: bool = True) -> None:
-        """Queue ``msg``; the sender thread publishes it shortly (``wake=False``: the caller
-        flushes itself next, so the sender thread is not woken for nothing)."""
+    def put(self, routing_key: str, msg: Message) -> None:
+        """Queue ``msg``; the sender thread publishes it shortly."""
         self._queue.append((routing_key, msg))
-        if not wake:
-            return
         if not self._thread.is_alive():
             with self._start_lock:
                 if not self._thread.is_alive():
                     self._thread.start()
         self._wakeup.set()
+
+    def send(self, routing_key: str, msg: Message) -> None:
+        """Publish ``msg`` now, from the calling thread, behind everything queued before it (the
+        sender thread is not woken for it); raises :class:`BrokerUnavailable`."""
+        self._queue.append((routing_key, msg))
+        self.flush()
 
     def flush(self) -> None:
         """Publish everything queued so far; raises :class:`BrokerUnavailable` (those messages are lost)."""

@@ -255,7 +255,7 @@ class Children:
         # Forking here, with a spare still at hand, waits until the worker has been quiet for a
         # moment: a fork holds the interpreter for milliseconds, which would delay the calls that
         # usually follow a start. Asking the zygote costs the worker nothing worth waiting for.
-        if self._zygote is not None and self._zygote.alive:
+        if self._zygote_alive():
             return 0.0
         with self._lock:
             at_hand = bool(self._spares)
@@ -268,7 +268,7 @@ class Children:
         if wanted <= 0 or self._stopping.is_set() or self.lifeline.cut_off():
             return False  # (cut off: the next start after we hear the broker again asks anew)
         try:
-            if self._zygote is not None and self._zygote.alive:
+            if self._zygote_alive():
                 c = self._fork_from_zygote()
             else:
                 c = self._fork(None, "spare", "", [], "")
@@ -280,6 +280,9 @@ class Children:
             self._spares.append(c)
             self._new.append(c)  # watched from the watcher's next round: no wake-up just for it
         return wanted > 1
+
+    def _zygote_alive(self) -> bool:
+        return self._zygote is not None and self._zygote.alive
 
     def _fork_from_zygote(self) -> Child:
         assert self._zygote is not None
@@ -337,7 +340,7 @@ class Children:
                   waiters: list[list[str]]) -> Child:
         """A keyed process for a key no spare was left for: a spare the zygote forks at once and
         is given the key (the worker's threads never wait for a fork), else a fork of the worker."""
-        if self._zygote is not None and self._zygote.alive:
+        if self._zygote_alive():
             try:
                 c = self._fork_from_zygote()
             except OSError:

@@ -140,8 +140,7 @@ class Client:
         pending = self._pending[corr] = _Pending()
         deadline = time.monotonic() + timeout
         try:
-            self._sender.put(routing_key, msg, wake=False)
-            self._sender.flush()  # also sends what this client queued before, ahead of this request
+            self._sender.send(routing_key, msg)  # behind what this client queued before
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -150,8 +149,7 @@ class Client:
                 if pending.event.wait(min(remaining, self.settings.retry_interval) if resend else remaining):
                     break
                 if resend:
-                    self._sender.put(routing_key, msg, wake=False)
-                    self._sender.flush()
+                    self._sender.send(routing_key, msg)
         finally:
             del self._pending[corr]
         reply = pending.reply
