@@ -42,6 +42,12 @@ def _fork_spare(lifeline: child_main.Lifeline) -> tuple[int, Any]:
     return pid, ours
 
 
+def _assign(conn: Any, key: str) -> None:
+    """Give the spare at the other end of ``conn`` its key, as a worker does, and see it start."""
+    conn.send_bytes(json.dumps([{"t": "assign", "n": "sink", "k": key, "a": []}]).encode())
+    assert conn.poll(5) and json.loads(conn.recv_bytes()) == [{"t": "started"}]
+
+
 def _wait_exit(pid: int, timeout: float) -> int | None:
     """Its exit code once it has ended (reaped), ``None`` if it still runs after ``timeout``."""
     deadline = time.monotonic() + timeout
@@ -69,8 +75,7 @@ def test_a_keyed_process_ends_itself_once_its_worker_is_cut_off_even_under_a_str
     lifeline = child_main.Lifeline(fence_after=0.6, check_every=0.1)
     pid, conn = _fork_spare(lifeline)
     try:
-        conn.send_bytes(json.dumps([{"t": "assign", "n": "sink", "k": "k1", "a": []}]).encode())
-        assert conn.poll(5) and json.loads(conn.recv_bytes()) == [{"t": "started"}]
+        _assign(conn, "k1")
         stop = threading.Event()
 
         def feed() -> None:  # faster than the lifeline is checked: the pipe never stays quiet
@@ -100,8 +105,7 @@ def test_a_keyed_process_lives_on_while_its_worker_hears_the_broker() -> None:
     lifeline = child_main.Lifeline(fence_after=0.6, check_every=0.1)
     pid, conn = _fork_spare(lifeline)
     try:
-        conn.send_bytes(json.dumps([{"t": "assign", "n": "sink", "k": "k2", "a": []}]).encode())
-        assert conn.poll(5) and json.loads(conn.recv_bytes()) == [{"t": "started"}]
+        _assign(conn, "k2")
         end = time.monotonic() + 1.5  # well past fence_after
         while time.monotonic() < end:
             lifeline.heard(time.monotonic())
@@ -133,8 +137,7 @@ def test_the_zygote_watches_the_lifeline_for_its_keyed_processes_which_never_wak
     try:
         process, fd = zygote.fork()
         conn = billiard.connection.Connection(fd)
-        conn.send_bytes(json.dumps([{"t": "assign", "n": "sink", "k": "k3", "a": []}]).encode())
-        assert conn.poll(5) and json.loads(conn.recv_bytes()) == [{"t": "started"}]
+        _assign(conn, "k3")
         # Idle while its worker hears the broker: it does not run at all (its own check would
         # wake it every 0.1 s here).
         time.sleep(0.2)
