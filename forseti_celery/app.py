@@ -39,7 +39,7 @@ class Forseti:
     def __init__(self, app: Celery, **settings: Any) -> None:
         self.app = app
         self._explicit = settings
-        Settings.from_app({}, **settings)  # refuse unknown or invalid settings now
+        Settings.check(**settings)  # refuse unknown or invalid settings now
         self._targets: dict[str, Any] = {}
         self._client: Client | None = None
         self._client_pid = 0

@@ -6,10 +6,17 @@ default is defined (and documented) here.
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, fields
-from typing import Any
+from difflib import get_close_matches
+from typing import Any, get_type_hints
+
+from celery.utils.log import get_logger
 
 from .errors import ConfigurationError
+
+logger = get_logger(__name__)
 
 __all__ = ["Settings"]
 
@@ -56,22 +63,40 @@ class Settings:
 
     @classmethod
     def from_app(cls, conf: Any, **explicit: Any) -> Settings:
-        """Read ``forseti_*`` keys from a Celery ``app.conf``; non-``None`` ``explicit`` values win."""
+        """Read ``forseti_*`` keys from a Celery ``app.conf``; non-``None`` ``explicit`` values win.
+
+        Logs a warning for each ``forseti_*`` key of ``conf`` that is no setting (a typo, most
+        likely), naming the closest known one; raises :class:`ConfigurationError` for an unknown
+        explicit name or a bad value, naming the key and the value.
+        """
+        cls.check(**explicit)
+        _warn_unknown(conf)
         values: dict[str, Any] = {}
         for f in fields(cls):
             value = explicit.get(f.name)
             if value is None:
                 value = conf.get(f"forseti_{f.name}")
             if value is not None:
-                values[f.name] = value
-        unknown = set(explicit) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ConfigurationError(f"unknown forseti settings: {sorted(unknown)}")
-        if "nodes" in values:
-            values["nodes"] = tuple(values["nodes"])
+                values[f.name] = _checked(f.name, value)
         settings = cls(**values)
-        settings._validate()
+        if settings.node_timeout <= 3 * settings.heartbeat:
+            raise ConfigurationError(
+                f"forseti_node_timeout ({settings.node_timeout!r}) must exceed three heartbeats "
+                f"(forseti_heartbeat = {settings.heartbeat!r})")
         return settings
+
+    @classmethod
+    def check(cls, **explicit: Any) -> None:
+        """Check keyword arguments of :class:`~forseti_celery.Forseti` on their own (each name known,
+        each value of its setting's type and range), as :meth:`from_app` checks them later."""
+        unknown = sorted(set(explicit) - set(_HINTS))
+        if unknown:
+            hints = "".join(f" ({name}: did you mean {', '.join(close)}?)" for name in unknown
+                            if (close := get_close_matches(name, _HINTS, n=1)))
+            raise ConfigurationError(f"unknown forseti settings: {unknown}{hints}")
+        for name, value in explicit.items():
+            if value is not None:
+                _checked(name, value)
 
     @property
     def fence_after(self) -> float:
@@ -79,19 +104,54 @@ class Settings:
         heartbeats before the leader may declare it dead (so a key never has two processes)."""
         return self.node_timeout - 2 * self.heartbeat
 
-    def _validate(self) -> None:
-        durations = ("max_time", "timeout", "call_timeout", "retry_interval", "heartbeat", "node_timeout",
-                     "lease", "stop_timeout")
-        for name in durations:
-            if not float(getattr(self, name)) > 0:
-                raise ConfigurationError(f"forseti_{name} must be a positive number of seconds")
-        if self.node_timeout <= 3 * self.heartbeat:
-            raise ConfigurationError("forseti_node_timeout must exceed three heartbeats")
-        if not self.namespace or not self.namespace.replace("_", "").replace("-", "").isalnum():
-            raise ConfigurationError("forseti_namespace must be a non-empty [A-Za-z0-9_-] word")
-        if self.max_retries < 0:
-            raise ConfigurationError("forseti_max_retries must be >= 0")
-        if not isinstance(self.spares, int) or self.spares < 0:
-            raise ConfigurationError("forseti_spares must be an integer >= 0")
+
+_HINTS: dict[str, Any] = get_type_hints(Settings)
+#: The least value of each integer setting.
+_LEAST = {"max_retries": 0, "spares": 0, "max_key_length": 1}
+_WORD = re.compile(r"[A-Za-z0-9_-]+")
 
 
+def _checked(name: str, value: Any) -> Any:
+    """``value`` of setting ``name`` as its field holds it, or :class:`ConfigurationError`."""
+    key, hint = f"forseti_{name}", _HINTS[name]
+    if hint is float:
+        # bool is an int to Python, never a duration to a user.
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise ConfigurationError(f"{key} must be a positive number of seconds, not {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < _LEAST[name]:
+            raise ConfigurationError(f"{key} must be an integer >= {_LEAST[name]}, not {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigurationError(f"{key} must be True or False, not {value!r}")
+        return value
+    if name == "nodes":
+        # A lone str would pass as a sequence of one-letter hostnames.
+        if isinstance(value, str) or not isinstance(value, (list, tuple, set, frozenset)) \
+                or not all(isinstance(v, str) and v for v in value):
+            raise ConfigurationError(f"{key} must be a list of worker hostnames (str), not {value!r}")
+        return tuple(value)
+    if name == "namespace":
+        if not isinstance(value, str) or not _WORD.fullmatch(value):
+            raise ConfigurationError(f"{key} must be a non-empty word of [A-Za-z0-9_-], not {value!r}")
+        return value
+    if not isinstance(value, str) or not value:  # call: "module:callable"
+        raise ConfigurationError(f"{key} must be a \"module:callable\" string, not {value!r}")
+    return value
+
+
+def _warn_unknown(conf: Any) -> None:
+    """Warn about each ``forseti_*`` key of ``conf`` that is no setting (any case: Celery's keys
+    are lower case, so ``FORSETI_SPARES`` is not read either)."""
+    known = [f"forseti_{name}" for name in _HINTS]
+    for key in sorted(k for k in conf.keys() if isinstance(k, str) and k.lower().startswith("forseti_")):
+        if key in known:
+            continue
+        # Compared without the prefix every key shares, which would make any two keys look close.
+        close = get_close_matches(key.lower()[len("forseti_"):], _HINTS, n=1)
+        if close:
+            logger.warning("forseti: unknown setting %s (did you mean forseti_%s?)", key, close[0])
+        else:
+            logger.warning("forseti: unknown setting %s (known: %s)", key, ", ".join(known))

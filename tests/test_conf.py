@@ -1,0 +1,136 @@
+"""Settings checked the Celery way: unknown ``forseti_*`` keys warned about, bad values refused by name."""
+
+from __future__ import annotations
+
+import logging
+import textwrap
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+
+from forseti_celery import ConfigurationError, Forseti
+from forseti_celery.conf import Settings
+from forseti_celery.testing import ClusterError, WorkerProcess, short_hostname
+
+BAD_VALUES: list[tuple[str, Any]] = [
+    ("heartbeat", "fast"),
+    ("heartbeat", 0),
+    ("timeout", True),
+    ("node_timeout", float("nan")),
+    ("lease", float("inf")),
+    ("max_time", [1]),
+    ("max_retries", 2.5),
+    ("max_retries", -1),
+    ("spares", "2"),
+    ("max_key_length", 0),
+    ("cache", "yes"),
+    ("cache", 1),
+    ("nodes", "w1@host"),
+    ("nodes", ["w1@host", 3]),
+    ("namespace", "a b"),
+    ("namespace", 42),
+    ("call", ""),
+    ("call", print),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), BAD_VALUES)
+def test_a_bad_value_in_app_conf_is_a_configuration_error_naming_the_key_and_the_value(name: str, value: Any) -> None:
+    app = Celery("bad", set_as_current=False)
+    app.conf[f"forseti_{name}"] = value
+    forseti = Forseti(app)
+    with pytest.raises(ConfigurationError) as info:
+        forseti.settings  # noqa: B018  (read on first use)
+    assert f"forseti_{name}" in str(info.value) and repr(value) in str(info.value)
+
+
+@pytest.mark.parametrize(("name", "value"), BAD_VALUES)
+def test_a_bad_keyword_argument_is_refused_by_forseti_at_once_the_same_way(name: str, value: Any) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        Forseti(Celery("bad", set_as_current=False), **{name: value})
+    assert f"forseti_{name}" in str(info.value) and repr(value) in str(info.value)
+
+
+def test_good_values_are_kept_in_the_fields_types() -> None:
+    app = Celery("good", set_as_current=False)
+    app.conf.update(forseti_heartbeat=2, forseti_node_timeout=7, forseti_nodes=["a@x", "b@x"], forseti_cache=False,
+                    forseti_spares=0, forseti_call="tests.app:Counter")
+    s = Settings.from_app(app.conf, max_retries=0, namespace="shop-1")
+    assert (s.heartbeat, s.node_timeout, s.nodes, s.cache, s.spares, s.call, s.max_retries, s.namespace) == (
+        2.0, 7.0, ("a@x", "b@x"), False, 0, "tests.app:Counter", 0, "shop-1")
+    assert isinstance(s.heartbeat, float)
+
+
+def test_keyword_arguments_are_checked_alone_and_against_app_conf_once_read() -> None:
+    app = Celery("both", set_as_current=False)
+    app.conf.forseti_node_timeout = 20.0
+    forseti = Forseti(app, heartbeat=3.0)  # too slow for the default node_timeout, not for this app's
+    assert forseti.settings.heartbeat == 3.0
+    with pytest.raises(ConfigurationError, match=r"forseti_node_timeout \(20.0\) must exceed three heartbeats"):
+        Settings.from_app(app.conf, heartbeat=7.0)
+
+
+def test_an_unknown_keyword_argument_names_the_closest_setting() -> None:
+    with pytest.raises(ConfigurationError, match=r"unknown forseti settings: \['namspace'\].*did you mean namespace"):
+        Forseti(Celery("typo", set_as_current=False), namspace="x")
+
+
+def test_a_client_warns_once_per_app_about_each_unknown_key_of_app_conf(caplog: pytest.LogCaptureFixture) -> None:
+    app = Celery("typo", set_as_current=False)
+    app.conf.update(forseti_namspace="x", FORSETI_SPARES=3, forseti_colour="blue", broker_url="memory://")
+    forseti = Forseti(app)
+    with caplog.at_level(logging.WARNING, logger="forseti_celery.conf"):
+        assert forseti.settings.namespace == "forseti" and forseti.settings.spares == 2
+        forseti.settings  # noqa: B018  (read once: no second warning)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "forseti_celery.conf"]
+    assert warnings[:2] == ["forseti: unknown setting FORSETI_SPARES (did you mean forseti_spares?)",
+                            "forseti: unknown setting forseti_colour (known: forseti_call, forseti_nodes, "
+                            "forseti_max_retries, forseti_max_time, forseti_timeout, forseti_call_timeout, "
+                            "forseti_cache, forseti_retry_interval, forseti_heartbeat, forseti_node_timeout, "
+                            "forseti_lease, forseti_spares, forseti_stop_timeout, forseti_namespace, "
+                            "forseti_max_key_length)"]
+    assert warnings[2:] == ["forseti: unknown setting forseti_namspace (did you mean forseti_namespace?)"]
+
+
+def _worker_of(tmp_path: Path, broker_url: str, conf: str) -> WorkerProcess:
+    """A real worker of an app module written here, whose ``app.conf`` gets ``conf`` (Python lines)."""
+    (tmp_path / "conf_app.py").write_text(textwrap.dedent("""\
+        import os
+        from celery import Celery
+        from forseti_celery import Forseti
+
+        app = Celery("conf_app", broker=os.environ["FORSETI_BROKER_URL"])
+        app.conf.update(broker_connection_retry_on_startup=True, worker_hijack_root_logger=False,
+                        forseti_namespace="conf-{tag}", task_default_queue="conf-{tag}")
+        {conf}
+        Forseti(app)
+        """).format(tag=uuid.uuid4().hex[:8], conf=conf))
+    hostname = f"conf-{uuid.uuid4().hex[:6]}@{short_hostname()}"
+    return WorkerProcess("conf_app", hostname, broker_url, tmp_path / "logs", pool="solo", cwd=tmp_path,
+                         extra_args=["--without-mingle", "--without-gossip"])
+
+
+def test_a_worker_warns_at_start_about_a_misspelt_setting_naming_the_closest_one(
+    redis_url: str, tmp_path: Path
+) -> None:
+    worker = _worker_of(tmp_path, redis_url, 'app.conf.forseti_namspace = "x"').start()
+    try:
+        worker.wait_ready()
+        assert "unknown setting forseti_namspace (did you mean forseti_namespace?)" in worker.log_text()
+    finally:
+        worker.stop()
+
+
+def test_a_worker_with_a_bad_setting_stops_with_a_configuration_error_naming_it(
+    redis_url: str, tmp_path: Path
+) -> None:
+    worker = _worker_of(tmp_path, redis_url, 'app.conf.forseti_heartbeat = "fast"').start()
+    try:
+        with pytest.raises(ClusterError, match="exited with code"):
+            worker.wait_ready()
+        assert "forseti_heartbeat must be a positive number of seconds, not 'fast'" in worker.log_text()
+    finally:
+        worker.stop()
