@@ -277,10 +277,17 @@ class ConsumerLoop(threading.Thread):
         self.failure: BaseException | None = None
 
     # -- control (from any thread) --------------------------------------------------
-    def stop(self, timeout: float = 5.0) -> None:
-        """Ask the loop to end and wait for it."""
+    def stop(self, timeout: float = 5.0, wake: Callable[[], None] | None = None) -> None:
+        """Ask the loop to end and wait for it.
+
+        ``wake`` (e.g. a message to one of its queues) ends the broker read the loop may be
+        blocked in: on Redis, closing a connection with a BRPOP pending waits for its answer,
+        up to kombu's ``brpop_timeout`` (1 s).
+        """
         self._stopping.set()
         if self.is_alive() and threading.current_thread() is not self:
+            if wake is not None and self.connected.is_set():
+                self._safe(wake)
             self.join(timeout)
 
     # -- called from the loop thread only ----------------------------------------------

@@ -20,7 +20,15 @@ from kombu import Queue
 from . import protocol as p
 from .broker import Batcher, ConsumerLoop, Publisher, RestartIntensity
 from .cache import RefCache
-from .errors import ForsetiTimeout, InvalidArgument, InvalidKey, ProcessGone, RemoteError, remote_error
+from .errors import (
+    BrokerUnavailable,
+    ForsetiTimeout,
+    InvalidArgument,
+    InvalidKey,
+    ProcessGone,
+    RemoteError,
+    remote_error,
+)
 from .keyref import KeyRef
 
 if TYPE_CHECKING:
@@ -224,5 +232,12 @@ class Client:
         """Send what is queued, stop the reply thread and release the connections."""
         self._flush_quietly()
         atexit.unregister(self._flush_quietly)
-        self._loop.stop()
+        self._loop.stop(wake=self._wake_loop)
         self._publisher.close()
+
+    def _wake_loop(self) -> None:
+        # An empty batch to our own reply queue answers the loop's pending read at once.
+        try:
+            self._publisher.publish(self.names.exchange, self._reply_rk, [])
+        except BrokerUnavailable:
+            pass  # then no read is pending either

@@ -6,9 +6,11 @@ import threading
 import time
 import uuid
 
+import pytest
 from celery import Celery
 from kombu import Exchange, Queue
 
+from forseti_celery import Forseti, ForsetiTimeout
 from forseti_celery.broker import ConsumerLoop, Publisher, RestartIntensity
 from forseti_celery.testing import wait_for
 
@@ -70,3 +72,20 @@ def test_publish_many_sends_every_batch_in_order_and_a_plain_publish_after_it(br
     finally:
         loop.stop()
         publisher.close()
+
+
+def test_closing_a_client_ends_its_reply_thread_without_waiting_for_its_poll_interval(redis_url: str) -> None:
+    # On Redis the reply thread blocks in BRPOP for kombu's brpop_timeout (1 s by default, made
+    # 60 s here): closing must wake it, not wait for the poll to run out.
+    app = Celery("close-test", broker=redis_url, set_as_current=False)
+    app.conf.broker_transport_options = {"polling_interval": 60}
+    forseti = Forseti(app, namespace=f"forseti-close-{uuid.uuid4().hex[:8]}", timeout=0.2)
+    client = forseti.client
+    with pytest.raises(ForsetiTimeout):
+        client.get_metrics(0.2)  # starts the reply thread, which then waits in BRPOP
+    loop = client._loop
+    assert loop.connected.wait(10)
+    started = time.perf_counter()
+    forseti.close()
+    print(f"\nclose: {(time.perf_counter() - started) * 1000:.1f} ms")
+    assert not loop.is_alive(), "the reply thread still waits on its poll after close()"
