@@ -228,6 +228,7 @@ def keys(obj: Any, nodes: list[str] | None, name: str | None, as_json: bool, tim
             reply=True, timeout=timeout, limit=len(nodes) if nodes else None,
         )
     answered: list[str] = []
+    elsewhere: dict[str, str] = {}  # --node workers that answered for another namespace
     rows: list[dict[str, Any]] = []
     for reply in replies or ():
         for host, body in reply.items():
@@ -235,6 +236,9 @@ def keys(obj: Any, nodes: list[str] | None, name: str | None, as_json: bool, tim
             if isinstance(body, dict) and body.get("namespace") == namespace:
                 answered.append(host)
                 rows.extend({"node": host, **k} for k in body["keys"])
+            elif isinstance(body, dict):
+                elsewhere[host] = (f"it serves namespace {body['namespace']!r}" if "namespace" in body
+                                   else str(body.get("error", body)))
     rows.sort(key=lambda r: (r["node"], r["name"], r["key"]))
     missing = sorted(set(nodes or ()) - set(answered))
     if answered and not missing:
@@ -246,9 +250,15 @@ def keys(obj: Any, nodes: list[str] | None, name: str | None, as_json: bool, tim
                      humanize_seconds(r["uptime"], microseconds=True), r["messages"]] for r in rows])
             obj.echo(f"\n{_count(len(rows), 'keyed process')} on {_count(len(answered), 'worker')}")
         return
-    who = f"workers {', '.join(missing)}" if missing else "no worker"
-    _fail(obj, as_json, EXIT_UNAVAILABLE, "unavailable",
-          f"{who} of namespace {namespace!r} answered within {timeout:g} s")
+    if not missing:
+        message = f"no worker of namespace {namespace!r} answered within {timeout:g} s"
+    else:
+        silent = [host for host in missing if host not in elsewhere]
+        message = "; ".join(
+            ([f"no answer within {timeout:g} s from {', '.join(silent)}"] if silent else [])
+            + [f"{host} is not a worker of namespace {namespace!r}: {elsewhere[host]}"
+               for host in missing if host in elsewhere])
+    _fail(obj, as_json, EXIT_UNAVAILABLE, "unavailable", message)
 
 
 @forseti.command(cls=CeleryCommand)

@@ -90,6 +90,14 @@ def test_keys_lists_every_process_with_node_and_pid_and_filters_by_node_and_name
     poller.stop()
 
 
+def test_keys_names_the_node_that_did_not_answer_and_not_the_one_that_did(h: Harness) -> None:
+    live, ghost = h.cluster.workers[0].hostname, f"ghost-{time.monotonic_ns()}@nowhere"
+    failed = cli(h, "keys", "--node", f"{live},{ghost}", "--timeout", "1", "--json", expect=EXIT_UNAVAILABLE)
+    error = json.loads(failed.stdout)
+    assert error["error"] == "unavailable"
+    assert error["message"] == f"no answer within 1 s from {ghost}" and error["message"] in failed.stderr
+
+
 def test_get_starts_a_key_once_and_passes_json_args(h: Harness) -> None:
     key = fresh("get")
     got = cli_json(h, "get", key, "--args", "[41]")
