@@ -17,7 +17,6 @@ import os
 import queue
 import signal
 import time
-import traceback
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -184,27 +183,31 @@ def run(conn: Any, target: Any, key: str, args: list[Any], parent_pid: int, clos
         billiard.current_process().name = f"forseti:{order['n']}"
         if lifeline.cut_off():
             os._exit(FENCED)
+    name = billiard.current_process().name.removeprefix("forseti:")  # as its forker named it
     is_class = isinstance(target, type) and issubclass(target, KeyedProcess)
     try:
         if is_class:
-            _serve(box, target, key, args)
+            _serve(box, target, name, key, args)
         else:
             box.send({"t": "started"})
             target(key, *args)
     except SystemExit:
         pass
     except BaseException as exc:
-        logger.error("keyed process %r crashed:\n%s", key, traceback.format_exc())
+        # Logged here, where the traceback is: the handlers are the worker's (inherited), so is the log.
+        logger.exception("forseti: keyed process %r (name %r) crashed", key, name)
         box.send({"t": "exit", "reason": f"crash: {_describe(exc)}"})
         os._exit(1)
     box.send({"t": "exit", "reason": box.stop_reason or "normal"})
 
 
-def _serve(box: Mailbox, cls: type[KeyedProcess], key: str, args: list[Any]) -> None:
+def _serve(box: Mailbox, cls: type[KeyedProcess], name: str, key: str, args: list[Any]) -> None:
     obj = cls()
     try:
         obj.init(key, *args)
     except BaseException as exc:
+        logger.exception("forseti: init of keyed process %r (name %r) raised; the caller gets StartError",
+                         key, name)
         box.send({"t": "init_error", "type": _qualname(exc), "msg": str(exc)})
         os._exit(1)
     box.send({"t": "started"})

@@ -150,6 +150,28 @@ def test_init_raising_is_a_start_error_and_leaves_nothing_registered(h: Harness)
     assert sum(h.forseti.get_metrics().values()) == 0
 
 
+def logged_with_traceback(h: Harness, line: str, error: str) -> str:
+    """The worker log entry (from its line's start) containing ``line``, up to ``error`` ending its traceback."""
+    def entry() -> str | None:
+        for worker in h.cluster.workers:
+            text = worker.log_text()
+            start = text.find(line)
+            if start >= 0 and error in text[start:]:
+                return text[text.rfind("\n", 0, start) + 1:text.index(error, start) + len(error)]
+        return None
+    return wait_for(entry, 5, message=lambda: f"no {line!r} in the worker logs\n{h.cluster.log_tails()}")
+
+
+def test_init_raising_is_logged_on_the_worker_with_key_name_and_traceback(h: Harness) -> None:
+    key = fresh("failing-logged")
+    with pytest.raises(StartError):
+        h.forseti.get_key(key, name="failing")
+    entry = logged_with_traceback(h, f"forseti: init of keyed process {key!r} (name 'failing') raised",
+                                  f"ValueError: cannot start {key}")
+    assert "ERROR" in entry.splitlines()[0]
+    assert "Traceback (most recent call last)" in entry and "in init" in entry
+
+
 def test_a_name_no_worker_knows_is_a_typed_error_in_bounded_time(h: Harness) -> None:
     t0 = time.monotonic()
     with pytest.raises(UnknownName):
@@ -267,6 +289,10 @@ def test_a_crash_in_handle_call_is_a_remote_error_and_frees_the_key(h: Harness) 
     with pytest.raises(RemoteError) as info:
         ref.call("crash")
     assert info.value.exc_type == "ValueError" and "asked to crash" in str(info.value)
+    entry = logged_with_traceback(h, f"forseti: keyed process {ref.key!r} (name 'default') crashed",
+                                  "ValueError: asked to crash")
+    assert "ERROR" in entry.splitlines()[0]
+    assert "Traceback (most recent call last)" in entry and "in handle_call" in entry
     assert_freed(h, ref)
 
 
