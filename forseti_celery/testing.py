@@ -10,9 +10,10 @@ The pytest plugin (registered through the ``pytest11`` entry point) adds two fix
 
 * ``forseti_embedded_broker`` (session): the URL of an embedded Redis started once per session.
 * ``forseti_cluster_factory``: ``make(app_module, n=3, pool="prefork", broker_url=None, **kw)``
-  returns a started :class:`Cluster`; every cluster is stopped at teardown, and the test
-  errors if a cluster left orphans. When a test fails, the workers' log tails are added to
-  its report.
+  returns a started :class:`Cluster`, whose workers use the cluster's broker whatever the app
+  names in its code, and whose :attr:`Cluster.forseti` is a client of the app's namespace on
+  that broker; every cluster is stopped at teardown, and the test errors if a cluster left
+  orphans. When a test fails, the workers' log tails are added to its report.
 
 This module is imported by pytest for every run: keep its imports light.
 """
@@ -30,19 +31,27 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from functools import cached_property
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 
 from .errors import ForsetiError
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from .app import Forseti
 
 __all__ = [
     "Cluster",
     "ClusterError",
     "WaitTimeout",
     "WorkerProcess",
+    "client_app",
+    "load_app",
     "wait_for",
 ]
 
@@ -160,10 +169,12 @@ class WorkerProcess:
         env: Mapping[str, str] | None = None,
         cwd: str | os.PathLike[str] | None = None,
         marker: str | None = None,
+        result_backend: str | None = None,
     ) -> None:
         self.app_module = app_module
         self.hostname = hostname
         self.broker_url = broker_url
+        self.result_backend = result_backend
         self.pool = pool
         self.concurrency = concurrency
         self.extra_args = list(extra_args)
@@ -176,9 +187,14 @@ class WorkerProcess:
 
     @property
     def argv(self) -> list[str]:
-        """The worker's command line."""
+        """The worker's command line.
+
+        ``-b`` (and ``--result-backend``) win over what the app names in its code: Celery turns
+        them into ``CELERY_BROKER_URL`` (``CELERY_RESULT_BACKEND``), read before the app's conf.
+        """
+        backend = ["--result-backend", self.result_backend] if self.result_backend else []
         return [
-            sys.executable, "-m", "celery", "-A", self.app_module, "worker",
+            sys.executable, "-m", "celery", "-A", self.app_module, "-b", self.broker_url, *backend, "worker",
             "-n", self.hostname, "-P", self.pool, "-c", str(self.concurrency), "-l", "INFO",
             *self.extra_args,
         ]  # fmt: skip
@@ -208,6 +224,9 @@ class WorkerProcess:
             "FORSETI_BROKER_URL": self.broker_url,
             "PYTHONUNBUFFERED": "1",
             **self.env,
+            # An app's own broker_read_url / broker_write_url would win over ``-b``; these do not.
+            "CELERY_BROKER_READ_URL": self.broker_url,
+            "CELERY_BROKER_WRITE_URL": self.broker_url,
             MARKER_ENV: f"{self.marker}:{self.hostname}",
         }
         with open(self.log_path, "ab") as log:  # the child keeps its own copy of the fd
@@ -293,6 +312,41 @@ def short_hostname() -> str:
     return socket.gethostname().split(".")[0]
 
 
+def load_app(app_module: str, cwd: str | os.PathLike[str] | None = None) -> Celery:
+    """The Celery app ``celery -A app_module`` would load, imported in this process from ``cwd``."""
+    from celery.app.utils import find_app
+
+    path = os.fspath(cwd or os.getcwd())
+    if path not in sys.path:
+        sys.path.insert(0, path)  # where the workers import it from; later imports of it need it too
+    app: Celery = find_app(app_module)
+    return app
+
+
+def client_app(app: Celery, broker_url: str, result_backend: str | None = None) -> Celery:
+    """A copy of ``app`` (configuration and ``Forseti`` settings) whose broker is ``broker_url``.
+
+    The copy is not made the current app: the module-level ``forseti_celery.get_key`` and
+    friends keep using the current one; call ``copy.set_current()`` to change that.
+    """
+    from celery import Celery
+
+    from .app import Forseti
+
+    conf = app.conf.table(with_defaults=False, censored=False)
+    conf.pop("deprecated_settings", None)
+    # Explicit read/write URLs: they win over a CELERY_BROKER_URL of the test process too.
+    conf.update(broker_url=broker_url, broker_read_url=broker_url, broker_write_url=broker_url)
+    if result_backend:
+        conf["result_backend"] = result_backend
+    copy = Celery(app.main, set_as_current=False)
+    copy.conf.update(conf)
+    source = getattr(app, "_forseti", None)
+    if source is not None:
+        Forseti(copy, **source._explicit)
+    return copy
+
+
 class Cluster:
     """N real Celery workers of one app on one broker.
 
@@ -300,6 +354,9 @@ class Cluster:
     given; ``tag`` (random by default) keeps two clusters, or two test runs, sharing a broker
     from answering each other's pings and control commands as the same node. Used as a context
     manager, it starts on entry and stops on exit.
+
+    The workers use ``broker_url`` (and ``result_backend``, if given) whatever the app names in
+    its code. :attr:`app` and :attr:`forseti` are the test's side of the cluster.
     """
 
     def __init__(
@@ -318,9 +375,11 @@ class Cluster:
         ready_timeout: float = 60.0,
         orphan_grace: float = 5.0,
         tag: str | None = None,
+        result_backend: str | None = None,
     ) -> None:
         self.app_module = app_module
         self.broker_url = broker_url
+        self.result_backend = result_backend
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="forseti-cluster-"))
         self.pool = pool
         self.concurrency = concurrency
@@ -354,7 +413,29 @@ class Cluster:
             env=self.env,
             cwd=self.cwd,
             marker=self.marker,
+            result_backend=self.result_backend,
         )
+
+    @cached_property
+    def app(self) -> Celery:
+        """A copy of the workers' Celery app, imported in this process, on the cluster's broker.
+
+        It has the app's whole configuration (its ``forseti_namespace`` too) and its
+        ``Forseti`` settings, except the broker URLs (and the result backend, if the cluster has
+        one), which are the cluster's. See :func:`client_app`.
+        """
+        return client_app(load_app(self.app_module, self.cwd), self.broker_url, self.result_backend)
+
+    @cached_property
+    def forseti(self) -> Forseti:
+        """A client of the workers' namespace on the cluster's broker: ``cluster.forseti.get_key(k)``.
+
+        Raises :class:`~forseti_celery.errors.ConfigurationError` if the app has no ``Forseti``;
+        closed by :meth:`stop`.
+        """
+        from .app import Forseti
+
+        return Forseti.of(self.app)
 
     def start(self) -> Cluster:
         """Start every worker at once, then wait until all are ready."""
@@ -404,6 +485,8 @@ class Cluster:
                 worker.kill(signal.SIGTERM)
         for worker in self.workers:
             worker.stop(timeout)
+        if "forseti" in self.__dict__:
+            self.forseti.close()
         grace = self.orphan_grace if orphan_grace is None else orphan_grace
         try:
             wait_for(lambda: not self.orphans(), grace, interval=0.1)
@@ -459,9 +542,11 @@ ClusterFactory = Callable[..., Cluster]
 def forseti_cluster_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ClusterFactory]:
     """Factory ``make(app_module, n=3, pool="prefork", broker_url=None, **kw)`` of started clusters.
 
-    ``broker_url`` defaults to ``$FORSETI_BROKER_URL``, else the session's embedded Redis;
-    ``**kw`` goes to :class:`Cluster`. Workers run from the rootdir, so ``app_module`` may be a
-    dotted path such as ``tests.app``. Every cluster is stopped at teardown; orphans fail the test.
+    ``broker_url`` defaults to ``$FORSETI_BROKER_URL``, else the session's embedded Redis; the
+    workers use it even if the app names another broker in its code. ``**kw`` goes to
+    :class:`Cluster`. Workers run from the rootdir, so ``app_module`` may be a dotted path such
+    as ``tests.app``. ``cluster.forseti`` is the test's client: the app's namespace and
+    settings, the cluster's broker. Every cluster is stopped at teardown; orphans fail the test.
     """
     clusters: list[Cluster] = []
     request.node.stash[_CLUSTERS] = clusters

@@ -18,11 +18,16 @@ import redis
 from celery import Celery
 from kombu import Connection
 
+from forseti_celery import Forseti
 from forseti_celery.embedded import EmbeddedRedis, EmbeddedRedisError, broker_url_from_env
 from forseti_celery.testing import ClusterError, WaitTimeout, WorkerProcess, wait_for
+from tests import hardcoded_app
+from tests.conftest import REDIS_HOST, REDIS_PORT, in_ci, reachable
+from tests.helpers import fresh
 
 ROOT = Path(__file__).resolve().parent.parent
 HARNESS_APP = "tests.harness_app"
+HARDCODED_APP = "tests.hardcoded_app"
 
 
 def running(pid: int) -> bool:
@@ -235,6 +240,41 @@ def test_orphans_left_by_workers_are_reported_and_killed(forseti_cluster_factory
 
     assert orphans == sleepers
     wait_for(lambda: not any(running(pid) for pid in sleepers), 5)
+
+
+def members(forseti: Forseti, n: int) -> set[str]:
+    """The workers ``forseti``'s leader lists, once it lists ``n`` of them."""
+
+    def listed() -> set[str] | None:
+        try:
+            found = set(forseti.get_metrics(timeout=2))
+        except Exception:
+            return None
+        return found if len(found) == n else None
+
+    return wait_for(listed, 30, 0.1, f"the leader of {forseti.settings.namespace!r} never listed {n} workers")
+
+
+def test_cluster_of_an_app_naming_its_broker_runs_on_the_fixture_broker_and_its_client_speaks_its_namespace(
+    forseti_cluster_factory, broker_url: str
+) -> None:
+    if not reachable(REDIS_HOST, REDIS_PORT):  # the app's own broker, where its "real" cluster runs
+        if in_ci():
+            pytest.fail(f"CI=true but Redis is not reachable on {REDIS_HOST}:{REDIS_PORT}")
+        pytest.skip("the app's hard-coded broker (local Redis) is not reachable")
+    real = forseti_cluster_factory(HARDCODED_APP, n=1, broker_url=hardcoded_app.BROKER_URL)
+    test = forseti_cluster_factory(HARDCODED_APP, n=2, broker_url=broker_url)
+
+    assert test.app.conf.broker_url == broker_url
+    assert test.forseti.settings.namespace == hardcoded_app.NAMESPACE
+    assert test.forseti.settings.spares == 1  # Forseti(app, spares=1) carries over
+    assert members(test.forseti, 2) == {w.hostname for w in test.workers}
+    assert members(real.forseti, 1) == {real.workers[0].hostname}
+    ref = test.forseti.get_key(fresh("counter"), [10])
+    ref.send(5)
+    assert ref.call("get") == 15
+    assert ref.node in {w.hostname for w in test.workers}
+    ref.stop()
 
 
 def test_plugin_adds_worker_logs_to_failures_and_fails_tests_that_leave_orphans(
