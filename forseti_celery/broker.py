@@ -10,6 +10,7 @@ registry living in the same process.
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import time
 from collections import deque
@@ -48,6 +49,13 @@ class RestartIntensity:
         return len(self._failures) <= self.max_retries
 
 
+#: Raise a key's TTL to ARGV[1] ms unless it already lives longer (-1: no TTL yet).
+_KEEP_AT_LEAST = """
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then return redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return 0
+"""
+
+
 class Publisher:
     """Publishes message batches on a connection of its own; safe from any thread."""
 
@@ -67,14 +75,30 @@ class Publisher:
         declare: Iterable[Queue] = (),
         expiration: float | None = None,
     ) -> None:
-        """Send ``messages`` as one broker message; raises :class:`BrokerUnavailable`."""
+        """Send ``messages`` as one broker message; raises :class:`BrokerUnavailable`.
+
+        Unconsumed after ``expiration`` seconds, the message is dropped: RabbitMQ expires it
+        (per-message TTL); a Redis list has no per-message TTL, so the queue's list is kept at
+        least that long and no longer than its latest expiring message (a TTL only ever raised).
+        """
         with self._guard():
             producer = self._ready()
             publish = self._conn.ensure(
-                producer, producer.publish,
+                producer, self._publish_one,
                 max_retries=self._retries, interval_start=0.1, interval_step=0.2, interval_max=0.3,
             )
-            self._put(publish, exchange, routing_key, messages, declare, expiration)
+            publish(producer, exchange, routing_key, messages, declare, expiration)
+
+    def _publish_one(self, producer: Producer, exchange: Exchange, routing_key: str, messages: list[Message],
+                     declare: Iterable[Queue], expiration: float | None) -> None:
+        if expiration is None or self._conn.transport.driver_type != "redis":
+            self._put(producer.publish, exchange, routing_key, messages, declare, expiration)
+            return
+        channel = producer.channel
+        with self._pipeline(channel) as pipe:
+            self._put(producer.publish, exchange, routing_key, messages, declare, None)
+            # The default exchange routes by queue name: the routing key is the list's key.
+            pipe.eval(_KEEP_AT_LEAST, 1, channel.global_keyprefix + routing_key, max(1, math.ceil(expiration * 1000)))
 
     def publish_many(
         self,
@@ -91,14 +115,21 @@ class Publisher:
             return
         with self._guard():
             producer = self._ready()
-            channel = producer.channel
-            channel._forseti_pipe = channel._forseti_client.pipeline(transaction=False)
-            try:
+            with self._pipeline(producer.channel):
                 for routing_key, messages in batches:
                     self._put(producer.publish, exchange, routing_key, messages, declare(routing_key), None)
-                channel._forseti_pipe.execute()
-            finally:
-                channel._forseti_pipe = None
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _pipeline(channel: Any) -> Iterator[Any]:
+        """Redis: what kombu's publishing code sends in this block goes out in one round trip."""
+        reuse_redis_client(channel)
+        pipe = channel._forseti_pipe = channel._forseti_client.pipeline(transaction=False)
+        try:
+            yield pipe
+            pipe.execute()
+        finally:
+            channel._forseti_pipe = None
 
     @contextlib.contextmanager
     def _guard(self) -> Iterator[None]:

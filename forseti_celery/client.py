@@ -55,7 +55,9 @@ class Client:
         self.id = uuid.uuid4().hex
         self._reply_queue = self.names.reply_queue(self.id)
         self._reply_rk = self._reply_queue.routing_key
-        self._publisher = Publisher(forseti.app.connection_for_write())
+        connection = forseti.app.connection_for_write()
+        self._broker = connection.as_uri()  # for error messages: kombu masks the password
+        self._publisher = Publisher(connection)
         self._sender = Batcher(self._publish)
         atexit.register(self._flush_quietly)
         self._pending: dict[str, _Pending] = {}
@@ -152,8 +154,7 @@ class Client:
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise ForsetiTimeout(f"no answer to {msg['t']!r} within {timeout:g} s"
-                                         + (" (is a worker with forseti running?)" if resend else ""))
+                    raise self._timed_out(msg["t"], timeout, leader=routing_key == self.names.leader)
                 if pending.event.wait(min(remaining, self.settings.retry_interval) if resend else remaining):
                     break
                 if resend:
@@ -166,10 +167,22 @@ class Client:
             raise remote_error(reply["error"], reply.get("type", ""), reply.get("msg", ""))
         return reply.get("v")
 
+    def _timed_out(self, kind: str, timeout: float, leader: bool) -> ForsetiTimeout:
+        if not leader:
+            return ForsetiTimeout(f"no answer to {kind!r} within {timeout:g} s")
+        return ForsetiTimeout(f"no leader answered {kind!r} within {timeout:g} s in namespace "
+                              f"{self.names.namespace!r} on {self._broker} (is a worker with forseti running there?)")
+
     def _publish(self, routing_key: str, msgs: list[dict[str, Any]]) -> None:
         self._ensure_started()
-        declare = [self.names.leader_queue] if routing_key == self.names.leader else ()
-        self._publisher.publish(self.names.exchange, routing_key, msgs, declare=declare)
+        if routing_key != self.names.leader:
+            self._publisher.publish(self.names.exchange, routing_key, msgs)
+            return
+        # Requests unanswered by their deadline leave the leader queue with it, so a namespace
+        # nobody serves does not collect them forever.
+        expiration = max(0.001, max(m["d"] for m in msgs) - time.time())
+        self._publisher.publish(self.names.exchange, routing_key, msgs, declare=[self.names.leader_queue],
+                                expiration=expiration)
 
     def _flush_quietly(self) -> None:
         try:
@@ -208,7 +221,7 @@ class Client:
     def _check(self, key: Any, name: Any) -> None:
         if not isinstance(key, str):
             raise InvalidKey(f"keys are str, not {type(key).__name__}")
-        if len(key) > self.settings.max_key_length:
+        if len(key) >= self.settings.max_key_length:  # MUTANT 4
             raise InvalidKey(f"key of {len(key)} characters exceeds forseti_max_key_length")
         if not isinstance(name, str) or not name:
             raise InvalidArgument(f"name must be a non-empty str, not {name!r}")

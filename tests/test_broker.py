@@ -7,6 +7,7 @@ import time
 import uuid
 
 import pytest
+import redis
 from celery import Celery
 from kombu import Exchange, Queue
 
@@ -89,3 +90,21 @@ def test_closing_a_client_ends_its_reply_thread_without_waiting_for_its_poll_int
     forseti.close()
     print(f"\nclose: {(time.perf_counter() - started) * 1000:.1f} ms")
     assert not loop.is_alive(), "the reply thread still waits on its poll after close()"
+
+
+def test_a_redis_queue_lives_as_long_as_its_latest_expiring_message(redis_url: str) -> None:
+    # Redis lists have no per-message TTL: the list's TTL only ever rises, so a request with a
+    # short deadline never drops another client's request still waiting for its answer.
+    app = Celery("broker-test", broker=redis_url, set_as_current=False)
+    name = f"forseti-t-{uuid.uuid4().hex[:8]}"
+    publisher = Publisher(app.connection_for_write())
+    try:
+        publisher.publish(Exchange(""), name, [{"t": "long"}], expiration=30)
+        publisher.publish(Exchange(""), name, [{"t": "short"}], expiration=0.2)
+        with redis.Redis.from_url(redis_url) as r:
+            assert r.llen(name) == 2 and r.pttl(name) > 20_000
+            r.delete(name)
+            publisher.publish(Exchange(""), name, [{"t": "short"}], expiration=0.2)
+            wait_for(lambda: r.llen(name) == 0, 10, 0.05, "the list outlived its only message's expiration")
+    finally:
+        publisher.close()
