@@ -1,0 +1,214 @@
+"""What the safety checks promise, pinned one by one: each test here fails if its check is dropped
+or weakened (a deposed leader's order obeyed, the fencing margin cut, a duplicate kept, a key one
+character too long refused, a late exit report freeing the key of a newer process)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from celery import Celery
+
+from forseti_celery import Forseti, InvalidKey
+from forseti_celery import protocol as p
+from forseti_celery.broker import Publisher
+from forseti_celery.conf import Settings
+from forseti_celery.leader import Leader
+from forseti_celery.membership import Members
+from forseti_celery.registry import Node
+from forseti_celery.testing import wait_for
+
+from .helpers import Harness, fresh, harness
+from .test_leader import Wire, beat, get, report, search
+
+
+@pytest.fixture
+def cluster() -> tuple[Leader, Members, Wire]:
+    """A leader on "a" with three live workers, rebuilt (ready), nothing placed."""
+    members = Members(node_timeout=8.0)
+    for host in ("a", "b", "c"):
+        beat(members, host)
+    wire = Wire()
+    leader = Leader("a", members, wire.node, wire.reply)
+    leader.activate(0)
+    return leader, members, wire
+
+
+def stops(wire: Wire) -> list[tuple[str, dict[str, Any]]]:
+    return [(h, m) for h, m in wire.to_nodes if m["t"] == p.STOP]
+
+
+def exited(key: str, node: str, pid: int | None, **extra: Any) -> dict[str, Any]:
+    return {"t": p.EXITED, "n": "default", "k": key, "node": node, "pid": pid, "sid": "s", **extra}
+
+
+def holder(leader: Leader, wire: Wire, key: str) -> Any:
+    corr = uuid.uuid4().hex
+    leader.handle(search(key, corr))
+    return wire.answer(corr)["v"]
+
+
+# -- the leader keeps one process per key --------------------------------------------------------
+
+
+def test_two_workers_reporting_one_key_to_a_new_leader_get_the_second_one_stopped(cluster: Any) -> None:
+    leader, _, wire = cluster
+    leader.report(report("a", []))
+    leader.report(report("b", [["default", "k", 201, "sb"]]))
+    leader.report(report("c", [["default", "k", 301, "sc"]]))  # after a split brain: one too many
+    assert leader.ready
+    assert [(h, m["k"], m["p"], m["reason"]) for h, m in stops(wire)] == [("c", "k", 301, "duplicate")]
+    assert holder(leader, wire, "k") == ["b", 201]
+
+
+def test_a_worker_reporting_a_key_the_leader_holds_elsewhere_gets_its_copy_stopped(cluster: Any) -> None:
+    leader, _, wire = cluster
+    for host in ("a", "b", "c"):
+        leader.report(report(host, [["default", "k", 201, "sb"]] if host == "b" else []))
+    assert leader.ready and not stops(wire)
+    # Reconciliation (asked after a count mismatch): c runs the key too.
+    leader.report(report("c", [["default", "k", 301, "sc"]], q=10))
+    assert [(h, m["k"], m["p"], m["reason"]) for h, m in stops(wire)] == [("c", "k", 301, "duplicate")]
+    assert holder(leader, wire, "k") == ["b", 201]
+
+
+def test_a_start_report_for_a_key_live_elsewhere_gets_the_new_process_stopped(cluster: Any) -> None:
+    leader, _, wire = cluster
+    for host in ("a", "b", "c"):
+        leader.report(report(host, [["default", "k", 201, "sb"]] if host == "b" else []))
+    # Started on a deposed leader's order, say.
+    leader.handle({"t": p.SPAWNED, "n": "default", "k": "k", "node": "c", "pid": 301, "sid": "other"})
+    assert [(h, m["k"], m["p"], m["reason"]) for h, m in stops(wire)] == [("c", "k", 301, "duplicate")]
+    assert holder(leader, wire, "k") == ["b", 201]
+
+
+def test_a_late_exit_report_of_an_older_process_on_the_same_worker_frees_nothing(cluster: Any) -> None:
+    leader, _, wire = cluster
+    for host in ("a", "b", "c"):
+        leader.report(report(host, [["default", "k", 100, "s1"]] if host == "b" else []))
+    # Process 100 ends; the key is placed again and starts as 200.
+    leader.handle(exited("k", "b", 100))
+    leader.handle(get("k", "1"))
+    ((host, spawn),) = wire.spawns()
+    leader.handle({"t": p.SPAWNED, "n": "default", "k": "k", "node": host, "pid": 200, "sid": spawn["sid"]})
+    assert holder(leader, wire, "k") == [host, 200]
+    # An exit report naming the new holder's worker and an older pid (late, repeated, or forged).
+    leader.handle(exited("k", host, 100))
+    assert holder(leader, wire, "k") == [host, 200]
+    leader.handle(get("k", "2"))
+    assert wire.answer("2")["v"] == [host, 200] and len(wire.spawns()) == 1
+
+
+def test_an_exit_report_without_a_pid_answers_its_stopper_and_frees_nothing(cluster: Any) -> None:
+    leader, _, wire = cluster
+    for host in ("a", "b", "c"):
+        leader.report(report(host, [["default", "k", 200, "s2"]] if host == "b" else []))
+    # What a worker sends for a stop that found no process (children.py _not_there): the process
+    # the stopper meant is gone, which says nothing of the one the leader has now.
+    leader.handle(exited("k", "b", None, stoppers=[["client", "stop-1"]]))
+    assert wire.answer("stop-1")["v"] is True
+    assert holder(leader, wire, "k") == ["b", 200]
+    leader.handle(get("k", "2"))
+    assert wire.answer("2")["v"] == ["b", 200] and not wire.spawns()
+
+
+# -- fencing comes first -----------------------------------------------------------------------------
+
+
+def in_process_node(url: str, **conf: Any) -> Node:
+    """A worker's Node built in this process (not started): its fencing clock can be driven by hand."""
+    app = Celery(f"node-{uuid.uuid4().hex[:6]}", broker=url, set_as_current=False)
+    app.conf.update(forseti_namespace=f"forseti-s{uuid.uuid4().hex[:8]}", forseti_spares=0,
+                    **{f"forseti_{k}": v for k, v in conf.items()})
+    return Node(Forseti(app), f"n-{uuid.uuid4().hex[:6]}@test")
+
+
+@pytest.mark.parametrize(("heartbeat", "node_timeout"), [(1.0, 8.0), (0.5, 3.0), (0.3, 2.5), (1.0, 3.5)])
+def test_a_cut_off_worker_fences_at_least_a_heartbeat_before_the_leader_may_declare_it_dead(
+    redis_url: str, heartbeat: float, node_timeout: float
+) -> None:
+    settings = Settings(heartbeat=heartbeat, node_timeout=node_timeout)
+    assert settings.node_timeout - settings.fence_after >= 2 * settings.heartbeat * (1 - 1e-9)
+    node = in_process_node(redis_url, heartbeat=heartbeat, node_timeout=node_timeout)
+    try:
+        # The leader hears the worker's last heartbeat when the worker hears its own echo of it;
+        # from then on neither hears anything. The worker checks at its own tick interval.
+        members = Members(node_timeout)
+        hb = {"node": node.hostname, "inc": node.incarnation, "eligible": True, "names": []}
+        heard = members.heard(hb) or members.get(node.hostname)
+        assert heard is not None
+        node._last_echo = heard.last_seen
+        interval = min(0.25, heartbeat / 2)
+        now = heard.last_seen
+        while not node._fenced:
+            now += interval
+            node._fence(now)
+            assert not members.expire(now), "declared dead before the worker fenced"
+        print(f"\n[safety] heartbeat={heartbeat} node_timeout={node_timeout}: fenced "
+              f"{heard.last_seen + node_timeout - now:.2f} s before it may be declared dead")
+        assert not members.expire(now + heartbeat), "less than a heartbeat between fencing and being declared dead"
+    finally:
+        node.events.close()
+        node.publisher.close()
+
+
+# -- real workers --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["redis", "rabbitmq"])
+def h(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
+    url = request.getfixturevalue(f"{request.param}_url")
+    with harness(url, tmp_path_factory.mktemp(request.param), n=2, pool="solo") as h:
+        yield h
+
+
+def test_a_key_of_exactly_the_longest_accepted_length_is_served_and_one_more_character_is_refused(
+    h: Harness,
+) -> None:
+    longest = h.forseti.settings.max_key_length
+    key = fresh("long")
+    key += "x" * (longest - len(key))
+    assert h.forseti.search_key(key) is None
+    ref = h.forseti.get_key(key)
+    assert ref.key == key and ref.call("key") == key
+    assert h.forseti.search_key(key) == ref
+    ref.stop()
+    with pytest.raises(InvalidKey):
+        h.forseti.get_key(key + "x")
+    with pytest.raises(InvalidKey):
+        h.forseti.search_key(key + "x")
+
+
+def test_a_worker_refuses_a_spawn_order_from_a_leader_older_than_one_it_has_heard(h: Harness) -> None:
+    hosts = [w.hostname for w in h.cluster.workers]
+    stats = h.app.control.inspect(hosts, timeout=2).stats() or {}
+    (leader,) = [host for host, s in stats.items() if s["forseti"]["leader"]]
+    (worker,) = [host for host in hosts if host != leader]
+    # The worker has heard the leader's heartbeats (and its report request): it knows its epoch.
+    epoch = wait_for(lambda: (h.app.control.inspect([worker], timeout=2).stats() or {})
+                     .get(worker, {}).get("forseti", {}).get("epoch"), 10, 0.1, "no epoch on the worker")
+    assert epoch >= 1
+    stale, current = fresh("stale-order"), fresh("current-order")
+
+    def order(key: str, epoch: int) -> dict[str, Any]:
+        return {"t": p.SPAWN, "n": "default", "k": key, "a": [], "sid": uuid.uuid4().hex, "epoch": epoch,
+                "leader": leader, "w": []}
+
+    # What a deposed leader, resumed, sends (one epoch behind); then an order of the current epoch,
+    # on the same queue: once that one has started, the stale one has been handled.
+    publisher = Publisher(h.app.connection_for_write())
+    try:
+        rk = h.forseti.names.node_routing_key(worker)
+        publisher.publish(h.forseti.names.exchange, rk, [order(stale, epoch - 1)])
+        publisher.publish(h.forseti.names.exchange, rk, [order(current, epoch)])
+    finally:
+        publisher.close()
+    # Started on an order it did not give, the leader adopts the process (its start report).
+    ref = wait_for(lambda: h.forseti.search_key(current), 10, 0.1, "the current order never started")
+    assert ref.node == worker
+    assert h.starts(stale) == [], "a deposed leader's order started a process"
+    assert h.forseti.search_key(stale) is None, "a deposed leader's order was reported as started"
+    assert f"refused spawn of {stale!r}" in h.cluster.worker(worker).log_text()
+    ref.stop()
