@@ -11,6 +11,9 @@ given to ``celery -A``::
 Every subcommand takes ``--json`` and ``--timeout``. Exit codes, for scripts:
 0 ok; 1 not found (no such key, unknown name); 2 usage; 3 no answer in time
 (no leader, no worker, broker unreachable); 4 any other :class:`ForsetiError`.
+Every error is one ``Error: TEXT`` line on stderr (and ``{"error": KIND,
+"message": TEXT}`` on stdout with ``--json``); a dead broker fails every
+subcommand after one short retry.
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ from contextlib import contextmanager
 from typing import Any, NoReturn, TypeVar
 
 import click
-from celery.bin.base import COMMA_SEPARATED_LIST, CeleryCommand, CeleryOption, JsonArray
+from celery.bin.base import COMMA_SEPARATED_LIST, CeleryCommand, CeleryOption
 from celery.exceptions import CeleryCommandException
 from celery.utils.time import humanize_seconds
 from kombu.exceptions import OperationalError
+from kombu.utils.url import maybe_sanitize_url
 
 from .app import Forseti
 from .errors import (
@@ -91,24 +95,71 @@ def _fail(obj: Any, as_json: bool, code: int, kind: str, message: str) -> NoRetu
     raise CeleryCommandException(message=message, exit_code=code)
 
 
+def _broker(obj: Any) -> str:
+    """The app's broker URL, password masked."""
+    return str(maybe_sanitize_url(obj.app.connection_for_write().as_uri(include_password=True)))
+
+
+def _where(obj: Any, namespace: str) -> str:
+    return f"namespace {namespace!r} on {_broker(obj)}"
+
+
+def _unreachable(obj: Any, as_json: bool, exc: BaseException) -> NoReturn:
+    reason = str(exc) or repr(exc)
+    _fail(obj, as_json, EXIT_UNAVAILABLE, "broker_unreachable", f"broker unreachable: {_broker(obj)}: {reason}")
+
+
 @contextmanager
 def _errors(obj: Any, as_json: bool) -> Iterator[None]:
-    """Turn forseti's errors into the documented exit codes."""
+    """Turn forseti's errors into the documented exit codes, in one format."""
     try:
         yield
     except (UnknownName, ProcessGone) as exc:
         _fail(obj, as_json, EXIT_NOT_FOUND, "not_found", str(exc))
     except InvalidArgument as exc:
         _fail(obj, as_json, EXIT_USAGE, "usage", str(exc))
-    except (ForsetiTimeout, BrokerUnavailable, OperationalError) as exc:
-        _fail(obj, as_json, EXIT_UNAVAILABLE, "unavailable", str(exc))
+    except ForsetiTimeout as exc:
+        _fail(obj, as_json, EXIT_UNAVAILABLE, "no_answer", str(exc))
+    except BrokerUnavailable as exc:
+        _unreachable(obj, as_json, exc.__cause__ or exc)
     except ForsetiError as exc:
         _fail(obj, as_json, EXIT_ERROR, type(exc).__name__, str(exc))
     except Exception as exc:
         conn = obj.app.connection_for_write()  # not connected: only asked for its transport's errors
-        if not isinstance(exc, (*conn.connection_errors, *conn.channel_errors)):
+        if not isinstance(exc, (OperationalError, *conn.connection_errors, *conn.channel_errors)):
             raise
-        _fail(obj, as_json, EXIT_UNAVAILABLE, "unavailable", f"broker unreachable: {exc!r}")
+        _unreachable(obj, as_json, exc)
+
+
+def _connect(obj: Any) -> Any:
+    """A connection to the app's broker, connected with a bounded retry (raises at once when it is down).
+
+    Celery's control commands would connect following ``broker_connection_*``: seconds on a dead broker.
+    """
+    conn = obj.app.connection_for_write()
+    conn.ensure_connection(max_retries=1, interval_start=0.1, interval_step=0.2, interval_max=0.2, timeout=2.0)
+    return conn
+
+
+class _Json(click.ParamType[Any]):
+    """A JSON value on the command line (a JSON array if ``array``); a bad one is a usage error saying why."""
+
+    name = "json"
+
+    def __init__(self, array: bool = False, example: str = "'\"text\"', '[1, 2]'") -> None:
+        self.array = array
+        self.example = example
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):
+            return value
+        try:
+            decoded = json.loads(value)
+        except ValueError as exc:
+            self.fail(f"{value!r} is not JSON ({exc}); write it as JSON, e.g. {self.example}", param, ctx)
+        if self.array and not isinstance(decoded, list):
+            self.fail(f"{value!r} is not a JSON array; e.g. {self.example}", param, ctx)
+        return decoded
 
 
 @contextmanager
@@ -165,8 +216,8 @@ def status(obj: Any, as_json: bool, timeout: float) -> None:
         try:
             metrics = f.get_metrics(timeout=timeout)
         except ForsetiTimeout:
-            _fail(obj, as_json, EXIT_UNAVAILABLE, "no_leader",
-                  f"no leader of namespace {namespace!r} answered within {timeout:g} s")
+            _fail(obj, as_json, EXIT_UNAVAILABLE, "no_answer",
+                  f"no leader of {_where(obj, namespace)} answered within {timeout:g} s")
         # Ask only this namespace's workers (others may share the broker): the leader's eligible
         # workers first, then any other member they know of (non-eligible workers).
         stats = _stats(obj.app, set(metrics), timeout)
@@ -223,10 +274,11 @@ def keys(obj: Any, nodes: list[str] | None, name: str | None, as_json: bool, tim
     """
     with _errors(obj, as_json):
         namespace = Forseti.of(obj.app).settings.namespace
-        replies = obj.app.control.broadcast(
-            "forseti_keys", arguments={"name": name} if name else {}, destination=nodes or None,
-            reply=True, timeout=timeout, limit=len(nodes) if nodes else None,
-        )
+        with _connect(obj) as conn:
+            replies = obj.app.control.broadcast(
+                "forseti_keys", arguments={"name": name} if name else {}, destination=nodes or None,
+                reply=True, timeout=timeout, limit=len(nodes) if nodes else None, connection=conn,
+            )
     answered: list[str] = []
     elsewhere: dict[str, str] = {}  # --node workers that answered for another namespace
     rows: list[dict[str, Any]] = []
@@ -251,20 +303,20 @@ def keys(obj: Any, nodes: list[str] | None, name: str | None, as_json: bool, tim
             obj.echo(f"\n{_count(len(rows), 'keyed process')} on {_count(len(answered), 'worker')}")
         return
     if not missing:
-        message = f"no worker of namespace {namespace!r} answered within {timeout:g} s"
+        message = f"no worker of {_where(obj, namespace)} answered within {timeout:g} s"
     else:
         silent = [host for host in missing if host not in elsewhere]
         message = "; ".join(
             ([f"no answer within {timeout:g} s from {', '.join(silent)}"] if silent else [])
             + [f"{host} is not a worker of namespace {namespace!r}: {elsewhere[host]}"
                for host in missing if host in elsewhere])
-    _fail(obj, as_json, EXIT_UNAVAILABLE, "unavailable", message)
+    _fail(obj, as_json, EXIT_UNAVAILABLE, "no_answer", message)
 
 
 @forseti.command(cls=CeleryCommand)
 @click.argument("key")
 @_name_option("Keyed-process name.")
-@click.option("-a", "--args", "args", cls=CeleryOption, type=JsonArray(), default="[]",
+@click.option("-a", "--args", "args", cls=CeleryOption, type=_Json(array=True, example="'[1, \"x\"]'"), default="[]",
               help_group="Keyed Process Options", help="JSON array passed to init after the key if it starts.")
 @_options(None, "Seconds to wait for the leader (default: forseti_timeout).")
 @click.pass_obj

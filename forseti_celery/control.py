@@ -62,8 +62,12 @@ def forseti_keys(state: Any, name: str | None = None, **kwargs: Any) -> dict[str
     return {"namespace": node.settings.namespace, "keys": keys}
 
 
-def forseti_stop(state: Any, key: str, name: str = "default", **kwargs: Any) -> dict[str, Any]:
+def forseti_stop(state: Any, key: str | None = None, name: str | None = "default", **kwargs: Any) -> dict[str, Any]:
     """Stop keyed process KEY (of NAME, default "default") on this worker; answers ok or not found."""
+    # The command line sends what it was given: a missing key must be answered, not raise TypeError.
+    if not key or not isinstance(key, str):
+        return nok(f"usage: forseti_stop <key> [name]: a key (text) is required, got {key!r}")  # type: ignore[no-any-return]
+    name = name or "default"
     node = node_of(state)
     if node is None:
         return nok(NOT_RUNNING)  # type: ignore[no-any-return]

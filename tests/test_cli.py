@@ -122,19 +122,43 @@ def test_a_name_no_worker_knows_exits_1(h: Harness) -> None:
 
 # -- without a cluster of its own ---------------------------------------------------------------
 
-def test_bad_arguments_exit_2(redis_url: str) -> None:
-    assert "was not an array" in forseti(redis_url, "forseti-unused", "get", "k", "--args", "{}",
-                                         expect=EXIT_USAGE).stderr
+def test_bad_arguments_exit_2_naming_the_argument_and_what_is_wrong(redis_url: str) -> None:
+    not_json = forseti(redis_url, "forseti-unused", "get", "k", "--args", "notjson", expect=EXIT_USAGE).stderr
+    assert "'--args': 'notjson' is not JSON (Expecting value" in not_json and "e.g. '[1, \"x\"]'" in not_json
+    assert "'--args': '{}' is not a JSON array" in forseti(redis_url, "forseti-unused", "get", "k", "--args", "{}",
+                                                            expect=EXIT_USAGE).stderr
     forseti(redis_url, "forseti-unused", "keys", "--timeout", "0", expect=EXIT_USAGE)
 
 
-def test_without_a_leader_or_workers_status_stop_and_keys_exit_3_in_bounded_time(redis_url: str) -> None:
+def test_without_a_leader_or_workers_status_stop_and_keys_exit_3_naming_namespace_and_broker(redis_url: str) -> None:
     unused = f"forseti-nobody-{time.monotonic_ns()}"
-    t0 = time.monotonic()
+    where = f"namespace {unused!r} on {redis_url}"
     status = forseti(redis_url, unused, "status", "--timeout", "0.3", "--json", expect=EXIT_UNAVAILABLE)
-    assert json.loads(status.stdout)["error"] == "no_leader" and unused in status.stderr
+    assert json.loads(status.stdout) == {"error": "no_answer", "message": f"no leader of {where} answered within 0.3 s"}
+    assert f"Error: no leader of {where} answered within 0.3 s" in status.stderr
     forseti(redis_url, unused, "stop", "k", "--timeout", "0.3", expect=EXIT_UNAVAILABLE)
+    nobody = forseti(redis_url, unused, "keys", "--timeout", "0.3", "--json", expect=EXIT_UNAVAILABLE)
+    assert json.loads(nobody.stdout) == {"error": "no_answer", "message": f"no worker of {where} answered within 0.3 s"}
     missing = forseti(redis_url, unused, "keys", "--node", "nobody@nowhere", "--timeout", "0.3",
                       expect=EXIT_UNAVAILABLE)
-    assert "nobody@nowhere" in missing.stderr
-    assert time.monotonic() - t0 < 30
+    assert "no answer within 0.3 s from nobody@nowhere" in missing.stderr
+
+
+DEAD_BROKERS = {"redis": "redis://127.0.0.1:1/0", "rabbitmq": "amqp://guest:guest@127.0.0.1:1//"}
+SUBCOMMANDS = [["status"], ["keys"], ["keys", "--node", "w1@nowhere"], ["get", "k"], ["stop", "k"]]
+
+
+@pytest.mark.parametrize("transport", sorted(DEAD_BROKERS))
+def test_every_subcommand_reports_a_dead_broker_in_one_format_with_exit_3(transport: str) -> None:
+    url = DEAD_BROKERS[transport]
+    shown = url.replace("guest:guest@", "guest:**@")  # the password masked
+    figures = []
+    for args in SUBCOMMANDS:
+        t0 = time.monotonic()
+        done = forseti(url, "forseti-dead", *args, "--json", expect=EXIT_UNAVAILABLE)
+        figures.append(f"{' '.join(args)} {time.monotonic() - t0:.2f} s")
+        error = json.loads(done.stdout)
+        assert error["error"] == "broker_unreachable", (args, error)
+        assert error["message"].startswith(f"broker unreachable: {shown}: ") and "refused" in error["message"]
+        assert done.stderr.rstrip().endswith(f"Error: {error['message']}"), (args, done.stderr)
+    print(f"\ndead {transport} broker, wall time per subcommand: {', '.join(figures)}")

@@ -118,6 +118,16 @@ def test_the_celery_command_line_sends_both_commands_with_their_positional_argum
     wait_for(lambda: h.forseti.search_key(ref.key, name="poller") is None, 10, message=f"{ref} still registered")
 
 
+def test_forseti_stop_without_a_key_answers_a_usage_error_from_every_worker(h: Harness) -> None:
+    for host, reply in ask(h, "forseti_stop").items():
+        assert reply == {"error": "usage: forseti_stop <key> [name]: a key (text) is required, got None"}, host
+    env = {**os.environ, "FORSETI_BROKER_URL": h.cluster.broker_url, "FORSETI_NAMESPACE": h.namespace}
+    node = hostnames(h)[0]
+    done = subprocess.run([sys.executable, "-m", "celery", "-A", "tests.app", "control", "forseti_stop", "-d", node,
+                           "-t", "10"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert "a key (text) is required" in done.stdout + done.stderr and "TypeError" not in done.stdout + done.stderr
+
+
 def test_commands_on_a_worker_without_forseti_answer_an_error() -> None:
     state = SimpleNamespace(consumer=SimpleNamespace(controller=SimpleNamespace(blueprint=SimpleNamespace(steps={}))))
     assert node_of(state) is None
