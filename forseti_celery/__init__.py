@@ -23,6 +23,7 @@ from .errors import (
     InvalidMessage,
     ProcessGone,
     RemoteError,
+    ResourceExhausted,
     StartError,
     UnknownName,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "KeyedProcess",
     "ProcessGone",
     "RemoteError",
+    "ResourceExhausted",
     "StartError",
     "UnknownName",
     "get_key",

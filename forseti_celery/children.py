@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import billiard
+import billiard.popen_fork
 from celery.utils.log import get_logger
 
 from . import child as child_main
@@ -46,6 +47,7 @@ Waiter = tuple[str, str]
 _Order = tuple[str, str, list[Any], str, list[list[str]]]  # name, key, args, sid, waiters
 _REFILL: _Order = ("", "", [], "", [])  # the spawner's cue to fork spares up to the target
 _QUIET = 0.01  # seconds without spawns or deliveries before the worker forks a spare itself (one left)
+_RETRY_FIRST, _RETRY_MAX = 0.25, 8.0  # seconds before a spare is forked again after a failed fork (doubling)
 _READ = select.POLLIN | select.POLLHUP | select.POLLERR
 
 
@@ -82,12 +84,40 @@ class KeyedChild(billiard.Process):  # type: ignore[misc]
                     pass
         return code
 
+    @staticmethod
+    def _Popen(process_obj: Any) -> Any:
+        return _ForkPopen(process_obj)
+
     def kill(self) -> None:
         """SIGKILL it (billiard 4's Process has no ``kill``)."""
         try:
             os.kill(self.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+class _ForkPopen(billiard.popen_fork.Popen):  # type: ignore[misc]
+    """billiard's fork ``Popen``, but a refused ``os.fork`` leaves no fd open: billiard 4.3's
+    ``_launch`` opens the exit-sentinel pipe first and keeps both ends when the fork fails (two
+    fds lost per refused fork, until the worker runs out of them too)."""
+
+    def _launch(self, process_obj: Any) -> None:
+        parent_r, child_w = os.pipe()
+        try:
+            self.pid = os.fork()
+        except OSError:
+            os.close(parent_r)
+            os.close(child_w)
+            raise
+        if self.pid == 0:
+            code = 1
+            try:
+                os.close(parent_r)
+                code = process_obj._bootstrap()  # (random is reseeded by Python's own at-fork hook)
+            finally:
+                os._exit(code)
+        os.close(child_w)
+        self.sentinel = parent_r
 
 
 @dataclass(eq=False)
@@ -163,6 +193,7 @@ class Children:
         self._spare_target = spares
         self._zygote: zygote_mod.Zygote | None = None
         self._refill_due = False  # watcher thread only
+        self._refill_at = 0.0  # spawner thread only: no spare forked before (after a failed fork)
         self._events: list[tuple[str, dict[str, Any]]] = []  # watcher thread only: sent after _flush
         self._busy_at = 0.0  # when the consumer thread last had work for the children
         self._spawn_thread = threading.Thread(target=self._spawner, name="forseti-spawner", daemon=True)
@@ -228,12 +259,25 @@ class Children:
     def _spawner(self) -> None:
         # Long-lived on purpose: PR_SET_PDEATHSIG fires when the thread that forked exits.
         refill = False
+        backoff = _RETRY_FIRST
         while True:
             try:
                 order = self._spawns.get(timeout=self._refill_wait() if refill else None)
             except queue.Empty:  # time to fork a spare, unless the worker got busy meanwhile
-                if self._refill_wait() <= 0:
+                if self._refill_wait() > 0:
+                    continue
+                try:
                     refill = self._fork_spare()
+                except Exception as exc:
+                    # Out of processes, fds or memory, most likely: tried again later, not in a loop
+                    # (a new key still gets its fork at once, and its own error).
+                    log = logger.warning if isinstance(exc, OSError) else logger.exception
+                    log("forseti: could not fork a spare keyed process (%s); trying again in %.2g s", exc, backoff)
+                    self._refill_at = time.monotonic() + backoff
+                    backoff = min(backoff * 2, _RETRY_MAX)
+                    refill = True
+                else:
+                    backoff = _RETRY_FIRST
                 continue
             if order is None:
                 return
@@ -255,11 +299,12 @@ class Children:
         # Forking here, with a spare still at hand, waits until the worker has been quiet for a
         # moment: a fork holds the interpreter for milliseconds, which would delay the calls that
         # usually follow a start. Asking the zygote costs the worker nothing worth waiting for.
+        now = time.monotonic()
         if self._zygote_alive():
-            return 0.0
+            return max(0.0, self._refill_at - now)
         with self._lock:
             at_hand = bool(self._spares)
-        return max(0.0, self._busy_at + _QUIET - time.monotonic()) if at_hand else 0.0
+        return max(0.0, self._refill_at - now, self._busy_at + _QUIET - now if at_hand else 0.0)
 
     def _fork_spare(self) -> bool:
         """Fork one spare if fewer than the target are ready; True while more are wanted."""
@@ -267,14 +312,14 @@ class Children:
             wanted = self._spare_target - len(self._spares)
         if wanted <= 0 or self._stopping.is_set() or self.lifeline.cut_off():
             return False  # (cut off: the next start after we hear the broker again asks anew)
-        try:
-            if self._zygote_alive():
+        c = None
+        if self._zygote_alive():
+            try:
                 c = self._fork_from_zygote()
-            else:
-                c = self._fork(None, "spare", "", [], "")
-        except Exception:
-            logger.exception("forseti: could not fork a spare keyed process")
-            return False
+            except EOFError:
+                logger.warning("forseti: the zygote has ended; the worker forks keyed processes itself")
+        if c is None:
+            c = self._fork(None, "spare", "", [], "")
         c.spare = True
         with self._lock:
             self._spares.append(c)
@@ -290,6 +335,7 @@ class Children:
         return Child("spare", "", "", process, billiard.connection.Connection(fd), conn_fd=fd)
 
     def _fork(self, target: Any, name: str, key: str, args: list[Any], sid: str) -> Child:
+        """A fork of the worker; :class:`OSError` if a resource ran out (nothing left open then)."""
         parent_end, child_end = billiard.Pipe(duplex=True)
         with self._lock:
             # The child keeps none of the worker's pipe ends: end-of-file then means "worker gone".
@@ -300,8 +346,13 @@ class Children:
             target=child_main.run, name=f"forseti:{name}",
             args=(child_end, target, key, args, os.getpid(), inherited, self.lifeline, self._resolve),
         )
-        proc.start()
-        child_end.close()
+        try:
+            proc.start()
+        except OSError:
+            parent_end.close()
+            raise
+        finally:
+            child_end.close()
         return Child(name, key, sid, proc, parent_end, conn_fd=parent_end.fileno())
 
     def _spawn(self, name: str, key: str, args: list[Any], sid: str, waiters: list[list[str]]) -> None:
@@ -330,7 +381,13 @@ class Children:
             if target is None:
                 self.spawn_failed(name, key, sid, "unknown_name", msg=f"{self.hostname} does not know {name!r}")
                 return
-        c = self._fork_for(target, name, key, args, sid, waiters)
+        try:
+            c = self._fork_for(target, name, key, args, sid, waiters)
+        except OSError as exc:
+            # No process, fd or memory left for it: this key's start fails, and no other key.
+            logger.warning("forseti: could not create a keyed process for %r: %s", key, exc)
+            self.spawn_failed(name, key, sid, "resource", type=type(exc).__name__, msg=str(exc))
+            return
         with self._lock:
             self._by_key[k] = c
             self._new.append(c)
@@ -339,11 +396,13 @@ class Children:
     def _fork_for(self, target: Any, name: str, key: str, args: list[Any], sid: str,
                   waiters: list[list[str]]) -> Child:
         """A keyed process for a key no spare was left for: a spare the zygote forks at once and
-        is given the key (the worker's threads never wait for a fork), else a fork of the worker."""
+        is given the key (the worker's threads never wait for a fork), else a fork of the worker.
+        :class:`OSError` when a resource ran out (the worker does not try a fork of its own then:
+        the zygote lives on, and the worker is in the same cgroup, under the same limits)."""
         if self._zygote_alive():
             try:
                 c = self._fork_from_zygote()
-            except OSError:
+            except EOFError:
                 logger.warning("forseti: the zygote has ended; the worker forks keyed processes itself")
             else:
                 if self._give(c, name, key, args, sid, waiters):

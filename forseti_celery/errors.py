@@ -12,6 +12,7 @@ anything this library raises on purpose::
     ├── UnknownName               no eligible worker knows the keyed-process name (also LookupError)
     ├── ForsetiTimeout            no answer within the timeout       (also TimeoutError)
     ├── StartError                the keyed process's ``init`` raised
+    │   └── ResourceExhausted     the worker could not create the process (fork, pipe); ``init`` never ran
     ├── ProcessGone               the process behind a KeyRef has exited (also LookupError)
     └── RemoteError               the keyed process raised while handling a call
 """
@@ -28,6 +29,7 @@ __all__ = [
     "InvalidMessage",
     "ProcessGone",
     "RemoteError",
+    "ResourceExhausted",
     "StartError",
     "UnknownName",
 ]
@@ -76,6 +78,11 @@ class StartError(_RemoteFailure):
     """Raised by ``get_key`` when the keyed process's ``init`` raised; nothing stays registered."""
 
 
+class ResourceExhausted(StartError):
+    """Raised by ``get_key`` when the worker could not create the keyed process (fork or pipe failed
+    for lack of a resource: process limit, file descriptors, memory); ``init`` never ran."""
+
+
 class RemoteError(_RemoteFailure):
     """Raised by ``call`` when the keyed process raised while handling it (and so crashed)."""
 
@@ -88,6 +95,9 @@ def remote_error(kind: str, exc_type: str, exc_message: str) -> ForsetiError:
     """Rebuild the error a worker reported as ``{"error": kind, ...}`` on the wire."""
     if kind == "start":
         return StartError(f"init failed: {exc_type}: {exc_message}", exc_type, exc_message)
+    if kind == "resource":
+        return ResourceExhausted(f"could not create the keyed process: {exc_type}: {exc_message}",
+                                 exc_type, exc_message)
     if kind == "crash":
         return RemoteError(f"keyed process crashed: {exc_type}: {exc_message}", exc_type, exc_message)
     if kind == "gone":

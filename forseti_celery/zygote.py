@@ -17,6 +17,7 @@ when the worker is cut off, so an idle keyed process never wakes up.
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
 import select
@@ -72,18 +73,30 @@ class Zygote:
         return [self._requests.fileno(), self._exits.fileno()]
 
     def fork(self, timeout: float = 5.0) -> tuple[Grandchild, int]:
-        """Have a spare forked: the spare, and the worker's end of its pipe (an fd now ours)."""
+        """Have a spare forked: the spare, and the worker's end of its pipe (an fd now ours).
+
+        Raises :class:`OSError` when a resource ran out (processes, fds, memory: in the zygote, or
+        fds here); the zygote lives on. Raises :class:`EOFError` once the zygote has ended
+        (:attr:`alive` is then False).
+        """
         try:
             self._requests.settimeout(timeout)
             self._requests.send(b"s")
-            msg, fds, _, _ = socket.recv_fds(self._requests, 32, 2)
-            if not msg or len(fds) != 2:
-                for fd in fds:
-                    os.close(fd)
-                raise OSError("the zygote has ended")
-        except OSError:
+            msg, fds, flags, _ = socket.recv_fds(self._requests, 256, 2)
+        except OSError as exc:  # (a timeout included: its answer could come after the next request's)
             self.alive = False
-            raise
+            raise EOFError(f"the zygote has ended: {exc!r}") from exc
+        if msg.startswith(b"!"):
+            code, _, text = msg[1:].decode().partition(" ")
+            raise OSError(int(code), text)  # OSError(EAGAIN, ...) is a BlockingIOError, and so on
+        if len(fds) != 2:
+            for fd in fds:
+                os.close(fd)
+            if msg and flags & socket.MSG_CTRUNC:
+                # Forked, but the kernel had no fd here for its ends: it ends itself (its pipe is closed).
+                raise OSError(errno.EMFILE, "no file descriptor left for a spare's pipe (recvmsg)")
+            self.alive = False
+            raise EOFError("the zygote has ended")
         return Grandchild(int(msg), fds[1], self), fds[0]
 
     def read_exits(self) -> None:
@@ -205,16 +218,53 @@ def _main(requests: socket.socket, exits: socket.socket, lifeline: child_main.Li
             continue
         if not requests.recv(16):
             os._exit(0)  # the worker is gone
-        ours, theirs = billiard.Pipe(duplex=True)
-        pid = os.fork()
-        if pid == 0:
-            _spare(theirs, [requests.fileno(), exits.fileno(), wake_r, wake_w, ours.fileno()], lifeline, resolve, me)
+        try:
+            pid, ours, pidfd = _fork(lambda conn, fds: _spare(conn, [requests.fileno(), exits.fileno(), wake_r,
+                                                                     wake_w, *fds], lifeline, resolve, me))
+        except _Refused as exc:
+            # Out of processes, fds or memory: the worker is told, and the zygote lives on, with
+            # every keyed process it forked (they would die with it).
+            requests.send(f"!{exc.errno} {exc.text}".encode())
+            continue
         children.add(pid)
-        theirs.close()
-        pidfd = os.pidfd_open(pid)  # before any waitpid: it is our child, at worst a zombie
         socket.send_fds(requests, [str(pid).encode()], [ours.fileno(), pidfd])
         ours.close()
         os.close(pidfd)
+
+
+class _Refused(Exception):
+    """A spare could not be forked (``errno``, ``text``: what ran out, and at which step)."""
+
+    def __init__(self, exc: OSError, step: str) -> None:
+        super().__init__(exc)
+        self.errno = exc.errno or 0
+        self.text = f"{exc.strerror or exc} ({step})"
+
+
+def _fork(run: Callable[[Any, list[int]], None]) -> tuple[int, Any, int]:
+    """Fork a spare running ``run(its end of the pipe, fds it must close)``: its pid, our end of
+    its pipe and a pidfd; nothing left open or running when a step fails."""
+    try:
+        ours, theirs = billiard.Pipe(duplex=True)
+    except OSError as exc:
+        raise _Refused(exc, "pipe") from exc
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        ours.close()
+        theirs.close()
+        raise _Refused(exc, "fork") from exc
+    if pid == 0:
+        run(theirs, [ours.fileno()])
+    theirs.close()
+    try:
+        pidfd = os.pidfd_open(pid)  # before any waitpid: it is our child, at worst a zombie
+    except OSError as exc:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        ours.close()
+        raise _Refused(exc, "pidfd_open") from exc
+    return pid, ours, pidfd
 
 
 def _spare(conn: Any, close_fds: list[int], lifeline: child_main.Lifeline, resolve: Callable[[str], Any],

