@@ -12,6 +12,12 @@ thread polls every child's pipe and exit sentinel: it forwards answers to
 callers, reports starts and exits to the leader (through an outbox that is
 retried until the broker takes it: exits are never lost), and kills children
 that overstay a stop.
+
+No thread of the worker ever waits on a child's pipe: the worker's ends are
+non-blocking. What a child has not taken yet waits in its mailbox (bounded by
+``forseti_mailbox_limit``) and is written by the watcher as the pipe drains; what
+a child writes is read as it comes, a frame at a time once whole, so a child
+stopped in the middle of a frame holds up no one else.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import os
 import queue
 import select
 import signal
+import struct
 import sys
 import threading
 import time
@@ -49,6 +56,13 @@ _REFILL: _Order = ("", "", [], "", [])  # the spawner's cue to fork spares up to
 _QUIET = 0.01  # seconds without spawns or deliveries before the worker forks a spare itself (one left)
 _RETRY_FIRST, _RETRY_MAX = 0.25, 8.0  # seconds before a spare is forked again after a failed fork (doubling)
 _READ = select.POLLIN | select.POLLHUP | select.POLLERR
+#: A frame on a child's pipe, as billiard's ``Connection.send_bytes`` writes it and ``recv_bytes``
+#: (in the child) reads it: a signed 4-byte big-endian length, then that many bytes.
+_HEADER = struct.Struct("!i")
+_MAX_FRAME = 2**31 - 1
+_CHUNK = 65536  # bytes read from a child's pipe at once
+_READS = 16  # reads from one child per round at most: one chatty child does not starve the others
+_DROPS_LOGGED_EVERY = 10.0  # seconds between two warnings about casts dropped for one process
 
 
 class KeyedChild(billiard.Process):  # type: ignore[misc]
@@ -146,6 +160,23 @@ class Child:
     spare: bool = False
     #: Its pipe and exit are polled by the watcher (a spare's only once the watcher next runs).
     watched: bool = False
+    #: Its mailbox: frames (or their unwritten rest) not taken off the pipe yet, oldest first.
+    unsent: deque[bytes | memoryview] = field(default_factory=deque)
+    #: Bytes in :attr:`unsent`, which ``forseti_mailbox_limit`` bounds.
+    unsent_bytes: int = 0
+    #: The watcher polls the pipe for room to write (the rest of :attr:`unsent`).
+    writing: bool = False
+    #: Bytes read from the pipe that do not make a whole frame yet.
+    partial: bytearray = field(default_factory=bytearray)
+    #: Casts dropped for a full mailbox and not logged yet, and when that was last logged.
+    dropped: int = 0
+    dropped_logged_at: float = -_DROPS_LOGGED_EVERY
+    #: Guards the mailbox fields (taken after ``Children._lock`` where both are held).
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        if self.conn_fd >= 0:
+            os.set_blocking(self.conn_fd, False)  # no thread of the worker waits on a child
 
     @property
     def pid(self) -> int:
@@ -166,6 +197,7 @@ class Children:
         fence_after: float,
         heartbeat: float,
         spares: int = 0,
+        mailbox_limit: int = 16 * 1024 * 1024,
     ) -> None:
         #: Shared with every child: see :class:`~forseti_celery.child.Lifeline`.
         self.lifeline = child_main.Lifeline(fence_after, heartbeat / 2)
@@ -175,10 +207,12 @@ class Children:
         self._leader_rk = leader_rk
         self._event = event
         self._stop_timeout = stop_timeout
+        self._mailbox_limit = mailbox_limit
         self._lock = threading.Lock()
         self._by_key: dict[Key, Child] = {}
         self._by_fd: dict[int, tuple[Child, bool]] = {}
         self._new: list[Child] = []
+        self._remask: deque[Child] = deque()  # children whose pipe needs polling for room, or no longer
         self._outbox: deque[dict[str, Any]] = deque()
         self._replies: dict[str, list[dict[str, Any]]] = {}
         self._wake_r, self._wake_w = os.pipe()
@@ -245,11 +279,12 @@ class Children:
                 return True
         return False
 
-    @staticmethod
-    def _give(c: Child, name: str, key: str, args: list[Any], sid: str, waiters: list[list[str]]) -> bool:
+    def _give(self, c: Child, name: str, key: str, args: list[Any], sid: str, waiters: list[list[str]]) -> bool:
         """Send a spare its key; False if it has died meanwhile (the watcher reaps it)."""
         try:
-            c.conn.send_bytes(json.dumps([{"t": "assign", "n": name, "k": key, "a": args}]).encode())
+            with c.lock:
+                self._queue(c, json.dumps([{"t": "assign", "n": name, "k": key, "a": args}]).encode())
+                self._write(c)
         except OSError:
             return False
         c.name, c.key, c.sid, c.waiters, c.spare = name, key, sid, waiters, False
@@ -416,14 +451,24 @@ class Children:
         return c
 
     def deliver(self, batches: dict[Key, list[dict[str, Any]]]) -> None:
-        """Forward casts/calls/stops, grouped per key, each group in one pipe write."""
+        """Forward casts/calls/stops, grouped per key, each group in one frame; never waits for a
+        pipe (see :meth:`_post`). A call its process's mailbox has no room for is answered with
+        ``mailbox_full`` at once; a cast is dropped (and logged)."""
         self._busy_at = time.monotonic()
         for k, msgs in batches.items():
+            refused: list[dict[str, Any]] = []
             with self._lock:
                 c = self._by_key.get(k)
                 live = [m for m in msgs if c is not None and not c.gone and m.get("p") in (None, c.pid)]
                 dead = [m for m in msgs if m not in live] if len(live) != len(msgs) else []
-                if c is not None:
+                if c is not None and live:
+                    try:
+                        refused = self._post(c, live)
+                    except OSError:  # its end is closed: it has exited (the watcher reaps it)
+                        dead.extend(live)
+                        live = []
+                    if refused:
+                        live = [m for m in live if not any(m is r for r in refused)]
                     for m in live:
                         if m["t"] == p.CALL:
                             c.calls[m["c"]] = m["r"]
@@ -434,15 +479,85 @@ class Children:
                                 c.kill_at = time.monotonic() + float(m.get("grace", self._stop_timeout))
                                 self._dying.add(c)
                     c.messages += len(live)
-            if live:
-                assert c is not None
-                try:
-                    c.conn.send_bytes(json.dumps(live).encode())
-                except OSError:
-                    dead.extend(live)
             for m in dead:
                 self._not_there(k, m)
+            if refused:
+                assert c is not None
+                self._mailbox_full(c, refused)
         self._wake()
+
+    def _post(self, c: Child, msgs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Put ``msgs`` in ``c``'s mailbox and write what its pipe takes now, without waiting
+        (under ``self._lock``); the messages the mailbox has no room for are returned, in order.
+        Raises OSError if the pipe is closed."""
+        refused: list[dict[str, Any]] = []
+        frame = json.dumps(msgs).encode()
+        with c.lock:
+            if self._fits(c, len(frame)):
+                self._queue(c, frame)
+            else:  # one by one: a stop always gets in (a process stuck past its grace is killed)
+                for m in msgs:
+                    frame = json.dumps([m]).encode()
+                    if self._fits(c, len(frame)) or (m["t"] == p.STOP and len(frame) <= _MAX_FRAME):
+                        self._queue(c, frame)
+                    else:
+                        refused.append(m)
+            self._write(c)
+        return refused
+
+    def _fits(self, c: Child, size: int) -> bool:
+        """Whether a frame of ``size`` bytes has room in ``c``'s mailbox (any one frame, when empty)."""
+        return size <= _MAX_FRAME and (not c.unsent_bytes
+                                       or c.unsent_bytes + _HEADER.size + size <= self._mailbox_limit)
+
+    @staticmethod
+    def _queue(c: Child, frame: bytes) -> None:
+        """Append ``frame`` to ``c``'s mailbox (under ``c.lock``)."""
+        header = _HEADER.pack(len(frame))
+        if len(frame) <= 16384:  # one write for a small frame, no copy of a large one (as billiard)
+            c.unsent.append(header + frame)
+        else:
+            c.unsent.extend((header, frame))
+        c.unsent_bytes += _HEADER.size + len(frame)
+
+    def _write(self, c: Child) -> None:
+        """Write as much of ``c``'s mailbox as its pipe takes now (under ``c.lock``); the watcher
+        writes the rest once the pipe has room. Raises OSError if the pipe is closed."""
+        unsent = c.unsent
+        while unsent:
+            chunk = unsent[0]
+            try:
+                n = os.write(c.conn_fd, chunk)
+            except BlockingIOError:
+                break
+            c.unsent_bytes -= n
+            if n < len(chunk):
+                unsent[0] = memoryview(chunk)[n:]
+                break
+            unsent.popleft()
+        if bool(unsent) != c.writing:
+            c.writing = bool(unsent)
+            self._remask.append(c)
+            if c.writing:
+                self._wake()
+
+    def _mailbox_full(self, c: Child, refused: list[dict[str, Any]]) -> None:
+        """Answer the refused calls with ``mailbox_full``; count the dropped casts, logged at most
+        every ``_DROPS_LOGGED_EVERY`` seconds per process."""
+        waiting = c.unsent_bytes
+        for m in refused:
+            if m["t"] == p.CALL:
+                self._reply(m["r"], {"t": p.REPLY, "c": m["c"], "error": "mailbox_full", "msg": (
+                    f"keyed process {c.key!r} ({c.name}, pid {c.pid}) has not taken the {waiting} bytes "
+                    f"waiting for it (forseti_mailbox_limit = {self._mailbox_limit}); call not delivered")})
+            else:
+                c.dropped += 1
+        now = time.monotonic()
+        if c.dropped and now - c.dropped_logged_at >= _DROPS_LOGGED_EVERY:
+            logger.warning("forseti: mailbox of keyed process %r (%s, pid %d) is full (%d bytes not taken, "
+                           "forseti_mailbox_limit = %d); %d casts to it dropped", c.key, c.name, c.pid,
+                           waiting, self._mailbox_limit, c.dropped)
+            c.dropped, c.dropped_logged_at = 0, now
 
     def _not_there(self, k: Key, m: dict[str, Any]) -> None:
         if m["t"] == p.CALL:
@@ -520,7 +635,7 @@ class Children:
         with self._lock:
             deadlines = [c.kill_at for c in self._dying if c.kill_at is not None]
         timeout = min([0.25] + [max(0.0, d - now) for d in deadlines])
-        for fd, _ in self._poller.poll(timeout * 1000):
+        for fd, revents in self._poller.poll(timeout * 1000):
             if fd == self._wake_r:
                 self._drain_wake()
                 continue
@@ -531,12 +646,17 @@ class Children:
             if entry is None:
                 continue
             c, is_conn = entry
-            if is_conn:
-                self._read(c)
-            else:
+            if not is_conn:
                 self._reap(c)
+                continue
+            if revents & select.POLLOUT:
+                self._drain(c)
+            if revents & _READ:
+                self._read(c)
         if self._new:
             self._watch_new()
+        if self._remask:
+            self._update_masks()
         self._kill_overdue()
         self._flush()
         if self._events:
@@ -560,18 +680,63 @@ class Children:
         with self._lock:
             new, self._new = self._new, []
         for c in new:
+            with c.lock:
+                mask = _READ | (select.POLLOUT if c.writing else 0)
             for fd, is_conn in ((c.conn_fd, True), (c.process.sentinel, False)):
                 self._by_fd[fd] = (c, is_conn)
-                self._poller.register(fd, _READ)
+                self._poller.register(fd, mask if is_conn else _READ)
             c.watched = True
 
-    def _read(self, c: Child) -> None:
+    def _update_masks(self) -> None:
+        """Poll the pipes whose mailbox has something left for room to write, the others not."""
+        while self._remask:
+            c = self._remask.popleft()
+            if self._by_fd.get(c.conn_fd, (None,))[0] is c:
+                with c.lock:
+                    self._poller.modify(c.conn_fd, _READ | (select.POLLOUT if c.writing else 0))
+
+    def _drain(self, c: Child) -> None:
+        """The pipe has room: write more of ``c``'s mailbox."""
+        with c.lock:
+            try:
+                self._write(c)
+            except OSError:  # it has exited: nothing will read the rest (its exit is reaped)
+                self._discard_unsent(c)
+
+    def _discard_unsent(self, c: Child) -> None:
+        # Under c.lock. Calls among the discarded are answered "gone" once its exit is reaped.
+        c.unsent.clear()
+        c.unsent_bytes = 0
+        if c.writing:
+            c.writing = False
+            self._remask.append(c)
+
+    def _read(self, c: Child, reads: int = _READS) -> None:
+        """Take what ``c`` has written, without waiting: whole frames are handled, the start of
+        one it is still writing waits in ``c.partial`` (a child stopped mid-frame blocks no one)."""
+        buf = c.partial
         try:
-            while c.conn.poll(0):
-                for msg in json.loads(c.conn.recv_bytes()):
-                    self._from_child(c, msg)
+            for _ in range(reads):
+                chunk = os.read(c.conn_fd, _CHUNK)
+                if not chunk:
+                    raise EOFError
+                buf += chunk
+                if len(chunk) < _CHUNK:
+                    break
+        except BlockingIOError:
+            pass
         except (EOFError, OSError):
             self._unwatch(c.conn_fd)
+        start = 0
+        while len(buf) - start >= _HEADER.size:
+            (size,) = _HEADER.unpack_from(buf, start)
+            end = start + _HEADER.size + size
+            if end > len(buf):
+                break
+            for msg in json.loads(buf[start + _HEADER.size:end]):
+                self._from_child(c, msg)
+            start = end
+        del buf[:start]
 
     def _from_child(self, c: Child, msg: dict[str, Any]) -> None:
         kind = msg["t"]
@@ -600,7 +765,7 @@ class Children:
 
     def _reap(self, c: Child) -> None:
         if c.conn_fd in self._by_fd:
-            self._read(c)
+            self._read(c, reads=sys.maxsize)  # all it wrote before it ended (its last words)
             self._unwatch(c.conn_fd)
         self._unwatch(c.process.sentinel)
         c.process.join(1.0)
@@ -618,6 +783,8 @@ class Children:
             elif self._by_key.get((c.name, c.key)) is c:
                 del self._by_key[(c.name, c.key)]
             calls, c.calls = c.calls, {}
+        with c.lock:
+            self._discard_unsent(c)
         c.conn.close()
         if c.spare:
             return

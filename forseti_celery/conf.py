@@ -60,6 +60,12 @@ class Settings:
     namespace: str = "forseti"
     #: Longest accepted key, in characters.
     max_key_length: int = 65536
+    #: Bytes a worker holds for one keyed process that has not taken them off its pipe (stopped,
+    #: or in C code holding its GIL). Past it a ``call`` fails at once with ``MailboxFull`` and a
+    #: ``send`` is dropped (logged); with nothing waiting, any one message is taken. 16 MiB: a
+    #: process stopped for seconds under a steady stream loses nothing, while a stuck one costs
+    #: its worker at most this much memory (see docs/failure-model.rst, "Mailboxes").
+    mailbox_limit: int = 16 * 1024 * 1024
 
     @classmethod
     def from_app(cls, conf: Any, **explicit: Any) -> Settings:
@@ -107,7 +113,7 @@ class Settings:
 
 _HINTS: dict[str, Any] = get_type_hints(Settings)
 #: The least value of each integer setting.
-_LEAST = {"max_retries": 0, "spares": 0, "max_key_length": 1}
+_LEAST = {"max_retries": 0, "spares": 0, "max_key_length": 1, "mailbox_limit": 1}
 _WORD = re.compile(r"[A-Za-z0-9_-]+")
 
 

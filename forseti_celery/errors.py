@@ -14,6 +14,7 @@ anything this library raises on purpose::
     ├── StartError                the keyed process's ``init`` raised
     │   └── ResourceExhausted     the worker could not create the process (fork, pipe); ``init`` never ran
     ├── ProcessGone               the process behind a KeyRef has exited (also LookupError)
+    ├── MailboxFull               the process has not taken what waits for it (forseti_mailbox_limit)
     └── RemoteError               the keyed process raised while handling a call
 """
 
@@ -27,6 +28,7 @@ __all__ = [
     "InvalidArgument",
     "InvalidKey",
     "InvalidMessage",
+    "MailboxFull",
     "ProcessGone",
     "RemoteError",
     "ResourceExhausted",
@@ -91,6 +93,11 @@ class ProcessGone(ForsetiError, LookupError):
     """Raised when the process a KeyRef points to has exited; ``get_key`` resolves afresh."""
 
 
+class MailboxFull(ForsetiError):
+    """Raised by ``call`` when the keyed process has not taken ``forseti_mailbox_limit`` bytes
+    already waiting for it (stopped, or stuck in C code); the call was not delivered."""
+
+
 def remote_error(kind: str, exc_type: str, exc_message: str) -> ForsetiError:
     """Rebuild the error a worker reported as ``{"error": kind, ...}`` on the wire."""
     if kind == "start":
@@ -104,6 +111,8 @@ def remote_error(kind: str, exc_type: str, exc_message: str) -> ForsetiError:
         return ProcessGone(exc_message or "keyed process has exited")
     if kind == "unknown_name":
         return UnknownName(exc_message)
+    if kind == "mailbox_full":
+        return MailboxFull(exc_message)
     if kind == "timeout":
         return ForsetiTimeout(exc_message)
     if kind == "invalid":

@@ -67,7 +67,7 @@ class Node:
         self.leader = Leader(hostname, self.members, self._send_node, self._send_reply)
         self._out: dict[str, list[dict[str, Any]]] = {}  # what the consumer thread sends, per queue
         self.children = Children(hostname, forseti.resolve, self._send_many, self.names.leader, self.events.send,
-                                 s.stop_timeout, s.fence_after, s.heartbeat, s.spares)
+                                 s.stop_timeout, s.fence_after, s.heartbeat, s.spares, s.mailbox_limit)
         self._node_queue = self.names.node_queue(hostname)
         self._next_beat = 0.0
         self._closing = False

@@ -5,12 +5,15 @@ from __future__ import annotations
 import gc
 import json
 import os
+import signal
+import struct
 import time
 from typing import Any
 
 from celery import Celery
 
 import forseti_celery
+import forseti_celery.child
 from forseti_celery import Forseti, KeyedProcess
 
 app = Celery("tests", broker=os.environ.get("FORSETI_BROKER_URL"), backend="rpc://", set_as_current=True)
@@ -30,6 +33,8 @@ if os.environ.get("FORSETI_FS_FOLDER"):  # the filesystem transport, which forse
     app.conf.broker_transport_options = {"data_folder_in": folder, "data_folder_out": folder}
 if os.environ.get("FORSETI_NODES"):
     app.conf.forseti_nodes = os.environ["FORSETI_NODES"].split(",")
+if os.environ.get("FORSETI_MAILBOX_LIMIT"):
+    app.conf.forseti_mailbox_limit = int(os.environ["FORSETI_MAILBOX_LIMIT"])
 forseti = Forseti(app)
 
 
@@ -103,6 +108,23 @@ class Lingering(Counter):
     def terminate(self, reason: str) -> None:
         time.sleep(self.linger)
         super().terminate(reason)
+
+
+@forseti.keyed(name="halfway")
+class Halfway(Counter):
+    """On the call "halfway": writes the first half of a frame to its pipe, stops itself
+    (SIGSTOP) there, and once continued (SIGCONT) writes the rest and answers "done"."""
+
+    def handle_call(self, msg: Any) -> Any:
+        if msg != "halfway":
+            return super().handle_call(msg)
+        body = json.dumps([{"t": "note", "pad": "x" * 2000}]).encode()
+        frame = struct.pack("!i", len(body)) + body
+        fd = forseti_celery.child.mailbox()._conn.fileno()
+        os.write(fd, frame[:1000])
+        os.kill(os.getpid(), signal.SIGSTOP)
+        os.write(fd, frame[1000:])
+        return "done"
 
 
 @forseti.keyed(name="failing")

@@ -91,7 +91,7 @@ def test_a_client_warns_once_per_app_about_each_unknown_key_of_app_conf(caplog: 
                             "forseti_max_retries, forseti_max_time, forseti_timeout, forseti_call_timeout, "
                             "forseti_cache, forseti_retry_interval, forseti_heartbeat, forseti_node_timeout, "
                             "forseti_lease, forseti_spares, forseti_stop_timeout, forseti_namespace, "
-                            "forseti_max_key_length)"]
+                            "forseti_max_key_length, forseti_mailbox_limit)"]
     assert warnings[2:] == ["forseti: unknown setting forseti_namspace (did you mean forseti_namespace?)"]
 
 
