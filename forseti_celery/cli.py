@@ -5,7 +5,10 @@ given to ``celery -A``::
 
     celery -A proj forseti status                  # leader, processes per worker, totals
     celery -A proj forseti keys [--node N] [--name NAME]
-    celery -A proj forseti get KEY [--name NAME] [--args '[1, "x"]']
+    celery -A proj forseti get KEY [--name NAME] [--args '[1, "x"]']   # started if absent
+    celery -A proj forseti search KEY [--name NAME]                  # never starts one
+    celery -A proj forseti call KEY MSG [--name NAME]                # MSG and the answer in JSON
+    celery -A proj forseti send KEY MSG [--name NAME]
     celery -A proj forseti stop KEY [--name NAME]
 
 Every subcommand takes ``--json`` and ``--timeout``. Exit codes, for scripts:
@@ -40,6 +43,7 @@ from .errors import (
     ProcessGone,
     UnknownName,
 )
+from .keyref import KeyRef
 
 __all__ = ["EXIT_ERROR", "EXIT_NOT_FOUND", "EXIT_OK", "EXIT_UNAVAILABLE", "EXIT_USAGE", "forseti"]
 
@@ -196,7 +200,7 @@ def _by_name(counts: dict[str, int]) -> str:
 # -- commands ----------------------------------------------------------------------------------
 @click.group(name="forseti")
 def forseti(**kwargs: Any) -> None:
-    """Keyed processes of forseti_celery: status, keys, get, stop.
+    """Keyed processes of forseti_celery: status, keys, get, search, call, send, stop.
 
     Exit codes: 0 ok, 1 not found, 2 usage, 3 no answer in time (no leader, no
     worker, broker unreachable), 4 other forseti error.
@@ -313,12 +317,31 @@ def keys(obj: Any, nodes: list[str] | None, name: str | None, as_json: bool, tim
     _fail(obj, as_json, EXIT_UNAVAILABLE, "no_answer", message)
 
 
+def _live(obj: Any, as_json: bool, f: Forseti, key: str, name: str, timeout: float | None) -> KeyRef:
+    """KEY's live process, through ``search_key`` (never started); exits 1 if there is none."""
+    ref = f.search_key(key, name=name, timeout=timeout)
+    if ref is None:
+        _fail(obj, as_json, EXIT_NOT_FOUND, "not_found", f"no live keyed process {key!r} ({name})")
+    return ref
+
+
+def _show(obj: Any, as_json: bool, ref: KeyRef) -> None:
+    if as_json:
+        _print_json(obj, ref.to_json())
+    else:
+        _table(obj, ["NODE", "PID", "NAME", "KEY"], [[ref.node, ref.pid, ref.name, ref.key]])
+
+
+_LEADER_TIMEOUT = "Seconds to wait for the leader (default: forseti_timeout)."
+_MSG = _Json(example="'\"get\"', '{\"add\": 2}'")
+
+
 @forseti.command(cls=CeleryCommand)
 @click.argument("key")
 @_name_option("Keyed-process name.")
 @click.option("-a", "--args", "args", cls=CeleryOption, type=_Json(array=True, example="'[1, \"x\"]'"), default="[]",
               help_group="Keyed Process Options", help="JSON array passed to init after the key if it starts.")
-@_options(None, "Seconds to wait for the leader (default: forseti_timeout).")
+@_options(None, _LEADER_TIMEOUT)
 @click.pass_obj
 def get(obj: Any, key: str, name: str, args: list[Any], as_json: bool, timeout: float | None) -> None:
     """Get KEY's live process, started if there is none.
@@ -328,10 +351,59 @@ def get(obj: Any, key: str, name: str, args: list[Any], as_json: bool, timeout: 
     """
     with _forseti(obj, as_json) as f:
         ref = f.get_key(key, args, name=name, timeout=timeout)
+    _show(obj, as_json, ref)
+
+
+@forseti.command(cls=CeleryCommand)
+@click.argument("key")
+@_name_option("Keyed-process name.")
+@_options(None, _LEADER_TIMEOUT)
+@click.pass_obj
+def search(obj: Any, key: str, name: str, as_json: bool, timeout: float | None) -> None:
+    """Show KEY's live process; never starts one.
+
+    Exits 1 if KEY has no live process.
+    """
+    with _forseti(obj, as_json) as f:
+        ref = _live(obj, as_json, f, key, name, timeout)
+    _show(obj, as_json, ref)
+
+
+@forseti.command(cls=CeleryCommand)
+@click.argument("key")
+@click.argument("msg", type=_MSG)
+@_name_option("Keyed-process name.")
+@_options(None, "Seconds to wait for the leader and for the answer (default: forseti_timeout, forseti_call_timeout).")
+@click.pass_obj
+def call(obj: Any, key: str, msg: Any, name: str, as_json: bool, timeout: float | None) -> None:
+    """Send MSG (JSON) to KEY's handle_call and print the answer as JSON.
+
+    Never starts a process: exits 1 if KEY has none, 4 if handle_call raised.
+    """
+    with _forseti(obj, as_json) as f:
+        ref = _live(obj, as_json, f, key, name, timeout)
+        answer = ref.call(msg, timeout)
+    _print_json(obj, {"answer": answer, **ref.to_json()} if as_json else answer)
+
+
+@forseti.command(cls=CeleryCommand)
+@click.argument("key")
+@click.argument("msg", type=_MSG)
+@_name_option("Keyed-process name.")
+@_options(None, _LEADER_TIMEOUT)
+@click.pass_obj
+def send(obj: Any, key: str, msg: Any, name: str, as_json: bool, timeout: float | None) -> None:
+    """Send MSG (JSON) to KEY's handle_cast without waiting.
+
+    A function-form process gets it from receive(). Never starts a process: exits 1 if KEY has none.
+    """
+    with _forseti(obj, as_json) as f:
+        ref = _live(obj, as_json, f, key, name, timeout)
+        ref.send(msg)
     if as_json:
-        _print_json(obj, ref.to_json())
+        _print_json(obj, {"sent": True, **ref.to_json()})
     else:
-        _table(obj, ["NODE", "PID", "NAME", "KEY"], [[ref.node, ref.pid, ref.name, ref.key]])
+        obj.echo(f"sent to {key!r} ({name}): pid {ref.pid} on {ref.node}")
 
 
 @forseti.command(cls=CeleryCommand)
@@ -345,9 +417,7 @@ def stop(obj: Any, key: str, name: str, as_json: bool, timeout: float | None) ->
     Its terminate() runs; the command waits until it has exited. Exits 1 if KEY has no live process.
     """
     with _forseti(obj, as_json) as f:
-        ref = f.search_key(key, name=name, timeout=timeout)
-        if ref is None:
-            _fail(obj, as_json, EXIT_NOT_FOUND, "not_found", f"no live keyed process {key!r} ({name})")
+        ref = _live(obj, as_json, f, key, name, timeout)
         ref.stop(timeout)
     if as_json:
         _print_json(obj, {"stopped": True, **ref.to_json()})

@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from forseti_celery.cli import EXIT_NOT_FOUND, EXIT_UNAVAILABLE, EXIT_USAGE
+from forseti_celery.cli import EXIT_ERROR, EXIT_NOT_FOUND, EXIT_UNAVAILABLE, EXIT_USAGE
+from forseti_celery.testing import wait_for
 
 from .helpers import ROOT, Harness, fresh, harness
 
@@ -116,6 +117,41 @@ def test_stop_frees_the_key_and_a_missing_key_exits_1(h: Harness) -> None:
     assert json.loads(missing.stdout)["error"] == "not_found" and "no live keyed process" in missing.stderr
 
 
+def test_search_shows_a_live_key_and_never_starts_one(h: Harness) -> None:
+    key = fresh("search")
+    missing = cli(h, "search", key, "--json", expect=EXIT_NOT_FOUND)
+    assert json.loads(missing.stdout) == {"error": "not_found", "message": f"no live keyed process {key!r} (default)"}
+    assert h.forseti.search_key(key) is None
+    ref = h.forseti.get_key(key)
+    assert cli_json(h, "search", key) == ref.to_json()
+    table = rows(cli(h, "search", key).stdout)
+    assert table == [["NODE", "PID", "NAME", "KEY"], [ref.node, str(ref.pid), "default", key]]
+    ref.stop()
+
+
+def test_call_prints_the_answer_and_send_delivers_a_cast_to_a_live_key(h: Harness) -> None:
+    ref = h.forseti.get_key(fresh("call"), [41])
+    assert json.loads(cli(h, "call", ref.key, '"get"').stdout) == 41
+    assert cli_json(h, "call", ref.key, '{"x": [1, "y"]}') == {"answer": ["echo", {"x": [1, "y"]}], **ref.to_json()}
+    assert cli_json(h, "send", ref.key, '"inc"') == {"sent": True, **ref.to_json()}
+    sent = cli(h, "send", ref.key, '["a", 1]').stdout.strip()
+    assert sent == f"sent to {ref.key!r} (default): pid {ref.pid} on {ref.node}"
+    wait_for(lambda: ref.call("seen") == ["inc", ["a", 1]], 10, message="the casts never arrived")
+    assert ref.call("get") == 42
+    crashed = cli(h, "call", ref.key, '"crash"', "--json", expect=EXIT_ERROR)
+    assert json.loads(crashed.stdout)["error"] == "RemoteError" and "asked to crash" in crashed.stderr
+
+
+def test_call_and_send_never_start_a_process_and_refuse_a_msg_that_is_not_json(h: Harness) -> None:
+    key = fresh("call-missing")
+    for command in ("call", "send"):
+        missing = cli(h, command, key, '"get"', "--json", expect=EXIT_NOT_FOUND)
+        assert json.loads(missing.stdout)["error"] == "not_found" and f"no live keyed process {key!r}" in missing.stderr
+        bad = cli(h, command, key, "get", expect=EXIT_USAGE).stderr
+        assert "Invalid value for 'MSG': 'get' is not JSON" in bad and """e.g. '"get"'""" in bad
+    assert h.forseti.search_key(key) is None
+
+
 def test_a_name_no_worker_knows_exits_1(h: Harness) -> None:
     assert cli_json(h, "get", "k", "--name", "nobody-knows-me", expect=EXIT_NOT_FOUND)["error"] == "not_found"
 
@@ -145,7 +181,8 @@ def test_without_a_leader_or_workers_status_stop_and_keys_exit_3_naming_namespac
 
 
 DEAD_BROKERS = {"redis": "redis://127.0.0.1:1/0", "rabbitmq": "amqp://guest:guest@127.0.0.1:1//"}
-SUBCOMMANDS = [["status"], ["keys"], ["keys", "--node", "w1@nowhere"], ["get", "k"], ["stop", "k"]]
+SUBCOMMANDS = [["status"], ["keys"], ["keys", "--node", "w1@nowhere"], ["get", "k"], ["search", "k"],
+               ["call", "k", '"get"'], ["send", "k", '"inc"'], ["stop", "k"]]
 
 
 @pytest.mark.parametrize("transport", sorted(DEAD_BROKERS))
