@@ -10,6 +10,7 @@ registry living in the same process.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
 import time
@@ -271,12 +272,13 @@ Handler = Callable[[list[Message]], None]
 
 
 class ConsumerLoop(threading.Thread):
-    """A daemon thread consuming queues with ``no_ack``; reconnects with backoff forever.
+    """A daemon thread consuming queues with ``no_ack``; reconnects with backoff.
 
     ``handler`` gets each batch (the protocol messages of one broker message). ``tick`` runs at least
-    every ``interval`` seconds (also while disconnected). Unexpected exceptions are
-    logged and counted against ``intensity``; past it the loop stops and says why.
-    Connection errors are not failures of ours and are retried without limit.
+    every ``interval`` seconds (also while disconnected). Every failure, a lost or unreachable broker
+    included, is counted against ``intensity`` (the backoff grows to 2 s, so a broker away for
+    long trips only a tight budget); past it the loop ends, keeps the last error in
+    :attr:`failure` and calls ``on_give_up`` with it: the owner decides what a dead loop means.
     """
 
     def __init__(
@@ -291,8 +293,10 @@ class ConsumerLoop(threading.Thread):
         interval: float = 0.25,
         on_connect: Callable[[], None] | None = None,
         on_disconnect: Callable[[], None] | None = None,
+        on_give_up: Callable[[BaseException], None] | None = None,
     ) -> None:
         super().__init__(name=name, daemon=True)
+        self._on_give_up = on_give_up
         self._connection_factory = connection_factory
         self._queues = queues
         self._handler = handler
@@ -344,18 +348,20 @@ class ConsumerLoop(threading.Thread):
                 self._consumer = None
                 if self._on_disconnect is not None:
                     self._safe(self._on_disconnect)
-                if not _is_connection_error(exc):
-                    logger.exception("forseti: %s failed", self.name)
-                    if not self._intensity.failed():
-                        self.failure = exc
-                        logger.critical(
-                            "forseti: %s stopped: more than %d failures in %.0f s (forseti_max_retries/"
-                            "forseti_max_time); last: %r", self.name, self._intensity.max_retries,
-                            self._intensity.max_time, exc,
-                        )
-                        return
-                else:
+                if _is_connection_error(exc):
                     logger.warning("forseti: %s lost the broker (%r); reconnecting", self.name, exc)
+                else:
+                    logger.exception("forseti: %s failed", self.name)
+                if not self._intensity.failed():
+                    self.failure = exc
+                    logger.error(
+                        "forseti: %s gave up: more than %d failures in %g s (forseti_max_retries/"
+                        "forseti_max_time); last: %r", self.name, self._intensity.max_retries,
+                        self._intensity.max_time, exc,
+                    )
+                    if self._on_give_up is not None:
+                        self._safe(functools.partial(self._on_give_up, exc))
+                    return
                 deadline = time.monotonic() + backoff
                 while not self._stopping.is_set() and time.monotonic() < deadline:
                     if self._tick is not None:

@@ -15,6 +15,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from celery.utils.log import get_logger
 from kombu import Queue
 
 from . import protocol as p
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
     from .app import Forseti
 
 __all__ = ["Client"]
+
+logger = get_logger(__name__)
 
 
 class _Pending:
@@ -64,8 +67,12 @@ class Client:
         self._start_lock = threading.Lock()
         self._cache = RefCache(self.settings.cache)
         self._exits_queue = self.names.exits_queue(self.id, forseti.app) if self.settings.cache else None
-        self._loop = ConsumerLoop(
-            "forseti-client", forseti.app.connection_for_read, self._queues, self._on_replies,
+        self._loop = self._new_loop()
+        self._closed = False
+
+    def _new_loop(self) -> ConsumerLoop:
+        return ConsumerLoop(
+            "forseti-client", self.forseti.app.connection_for_read, self._queues, self._on_replies,
             intensity=RestartIntensity(self.settings.max_retries, self.settings.max_time),
             on_connect=lambda: self._cache.subscribed(True), on_disconnect=lambda: self._cache.subscribed(False),
         )
@@ -209,19 +216,25 @@ class Client:
                 pending.event.set()
 
     def _ensure_started(self) -> None:
-        if self._loop.is_alive():
+        """Start the reply thread, or a new one after the last gave up (its broker gone for longer
+        than forseti_max_retries/forseti_max_time): raises :class:`BrokerUnavailable` while the
+        broker is still away."""
+        if self._loop.is_alive() or self._closed:
             return
         with self._start_lock:
-            if not self._loop.is_alive():
+            if not self._loop.is_alive() and not self._closed:
                 # The reply queue must exist before anyone answers into it.
                 for queue in self._queues():
                     self._publisher.declare(queue)
+                if self._loop.ident is not None:
+                    logger.info("forseti: the client's reply thread is back (it gave up on %r)", self._loop.failure)
+                    self._loop = self._new_loop()
                 self._loop.start()
 
     def _check(self, key: Any, name: Any) -> None:
         if not isinstance(key, str):
             raise InvalidKey(f"keys are str, not {type(key).__name__}")
-        if len(key) >= self.settings.max_key_length:  # MUTANT 4
+        if len(key) > self.settings.max_key_length:
             raise InvalidKey(f"key of {len(key)} characters exceeds forseti_max_key_length")
         if not isinstance(name, str) or not name:
             raise InvalidArgument(f"name must be a non-empty str, not {name!r}")
@@ -243,6 +256,7 @@ class Client:
 
     def close(self) -> None:
         """Send what is queued, stop the reply thread and release the connections."""
+        self._closed = True
         self._flush_quietly()
         atexit.unregister(self._flush_quietly)
         self._loop.stop(wake=self._wake_loop)

@@ -15,7 +15,9 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps
+from celery.platforms import EX_FAILURE
 from celery.utils.log import get_logger
+from celery.worker import state as worker_state
 from kombu import Queue
 
 from . import protocol as p
@@ -88,7 +90,7 @@ class Node:
             self._on_batch,
             intensity=RestartIntensity(s.max_retries, s.max_time),
             tick=self._tick, interval=min(0.25, s.heartbeat / 2),
-            on_connect=self._connected, on_disconnect=self._disconnected,
+            on_connect=self._connected, on_disconnect=self._disconnected, on_give_up=self._give_up,
         )
 
     # -- life cycle -----------------------------------------------------------------------
@@ -112,6 +114,15 @@ class Node:
         self.events.close()
         self.publisher.close()
         self.election.close()
+
+    def _give_up(self, exc: BaseException) -> None:
+        """The consumer thread failed past its restart intensity: without it this worker neither
+        hears nor serves the cluster, so it stops, as Celery's own signal handlers stop it (a
+        warm shutdown, exit code 1), for its supervisor to restart it."""
+        logger.critical("forseti: stopping worker %s: its registry thread failed more than %d times in %g s "
+                        "(forseti_max_retries, forseti_max_time); last: %r",
+                        self.hostname, self.settings.max_retries, self.settings.max_time, exc)
+        worker_state.should_stop = EX_FAILURE
 
     def _connected(self) -> None:
         self._next_beat = 0.0
