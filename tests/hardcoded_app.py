@@ -19,6 +19,8 @@ app = Celery("hardcoded", broker=BROKER_URL)
 app.conf.update(
     broker_connection_retry_on_startup=True,
     forseti_namespace=NAMESPACE,
+    # Its tasks stay among its own workers on a broker other test runs share (RabbitMQ).
+    task_default_queue=NAMESPACE,
     forseti_heartbeat=0.5,
     forseti_node_timeout=4,
     forseti_lease=2,
