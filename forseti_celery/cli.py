@@ -32,7 +32,6 @@ from celery.bin.base import COMMA_SEPARATED_LIST, CeleryCommand, CeleryOption
 from celery.exceptions import CeleryCommandException
 from celery.utils.time import humanize_seconds
 from kombu.exceptions import OperationalError
-from kombu.utils.url import maybe_sanitize_url
 
 from .app import Forseti
 from .errors import (
@@ -100,12 +99,8 @@ def _fail(obj: Any, as_json: bool, code: int, kind: str, message: str) -> NoRetu
 
 
 def _broker(obj: Any) -> str:
-    """The app's broker URL, password masked."""
-    return str(maybe_sanitize_url(obj.app.connection_for_write().as_uri(include_password=True)))
-
-
-def _where(obj: Any, namespace: str) -> str:
-    return f"namespace {namespace!r} on {_broker(obj)}"
+    """The app's broker URL, password masked (as the client's errors show it)."""
+    return str(obj.app.connection_for_write().as_uri())
 
 
 def _unreachable(obj: Any, as_json: bool, exc: BaseException) -> NoReturn:
@@ -217,11 +212,7 @@ def status(obj: Any, as_json: bool, timeout: float) -> None:
     """
     with _forseti(obj, as_json) as f:
         namespace = f.settings.namespace
-        try:
-            metrics = f.get_metrics(timeout=timeout)
-        except ForsetiTimeout:
-            _fail(obj, as_json, EXIT_UNAVAILABLE, "no_answer",
-                  f"no leader of {_where(obj, namespace)} answered within {timeout:g} s")
+        metrics = f.get_metrics(timeout=timeout)  # no leader: the client's timeout names namespace and broker
         # Ask only this namespace's workers (others may share the broker): the leader's eligible
         # workers first, then any other member they know of (non-eligible workers).
         stats = _stats(obj.app, set(metrics), timeout)
@@ -307,7 +298,7 @@ def keys(obj: Any, nodes: list[str] | None, name: str | None, as_json: bool, tim
             obj.echo(f"\n{_count(len(rows), 'keyed process')} on {_count(len(answered), 'worker')}")
         return
     if not missing:
-        message = f"no worker of {_where(obj, namespace)} answered within {timeout:g} s"
+        message = f"no worker of namespace {namespace!r} on {_broker(obj)} answered within {timeout:g} s"
     else:
         silent = [host for host in missing if host not in elsewhere]
         message = "; ".join(

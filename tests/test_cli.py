@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from kombu import Connection
 
 from forseti_celery.cli import EXIT_ERROR, EXIT_NOT_FOUND, EXIT_UNAVAILABLE, EXIT_USAGE
 from forseti_celery.testing import wait_for
@@ -166,13 +167,14 @@ def test_bad_arguments_exit_2_naming_the_argument_and_what_is_wrong(redis_url: s
     forseti(redis_url, "forseti-unused", "keys", "--timeout", "0", expect=EXIT_USAGE)
 
 
-def test_without_a_leader_or_workers_status_stop_and_keys_exit_3_naming_namespace_and_broker(redis_url: str) -> None:
+def test_a_namespace_nobody_serves_exits_3_naming_the_namespace_and_the_broker(redis_url: str) -> None:
     unused = f"forseti-nobody-{time.monotonic_ns()}"
-    where = f"namespace {unused!r} on {redis_url}"
-    status = forseti(redis_url, unused, "status", "--timeout", "0.3", "--json", expect=EXIT_UNAVAILABLE)
-    assert json.loads(status.stdout) == {"error": "no_answer", "message": f"no leader of {where} answered within 0.3 s"}
-    assert f"Error: no leader of {where} answered within 0.3 s" in status.stderr
-    forseti(redis_url, unused, "stop", "k", "--timeout", "0.3", expect=EXIT_UNAVAILABLE)
+    where = f"namespace {unused!r} on {Connection(redis_url).as_uri()}"
+    for args in (["status"], ["get", "k"], ["search", "k"], ["call", "k", "1"], ["send", "k", "1"], ["stop", "k"]):
+        done = forseti(redis_url, unused, *args, "--timeout", "0.3", "--json", expect=EXIT_UNAVAILABLE)
+        error = json.loads(done.stdout)
+        assert error["error"] == "no_answer" and error["message"].startswith("no leader answered"), (args, error)
+        assert where in error["message"] and done.stderr.rstrip().endswith(f"Error: {error['message']}"), args
     nobody = forseti(redis_url, unused, "keys", "--timeout", "0.3", "--json", expect=EXIT_UNAVAILABLE)
     assert json.loads(nobody.stdout) == {"error": "no_answer", "message": f"no worker of {where} answered within 0.3 s"}
     missing = forseti(redis_url, unused, "keys", "--node", "nobody@nowhere", "--timeout", "0.3",
@@ -188,7 +190,7 @@ SUBCOMMANDS = [["status"], ["keys"], ["keys", "--node", "w1@nowhere"], ["get", "
 @pytest.mark.parametrize("transport", sorted(DEAD_BROKERS))
 def test_every_subcommand_reports_a_dead_broker_in_one_format_with_exit_3(transport: str) -> None:
     url = DEAD_BROKERS[transport]
-    shown = url.replace("guest:guest@", "guest:**@")  # the password masked
+    shown = Connection(url).as_uri()  # the password masked
     figures = []
     for args in SUBCOMMANDS:
         t0 = time.monotonic()
