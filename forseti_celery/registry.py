@@ -401,4 +401,30 @@ class RegistryStep(bootsteps.StartStopStep):  # type: ignore[misc]
             self.node = None
 
     def info(self, parent: Any) -> dict[str, Any]:
-        return {"forseti": self.node.info() if self.node is not None else {"running": False}}
+        """The worker's stats: ``forseti`` for programs, and the same as rows of text for people."""
+        section = self.node.info() if self.node is not None else {"running": False}
+        return {**_readable(section), "forseti": section}
+
+
+def _readable(section: dict[str, Any]) -> dict[str, str]:
+    """``section`` as flat rows of text: Flower shows each top-level stats key as a row of its
+    worker page's "Other" tab, and a nested section as one Python ``repr``."""
+    if "leader" not in section:
+        return {"forseti role": "not running"}
+    table = section.get("table")
+    if not section["leader"]:
+        role = f"member (leader epoch {section['epoch']})"
+    elif table is None or not table["ready"]:
+        role = f"leader (epoch {section['epoch']}), rebuilding its table"
+    else:
+        role = f"leader (epoch {section['epoch']}), {table['keys']} keys in the cluster"
+    by_name = ", ".join(f"{n} {c}" for n, c in sorted(section["processes"].items()))
+    return {
+        "forseti namespace": section["namespace"],
+        "forseti role": role,
+        "forseti new keys": "placed here" if section["eligible"] else "not placed here (forseti_nodes)",
+        "forseti keys": f"{section['total']}: {by_name}" if by_name else "0",
+        "forseti spares": str(section["spares"]),
+        "forseti starts": f"{section['starts']} started, {section['exits']} exited",
+        "forseti members": f"{len(section['members'])}: {', '.join(section['members'])}",
+    }

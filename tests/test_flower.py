@@ -6,8 +6,10 @@ of the shared broker, and forseti's events must reach it from workers running wi
 
 from __future__ import annotations
 
+import html
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -24,7 +26,7 @@ import pytest
 
 from forseti_celery.testing import wait_for
 
-from .helpers import ROOT, Harness, harness
+from .helpers import ROOT, Harness, fresh, harness
 
 pytest.importorskip("flower")
 
@@ -112,6 +114,49 @@ def test_flower_shows_the_forseti_stats_section_of_every_worker(cluster: Running
     page = urllib.request.urlopen(f"{flower.url}/worker/{quote(ref.node)}", timeout=10).read().decode()
     assert "forseti" in page and "Other statistics" in page  # the worker page's "Other" tab
     ref.stop()
+
+
+def other_tab(flower: Flower, host: str) -> dict[str, str]:
+    """The rows of the "Other" tab of ``host``'s worker page, as a person reads them (name: text)."""
+    page = urllib.request.urlopen(f"{flower.url}/worker/{quote(host)}", timeout=10).read().decode()
+    tab = page[page.index('id="tab-other"'):]
+    tab = tab[:tab.index("</table>")]
+    cells = [html.unescape(re.sub(r"<[^>]+>", "", c)).strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", tab, re.S)]
+    return dict(zip(cells[::2], cells[1::2], strict=True))
+
+
+def test_flowers_other_tab_shows_forseti_as_rows_of_plain_words(cluster: Running) -> None:
+    h, flower = cluster
+    refs = [h.forseti.get_key(fresh("flower-rows")), h.forseti.get_key(fresh("flower-rows"), name="poller")]
+    here = {host: [r for r in refs if r.node == host] for host in hostnames(h)}
+
+    def rows() -> dict[str, dict[str, str]] | None:
+        flower.get("/api/workers?refresh=1")  # the page shows the stats Flower last asked for
+        found = {host: other_tab(flower, host) for host in here}
+        counted = all(found[host].get("forseti keys", "").startswith(f"{len(mine)}") for host, mine in here.items())
+        table = any(row.get("forseti role", "").endswith(" 2 keys in the cluster") for row in found.values())
+        return found if counted and table else None
+
+    found = wait_for(rows, 30, 0.5, lambda: f"no forseti rows in the Other tab\n{flower.tail()}")
+    leader = next(host for host, row in found.items() if row["forseti role"].startswith("leader"))
+    for host, row in found.items():
+        mine = here[host]
+        by_name = ", ".join(f"{n} {sum(r.name == n for r in mine)}" for n in sorted({r.name for r in mine}))
+        assert row["forseti namespace"] == h.namespace
+        assert row["forseti keys"] == (f"{len(mine)}: {by_name}" if mine else "0")
+        assert row["forseti new keys"] == "placed here"
+        assert row["forseti members"] == f"2: {', '.join(sorted(here))}"
+        assert re.fullmatch(r"\d+ started, \d+ exited", row["forseti starts"]), row
+        epoch = found[leader]["forseti role"].split("epoch ")[1].split(")")[0]
+        assert row["forseti role"] == (
+            f"leader (epoch {epoch}), 2 keys in the cluster" if host == leader else f"member (leader epoch {epoch})")
+        assert "{" not in "".join(v for k, v in row.items() if k != "forseti")  # no raw Python dicts but one
+    # The same worker, to a program: the machine-readable section, unchanged, next to the rows.
+    workers = flower.get("/api/workers") or {}
+    assert workers[leader]["stats"]["forseti"]["leader"] is True
+    assert workers[leader]["stats"]["forseti role"] == found[leader]["forseti role"]
+    for r in refs:
+        r.stop()
 
 
 def test_flower_counts_forseti_events_per_worker(cluster: Running) -> None:
