@@ -106,6 +106,7 @@ ROWS = [
     Row("lookup_fresh_connect", "3a   same, first request (connects)", "ms", ray="lookup_fresh_connect"),
     Row("lookup_warm", "3b lookup, warm client (same key)", "ms", target="<= 0.05 ms", check=lambda v, _: v <= 0.05,
         ray="lookup_warm"),
+    Row("close_fresh", "3c fresh client process: close()", "ms"),
     Row("call", "4  call round trip", "ms", target="<= task/2", check=_half_of_task, celery="task_rt", ray="call"),
     Row("send", "5  send to one key", "msg/s", True, ">= 20000/s", lambda v, _: v >= 20_000, celery="task_tput",
         ray="send"),
@@ -119,6 +120,8 @@ ROWS = [
     Row("failover_role", "8a   kill -> role passed (event)", "s"),
     Row("failover_serve", "8b   role passed -> serving", "s", target="<= 3 s", check=lambda v, _: v <= 3),
     Row("failover_new", "8c   role passed -> new key created", "s"),
+    Row("cli_get", "9  `celery forseti get`, whole command", "ms"),
+    Row("cli_help", "9a   start-up alone (`forseti --help`)", "ms"),
 ]
 
 
@@ -370,6 +373,7 @@ class ForsetiBench:
         measure(r, "batch", lambda: [self._batch(f"b{i}", threads=0) for i in range(s.batches)])
         measure(r, "batch_threads", lambda: [self._batch(f"t{i}", threads=8) for i in range(s.thread_batches)])
         measure(r, "lookup_fresh", self.fresh_lookups)
+        measure(r, "cli_get", self.cli_commands)
         self.round_trips()
         measure(r, "task_tput", self.task_throughput)
         measure(r, "send", self.send_throughput)
@@ -465,15 +469,32 @@ class ForsetiBench:
 
     def fresh_lookups(self) -> Stat:
         """A new Python process builds the client and looks up two existing keys (times sent back)."""
-        firsts, seconds = [], []
+        firsts, seconds, closes = [], [], []
         env = {**os.environ, "FORSETI_BROKER_URL": self.run.url, **self.env}
         for i in range(self.sizes.fresh):
             a, b = self.refs[2 * i].key, self.refs[2 * i + 1].key
             out = _probe(["forseti", a, b], env)
             firsts.append(out["first_ms"])
             seconds.append(out["second_ms"])
+            closes.append(out["close_ms"])
         self.run.results["lookup_fresh_connect"] = Stat(firsts)
+        self.run.results["close_fresh"] = Stat(closes)
         return Stat(seconds)
+
+    def cli_commands(self) -> Stat:
+        """``celery -A benchmarks.app forseti get KEY`` as a user runs it, timed from outside
+        (start-up, lookup, close), and the same start-up with ``--help`` (row 9a)."""
+        env = {**os.environ, "FORSETI_BROKER_URL": self.run.url, **self.env}
+        base = [sys.executable, "-m", "celery", "-A", "benchmarks.app", "forseti"]
+        gets: list[float] = []
+        helps: list[float] = []
+        for i in range(self.sizes.fresh):
+            for argv, into in ((["get", self.refs[i].key], gets), (["--help"], helps)):
+                t0 = time.perf_counter()
+                subprocess.run(base + argv, env=env, cwd=str(ROOT), capture_output=True, timeout=60, check=True)
+                into.append((time.perf_counter() - t0) * 1000)
+        self.run.results["cli_help"] = Stat(helps)
+        return Stat(gets)
 
     def send_throughput(self) -> list[float]:
         """``n`` sends to one key, then one call that sees them all (order is kept per client)."""
@@ -638,7 +659,7 @@ def probe_main(argv: list[str]) -> None:
         forseti = Forseti.of(app)
         t1 = timed(lambda: forseti.get_key(first))
         t2 = timed(lambda: forseti.get_key(second))
-        forseti.client.close()
+        t3 = timed(forseti.client.close)
     else:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         import ray
@@ -647,7 +668,8 @@ def probe_main(argv: list[str]) -> None:
         t1 = timed(lambda: ray.get_actor(first))
         t2 = timed(lambda: ray.get_actor(second))
         ray.shutdown()
-    print(json.dumps({"first_ms": t1 * 1000, "second_ms": t2 * 1000}), flush=True)
+    print(json.dumps({"first_ms": t1 * 1000, "second_ms": t2 * 1000,
+                      **({"close_ms": t3 * 1000} if kind == "forseti" else {})}), flush=True)
 
 
 # --- Ray named actors -------------------------------------------------------------------------
