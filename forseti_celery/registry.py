@@ -9,6 +9,7 @@ and keeps a task blocked in ``get_key`` (solo pool) from stalling the leader.
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections import Counter
@@ -73,6 +74,7 @@ class Node:
         self._node_queue = self.names.node_queue(hostname)
         self._next_beat = 0.0
         self._closing = False
+        self._handed_over = threading.Event()  # closing: the role is left and the lease released
         self._last_echo = time.monotonic()
         self._fenced = False
         self._beats = 0  # heartbeats sent (their "seq"): an echo of a later one proves we are heard now
@@ -86,7 +88,7 @@ class Node:
             # The broker's heartbeat ends a hung leader's connection, so a standby takes over.
             "forseti-node", lambda: app.connection_for_read(heartbeat=s.lease),
             lambda: [self._node_queue, self.names.bcast_queue(hostname)]
-            + ([self.names.leader_queue] if self.election.always_consume else []),
+            + ([self.names.leader_queue] if self.election.always_consume and not self._closing else []),
             self._on_batch,
             intensity=RestartIntensity(s.max_retries, s.max_time),
             tick=self._tick, interval=min(0.25, s.heartbeat / 2),
@@ -101,9 +103,9 @@ class Node:
         logger.info("forseti: registry of %s started (eligible: %s)", self.hostname, self.eligible)
 
     def stop(self, grace: float | None = None) -> None:
-        """Warm shutdown: stop every keyed process, report the exits, hand the role over."""
+        """Warm shutdown: hand the role over, stop every keyed process, report the exits."""
         self._closing = True
-        self.election.release()  # a standby takes the role now, not when the lease runs out
+        self._await_handover()
         done = self.children.stop_all("shutdown", self.settings.stop_timeout if grace is None else grace)
         if not done:
             logger.warning("forseti: %s stopped before every exit reached the broker", self.hostname)
@@ -123,6 +125,15 @@ class Node:
                         "(forseti_max_retries, forseti_max_time); last: %r",
                         self.hostname, self.settings.max_retries, self.settings.max_time, exc)
         worker_state.should_stop = EX_FAILURE
+
+    def _await_handover(self) -> None:
+        """Wait until the consumer thread has left the role and released it (see :meth:`_hand_over`)."""
+        if not self.loop.is_alive():
+            self._hand_over()  # nothing else acts on leader messages
+        elif not self._handed_over.wait(max(1.0, 2 * self.settings.heartbeat)):
+            # Stuck in a batch: releasing from here would let a successor lead beside it.
+            logger.warning("forseti: %s could not hand the leader role over; it passes when the lease runs out",
+                           self.hostname)
 
     def _connected(self) -> None:
         self._next_beat = 0.0
@@ -184,9 +195,10 @@ class Node:
         if self._doubt is not None and kind in _HELD_TYPES:
             self._held.append(msg)
         elif kind in _LEADER_TYPES:
-            if not self.leader.active and not self._closing:
-                if not self.election.always_consume:
-                    self._forward([msg])  # popped as the lease passed: for the new holder
+            if not self.leader.active:
+                if self._closing or not self.election.always_consume:
+                    if kind != p.PING:
+                        self._forward([msg])  # popped as the role passed: for the new holder
                     return
                 self.leader.activate(self.epoch)
                 self.events.send(p.EVENT_LEADER, leader=self.hostname)
@@ -259,6 +271,8 @@ class Node:
         held = self.election.poll() if connected and not self._closing else False
         if held is not None:
             self._lease(held)
+        if self._closing and not self._handed_over.is_set():
+            self._hand_over()
         if connected:  # silence heard while we cannot hear anything proves nothing
             for dead in self.members.expire(now):
                 logger.info("forseti: worker %s is silent; declared dead", dead.hostname)
@@ -299,6 +313,16 @@ class Node:
             self.events.send(p.EVENT_LEADER, leader=self.hostname)
         elif not held and self.leader.active:
             self._step_down()
+
+    def _hand_over(self) -> None:
+        """Closing: leave the role, and only then let a successor take it (a standby at once, not
+        when the lease runs out). On the consumer thread, between two batches, so this worker acts
+        on no leader message once another may lead."""
+        if self.leader.active:
+            self._step_down()
+        self.loop.cancel_queue(self.names.leader_queue)  # RabbitMQ: the broker picks another consumer now
+        self.election.release()
+        self._handed_over.set()
 
     def _step_down(self) -> None:
         """Leave the role (lease lost, connection lost, or a newer leader heard): messages held for

@@ -4,6 +4,7 @@ character too long refused, a late exit report freeing the key of a newer proces
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -40,8 +41,10 @@ def stops(wire: Wire) -> list[tuple[str, dict[str, Any]]]:
     return [(h, m) for h, m in wire.to_nodes if m["t"] == p.STOP]
 
 
-def exited(key: str, node: str, pid: int | None, **extra: Any) -> dict[str, Any]:
-    return {"t": p.EXITED, "n": "default", "k": key, "node": node, "pid": pid, "sid": "s", **extra}
+def exited(key: str, node: str, pid: int | None, sid: str | None = None, **extra: Any) -> dict[str, Any]:
+    """An exit report: of process ``pid`` (placed as ``sid``), or pid-less (a stop that found none)."""
+    return {"t": p.EXITED, "n": "default", "k": key, "node": node, "pid": pid, **({"sid": sid} if sid else {}),
+            **extra}
 
 
 def holder(leader: Leader, wire: Wire, key: str) -> Any:
@@ -89,13 +92,16 @@ def test_a_late_exit_report_of_an_older_process_on_the_same_worker_frees_nothing
     for host in ("a", "b", "c"):
         leader.report(report(host, [["default", "k", 100, "s1"]] if host == "b" else []))
     # Process 100 ends; the key is placed again and starts as 200.
-    leader.handle(exited("k", "b", 100))
+    leader.handle(exited("k", "b", 100, sid="s1"))
     leader.handle(get("k", "1"))
     ((host, spawn),) = wire.spawns()
     leader.handle({"t": p.SPAWNED, "n": "default", "k": "k", "node": host, "pid": 200, "sid": spawn["sid"]})
     assert holder(leader, wire, "k") == [host, 200]
-    # An exit report naming the new holder's worker and an older pid (late, repeated, or forged).
-    leader.handle(exited("k", host, 100))
+    # Exit reports naming the new holder's worker and another pid (late, repeated, or forged): of
+    # the older process, and with the new placement's sid.
+    leader.handle(exited("k", host, 100, sid="s1"))
+    assert holder(leader, wire, "k") == [host, 200]
+    leader.handle(exited("k", host, 100, sid=spawn["sid"]))
     assert holder(leader, wire, "k") == [host, 200]
     leader.handle(get("k", "2"))
     assert wire.answer("2")["v"] == [host, 200] and len(wire.spawns()) == 1
@@ -212,3 +218,66 @@ def test_a_worker_refuses_a_spawn_order_from_a_leader_older_than_one_it_has_hear
     assert h.forseti.search_key(stale) is None, "a deposed leader's order was reported as started"
     assert f"refused spawn of {stale!r}" in h.cluster.worker(worker).log_text()
     ref.stop()
+
+
+# -- a leader that hands over ----------------------------------------------------------------------------
+
+
+def test_a_stopping_leader_acts_on_no_leader_message_once_its_role_can_pass(broker_url: str) -> None:
+    # One worker's Node, in this process on the real broker, leads; clients keep asking it while it
+    # stops. Watched from inside: what its leader sends, and the moment its lease is released.
+    node = in_process_node(broker_url, heartbeat=0.3, node_timeout=2.5, lease=1.5)
+    names = node.names
+    released = threading.Event()
+    at_release: list[tuple[bool, str]] = []
+    acted: dict[bool, int] = {False: 0, True: 0}  # replies and orders, before/after the release
+    leader = node.leader
+    reply, send_node, release = leader._reply, leader._send_node, node.election.release
+
+    def watched_reply(rk: str, msg: dict[str, Any]) -> None:
+        acted[released.is_set()] += 1
+        reply(rk, msg)
+
+    def watched_send_node(host: str, msg: dict[str, Any]) -> None:
+        acted[released.is_set()] += 1
+        send_node(host, msg)
+
+    def watched_release() -> None:
+        at_release.append((leader.active, threading.current_thread().name))
+        released.set()  # before it happens: a successor may lead from the next instant
+        release()
+
+    leader._reply, leader._send_node = watched_reply, watched_send_node  # type: ignore[method-assign]
+    node.election.release = watched_release  # type: ignore[method-assign]
+    asking = threading.Event()
+    asking.set()
+
+    def ask() -> None:
+        # A name nobody knows: the leader answers each request at once (unknown_name).
+        publisher = Publisher(node.forseti.app.connection_for_write())
+        try:
+            while asking.is_set():
+                msgs = [{"t": p.GET, "n": "nobody", "k": fresh("k"), "a": [], "r": "nowhere",
+                         "c": uuid.uuid4().hex} for _ in range(20)]
+                for msg in msgs:
+                    publisher.publish(names.exchange, names.leader, [msg], declare=[names.leader_queue])
+        finally:
+            publisher.close()
+
+    asker = threading.Thread(target=ask, daemon=True)
+    node.start()
+    try:
+        wait_for(lambda: leader.ready, 15, 0.05, "the node never led")
+        asker.start()
+        wait_for(lambda: acted[False] >= 50, 15, 0.01, "the leader never answered")
+        node.stop(grace=1.0)
+    finally:
+        asking.clear()
+        asker.join(10)
+        with node.forseti.app.connection_for_write() as conn:
+            conn.default_channel.queue_delete(names.leader)
+    print(f"\n[safety] acted before the release: {acted[False]}, after: {acted[True]}; released: {at_release}")
+    assert acted[True] == 0, f"acted on {acted[True]} leader messages after its role could pass"
+    # Also when no message came in that window: the role was left before the lease was released.
+    assert at_release, "the lease was never released"
+    assert not at_release[0][0], "the lease was released while this worker still led"
