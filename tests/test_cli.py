@@ -96,7 +96,7 @@ def test_keys_names_the_node_that_did_not_answer_and_not_the_one_that_did(h: Har
     live, ghost = h.cluster.workers[0].hostname, f"ghost-{time.monotonic_ns()}@nowhere"
     failed = cli(h, "keys", "--node", f"{live},{ghost}", "--timeout", "1", "--json", expect=EXIT_UNAVAILABLE)
     error = json.loads(failed.stdout)
-    assert error["error"] == "unavailable"
+    assert error["error"] == "no_answer"
     assert error["message"] == f"no answer within 1 s from {ghost}" and error["message"] in failed.stderr
 
 
