@@ -16,6 +16,7 @@ from .app import Forseti
 from .errors import (
     BrokerUnavailable,
     ConfigurationError,
+    DuplicateWorker,
     ForsetiError,
     ForsetiTimeout,
     InvalidArgument,
@@ -36,6 +37,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BrokerUnavailable",
     "ConfigurationError",
+    "DuplicateWorker",
     "Forseti",
     "ForsetiError",
     "ForsetiTimeout",

@@ -8,7 +8,13 @@
 * Redis: several consumers of one list would compete, so a worker consumes the
   leader queue only while it holds a lease: a redis-py ``Lock`` on
   ``<namespace>:leader`` acquired without blocking, extended every quarter lease and
-  released on a warm shutdown so another worker takes over at once.
+  released on a warm shutdown so another worker takes over at once. Each acquisition
+  takes a fencing token, ``INCR <namespace>:leader:epoch``, and records ``"<token> <hostname>"``
+  in ``<namespace>:leader:holder``: the term's epoch, which any worker can check (:meth:`Election.holder`).
+
+An epoch that a message claims counts only when the election backs it: on Redis the holder key says
+who leads with which token; on RabbitMQ only the active consumer of the leader queue hears the
+workers' pings, and its answers (to a nonce it alone has seen) are what the workers believe.
 """
 
 from __future__ import annotations
@@ -25,14 +31,30 @@ logger = get_logger(__name__)
 __all__ = ["Election", "RedisLease", "SingleActiveConsumer", "election_for"]
 
 
+#: A new term: the next fencing token, and who holds it (KEYS: counter, holder; ARGV: hostname).
+_NEW_TERM = """
+local epoch = redis.call('INCR', KEYS[1])
+redis.call('SET', KEYS[2], epoch .. ' ' .. ARGV[1])
+return epoch
+"""
+
+
 class Election:
     """How a worker learns that it holds the leader role."""
 
     #: True when the leader queue is consumed by every worker (the broker picks one).
     always_consume = True
 
+    #: The fencing token of the term this worker holds (Redis), else None.
+    token: int | None = None
+
     def poll(self) -> bool | None:
         """Acquire or renew; True/False when the role is decided here, None when by the broker."""
+        return None
+
+    def holder(self) -> tuple[int, str] | None:
+        """``(epoch, hostname)`` of the latest term the election granted, read now; None when it
+        cannot be read here (RabbitMQ: the broker's choice is not visible; Redis unreachable)."""
         return None
 
     def release(self) -> None:
@@ -51,10 +73,11 @@ class RedisLease(Election):
 
     always_consume = False
 
-    def __init__(self, connection: Connection, key: str, lease: float) -> None:
+    def __init__(self, connection: Connection, key: str, lease: float, hostname: str) -> None:
         self._conn = connection
         self._key = key
         self._lease = lease
+        self._hostname = hostname
         self._lock: Any = None
         self._renew_at = 0.0
 
@@ -76,23 +99,40 @@ class RedisLease(Election):
                     self._renew_at = now + self._lease / 4
                     return True
                 except redis.exceptions.LockError:
-                    lock.local.token = None
+                    lock.local.token = self.token = None
                     logger.warning("forseti: leader lease %s was lost", self._key)
                     return False
-            return bool(lock.acquire(blocking=False))
+            if not lock.acquire(blocking=False):
+                return False
+            self.token = int(lock.redis.eval(_NEW_TERM, 2, f"{self._key}:epoch", f"{self._key}:holder",
+                                             self._hostname))
+            return True
         except (redis.exceptions.RedisError, OSError) as exc:
             logger.warning("forseti: lease %s unreachable: %r", self._key, exc)
             self._reset()
             return False
 
+    def holder(self) -> tuple[int, str] | None:
+        try:
+            value = self._conn.default_channel.client.get(f"{self._key}:holder")
+        except (redis.exceptions.RedisError, OSError) as exc:
+            logger.warning("forseti: lease %s unreachable: %r", self._key, exc)
+            return None
+        if value is None:
+            return 0, ""
+        epoch, _, hostname = (value.decode() if isinstance(value, bytes) else value).partition(" ")
+        return int(epoch), hostname
+
     def release(self) -> None:
         if self._lock is not None and self._lock.local.token is not None:
+            self.token = None
             try:
                 self._lock.release()
             except (redis.exceptions.RedisError, OSError):
                 pass
 
     def _reset(self) -> None:
+        self.token = None
         if self._lock is not None:
             self._lock.local.token = None
         self._lock = None
@@ -105,8 +145,8 @@ class RedisLease(Election):
         self._conn.release()
 
 
-def election_for(driver_type: str, connection: Connection, key: str, lease: float) -> Election:
+def election_for(driver_type: str, connection: Connection, key: str, lease: float, hostname: str) -> Election:
     """The election matching the broker's transport."""
     if driver_type == "redis":
-        return RedisLease(connection, key, lease)
+        return RedisLease(connection, key, lease, hostname)
     return SingleActiveConsumer()

@@ -6,6 +6,7 @@ anything this library raises on purpose::
     ForsetiError
     ├── BrokerUnavailable         the broker cannot be reached      (also ConnectionError)
     ├── ConfigurationError        bad settings, unsupported transport
+    │   └── DuplicateWorker       a live worker of the cluster has this worker's name
     ├── InvalidArgument           bad input, refused before anything is sent (also ValueError)
     │   ├── InvalidKey            key is not text, or too long       (also TypeError)
     │   └── InvalidMessage        argument/message not JSON-serialisable (also TypeError)
@@ -23,6 +24,7 @@ from __future__ import annotations
 __all__ = [
     "BrokerUnavailable",
     "ConfigurationError",
+    "DuplicateWorker",
     "ForsetiError",
     "ForsetiTimeout",
     "InvalidArgument",
@@ -43,6 +45,10 @@ class ForsetiError(Exception):
 
 class ConfigurationError(ForsetiError):
     """Raised when settings are invalid or the broker's transport is not supported."""
+
+
+class DuplicateWorker(ConfigurationError):
+    """Raised at a worker's start when a live worker of its namespace already has its name (``-n``)."""
 
 
 class InvalidArgument(ForsetiError, ValueError):

@@ -58,6 +58,9 @@ class Leader:
         self.active = False
         self.ready = False
         self.epoch = 0
+        #: The election's fencing token (Redis), fixed for the whole term; None: the epoch is the
+        #: highest any worker has seen, plus one (RabbitMQ, whose broker decides who leads).
+        self._token: int | None = None
         self._table: dict[Key, Entry] = {}
         self._by_node: dict[str, set[Key]] = {}
         self._counts: dict[str, int] = {}
@@ -74,18 +77,20 @@ class Leader:
         }
 
     # -- role -------------------------------------------------------------------------
-    def activate(self, seen_epoch: int) -> None:
+    def activate(self, seen_epoch: int, token: int | None = None) -> None:
         """Take the role: ask every live worker for its registry, and answer nothing until each
         has reported or been declared dead (the previous leader too: if it only lost its
-        connection or hangs, its processes live until they fence themselves)."""
+        connection or hangs, its processes live until they fence themselves). With the
+        election's fencing ``token``, that is the epoch of the whole term."""
         self.deactivate()
         self.active = True
-        self.epoch = seen_epoch
+        self._token = token
+        self.epoch = seen_epoch if token is None else token - 1  # the term's epoch once ready
         self._awaiting = {m.hostname for m in self.members} | {self.hostname}
         logger.info("forseti: %s takes the leader role; rebuilding from %d workers",
                     self.hostname, len(self._awaiting))
         for host in sorted(self._awaiting):
-            self._ask(host, seen_epoch + 1)
+            self._ask(host, self.epoch + 1)
 
     def deactivate(self) -> None:
         """Drop the role and everything learnt with it."""
@@ -113,7 +118,9 @@ class Leader:
         if host not in self._awaiting:
             return
         self._awaiting.discard(host)
-        self.epoch = max(self.epoch, int(msg["epoch"]))
+        self._asked.pop(host, None)
+        if self._token is None:
+            self.epoch = max(self.epoch, int(msg["epoch"]))
         self._counts.setdefault(host, 0)
         for name, key, pid, sid in msg["procs"]:
             self._record(host, (name, key), Entry(host, sid, [], pid))
@@ -201,7 +208,7 @@ class Leader:
     def _maybe_ready(self) -> None:
         if self.ready or self._awaiting:
             return
-        self.epoch += 1
+        self.epoch = self.epoch + 1 if self._token is None else self._token
         self.ready = True
         logger.info("forseti: %s leads (epoch %d) with %d keys on %d workers",
                     self.hostname, self.epoch, len(self._table), len(self._counts))
@@ -240,7 +247,7 @@ class Leader:
         entry = self._table.get(k)
         if entry is None or entry.pid is None or k in self._deferred_exits:
             return False  # (an exit report that came before its worker's registry may name it)
-        return kind != p.EXITED or (entry.node, entry.pid) == (msg["node"], msg["pid"])
+        return kind != p.EXITED or (entry.node, entry.pid, entry.sid) == (msg["node"], msg["pid"], msg.get("sid"))
 
     def _get(self, msg: dict[str, Any]) -> None:
         k = (msg["n"], msg["k"])
@@ -271,14 +278,19 @@ class Leader:
         self._send_node(entry.node, {**msg, "t": p.STOP})
 
     def _spawned(self, msg: dict[str, Any]) -> None:
+        """A start report counts only for the process this leader placed on that very worker (its
+        sid): another process of the key is stopped, a process it knows nothing of is asked about."""
         k = (msg["n"], msg["k"])
         entry = self._table.get(k)
-        if entry is not None and entry.sid == msg["sid"]:
-            self._started(k, entry, msg["pid"])
-        elif entry is None and msg["node"] in self.members:
-            # Started on an order this leader did not give (a deposed leader's): adopt it.
-            self._record(msg["node"], k, Entry(msg["node"], msg["sid"], [], msg["pid"]))
-        elif entry is not None:
+        if entry is not None and (entry.node, entry.sid) == (msg["node"], msg["sid"]):
+            if entry.pid is None:
+                self._started(k, entry, msg["pid"])
+        elif entry is None:
+            # Started on an order this leader did not give (a deposed leader's), or never: its
+            # worker's registry says which, and the process is recorded from there.
+            if msg["node"] in self.members:
+                self._ask_again(msg["node"], self.epoch, self.members.node_timeout / 4)
+        elif (entry.node, entry.pid) != (msg["node"], msg["pid"]):  # never the process the table holds
             logger.warning("forseti: duplicate process for %r on %s; stopping it", k, msg["node"])
             self._send_node(msg["node"], {"t": p.STOP, "n": k[0], "k": k[1], "p": msg["pid"], "reason": "duplicate"})
 
@@ -309,7 +321,8 @@ class Leader:
     def _exited(self, msg: dict[str, Any]) -> None:
         k = (msg["n"], msg["k"])
         entry = self._table.get(k)
-        if entry is not None and entry.pid is not None and (entry.node, entry.pid) == (msg["node"], msg["pid"]):
+        if entry is not None and entry.pid is not None and (
+                (entry.node, entry.pid, entry.sid) == (msg["node"], msg["pid"], msg.get("sid"))):
             self._forget(k, entry)
         for reply_to, corr in msg.get("stoppers", ()):
             self._reply(reply_to, {"t": p.REPLY, "c": corr, "v": True})

@@ -1,5 +1,10 @@
 """Which workers are alive: every worker hears every heartbeat (a fanout), so a
-worker that becomes leader already knows whom to ask for their registries."""
+worker that becomes leader already knows whom to ask for their registries.
+
+A hostname belongs to one incarnation (one worker process) at a time: a heartbeat naming a live
+member's hostname with another incarnation (a second worker started with the same ``-n``, or a
+forged heartbeat) is not believed until the member has been silent for ``node_timeout`` or said
+goodbye, so it frees none of the member's keys."""
 
 from __future__ import annotations
 
@@ -42,17 +47,17 @@ class Members:
         return self._members.get(hostname)
 
     def heard(self, hb: dict[str, Any]) -> Member | None:
-        """Record a heartbeat; returns the *previous* incarnation's member when the
-        worker restarted under the same hostname (its processes are all gone)."""
+        """Record a heartbeat and return its member; None (nothing recorded) when it names a live
+        member's hostname with another incarnation: that member lives on until it times out."""
         host = hb["node"]
         old = self._members.get(host)
-        self._members[host] = Member(
+        if old is not None and old.incarnation != hb["inc"]:
+            return None
+        member = self._members[host] = Member(
             host, hb["inc"], bool(hb["eligible"]), frozenset(hb["names"]),
             leader=bool(hb.get("leader")), epoch=int(hb.get("epoch", 0)),
         )
-        if old is not None and old.incarnation != hb["inc"]:
-            return old
-        return None
+        return member
 
     def exclude(self, hostname: str) -> None:
         """Place nothing on ``hostname`` until its next heartbeat says otherwise (it refused a start)."""
@@ -60,9 +65,13 @@ class Members:
         if member is not None:
             member.eligible = False
 
-    def remove(self, hostname: str) -> Member | None:
-        """Forget a worker (it said goodbye, or was declared dead)."""
-        return self._members.pop(hostname, None)
+    def remove(self, hostname: str, incarnation: str | None = None) -> Member | None:
+        """Forget a worker (it said goodbye, or was declared dead); with ``incarnation``, only
+        that incarnation of it (a goodbye names its own)."""
+        member = self._members.get(hostname)
+        if member is None or incarnation not in (None, member.incarnation):
+            return None
+        return self._members.pop(hostname)
 
     def refresh(self) -> None:
         """Restart every member's timeout (after we were cut off and could not hear them)."""

@@ -27,10 +27,11 @@ STOP_KEY = "stop_key"        # name, key, node, pid: stop that process (forwarde
 SPAWNED = "spawned"          # a keyed process finished init (name, key, node, pid, sid)
 SPAWN_FAILED = "spawn_failed"  # init raised / node refused (name, key, node, sid, error)
 EXITED = "exited"            # a keyed process ended (name, key, node, pid, reason)
-PING = "ping"                # every worker, every heartbeat (RabbitMQ): lets the active consumer learn it leads
+PING = "ping"                # node, nonce; every worker, every heartbeat (RabbitMQ): its consumer learns it leads
 # leader -> node (node queue)
 SPAWN = "spawn"              # start name/key with args (epoch, sid)
 REPORT_REQUEST = "report?"   # a new leader asks for the node's registry (epoch)
+LEADS = "leads"              # the leader answers a ping (leader, epoch, nonce): on RabbitMQ, how workers learn epochs
 # node -> leader's node queue
 REPORT = "report"            # the node's registry (node, epoch, procs)
 # client -> node (node queue)
@@ -40,8 +41,8 @@ STOP = "stop"
 # anyone -> client (reply queue)
 REPLY = "reply"
 # node -> every node (broadcast)
-HEARTBEAT = "hb"
-BYE = "bye"
+HEARTBEAT = "hb"             # node, inc (incarnation), seq, eligible, names, count, leader, epoch, pid, host
+BYE = "bye"                  # node, inc: that incarnation left
 
 # -- event types (sent with the worker's hostname; see docs/monitoring.rst) ---------
 EVENT_STARTED = "forseti-process-started"
@@ -129,10 +130,11 @@ class Names:
             durable=False, auto_delete=False, queue_arguments=args,
         )
 
-    def bcast_queue(self, hostname: str) -> Queue:
-        """A worker's subscription to cluster-wide heartbeats."""
+    def bcast_queue(self, hostname: str, incarnation: str) -> Queue:
+        """A worker's subscription to cluster-wide heartbeats (one per incarnation: two workers
+        started with one name must each hear everything, to find each other)."""
         return Queue(
-            f"{self.namespace}.bcast.{hostname}", self.bcast_exchange,
+            f"{self.namespace}.bcast.{hostname}.{incarnation}", self.bcast_exchange,
             durable=False, auto_delete=True,
         )
 

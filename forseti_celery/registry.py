@@ -9,23 +9,26 @@ and keeps a task blocked in ``get_key`` (solo pool) from stalling the leader.
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps
 from celery.platforms import EX_FAILURE
 from celery.utils.log import get_logger
 from celery.worker import state as worker_state
-from kombu import Queue
+from kombu import Consumer, Queue
+from kombu.exceptions import OperationalError
 
 from . import protocol as p
 from .broker import ConsumerLoop, Publisher, RestartIntensity
 from .children import Children
 from .election import election_for
-from .errors import BrokerUnavailable, ConfigurationError
+from .errors import BrokerUnavailable, ConfigurationError, DuplicateWorker
 from .events import EventSender
 from .leader import Leader
 from .membership import Members
@@ -66,7 +69,7 @@ class Node:
         self.members = Members(s.node_timeout)
         self.events = EventSender(app, hostname, s.namespace)
         self.publisher = Publisher(app.connection_for_write())
-        self.election = election_for(driver, app.connection_for_write(), f"{s.namespace}:leader", s.lease)
+        self.election = election_for(driver, app.connection_for_write(), f"{s.namespace}:leader", s.lease, hostname)
         self.leader = Leader(hostname, self.members, self._send_node, self._send_reply)
         self._out: dict[str, list[dict[str, Any]]] = {}  # what the consumer thread sends, per queue
         self.children = Children(hostname, forseti.resolve, self._send_many, self.names.leader, self.events.send,
@@ -80,6 +83,8 @@ class Node:
         self._beats = 0  # heartbeats sent (their "seq"): an echo of a later one proves we are heard now
         self._doubt: int | None = None  # after a stall: the last beat sent before it
         self._held: list[dict[str, Any]] = []
+        self._nonces: deque[str] = deque(maxlen=4)  # of our latest pings: a leader's answer names one
+        self._twins: set[str] = set()  # incarnations of our hostname heard (and logged) since we started
         self._last_run = time.monotonic()
         # Longer than this without running a tick or a batch (stopped, swapped, starved), the
         # consumer thread may have been deposed meanwhile; well under the lease either way.
@@ -87,7 +92,7 @@ class Node:
         self.loop = ConsumerLoop(
             # The broker's heartbeat ends a hung leader's connection, so a standby takes over.
             "forseti-node", lambda: app.connection_for_read(heartbeat=s.lease),
-            lambda: [self._node_queue, self.names.bcast_queue(hostname)]
+            lambda: [self._node_queue, self.names.bcast_queue(hostname, self.incarnation)]
             + ([self.names.leader_queue] if self.election.always_consume and not self._closing else []),
             self._on_batch,
             intensity=RestartIntensity(s.max_retries, s.max_time),
@@ -97,7 +102,15 @@ class Node:
 
     # -- life cycle -----------------------------------------------------------------------
     def start(self) -> None:
-        """Start the watcher and the consumer thread."""
+        """Make sure no live worker has our name, then start the watcher and the consumer thread;
+        raises :class:`DuplicateWorker`."""
+        try:
+            self._check_alone()
+        except DuplicateWorker:
+            self.events.close()
+            self.publisher.close()
+            self.election.close()
+            raise
         self.children.start()
         self.loop.start()
         logger.info("forseti: registry of %s started (eligible: %s)", self.hostname, self.eligible)
@@ -110,12 +123,44 @@ class Node:
         if not done:
             logger.warning("forseti: %s stopped before every exit reached the broker", self.hostname)
         # Only now, with every process gone: the leader frees what is left of ours at once.
-        self._broadcast({"t": p.BYE, "node": self.hostname})
+        self._broadcast({"t": p.BYE, "node": self.hostname, "inc": self.incarnation})
         self.loop.stop()
         self.children.stop()
         self.events.close()
         self.publisher.close()
         self.election.close()
+
+    def _check_alone(self) -> None:
+        """Listen to the heartbeats for two intervals before taking any queue or key: a live worker
+        of our name beats within one. Two workers of one name would share its queue, and every
+        member would take each for the other restarting."""
+        twin: list[dict[str, Any]] = []
+
+        def on_message(message: Any) -> None:
+            twin.extend(hb for hb in p.decode(message.body)
+                        if hb.get("t") == p.HEARTBEAT and hb.get("node") == self.hostname)
+
+        deadline = time.monotonic() + 2 * self.settings.heartbeat
+        conn = self.forseti.app.connection_for_read()
+        try:
+            with conn:
+                conn.ensure_connection(max_retries=1)
+                with Consumer(conn.channel(), [self.names.bcast_queue(self.hostname, self.incarnation)],
+                              no_ack=True, on_message=on_message):
+                    while not twin and time.monotonic() < deadline:
+                        try:
+                            conn.drain_events(timeout=max(0.001, min(0.25, deadline - time.monotonic())))
+                        except TimeoutError:
+                            pass
+        except (OSError, OperationalError, *conn.connection_errors, *conn.channel_errors) as exc:
+            logger.warning("forseti: %s could not listen for a live worker of its name: %r", self.hostname, exc)
+            return
+        if twin:
+            hb = twin[0]
+            where = f", pid {hb['pid']} on {hb['host']}" if "pid" in hb else ""
+            raise DuplicateWorker(
+                f"another worker named {self.hostname} (incarnation {hb['inc']}{where}) is alive in namespace "
+                f"{self.settings.namespace!r}; refusing to start: give each worker a name of its own (-n)")
 
     def _give_up(self, exc: BaseException) -> None:
         """The consumer thread failed past its restart intensity: without it this worker neither
@@ -204,17 +249,24 @@ class Node:
                 self.events.send(p.EVENT_LEADER, leader=self.hostname)
             if kind != p.PING:
                 self.leader.handle(msg)
+            elif self.leader.ready and "node" in msg:
+                # Only the active consumer hears a ping: its answer tells the pinger who leads.
+                self._send_node(msg["node"], {"t": p.LEADS, "leader": self.hostname, "epoch": self.leader.epoch,
+                                              "nonce": msg.get("nonce")})
         elif kind == _LOST:
             self._lost(msg["node"])
         elif kind == p.HEARTBEAT:
             self._heard(msg)
         elif kind == p.BYE:
-            if msg["node"] != self.hostname and self.members.remove(msg["node"]):
+            if msg["node"] != self.hostname and self.members.remove(msg["node"], str(msg.get("inc"))):
                 self._lost(msg["node"])
+        elif kind == p.LEADS:
+            self._leads(msg)
         elif kind == p.SPAWN:
             self._spawn(msg)
         elif kind == p.REPORT_REQUEST:
-            self.epoch = max(self.epoch, int(msg["epoch"]))
+            if int(msg["epoch"]) > self.epoch:
+                self._backed(int(msg["epoch"]), msg["leader"])
             self._send_node(msg["leader"], {"t": p.REPORT, "node": self.hostname, "epoch": self.epoch,
                                             "procs": self.children.registry(), "q": msg.get("q", 0)})
         elif kind == p.REPORT:
@@ -222,11 +274,14 @@ class Node:
 
     def _spawn(self, msg: dict[str, Any]) -> None:
         epoch = int(msg["epoch"])
+        if epoch > self.epoch and self._backed(epoch, str(msg.get("leader"))) is False:
+            logger.warning("forseti: refused spawn of %r from %s: the election granted no epoch %d to it "
+                           "(latest: %d)", msg["k"], msg.get("leader"), epoch, self.epoch)
+            return
         if epoch < self.epoch:
             logger.warning("forseti: refused spawn of %r from deposed leader %s (epoch %d < %d)",
                            msg["k"], msg.get("leader"), epoch, self.epoch)
             return
-        self.epoch = epoch
         if not self._available():
             # Stopping, cut off, or not sure we are heard: the leader places it elsewhere.
             self.children.spawn_failed(msg["n"], msg["k"], msg["sid"], "unavailable")
@@ -240,17 +295,49 @@ class Node:
             if self._doubt is not None and int(hb.get("seq", 0)) > self._doubt:
                 self._doubt = None
                 self._trust()
-        if hb.get("leader") and hb["node"] != self.hostname:
-            epoch = int(hb.get("epoch", 0))
-            self.epoch = max(self.epoch, epoch)
-            if self.leader.active and epoch > self.leader.epoch:
+        if self.members.heard(hb) is None:
+            self._twin(hb)
+            return
+        epoch = int(hb.get("epoch", 0))
+        if hb.get("leader") and hb["node"] != self.hostname and epoch > max(self.epoch, self.leader.epoch):
+            if self._backed(epoch, hb["node"]) and self.leader.active and epoch > self.leader.epoch:
                 logger.warning("forseti: %s leads with a newer epoch (%d); stepping down", hb["node"], epoch)
                 self._step_down()
-        old = self.members.heard(hb)
-        if old is not None:
-            self._lost(old.hostname)
         if self._doubt is None:
             self.leader.heartbeat(hb)
+
+    def _backed(self, epoch: int, leader: str) -> bool | None:
+        """Whether the election granted ``leader`` the term ``epoch`` (Redis: its holder key, read
+        now); None when that cannot be read here (RabbitMQ: see :meth:`_leads`). The epoch below
+        which this worker refuses orders is raised only from what the election says: a message
+        claiming a higher one (forged, or from a confused worker) neither deposes the leader nor
+        makes this worker refuse the real one's orders."""
+        held = self.election.holder()
+        if held is None:
+            return None
+        self.epoch = max(self.epoch, held[0])
+        return held == (epoch, leader)
+
+    def _leads(self, msg: dict[str, Any]) -> None:
+        """RabbitMQ: the answer to one of our latest pings, which only the leader queue's active
+        consumer heard (the nonce proves it): the epoch to hold, and whether we still lead."""
+        if msg.get("nonce") not in self._nonces:
+            return
+        self.epoch = max(self.epoch, int(msg["epoch"]))
+        if self.leader.active and msg["leader"] != self.hostname:
+            logger.warning("forseti: %s answers the leader queue (epoch %s); stepping down",
+                           msg["leader"], msg["epoch"])
+            self._step_down()
+
+    def _twin(self, hb: dict[str, Any]) -> None:
+        """A heartbeat of a live member's hostname from another incarnation: not believed (the
+        member lives on until it times out or says goodbye); said once per incarnation."""
+        if hb["inc"] in self._twins or len(self._twins) >= 64:
+            return
+        self._twins.add(hb["inc"])
+        logger.error("forseti: heartbeats naming %s from another incarnation (%s, pid %s on %s) are ignored while "
+                     "the live one beats: two workers have one name, or a heartbeat was forged",
+                     hb["node"], hb["inc"], hb.get("pid"), hb.get("host"))
 
     def _trust(self) -> None:
         """Heard again after a stall: handle what was held (its leader messages go to whoever leads)."""
@@ -308,7 +395,9 @@ class Node:
 
     def _lease(self, held: bool) -> None:
         if held and not self.leader.active and not self._closing:
-            self.leader.activate(self.epoch)
+            token = self.election.token
+            self.epoch = max(self.epoch, token or 0)
+            self.leader.activate(self.epoch, token)
             self.loop.add_queue(self.names.leader_queue)
             self.events.send(p.EVENT_LEADER, leader=self.hostname)
         elif not held and self.leader.active:
@@ -342,13 +431,17 @@ class Node:
         hb = {"t": p.HEARTBEAT, "node": self.hostname, "inc": self.incarnation, "seq": self._beats,
               "eligible": self.eligible and self._available(),
               "names": sorted(self.forseti.known_names()), "count": len(self.children.snapshot()),
-              "leader": self.leader.ready, "epoch": self.leader.epoch if self.leader.ready else self.epoch}
+              "leader": self.leader.ready, "epoch": self.leader.epoch if self.leader.ready else self.epoch,
+              "pid": os.getpid(), "host": socket.gethostname()}
         self.members.heard(hb)  # we are a member at once; the broker's echo proves we are heard
         self._broadcast(hb)
         if self.election.always_consume:
             # Lets the single active consumer learn that it leads, even when no client asks anything.
             try:
-                self.publisher.publish(self.names.exchange, self.names.leader, [{"t": p.PING}],
+                nonce = uuid.uuid4().hex
+                self._nonces.append(nonce)
+                self.publisher.publish(self.names.exchange, self.names.leader,
+                                       [{"t": p.PING, "node": self.hostname, "nonce": nonce}],
                                        expiration=self.settings.heartbeat * 2)
             except BrokerUnavailable:
                 pass
@@ -411,8 +504,9 @@ class RegistryStep(bootsteps.StartStopStep):  # type: ignore[misc]
         return self
 
     def start(self, parent: Any) -> None:
-        self.node = Node(self.forseti, parent.hostname)
-        self.node.start()
+        node = Node(self.forseti, parent.hostname)
+        node.start()  # DuplicateWorker: Celery logs "Unrecoverable error" and exits with code 1
+        self.node = node
 
     def stop(self, parent: Any) -> None:
         if self.node is not None:

@@ -125,3 +125,70 @@ def test_a_start_refused_as_unavailable_goes_to_another_worker(cluster: Any) -> 
     # Eligible again on its next heartbeat.
     beat(members, first)
     assert members.get(first).eligible
+
+
+# -- what a forged or confused message cannot do ----------------------------------------------------
+
+
+def test_a_heartbeat_naming_a_live_member_with_another_incarnation_is_believed_only_once_it_timed_out() -> None:
+    members = Members(node_timeout=8.0)
+    beat(members, "a")
+    first = members.get("a")
+    assert first is not None
+    twin = {"t": p.HEARTBEAT, "node": "a", "inc": "other", "eligible": False, "names": [], "count": 0}
+    assert members.heard(twin) is None
+    assert members.get("a") is first and first.eligible  # the live one's timeout runs on
+    assert members.remove("a", "other") is None and "a" in members  # nor does its goodbye count
+    assert [m.hostname for m in members.expire(first.last_seen + 9)] == ["a"]
+    assert members.heard(twin) is not None and members.get("a").incarnation == "other"  # type: ignore[union-attr]
+
+
+def test_an_exit_report_naming_a_live_process_but_not_its_sid_frees_nothing(cluster: Any) -> None:
+    leader, _, wire = cluster
+    host, spawn = place_one(leader, wire)
+    leader.handle({"t": p.SPAWNED, "n": "default", "k": "k", "node": host, "pid": 7, "sid": spawn["sid"]})
+    leader.handle({"t": p.EXITED, "n": "default", "k": "k", "node": host, "pid": 7, "sid": "forged"})
+    leader.handle(search("k", "2"))
+    assert wire.answer("2")["v"] == [host, 7]
+    leader.handle({"t": p.EXITED, "n": "default", "k": "k", "node": host, "pid": 7, "sid": spawn["sid"]})
+    leader.handle(search("k", "3"))
+    assert wire.answer("3")["v"] is None
+
+
+def test_a_start_report_naming_the_live_process_with_another_sid_stops_nothing(cluster: Any) -> None:
+    leader, _, wire = cluster
+    host, spawn = place_one(leader, wire)
+    leader.handle({"t": p.SPAWNED, "n": "default", "k": "k", "node": host, "pid": 7, "sid": spawn["sid"]})
+    leader.handle({"t": p.SPAWNED, "n": "default", "k": "k", "node": host, "pid": 7, "sid": "forged"})
+    # Nor does the right sid from another worker record anything.
+    other = next(h for h in ("a", "b", "c") if h != host)
+    leader.handle({"t": p.SPAWNED, "n": "default", "k": "k", "node": other, "pid": 7, "sid": spawn["sid"]})
+    assert not [m for _, m in wire.to_nodes if m["t"] == p.STOP and m["p"] == 7 and _ == host]
+    leader.handle(search("k", "2"))
+    assert wire.answer("2")["v"] == [host, 7]
+
+
+def test_a_start_report_of_a_key_the_leader_never_placed_is_asked_about_not_adopted(cluster: Any) -> None:
+    leader, _, wire = cluster
+    place_one(leader, wire)
+    asked = len([m for _, m in wire.to_nodes if m["t"] == p.REPORT_REQUEST])
+    leader.handle({"t": p.SPAWNED, "n": "default", "k": "never", "node": "b", "pid": 9, "sid": "s9"})
+    leader.handle(search("never", "2"))
+    assert wire.answer("2")["v"] is None
+    assert [h for h, m in wire.to_nodes if m["t"] == p.REPORT_REQUEST][asked:] == ["b"]
+    # The worker's registry records it, if it runs there.
+    leader.report(report("b", [["default", "never", 9, "s9"]], q=10))
+    leader.handle(search("never", "3"))
+    assert wire.answer("3")["v"] == ["b", 9]
+
+
+def test_a_leader_holding_a_fencing_token_leads_with_it_whatever_the_reports_claim(cluster: Any) -> None:
+    leader, _, wire = cluster
+    leader.activate(0, token=5)
+    assert {m["epoch"] for _, m in wire.to_nodes if m["t"] == p.REPORT_REQUEST} == {5}
+    leader.report({**report("a", []), "epoch": 10**9})
+    for host in ("b", "c"):
+        leader.report(report(host, []))
+    assert leader.ready and leader.epoch == 5
+    leader.handle(get("k", "1"))
+    assert {m["epoch"] for _, m in wire.spawns()} == {5}
