@@ -52,17 +52,25 @@ class Forseti:
     def of(cls, app: Celery | None = None, namespace: str | None = None) -> Forseti:
         """The ``Forseti`` installed on ``app``. Without ``app``: the current Celery app's, or else
         the one installed last in this process; with ``namespace`` (a ref decoded outside any app,
-        e.g. from a task result), the first of those serving that namespace."""
+        e.g. from a task result), the first of those serving that namespace. Raises
+        :class:`InvalidArgument` when none serves ``namespace`` (or ``app`` serves another one):
+        another app's cluster would otherwise serve a ref that is not its own."""
         if app is None:
             current: Forseti | None = getattr(current_app._get_current_object(), "_forseti", None)
             candidates = [current] + [r() for r in reversed(_installed)]
             for forseti in candidates:
                 if forseti is not None and namespace in (None, forseti.settings.namespace):
                     return forseti
+            if namespace is not None:
+                raise InvalidArgument(f"no Forseti of namespace {namespace!r} in this process: install "
+                                      f"Forseti on an app with forseti_namespace={namespace!r}")
             app = current_app._get_current_object()
         forseti = getattr(app, "_forseti", None)
         if forseti is None:
             raise ConfigurationError(f"forseti_celery is not installed on {app!r}: call Forseti(app) first")
+        if namespace is not None and forseti.settings.namespace != namespace:
+            raise InvalidArgument(f"{app!r} serves namespace {forseti.settings.namespace!r}, "
+                                  f"not {namespace!r}")
         return forseti  # type: ignore[no-any-return]
 
     @cached_property

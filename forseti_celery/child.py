@@ -191,8 +191,10 @@ def run(conn: Any, target: Any, key: str, args: list[Any], parent_pid: int, clos
         else:
             box.send({"t": "started"})
             target(key, *args)
-    except SystemExit:
-        pass
+    except SystemExit as exc:
+        # A keyed process may end itself with sys.exit(): no crash, the reason says how.
+        if box.stop_reason is None and exc.code not in (None, 0):
+            box.stop_reason = f"exit {exc.code!r}"
     except BaseException as exc:
         # Logged here, where the traceback is: the handlers are the worker's (inherited), so is the log.
         logger.exception("forseti: keyed process %r (name %r) crashed", key, name)
@@ -225,7 +227,11 @@ def _serve(box: Mailbox, cls: type[KeyedProcess], name: str, key: str, args: lis
             return
         try:
             handlers[kind](msg)
-        except Exception as exc:
+        except SystemExit:
+            raise  # ends the process normally (see run); the caller learns it exited
+        except BaseException as exc:
+            # KeyboardInterrupt, GeneratorExit, ... crash it as any exception does: the caller
+            # gets RemoteError with the type, not a bare ProcessGone.
             if kind == "call":
                 box.reply(msg, error="crash", type=_qualname(exc), msg=str(exc))
             raise

@@ -21,6 +21,7 @@ from kombu import Queue
 from . import protocol as p
 from .broker import Batcher, ConsumerLoop, Publisher, RestartIntensity
 from .cache import RefCache
+from .conf import checked_timeout
 from .errors import (
     BrokerUnavailable,
     ForsetiTimeout,
@@ -83,13 +84,18 @@ class Client:
     # -- leader requests ----------------------------------------------------------------------
     def get_key(self, key: str, args: Any, name: str, timeout: float | None) -> KeyRef:
         """The live process for ``(name, key)``, created on the least-used worker if absent."""
+        # Checked before the cache is asked, so a hit refuses what a miss refuses (and an
+        # unhashable key is InvalidKey, not a TypeError of the cache's dict).
+        self._check(key, name)
+        t = self._timeout(timeout, self.settings.timeout)
+        if args:
+            args = list(args)
+            p.check_json(args, "args")
         cached = self._cache.get(name, key)
         if cached is not None:
             return cached
-        self._check(key, name)
-        args = list(args)
-        p.check_json(args, "args")
-        node, pid = self._leader({"t": p.GET, "n": name, "k": key, "a": args}, timeout)
+        node, pid = self._request(self.names.leader, {"t": p.GET, "n": name, "k": key, "a": list(args)}, t,
+                                  resend=True)
         ref = KeyRef(node, pid, key, name, self.names.namespace, self.forseti.app)
         self._cache.put(ref)
         return ref
@@ -116,8 +122,9 @@ class Client:
     # -- keyed processes ------------------------------------------------------------------------
     def call(self, ref: KeyRef, msg: Any, timeout: float | None) -> Any:
         """``ref.call(msg)``; a call unanswered because the worker died is :class:`ProcessGone`."""
-        p.check_json(msg, "message")
+        self._check_ref(ref)
         t = self._timeout(timeout, self.settings.call_timeout)
+        p.check_json(msg, "message")
         try:
             return self._request(self._node_rk(ref), {**self._addr(ref), "t": p.CALL, "m": msg}, t, resend=False)
         except (ProcessGone, RemoteError):
@@ -135,11 +142,13 @@ class Client:
 
     def cast(self, ref: KeyRef, msg: Any) -> None:
         """``ref.send(msg)``: queued and published in batches by the sender thread, in order."""
+        self._check_ref(ref)
         p.check_json(msg, "message")
         self._sender.put(self._node_rk(ref), {"n": ref.name, "k": ref.key, "p": ref.pid, "t": p.CAST, "m": msg})
 
     def stop(self, ref: KeyRef, timeout: float | None) -> None:
         """``ref.stop()``: returns once the process has exited and the leader has freed its key."""
+        self._check_ref(ref)
         t = self._timeout(timeout, self.settings.call_timeout)
         grace = min(self.settings.stop_timeout, t * 0.8)
         self._cache.forget(ref)
@@ -239,13 +248,19 @@ class Client:
         if not isinstance(name, str) or not name:
             raise InvalidArgument(f"name must be a non-empty str, not {name!r}")
 
+    def _check_ref(self, ref: Any) -> None:
+        if not isinstance(ref, KeyRef):
+            raise InvalidArgument(f"expected a KeyRef, not {type(ref).__name__}")
+        if ref.namespace != self.names.namespace:
+            # Served here, it would reach a worker of this cluster that happens to have its name.
+            raise InvalidArgument(f"the ref of {ref.key!r} belongs to namespace {ref.namespace!r}, "
+                                  f"not to this client's {self.names.namespace!r}")
+
     @staticmethod
     def _timeout(timeout: float | None, default: float) -> float:
-        if timeout is None:
-            return default
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise InvalidArgument(f"timeout must be a positive number of seconds, not {timeout!r}")
-        return float(timeout)
+        t = checked_timeout(timeout, default)
+        assert t is not None
+        return t
 
     def _node_rk(self, ref: KeyRef) -> str:
         return self.names.node_routing_key(ref.node)

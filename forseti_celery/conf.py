@@ -6,7 +6,6 @@ default is defined (and documented) here.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, fields
 from difflib import get_close_matches
@@ -14,11 +13,30 @@ from typing import Any, get_type_hints
 
 from celery.utils.log import get_logger
 
-from .errors import ConfigurationError
+from .errors import ConfigurationError, InvalidArgument
 
 logger = get_logger(__name__)
 
-__all__ = ["Settings"]
+__all__ = ["MAX_TIMEOUT", "Settings", "checked_timeout"]
+
+#: Longest timeout or duration accepted, in seconds (30 days). Past it the waits overflow
+#: (``threading.TIMEOUT_MAX``, ~292 years here, is where ``OverflowError`` starts) or the broker
+#: refuses the request's expiry (RabbitMQ: ``value_too_large`` somewhere past 10**7 s).
+MAX_TIMEOUT = 30 * 86400.0
+
+
+def checked_timeout(timeout: Any, default: float | None, *, zero: bool = False) -> float | None:
+    """``timeout`` in seconds as a float (``default`` for ``None``), or :class:`InvalidArgument`
+    unless it is a number ``> 0`` (``>= 0`` with ``zero``) and at most :data:`MAX_TIMEOUT`."""
+    if timeout is None:
+        return default
+    # bool is an int to Python, never a duration to a user; NaN fails every comparison.
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+            or not (0 <= timeout if zero else 0 < timeout) or not timeout <= MAX_TIMEOUT:
+        least = ">= 0" if zero else "> 0"
+        raise InvalidArgument(f"timeout must be a number of seconds {least} and at most {MAX_TIMEOUT:g} "
+                              f"(forseti_celery.conf.MAX_TIMEOUT), not {timeout!r}")
+    return float(timeout)
 
 
 @dataclass(frozen=True)
@@ -122,8 +140,9 @@ def _checked(name: str, value: Any) -> Any:
     key, hint = f"forseti_{name}", _HINTS[name]
     if hint is float:
         # bool is an int to Python, never a duration to a user.
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-            raise ConfigurationError(f"{key} must be a positive number of seconds, not {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_TIMEOUT:
+            raise ConfigurationError(f"{key} must be a positive number of seconds, not {value!r} "
+                                     f"(at most {MAX_TIMEOUT:g}: forseti_celery.conf.MAX_TIMEOUT)")
         return float(value)
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int) or value < _LEAST[name]:

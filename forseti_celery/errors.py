@@ -52,7 +52,8 @@ class DuplicateWorker(ConfigurationError):
 
 
 class InvalidArgument(ForsetiError, ValueError):
-    """Raised for bad input (a name that is not text, a timeout that is not positive); nothing was sent."""
+    """Raised for bad input (a name that is not text, a timeout out of range, a KeyRef of a namespace
+    this process does not serve); nothing was sent."""
 
 
 class InvalidKey(InvalidArgument, TypeError):

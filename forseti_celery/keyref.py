@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 from kombu.utils.json import register_type
 
+from .errors import InvalidArgument
+
 if TYPE_CHECKING:
     from celery import Celery
 
@@ -21,7 +23,9 @@ class KeyRef:
     Immutable and hashable; two refs to the same live process are equal, also
     after a trip through a Celery task argument or result (JSON), and work on the
     other side: there they talk through the app whose ``forseti_namespace`` they
-    carry (the current app's when it matches).
+    carry (the current app's when it matches). Where no ``Forseti`` of this process
+    serves that namespace, using one raises :class:`~forseti_celery.InvalidArgument`
+    (another cluster never serves it).
     """
 
     #: Hostname of the worker running the process, e.g. ``"w1@host"``.
@@ -68,9 +72,24 @@ class KeyRef:
 
     @classmethod
     def from_json(cls, data: dict[str, Any], app: Celery | None = None) -> KeyRef:
-        """Rebuild a ref from :meth:`to_json` output."""
-        return cls(data["node"], int(data["pid"]), data["key"], data.get("name", "default"),
-                   data.get("ns", "forseti"), app)
+        """Rebuild a ref from :meth:`to_json` output; :class:`~forseti_celery.InvalidArgument`
+        names each field missing or of the wrong type."""
+        if not isinstance(data, dict):
+            raise InvalidArgument(f"a KeyRef's JSON form is an object, not {type(data).__name__}")
+        values = {f: data.get(f, default) for f, (_, default) in _FIELDS.items()}
+        wrong = [f"{f!r} missing" if values[f] is None else f"{f!r} is {type(values[f]).__name__}, not {kind.__name__}"
+                 for f, (kind, _) in _FIELDS.items()
+                 # bool is an int to Python, never a pid.
+                 if not isinstance(values[f], kind) or isinstance(values[f], bool)]
+        if wrong:
+            raise InvalidArgument(f"not a KeyRef ({', '.join(wrong)}): {data!r:.200}")
+        return cls(values["node"], values["pid"], values["key"], values["name"], values["ns"], app)
+
+
+#: Fields of the JSON form: type, and default (``None``: required).
+_FIELDS: dict[str, tuple[type, Any]] = {
+    "node": (str, None), "pid": (int, None), "key": (str, None), "name": (str, "default"), "ns": (str, "forseti"),
+}
 
 
 register_type(KeyRef, "forseti_keyref", KeyRef.to_json, KeyRef.from_json)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .conf import checked_timeout
+
 __all__ = ["KeyedProcess", "receive"]
 
 
@@ -15,7 +17,10 @@ class KeyedProcess:
     lives. Its attributes belong to your code. Callbacks run one at a time, in the
     order messages arrive. An exception in ``handle_call``/``handle_cast`` crashes
     the process (as in OTP): its key is freed and a waiting caller gets a
-    :class:`~forseti_celery.RemoteError`.
+    :class:`~forseti_celery.RemoteError`; so does any ``BaseException``
+    (``KeyboardInterrupt``, ``GeneratorExit``) but :class:`SystemExit`, which ends the
+    process normally (as ``exit(normal)``): a waiting caller gets
+    :class:`~forseti_celery.ProcessGone`.
     """
 
     def init(self, key: str, *args: Any) -> None:
@@ -40,8 +45,10 @@ def receive(timeout: float | None = None) -> Any:
     """In a function-form keyed process: the next message sent to it, or ``None`` after ``timeout``.
 
     When the process is asked to stop (``ref.stop()``, warm shutdown), this raises
-    :class:`SystemExit` so the function unwinds (``finally`` blocks run).
+    :class:`SystemExit` so the function unwinds (``finally`` blocks run). ``timeout`` is ``None``
+    (wait as long as it takes) or a number of seconds from 0 to
+    :data:`~forseti_celery.conf.MAX_TIMEOUT`, else :class:`~forseti_celery.InvalidArgument`.
     """
     from . import child
 
-    return child.mailbox().receive(timeout)
+    return child.mailbox().receive(checked_timeout(timeout, None, zero=True))

@@ -72,6 +72,9 @@ class Counter(KeyedProcess):
             raise ValueError("asked to crash")
         if msg == "exit":
             os._exit(3)
+        if isinstance(msg, dict) and "raise" in msg:  # a BaseException that is no Exception
+            raise {"KeyboardInterrupt": KeyboardInterrupt, "GeneratorExit": GeneratorExit,
+                   "SystemExit": SystemExit}[msg["raise"]](*msg.get("args", []))
         if isinstance(msg, dict) and "sleep" in msg:
             time.sleep(msg["sleep"])
             return "slept"
