@@ -15,7 +15,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import amqp.exceptions
@@ -25,7 +25,7 @@ from kombu import Connection, Consumer, Exchange, Producer, Queue
 from kombu.exceptions import OperationalError
 
 from .errors import BrokerUnavailable
-from .protocol import CONTENT_ENCODING, CONTENT_TYPE, Message, decode, encode
+from .protocol import CONTENT_ENCODING, CONTENT_TYPE, Encoded, Message, decode, encode
 
 logger = get_logger(__name__)
 
@@ -71,7 +71,7 @@ class Publisher:
         self,
         exchange: Exchange,
         routing_key: str,
-        messages: list[Message],
+        messages: Sequence[Message | Encoded],
         *,
         declare: Iterable[Queue] = (),
         expiration: float | None = None,
@@ -82,29 +82,30 @@ class Publisher:
         (per-message TTL); a Redis list has no per-message TTL, so the queue's list is kept at
         least that long and no longer than its latest expiring message (a TTL only ever raised).
         """
+        body = encode(messages)  # outside the lock: a large body holds up no other thread's publish
         with self._guard():
             producer = self._ready()
             publish = self._conn.ensure(
                 producer, self._publish_one,
                 max_retries=self._retries, interval_start=0.1, interval_step=0.2, interval_max=0.3,
             )
-            publish(producer, exchange, routing_key, messages, declare, expiration)
+            publish(producer, exchange, routing_key, body, declare, expiration)
 
-    def _publish_one(self, producer: Producer, exchange: Exchange, routing_key: str, messages: list[Message],
+    def _publish_one(self, producer: Producer, exchange: Exchange, routing_key: str, body: bytes,
                      declare: Iterable[Queue], expiration: float | None) -> None:
         if expiration is None or self._conn.transport.driver_type != "redis":
-            self._put(producer.publish, exchange, routing_key, messages, declare, expiration)
+            self._put(producer.publish, exchange, routing_key, body, declare, expiration)
             return
         channel = producer.channel
         with self._pipeline(channel) as pipe:
-            self._put(producer.publish, exchange, routing_key, messages, declare, None)
+            self._put(producer.publish, exchange, routing_key, body, declare, None)
             # The default exchange routes by queue name: the routing key is the list's key.
             pipe.eval(_KEEP_AT_LEAST, 1, channel.global_keyprefix + routing_key, max(1, math.ceil(expiration * 1000)))
 
     def publish_many(
         self,
         exchange: Exchange,
-        batches: list[tuple[str, list[Message]]],
+        batches: Sequence[tuple[str, Sequence[Message | Encoded]]],
         declare: Callable[[str], Iterable[Queue]] = lambda routing_key: (),
     ) -> None:
         """Send each ``(routing_key, messages)`` as one broker message, in this order; on Redis all
@@ -114,11 +115,12 @@ class Publisher:
             for routing_key, messages in batches:
                 self.publish(exchange, routing_key, messages, declare=declare(routing_key))
             return
+        bodies = [(routing_key, encode(messages)) for routing_key, messages in batches]
         with self._guard():
             producer = self._ready()
             with self._pipeline(producer.channel):
-                for routing_key, messages in batches:
-                    self._put(producer.publish, exchange, routing_key, messages, declare(routing_key), None)
+                for routing_key, body in bodies:
+                    self._put(producer.publish, exchange, routing_key, body, declare(routing_key), None)
 
     @staticmethod
     @contextlib.contextmanager
@@ -146,11 +148,11 @@ class Publisher:
             self._producer = Producer(self._channel())
         return self._producer
 
-    def _put(self, publish: Callable[..., Any], exchange: Exchange, routing_key: str, messages: list[Message],
+    def _put(self, publish: Callable[..., Any], exchange: Exchange, routing_key: str, body: bytes,
              declare: Iterable[Queue], expiration: float | None) -> None:
         to_declare = [q for q in declare if q.name not in self._declared]
         publish(
-            encode(messages), exchange=exchange, routing_key=routing_key,
+            body, exchange=exchange, routing_key=routing_key,
             content_type=CONTENT_TYPE, content_encoding=CONTENT_ENCODING,
             declare=[exchange, *to_declare], expiration=expiration, retry=False,
         )
@@ -215,21 +217,24 @@ class Batcher:
     previous batch was on the wire, so a burst of sends costs a few publishes.
     ``flush`` publishes everything queued so far from the calling thread (a call
     flushes before it waits, which keeps it behind the sends made before it).
-    Messages to one destination keep their order.
+    Messages to one destination keep their order. A broker message holds at most ``max_bytes``
+    of messages encoded by their senders (:class:`~forseti_celery.protocol.Encoded`), or one.
     """
 
     #: Most messages in one broker message.
     max_batch = 500
 
-    def __init__(self, publish: Callable[[str, list[Message]], None], name: str = "forseti-sender") -> None:
+    def __init__(self, publish: Callable[[str, list[Message | Encoded]], None], name: str = "forseti-sender",
+                 max_bytes: int = 2**63) -> None:
         self._publish = publish
-        self._queue: deque[tuple[str, Message]] = deque()
+        self.max_bytes = max_bytes
+        self._queue: deque[tuple[str, Message | Encoded]] = deque()
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._start_lock = threading.Lock()
 
-    def put(self, routing_key: str, msg: Message) -> None:
+    def put(self, routing_key: str, msg: Message | Encoded) -> None:
         """Queue ``msg``; the sender thread publishes it shortly."""
         self._queue.append((routing_key, msg))
         if not self._thread.is_alive():
@@ -238,7 +243,7 @@ class Batcher:
                     self._thread.start()
         self._wakeup.set()
 
-    def send(self, routing_key: str, msg: Message) -> None:
+    def send(self, routing_key: str, msg: Message | Encoded) -> None:
         """Publish ``msg`` now, from the calling thread, behind everything queued before it (the
         sender thread is not woken for it); raises :class:`BrokerUnavailable`."""
         self._queue.append((routing_key, msg))
@@ -250,11 +255,15 @@ class Batcher:
             queue = self._queue
             while queue:
                 batch = [queue.popleft() for _ in range(min(len(queue), self.max_batch))]
-                start = 0
-                for i in range(1, len(batch) + 1):
-                    if i == len(batch) or batch[i][0] != batch[start][0]:
+                start = size = 0
+                for i, (routing_key, msg) in enumerate(batch):
+                    n = len(msg.data) + 2 if isinstance(msg, Encoded) else 0
+                    if i > start and (routing_key != batch[start][0] or size + n > self.max_bytes):
                         self._publish(batch[start][0], [m for _, m in batch[start:i]])
                         start = i
+                        size = 0
+                    size += n
+                self._publish(batch[start][0], [m for _, m in batch[start:]])
 
     def _run(self) -> None:
         while True:

@@ -23,7 +23,10 @@ from typing import Any
 import billiard.sharedctypes
 from celery.utils.log import get_logger
 
+from .conf import Settings
+from .errors import InvalidMessage
 from .process import KeyedProcess
+from .protocol import encode_message
 
 logger = get_logger(__name__)
 
@@ -71,6 +74,9 @@ class Mailbox:
         self._watch = watch_lifeline
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.stop_reason: str | None = None
+        #: forseti_max_message_size: the largest reply sent (see :meth:`reply`).
+        self.max_size = Settings.max_message_size
+        self.key = ""
         # A bare thread: ``threading.Thread`` costs a keyed process ~80 more page faults (copies of
         # pages it shares with its parent) for bookkeeping nothing here uses; it ends with the process.
         _thread.start_new_thread(self._read, ())
@@ -124,15 +130,17 @@ class Mailbox:
         self._conn.send_bytes(json.dumps([msg]).encode())
 
     def reply(self, request: dict[str, Any], **fields: Any) -> None:
-        """Answer a call (the worker forwards it to the caller's reply queue)."""
+        """Answer a call (the worker forwards it to the caller's reply queue). An answer that cannot
+        be sent (not JSON, nested too deep, larger than forseti_max_message_size) is logged and the
+        caller gets :class:`InvalidMessage` saying why; the process lives on."""
+        answer = {"t": "reply", "r": request["r"], "c": request["c"]}
         try:
-            frame = json.dumps([{"t": "reply", "r": request["r"], "c": request["c"], **fields}])
-        except (TypeError, ValueError) as exc:
-            frame = json.dumps([{
-                "t": "reply", "r": request["r"], "c": request["c"],
-                "error": "invalid", "type": type(exc).__name__, "msg": f"answer is not JSON: {exc}",
-            }])
-        self._conn.send_bytes(frame.encode())
+            data = encode_message({**answer, **fields}, "reply", self.max_size).data
+        except InvalidMessage as exc:
+            logger.warning("forseti: keyed process %r (pid %d) could not answer a call: %s", self.key, os.getpid(), exc)
+            data = encode_message({**answer, "error": "invalid", "type": "InvalidMessage", "msg": str(exc)},
+                                  "reply", self.max_size).data
+        self._conn.send_bytes(b"[" + data + b"]")
 
     def receive(self, timeout: float | None) -> Any:
         """Function form: the next cast's payload, or ``None``; calls are refused."""
@@ -175,6 +183,8 @@ def run(conn: Any, target: Any, key: str, args: list[Any], parent_pid: int, clos
     if lifeline.cut_off():
         os._exit(FENCED)  # forked by a worker that has just stopped hearing the broker: too late to start
     box = _current = Mailbox(conn, lifeline, watch_lifeline)
+    # resolve is the worker's Forseti.resolve: its settings, as the worker read them.
+    box.max_size = getattr(getattr(resolve, "__self__", None), "settings", Settings).max_message_size
     if target is None:
         box.rehearse()
         order = box.get()
@@ -184,6 +194,7 @@ def run(conn: Any, target: Any, key: str, args: list[Any], parent_pid: int, clos
         if lifeline.cut_off():
             os._exit(FENCED)
     name = billiard.current_process().name.removeprefix("forseti:")  # as its forker named it
+    box.key = key
     is_class = isinstance(target, type) and issubclass(target, KeyedProcess)
     try:
         if is_class:

@@ -62,7 +62,8 @@ class Client:
         connection = forseti.app.connection_for_write()
         self._broker = connection.as_uri()  # for error messages: kombu masks the password
         self._publisher = Publisher(connection)
-        self._sender = Batcher(self._publish)
+        self._max_size = self.settings.max_message_size
+        self._sender = Batcher(self._publish, max_bytes=self._max_size)
         atexit.register(self._flush_quietly)
         self._pending: dict[str, _Pending] = {}
         self._start_lock = threading.Lock()
@@ -90,12 +91,12 @@ class Client:
         t = self._timeout(timeout, self.settings.timeout)
         if args:
             args = list(args)
-            p.check_json(args, "args")
+            p.check_json(args, "args", self._max_size)
         cached = self._cache.get(name, key)
         if cached is not None:
             return cached
         node, pid = self._request(self.names.leader, {"t": p.GET, "n": name, "k": key, "a": list(args)}, t,
-                                  resend=True)
+                                  resend=True, what="args")
         ref = KeyRef(node, pid, key, name, self.names.namespace, self.forseti.app)
         self._cache.put(ref)
         return ref
@@ -124,9 +125,9 @@ class Client:
         """``ref.call(msg)``; a call unanswered because the worker died is :class:`ProcessGone`."""
         self._check_ref(ref)
         t = self._timeout(timeout, self.settings.call_timeout)
-        p.check_json(msg, "message")
         try:
-            return self._request(self._node_rk(ref), {**self._addr(ref), "t": p.CALL, "m": msg}, t, resend=False)
+            return self._request(self._node_rk(ref), {**self._addr(ref), "t": p.CALL, "m": msg}, t, resend=False,
+                                 what="message")
         except (ProcessGone, RemoteError):
             self._cache.forget(ref)
             raise
@@ -143,8 +144,8 @@ class Client:
     def cast(self, ref: KeyRef, msg: Any) -> None:
         """``ref.send(msg)``: queued and published in batches by the sender thread, in order."""
         self._check_ref(ref)
-        p.check_json(msg, "message")
-        self._sender.put(self._node_rk(ref), {"n": ref.name, "k": ref.key, "p": ref.pid, "t": p.CAST, "m": msg})
+        self._sender.put(self._node_rk(ref), p.encode_message(
+            {"n": ref.name, "k": ref.key, "p": ref.pid, "t": p.CAST, "m": msg}, "message", self._max_size))
 
     def stop(self, ref: KeyRef, timeout: float | None) -> None:
         """``ref.stop()``: returns once the process has exited and the leader has freed its key."""
@@ -156,17 +157,22 @@ class Client:
                                  "grace": grace}, t, resend=True)
 
     # -- plumbing -------------------------------------------------------------------------------
-    def _leader(self, msg: dict[str, Any], timeout: float | None) -> Any:
-        return self._request(self.names.leader, msg, self._timeout(timeout, self.settings.timeout), resend=True)
+    def _leader(self, msg: dict[str, Any], timeout: float | None, what: str = "request") -> Any:
+        return self._request(self.names.leader, msg, self._timeout(timeout, self.settings.timeout), resend=True,
+                             what=what)
 
-    def _request(self, routing_key: str, msg: dict[str, Any], timeout: float, resend: bool) -> Any:
-        self._ensure_started()
+    def _request(self, routing_key: str, msg: dict[str, Any], timeout: float, resend: bool,
+                 what: str = "request") -> Any:
+        """Send ``msg``, encoded once and checked (:class:`InvalidMessage` names ``what``), and wait
+        for its answer."""
         corr = uuid.uuid4().hex
         msg.update(r=self._reply_rk, c=corr, d=time.time() + timeout)
+        encoded = p.encode_message(msg, what, self._max_size, deadline=msg["d"])
+        self._ensure_started()
         pending = self._pending[corr] = _Pending()
         deadline = time.monotonic() + timeout
         try:
-            self._sender.send(routing_key, msg)  # behind what this client queued before
+            self._sender.send(routing_key, encoded)  # behind what this client queued before
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -174,7 +180,7 @@ class Client:
                 if pending.event.wait(min(remaining, self.settings.retry_interval) if resend else remaining):
                     break
                 if resend:
-                    self._sender.send(routing_key, msg)
+                    self._sender.send(routing_key, encoded)
         finally:
             del self._pending[corr]
         reply = pending.reply
@@ -189,14 +195,14 @@ class Client:
         return ForsetiTimeout(f"no leader answered {kind!r} within {timeout:g} s in namespace "
                               f"{self.names.namespace!r} on {self._broker} (is a worker with forseti running there?)")
 
-    def _publish(self, routing_key: str, msgs: list[dict[str, Any]]) -> None:
+    def _publish(self, routing_key: str, msgs: list[dict[str, Any] | p.Encoded]) -> None:
         self._ensure_started()
         if routing_key != self.names.leader:
             self._publisher.publish(self.names.exchange, routing_key, msgs)
             return
         # Requests unanswered by their deadline leave the leader queue with it, so a namespace
         # nobody serves does not collect them forever.
-        expiration = max(0.001, max(m["d"] for m in msgs) - time.time())
+        expiration = max(0.001, max(m.deadline or 0.0 for m in msgs if isinstance(m, p.Encoded)) - time.time())
         self._publisher.publish(self.names.exchange, routing_key, msgs, declare=[self.names.leader_queue],
                                 expiration=expiration)
 

@@ -9,7 +9,7 @@ anything this library raises on purpose::
     │   └── DuplicateWorker       a live worker of the cluster has this worker's name
     ├── InvalidArgument           bad input, refused before anything is sent (also ValueError)
     │   ├── InvalidKey            key is not text, or too long       (also TypeError)
-    │   └── InvalidMessage        argument/message not JSON-serialisable (also TypeError)
+    │   └── InvalidMessage        args/message/reply not JSON, too deep or large (also TypeError)
     ├── UnknownName               no eligible worker knows the keyed-process name (also LookupError)
     ├── ForsetiTimeout            no answer within the timeout       (also TimeoutError)
     ├── StartError                the keyed process's ``init`` raised
@@ -61,7 +61,8 @@ class InvalidKey(InvalidArgument, TypeError):
 
 
 class InvalidMessage(InvalidArgument, TypeError):
-    """Raised when arguments or a message cannot be encoded as JSON; nothing was sent."""
+    """Raised when arguments, a message or a call's reply cannot be sent (not JSON, nested more than
+    200 deep, or larger than ``forseti_max_message_size``); nothing of it was sent."""
 
 
 class UnknownName(ForsetiError, LookupError):

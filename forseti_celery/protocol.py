@@ -9,13 +9,18 @@ hostnames, client ids and the namespace only. See ``docs/design.rst``.
 
 from __future__ import annotations
 
+import gc
 import json
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 from celery.events.event import get_exchange
+from celery.utils.log import get_logger
 from kombu import Exchange, Queue, binding
 
 from .errors import InvalidMessage
+
+logger = get_logger(__name__)
 
 # -- message types ------------------------------------------------------------
 # client -> leader
@@ -69,32 +74,157 @@ CONTENT_ENCODING = "utf-8"
 
 Message = dict[str, Any]
 
+#: Deepest nesting of lists and objects in a message or in ``get_key`` args (the value sent, not
+#: counting forseti's envelope around it). ``json`` decodes a nesting level per Python stack frame,
+#: against the recursion limit (1000) minus the frames of whoever decodes: a client's reply thread,
+#: a worker's consumer thread, a keyed process's reader each sit 30 to 60 frames deep, so 200 levels
+#: decode everywhere with room to spare, where ~950 already failed in a worker.
+MAX_DEPTH = 200
+#: Between the messages of a batch: ``json.dumps`` never writes a raw newline (it escapes them in
+#: strings), so a batch is one JSON list that a reader can also split into its messages.
+_SEPARATOR = b",\n"
+_NO_GC_FROM = 65536  # bytes: a body this large is decoded with the garbage collector paused
 
-def encode(messages: list[Message]) -> bytes:
-    """Encode a batch for the wire; raises :class:`InvalidMessage` for non-JSON content."""
+
+class Encoded(NamedTuple):
+    """A protocol message encoded once, by its sender, and checked against the limits
+    (see :func:`encode_message`)."""
+
+    data: bytes
+    #: When a leader request stops mattering (``time.time()``): its broker message expires then.
+    deadline: float | None = None
+
+
+def _dumps(value: Any) -> bytes:
+    # ensure_ascii=False: non-ASCII text as UTF-8 (one to four bytes, not a 6- or 12-byte escape);
+    # UTF-8 then refuses what no JSON reader could take (a lone surrogate such as "\udcff").
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def encode_message(msg: Message, what: str, max_size: int, deadline: float | None = None) -> Encoded:
+    """Encode one message at its sender, checked: raises :class:`InvalidMessage`, naming ``what``
+    (``"message"``, ``"args"``, ``"reply"``), when JSON cannot carry it, when it is nested deeper
+    than :data:`MAX_DEPTH` or when it takes more than ``max_size`` bytes (forseti_max_message_size)."""
+    least = sum(len(v) + 2 if isinstance(v, str) else 2 * len(v) + 1 if isinstance(v, (list, tuple)) else 0
+                for v in msg.values())
+    if least > max_size:  # a giant text or list is refused without the seconds encoding it takes
+        raise InvalidMessage(f"{what} of at least {least} bytes (encoded) exceeds forseti_max_message_size "
+                             f"({max_size} bytes)")
     try:
-        return json.dumps(messages, ensure_ascii=False, separators=(",", ":")).encode()
+        data = _dumps(msg)
+    except RecursionError:
+        raise InvalidMessage(f"{what} is nested deeper than {MAX_DEPTH} levels") from None
     except (TypeError, ValueError) as exc:
-        raise InvalidMessage(f"not JSON-serialisable: {exc}") from exc
+        raise InvalidMessage(f"{what} is not JSON-serialisable: {exc}") from exc
+    if len(data) > max_size:
+        raise InvalidMessage(f"{what} of {len(data)} bytes (encoded) exceeds forseti_max_message_size "
+                             f"({max_size} bytes)")
+    # Counting brackets (strings' included) is C speed and settles almost every message; only one
+    # with more brackets than the limit has its nesting measured.
+    if data.count(b"[") + data.count(b"{") > MAX_DEPTH + 1 and _deeper(msg, MAX_DEPTH + 1):
+        raise InvalidMessage(f"{what} is nested deeper than {MAX_DEPTH} levels")
+    return Encoded(data, deadline)
+
+
+def _deeper(value: Any, limit: int) -> bool:
+    """Whether the container ``value`` nests lists or dicts more than ``limit`` levels deep."""
+    level = [value]
+    for _ in range(limit):
+        level = [v for c in level for v in (c.values() if isinstance(c, dict) else c)
+                 if isinstance(v, (dict, list, tuple))]
+        if not level:
+            return False
+    return True
+
+
+def check_json(value: Any, what: str, max_size: int = 2**63) -> None:
+    """Refuse ``value`` before anything is sent if it could not be sent (see :func:`encode_message`)."""
+    encode_message({"v": value}, what, max_size)
+
+
+def encode(messages: Sequence[Message | Encoded]) -> bytes:
+    """Encode a batch for the wire (a JSON list, one message a line); a message encoded by its
+    sender is taken as it is. Raises :class:`InvalidMessage` for non-JSON content."""
+    parts = []
+    for m in messages:
+        if isinstance(m, Encoded):
+            parts.append(m.data)
+            continue
+        try:
+            parts.append(_dumps(m))
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise InvalidMessage(f"not JSON-serialisable: {exc}") from exc
+    return b"[" + _SEPARATOR.join(parts) + b"]"
 
 
 def decode(body: Any) -> list[Message]:
-    """Decode a batch from a kombu message body (bytes, str, or already decoded)."""
+    """Decode a batch from a kombu message body (bytes, str, or already decoded); never raises.
+
+    A message that cannot be decoded (forged, or from a broken sender) is dropped and logged on
+    its own: the others of its batch are handled."""
+    if isinstance(body, str):
+        body = body.encode("utf-8", "surrogatepass")
     if isinstance(body, (bytes, bytearray, memoryview)):
-        body = json.loads(bytes(body))
-    elif isinstance(body, str):
-        body = json.loads(body)
-    if isinstance(body, dict):
-        return [body]
-    return list(body)
+        try:
+            body = _loads(bytes(body))
+        except (ValueError, RecursionError):
+            return _decode_each(bytes(body))
+    if isinstance(body, dict):  # a Celery event
+        body = [body]
+    if not isinstance(body, list):
+        logger.warning("forseti: dropped a broker message that is no batch (%s)", type(body).__name__)
+        return []
+    batch = [m for m in body if _well_formed(m)]
+    if len(batch) != len(body):
+        logger.warning("forseti: dropped %d malformed messages of a batch of %d", len(body) - len(batch), len(body))
+    return batch
 
 
-def check_json(value: Any, what: str) -> None:
-    """Refuse ``value`` before anything is sent if JSON cannot carry it."""
+def _loads(data: bytes) -> Any:
+    if len(data) < _NO_GC_FROM or not gc.isenabled():
+        return json.loads(data)
+    # Decoding makes a container per JSON list or object: a large body of small ones would set
+    # off the collector many times over (5 times slower for a megabyte of "[[],[],...]", on the
+    # thread that heartbeats). What JSON decodes holds no cycle: nothing is left for it to find.
+    gc.disable()
     try:
-        json.dumps(value)
-    except (TypeError, ValueError) as exc:
-        raise InvalidMessage(f"{what} is not JSON-serialisable: {exc}") from exc
+        return json.loads(data)
+    finally:
+        gc.enable()
+
+
+def _decode_each(body: bytes) -> list[Message]:
+    parts = body[1:-1].split(_SEPARATOR) if body[:1] == b"[" and body[-1:] == b"]" else [body]
+    batch = []
+    for part in parts:
+        try:
+            m = json.loads(part)
+        except (ValueError, RecursionError):
+            continue
+        if _well_formed(m):
+            batch.append(m)
+    logger.warning("forseti: dropped %d undecodable or malformed messages of a batch of %d",
+                   len(parts) - len(batch), len(parts))
+    return batch
+
+
+#: Fields (all text) a message of each type needs before anyone acts on it.
+_NEEDS = {CAST: ("n", "k"), CALL: ("n", "k", "r", "c"), STOP: ("n", "k")}
+
+
+def _well_formed(m: Any) -> bool:
+    """Whether ``m`` is an object with what its type needs (a worker delivers casts, calls and
+    stops without looking further)."""
+    if not isinstance(m, dict):
+        return False
+    t = m.get("t")
+    needs = _NEEDS.get(t) if isinstance(t, str) else None
+    return needs is None or all(isinstance(m.get(f), str) for f in needs)
+
+
+#: Seconds a worker's node queue outlives its last consumer (RabbitMQ's ``x-expires``) or, on
+#: Redis, its last push or its worker's last heartbeat (the list's TTL, raised by each).
+NODE_QUEUE_EXPIRES = 120.0
 
 
 class Names:

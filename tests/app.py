@@ -35,6 +35,8 @@ if os.environ.get("FORSETI_NODES"):
     app.conf.forseti_nodes = os.environ["FORSETI_NODES"].split(",")
 if os.environ.get("FORSETI_MAILBOX_LIMIT"):
     app.conf.forseti_mailbox_limit = int(os.environ["FORSETI_MAILBOX_LIMIT"])
+if os.environ.get("FORSETI_MAX_MESSAGE_SIZE"):
+    app.conf.forseti_max_message_size = int(os.environ["FORSETI_MAX_MESSAGE_SIZE"])
 forseti = Forseti(app)
 
 
@@ -75,6 +77,15 @@ class Counter(KeyedProcess):
         if isinstance(msg, dict) and "raise" in msg:  # a BaseException that is no Exception
             raise {"KeyboardInterrupt": KeyboardInterrupt, "GeneratorExit": GeneratorExit,
                    "SystemExit": SystemExit}[msg["raise"]](*msg.get("args", []))
+        if isinstance(msg, dict) and "nest" in msg:  # an answer nested msg["nest"] lists deep
+            value: Any = 0
+            for _ in range(msg["nest"]):
+                value = [value]
+            return value
+        if isinstance(msg, dict) and "big" in msg:  # an answer of msg["big"] characters
+            return "x" * msg["big"]
+        if msg == "count":
+            return len(self.seen)
         if isinstance(msg, dict) and "sleep" in msg:
             time.sleep(msg["sleep"])
             return "slept"

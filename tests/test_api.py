@@ -58,7 +58,7 @@ def test_a_ref_unpacks_like_node_pid_and_round_trips_through_celery_json() -> No
 
 
 def test_the_wire_is_a_json_list_and_refuses_what_json_cannot_carry() -> None:
-    batch = [{"t": "cast", "k": "ключ.*#\n", "m": [1, "two"]}]
+    batch = [{"t": "cast", "n": "default", "k": "ключ.*#\n", "m": [1, "two"]}]
     assert decode(encode(batch)) == batch
     assert json.loads(encode(batch)) == batch
     with pytest.raises(forseti_celery.InvalidMessage):

@@ -26,6 +26,7 @@ BAD_VALUES: list[tuple[str, Any]] = [
     ("max_retries", -1),
     ("spares", "2"),
     ("max_key_length", 0),
+    ("max_message_size", 1023),
     ("cache", "yes"),
     ("cache", 1),
     ("nodes", "w1@host"),
@@ -91,7 +92,7 @@ def test_a_client_warns_once_per_app_about_each_unknown_key_of_app_conf(caplog: 
                             "forseti_max_retries, forseti_max_time, forseti_timeout, forseti_call_timeout, "
                             "forseti_cache, forseti_retry_interval, forseti_heartbeat, forseti_node_timeout, "
                             "forseti_lease, forseti_spares, forseti_stop_timeout, forseti_namespace, "
-                            "forseti_max_key_length, forseti_mailbox_limit)"]
+                            "forseti_max_key_length, forseti_mailbox_limit, forseti_max_message_size)"]
     assert warnings[2:] == ["forseti: unknown setting forseti_namspace (did you mean forseti_namespace?)"]
 
 
