@@ -35,6 +35,9 @@ class Members:
     def __init__(self, node_timeout: float) -> None:
         self.node_timeout = node_timeout
         self._members: dict[str, Member] = {}
+        #: The latest heartbeat of another incarnation of a live member's hostname: it becomes the
+        #: member the moment the live one times out or says goodbye (a worker restarted at once).
+        self._successors: dict[str, Member] = {}
 
     def __iter__(self) -> Iterator[Member]:
         return iter(list(self._members.values()))
@@ -51,13 +54,18 @@ class Members:
         member's hostname with another incarnation: that member lives on until it times out."""
         host = hb["node"]
         old = self._members.get(host)
+        member = Member(host, hb["inc"], bool(hb["eligible"]), frozenset(hb["names"]),
+                        leader=bool(hb.get("leader")), epoch=int(hb.get("epoch", 0)))
         if old is not None and old.incarnation != hb["inc"]:
+            self._successors[host] = member
             return None
-        member = self._members[host] = Member(
-            host, hb["inc"], bool(hb["eligible"]), frozenset(hb["names"]),
-            leader=bool(hb.get("leader")), epoch=int(hb.get("epoch", 0)),
-        )
+        self._members[host] = member
         return member
+
+    def _succeed(self, hostname: str, now: float) -> None:
+        successor = self._successors.pop(hostname, None)
+        if successor is not None and now - successor.last_seen <= self.node_timeout:
+            self._members[hostname] = successor
 
     def exclude(self, hostname: str) -> None:
         """Place nothing on ``hostname`` until its next heartbeat says otherwise (it refused a start)."""
@@ -71,7 +79,9 @@ class Members:
         member = self._members.get(hostname)
         if member is None or incarnation not in (None, member.incarnation):
             return None
-        return self._members.pop(hostname)
+        del self._members[hostname]
+        self._succeed(hostname, time.monotonic())
+        return member
 
     def refresh(self) -> None:
         """Restart every member's timeout (after we were cut off and could not hear them)."""
@@ -80,9 +90,11 @@ class Members:
             m.last_seen = now
 
     def expire(self, now: float | None = None) -> list[Member]:
-        """Remove and return the workers silent for longer than ``node_timeout``."""
+        """Remove and return the workers silent for longer than ``node_timeout`` (a successor
+        heard meanwhile takes the hostname's place at once)."""
         now = time.monotonic() if now is None else now
         dead = [m for m in self._members.values() if now - m.last_seen > self.node_timeout]
         for m in dead:
             del self._members[m.hostname]
+            self._succeed(m.hostname, now)
         return dead

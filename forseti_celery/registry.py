@@ -9,6 +9,7 @@ and keeps a task blocked in ``get_key`` (solo pool) from stalling the leader.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -265,7 +266,7 @@ class Node:
         elif kind == p.SPAWN:
             self._spawn(msg)
         elif kind == p.REPORT_REQUEST:
-            if int(msg["epoch"]) > self.epoch:
+            if int(msg["epoch"]) != self.epoch:
                 self._backed(int(msg["epoch"]), msg["leader"])
             self._send_node(msg["leader"], {"t": p.REPORT, "node": self.hostname, "epoch": self.epoch,
                                             "procs": self.children.registry(), "q": msg.get("q", 0)})
@@ -274,7 +275,7 @@ class Node:
 
     def _spawn(self, msg: dict[str, Any]) -> None:
         epoch = int(msg["epoch"])
-        if epoch > self.epoch and self._backed(epoch, str(msg.get("leader"))) is False:
+        if epoch != self.epoch and self._backed(epoch, str(msg.get("leader"))) is False:
             logger.warning("forseti: refused spawn of %r from %s: the election granted no epoch %d to it "
                            "(latest: %d)", msg["k"], msg.get("leader"), epoch, self.epoch)
             return
@@ -309,13 +310,15 @@ class Node:
     def _backed(self, epoch: int, leader: str) -> bool | None:
         """Whether the election granted ``leader`` the term ``epoch`` (Redis: its holder key, read
         now); None when that cannot be read here (RabbitMQ: see :meth:`_leads`). The epoch below
-        which this worker refuses orders is raised only from what the election says: a message
-        claiming a higher one (forged, or from a confused worker) neither deposes the leader nor
-        makes this worker refuse the real one's orders."""
+        which this worker refuses orders comes only from the election: a message claiming another
+        one (forged, or from a confused worker) neither deposes the leader nor makes this worker
+        refuse the real one's orders. On Redis the holder key is the truth, also when it went back
+        (a Redis that lost its data: every lease went with it, so no older leader leads either)."""
         held = self.election.holder()
         if held is None:
             return None
-        self.epoch = max(self.epoch, held[0])
+        if held[0]:
+            self.epoch = held[0]
         return held == (epoch, leader)
 
     def _leads(self, msg: dict[str, Any]) -> None:
@@ -330,14 +333,18 @@ class Node:
             self._step_down()
 
     def _twin(self, hb: dict[str, Any]) -> None:
-        """A heartbeat of a live member's hostname from another incarnation: not believed (the
-        member lives on until it times out or says goodbye); said once per incarnation."""
+        """A heartbeat of a live member's hostname from another incarnation: not believed until the
+        member times out or says goodbye (a restart after a crash, a second worker of one name, or
+        a forged heartbeat); said once per incarnation, as an error if it is our own name."""
         if hb["inc"] in self._twins or len(self._twins) >= 64:
             return
         self._twins.add(hb["inc"])
-        logger.error("forseti: heartbeats naming %s from another incarnation (%s, pid %s on %s) are ignored while "
-                     "the live one beats: two workers have one name, or a heartbeat was forged",
-                     hb["node"], hb["inc"], hb.get("pid"), hb.get("host"))
+        ours = hb["node"] == self.hostname
+        logger.log(logging.ERROR if ours else logging.WARNING,
+                   "forseti: heartbeats naming %s from another incarnation (%s, pid %s on %s) are not believed "
+                   "while %s beats: %s", hb["node"], hb["inc"], hb.get("pid"), hb.get("host"),
+                   "this worker" if ours else "the live one",
+                   "two workers have this name" if ours else "a restart, two workers of one name, or forged")
 
     def _trust(self) -> None:
         """Heard again after a stall: handle what was held (its leader messages go to whoever leads)."""
@@ -396,7 +403,7 @@ class Node:
     def _lease(self, held: bool) -> None:
         if held and not self.leader.active and not self._closing:
             token = self.election.token
-            self.epoch = max(self.epoch, token or 0)
+            self.epoch = self.epoch if token is None else token
             self.leader.activate(self.epoch, token)
             self.loop.add_queue(self.names.leader_queue)
             self.events.send(p.EVENT_LEADER, leader=self.hostname)

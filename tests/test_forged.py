@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.exceptions
+from kombu.exceptions import OperationalError
 
 from forseti_celery import Forseti, KeyRef
 from forseti_celery import protocol as p
 from forseti_celery.broker import Publisher
 from forseti_celery.testing import wait_for
 
+from .chaos_support import PrivateRedis, require
 from .helpers import Harness, alive, client_app, fresh, harness
 
 
@@ -148,3 +152,32 @@ def test_a_heartbeat_claiming_a_higher_epoch_does_not_depose_the_leader(h: Harne
     ref = h.forseti.get_key(fresh("after-forged-epoch"), timeout=5)
     assert ref.call("key") == ref.key
     ref.stop()
+
+
+def test_a_leader_elected_after_redis_lost_its_data_is_obeyed_although_its_token_went_back(tmp_path: Path) -> None:
+    # The election is the truth, also when it forgets: every lease went with the data, so no
+    # older leader leads either, and the workers take the new, lower token.
+    require("redis-server")
+    server = PrivateRedis(tmp_path / "redis").start()
+    try:
+        with harness(server.url, tmp_path, n=2, pool="solo", FORSETI_HEARTBEAT="0.3", FORSETI_NODE_TIMEOUT="12",
+                     FORSETI_LEASE="1.5") as h:
+            # A change of leader first: every worker holds epoch 2 from then on.
+            h.cluster.worker(leader_of(h)).restart()
+            wait_for(lambda: sorted(s["epoch"] for s in stats(h).values()) == [2, 2], 20, 0.1,
+                     lambda: f"the workers never took the second leader's epoch: {stats(h)}")
+            server.kill()
+            server.start()  # empty: no counter, no lease
+
+            def one_leader() -> bool:
+                try:
+                    return sum(s["leader"] for s in stats(h).values()) == 1
+                except (OSError, redis.exceptions.ConnectionError, OperationalError):  # still reconnecting
+                    return False
+            wait_for(one_leader, 30, 0.2, "no leader after the wipe")
+            refs = [h.forseti.get_key(fresh("after-wipe"), timeout=10) for _ in range(6)]
+            assert {ref.node for ref in refs} == {w.hostname for w in h.cluster.workers}
+            assert all(ref.call("key") == ref.key for ref in refs)
+            assert sorted(s["epoch"] for s in stats(h).values()) == [1, 1]
+    finally:
+        server.close()
