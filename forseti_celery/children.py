@@ -493,20 +493,23 @@ class Children:
         refused: list[dict[str, Any]] = []
         frame = json.dumps(msgs).encode()
         with c.lock:
-            if self._fits(c, len(frame)):
+            if c.unsent_bytes + _HEADER.size + len(frame) <= self._mailbox_limit \
+                    or (len(msgs) == 1 and self._fits(c, len(frame))):
                 self._queue(c, frame)
             else:  # one by one: a stop always gets in (a process stuck past its grace is killed)
                 for m in msgs:
                     frame = json.dumps([m]).encode()
                     if self._fits(c, len(frame)) or (m["t"] == p.STOP and len(frame) <= _MAX_FRAME):
                         self._queue(c, frame)
+                        self._write(c)  # what the pipe takes is not waiting any more
                     else:
                         refused.append(m)
             self._write(c)
         return refused
 
     def _fits(self, c: Child, size: int) -> bool:
-        """Whether a frame of ``size`` bytes has room in ``c``'s mailbox (any one frame, when empty)."""
+        """Whether a frame of ``size`` bytes has room in ``c``'s mailbox (a frame of one message
+        always, when it is empty: the limit bounds what piles up, not a message's size)."""
         return size <= _MAX_FRAME and (not c.unsent_bytes
                                        or c.unsent_bytes + _HEADER.size + size <= self._mailbox_limit)
 

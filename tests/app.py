@@ -124,6 +124,20 @@ class Lingering(Counter):
         super().terminate(reason)
 
 
+@forseti.keyed(name="recorder")
+class Recorder(KeyedProcess):
+    """Keeps the first item of every cast (``[i, padding]``): answers the call "seen" with them."""
+
+    def init(self, key: str, *args: Any) -> None:
+        self.seen: list[Any] = []
+
+    def handle_cast(self, msg: Any) -> None:
+        self.seen.append(msg[0] if isinstance(msg, list) else msg)
+
+    def handle_call(self, msg: Any) -> Any:
+        return self.seen if msg == "seen" else ["echo", msg]
+
+
 @forseti.keyed(name="halfway")
 class Halfway(Counter):
     """On the call "halfway": writes the first half of a frame to its pipe, stops itself

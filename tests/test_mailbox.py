@@ -4,6 +4,7 @@ one, costs the other keys of its worker nothing (real workers, both brokers)."""
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import statistics
 import threading
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 
 from forseti_celery import ConfigurationError, KeyRef, MailboxFull
+from forseti_celery.children import Children
 from forseti_celery.conf import Settings
 from forseti_celery.testing import wait_for
 
@@ -24,6 +26,8 @@ from .helpers import Harness, fresh, harness
 #: forseti_mailbox_limit of these workers: small, so a few sends fill it.
 MAILBOX = 1024 * 1024
 PAD = "x" * 100_000
+#: A call larger than any send: refused once a send has been (nothing drains a stopped process).
+BIG = ["get", PAD * 2]
 #: Longer than the workers' fence_after (forseti_node_timeout 4 - 2 heartbeats of 0.5 = 3 s).
 STUCK_FOR = 5.0
 
@@ -70,8 +74,13 @@ def _ask_all(refs: dict[KeyRef, int], latencies: list[float]) -> None:
         latencies.append(time.perf_counter() - t0)
 
 
-def _assert_never_fenced(h: Harness) -> None:
-    log = h.cluster.workers[0].log_text()
+def _log_size(h: Harness) -> int:
+    return len(h.cluster.workers[0].log_text())
+
+
+def _assert_never_fenced(h: Harness, since: int) -> None:
+    """Since the worker's log was ``since`` characters long (a stall at its start is not ours)."""
+    log = h.cluster.workers[0].log_text()[since:]
     assert "did not run for" not in log, h.cluster.log_tails()
     assert "has not heard the broker" not in log, h.cluster.log_tails()
 
@@ -80,25 +89,26 @@ def test_a_stopped_process_sent_megabytes_holds_up_no_other_key_and_gets_what_it
     broker_url: str, tmp_path: Path
 ) -> None:
     with harness(broker_url, tmp_path, n=1, FORSETI_MAILBOX_LIMIT=str(MAILBOX)) as h:
-        stuck = h.forseti.get_key(fresh("stuck"))
+        stuck = h.forseti.get_key(fresh("stuck"), name="recorder")
         neighbours = _neighbours(h)
         node, pid = stuck
         assert {ref.node for ref in neighbours} == {node}
         latencies: list[float] = []
         rounds = sent = 0
+        since = _log_size(h)
         with _stopped(pid):
             for _ in range(40):  # 4 MB: the mailbox and the pipe take about 1.3 MB of it
                 stuck.send([sent, PAD])
                 sent += 1
             with pytest.raises(MailboxFull, match="forseti_mailbox_limit"):
-                stuck.call("get", timeout=5)
+                stuck.call(BIG, timeout=5)
             deadline = time.monotonic() + STUCK_FOR
             while time.monotonic() < deadline:  # past the time the worker would fence itself
                 _ask_all(neighbours, latencies)
                 stuck.send([sent, PAD])
                 sent += 1
                 rounds += 1
-        _assert_never_fenced(h)
+        _assert_never_fenced(h, since)
         assert "casts to it dropped" in h.cluster.workers[0].log_text()
 
         def seen() -> list[Any] | None:
@@ -106,7 +116,7 @@ def test_a_stopped_process_sent_megabytes_holds_up_no_other_key_and_gets_what_it
                 return stuck.call("seen", timeout=5)  # type: ignore[no-any-return]
             except MailboxFull:  # still taking what waited for it
                 return None
-        got = [m[0] for m in wait_for(seen, 20, 0.1, "the continued process never answered")]
+        got = wait_for(seen, 20, 0.1, "the continued process never answered")
         # What its mailbox took, in order: the first sends (the later ones refused, but for
         # those still on their way once it was continued), never one twice.
         assert got == sorted(set(got)), got
@@ -129,6 +139,7 @@ def test_a_process_stopped_halfway_through_writing_a_frame_holds_up_no_other_ans
         node, pid = half
         assert {ref.node for ref in neighbours} == {node}
         answer: list[Any] = []
+        since = _log_size(h)
         caller = threading.Thread(target=lambda: answer.append(half.call("halfway", timeout=30)), daemon=True)
         caller.start()
         try:
@@ -142,9 +153,49 @@ def test_a_process_stopped_halfway_through_writing_a_frame_holds_up_no_other_ans
         caller.join(10)
         assert answer == ["done"]  # the rest of its frame, then its answer, once continued
         assert half.call("get") == 0
-        _assert_never_fenced(h)
+        _assert_never_fenced(h, since)
         print(f"\n{broker_url.split(':')[0]}: {len(latencies)} neighbour calls while a frame was half "
               f"written, median {statistics.median(latencies) * 1000:.2f} ms")
+
+
+def test_one_batch_of_many_sends_is_cut_at_the_limit_even_into_an_empty_mailbox() -> None:
+    # A worker's Children with a real forked keyed process and pipe: a client batches up to 500
+    # messages in one broker message, all of one key delivered at once; "any one message when
+    # the mailbox is empty" must not let a whole batch in.
+    from tests.app import Recorder  # here: importing the workers' app makes it the current one
+    answers: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+
+    def publish(batches: list[tuple[str, list[dict[str, Any]]]]) -> None:
+        for routing_key, msgs in batches:
+            if routing_key == "reply":
+                for m in msgs:
+                    answers.put(m)
+
+    children = Children("mbx@test", lambda name: Recorder, publish, "leader", lambda *a, **kw: None,
+                        stop_timeout=5.0, fence_after=3600.0, heartbeat=1.0, spares=0, mailbox_limit=MAILBOX)
+    children.start()
+    try:
+        children.spawn("recorder", "k", [], "sid", [["reply", "started"]])
+        assert answers.get(timeout=10)["c"] == "started"
+        (c,) = children.snapshot()
+
+        def call(corr: str, msg: Any = "seen") -> dict[str, Any]:
+            children.deliver({("recorder", "k"): [{"t": "call", "n": "recorder", "k": "k", "m": msg,
+                                                    "r": "reply", "c": corr}]})
+            answer = answers.get(timeout=10)
+            assert answer["c"] == corr
+            return answer
+
+        with _stopped(c.pid):
+            children.deliver({("recorder", "k"): [{"t": "cast", "m": [i, PAD]} for i in range(40)]})
+            assert c.unsent_bytes <= MAILBOX
+            assert call("while-stopped", BIG)["error"] == "mailbox_full"
+        seen = wait_for(lambda: call("seen").get("v"), 10, 0.05, "never answered once continued")
+        assert MAILBOX // len(PAD) <= len(seen) < 40
+        assert seen == list(range(len(seen)))  # the first sends of the batch, in order
+    finally:
+        children.stop_all("test", 1.0)
+        children.stop()
 
 
 def test_forseti_mailbox_limit_is_a_positive_number_of_bytes() -> None:
