@@ -60,8 +60,12 @@ return 0
 class Publisher:
     """Publishes message batches on a connection of its own; safe from any thread."""
 
-    def __init__(self, connection: Connection, retries: int = 2) -> None:
+    def __init__(self, connection: Connection, retries: int = 2,
+                 keep: Callable[[str], float | None] = lambda routing_key: None) -> None:
+        """``keep(routing_key)``: on Redis, seconds the list of a queue must live at least after
+        each push to it (what ``x-expires`` does on RabbitMQ), or ``None``: no TTL."""
         self._conn = connection
+        self._keep = keep
         self._lock = threading.Lock()
         self._producer: Producer | None = None
         self._retries = retries
@@ -93,14 +97,37 @@ class Publisher:
 
     def _publish_one(self, producer: Producer, exchange: Exchange, routing_key: str, body: bytes,
                      declare: Iterable[Queue], expiration: float | None) -> None:
-        if expiration is None or self._conn.transport.driver_type != "redis":
+        ttl = self._list_ttl(routing_key, expiration)
+        if ttl is None:
             self._put(producer.publish, exchange, routing_key, body, declare, expiration)
             return
         channel = producer.channel
         with self._pipeline(channel) as pipe:
             self._put(producer.publish, exchange, routing_key, body, declare, None)
-            # The default exchange routes by queue name: the routing key is the list's key.
-            pipe.eval(_KEEP_AT_LEAST, 1, channel.global_keyprefix + routing_key, max(1, math.ceil(expiration * 1000)))
+            self._keep_at_least(pipe, channel, routing_key, ttl)
+
+    def _list_ttl(self, routing_key: str, expiration: float | None) -> float | None:
+        """Redis: the least TTL the list of ``routing_key`` must have after a push (``None``: none)."""
+        if self._conn.transport.driver_type != "redis":
+            return None
+        keep = self._keep(routing_key)
+        return keep if expiration is None else expiration if keep is None else max(keep, expiration)
+
+    @staticmethod
+    def _keep_at_least(pipe: Any, channel: Any, routing_key: str, ttl: float) -> None:
+        # The default exchange routes by queue name: the routing key is the list's key.
+        pipe.eval(_KEEP_AT_LEAST, 1, channel.global_keyprefix + routing_key, max(1, math.ceil(ttl * 1000)))
+
+    def keep_alive(self, routing_key: str) -> None:
+        """Redis: raise the TTL of the list of ``routing_key``, if it exists, to ``keep(routing_key)``
+        (its consumer's own queue then outlives any backlog it drains); raises :class:`BrokerUnavailable`."""
+        ttl = self._list_ttl(routing_key, None)
+        if ttl is None:
+            return
+        with self._guard():
+            channel = self._ready().channel
+            with self._pipeline(channel) as pipe:
+                self._keep_at_least(pipe, channel, routing_key, ttl)
 
     def publish_many(
         self,
@@ -118,9 +145,11 @@ class Publisher:
         bodies = [(routing_key, encode(messages)) for routing_key, messages in batches]
         with self._guard():
             producer = self._ready()
-            with self._pipeline(producer.channel):
+            with self._pipeline(producer.channel) as pipe:
                 for routing_key, body in bodies:
                     self._put(producer.publish, exchange, routing_key, body, declare(routing_key), None)
+                    if (ttl := self._list_ttl(routing_key, None)) is not None:
+                        self._keep_at_least(pipe, producer.channel, routing_key, ttl)
 
     @staticmethod
     @contextlib.contextmanager

@@ -61,7 +61,7 @@ class Client:
         self._reply_rk = self._reply_queue.routing_key
         connection = forseti.app.connection_for_write()
         self._broker = connection.as_uri()  # for error messages: kombu masks the password
-        self._publisher = Publisher(connection)
+        self._publisher = Publisher(connection, keep=self.names.queue_ttl)
         self._max_size = self.settings.max_message_size
         self._sender = Batcher(self._publish, max_bytes=self._max_size)
         atexit.register(self._flush_quietly)

@@ -227,6 +227,11 @@ def _well_formed(m: Any) -> bool:
 NODE_QUEUE_EXPIRES = 120.0
 
 
+#: Seconds a worker's node queue outlives its last consumer (RabbitMQ's ``x-expires``) or, on
+#: Redis, its last push or its worker's last heartbeat (the list's TTL, raised by each).
+NODE_QUEUE_EXPIRES = 120.0
+
+
 class Names:
     """Queue, exchange and routing names of one namespace (one cluster)."""
 
@@ -245,15 +250,21 @@ class Names:
             durable=False, auto_delete=False, queue_arguments=args,
         )
         self._amqp = single_active_consumer
+        self._node_prefix = self.node_routing_key("")
 
     def node_routing_key(self, hostname: str) -> str:
         """Routing key (= queue name) of a worker's own queue (a Celery node name, never key text)."""
         return f"{self.namespace}.node.{hostname}"
 
+    def queue_ttl(self, routing_key: str) -> float | None:
+        """Redis: seconds the list of ``routing_key`` must live at least after a push to it (a node
+        queue's :data:`NODE_QUEUE_EXPIRES`), or ``None`` (RabbitMQ's ``x-expires`` does it there)."""
+        return NODE_QUEUE_EXPIRES if routing_key.startswith(self._node_prefix) else None
+
     def node_queue(self, hostname: str) -> Queue:
         """The queue a worker consumes for spawn orders, casts, calls and stops to its processes."""
-        # A dead worker's queue expires on RabbitMQ instead of collecting messages forever.
-        args = {"x-expires": 120_000} if self._amqp else None
+        # A dead worker's queue expires instead of collecting messages forever (Redis: queue_ttl).
+        args = {"x-expires": int(NODE_QUEUE_EXPIRES * 1000)} if self._amqp else None
         return Queue(
             self.node_routing_key(hostname), self.exchange,
             routing_key=self.node_routing_key(hostname),

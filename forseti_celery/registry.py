@@ -69,7 +69,7 @@ class Node:
         self.epoch = 0  # highest leader epoch seen: orders from older leaders are refused
         self.members = Members(s.node_timeout)
         self.events = EventSender(app, hostname, s.namespace)
-        self.publisher = Publisher(app.connection_for_write())
+        self.publisher = Publisher(app.connection_for_write(), keep=self.names.queue_ttl)
         self.election = election_for(driver, app.connection_for_write(), f"{s.namespace}:leader", s.lease, hostname)
         self.leader = Leader(hostname, self.members, self._send_node, self._send_reply)
         self._out: dict[str, list[dict[str, Any]]] = {}  # what the consumer thread sends, per queue
@@ -442,6 +442,10 @@ class Node:
               "pid": os.getpid(), "host": socket.gethostname()}
         self.members.heard(hb)  # we are a member at once; the broker's echo proves we are heard
         self._broadcast(hb)
+        try:  # Redis: our queue outlives any backlog we drain, as each push makes it outlive us
+            self.publisher.keep_alive(self._node_queue.name)
+        except BrokerUnavailable:
+            pass
         if self.election.always_consume:
             # Lets the single active consumer learn that it leads, even when no client asks anything.
             try:
