@@ -227,11 +227,6 @@ def _well_formed(m: Any) -> bool:
 NODE_QUEUE_EXPIRES = 120.0
 
 
-#: Seconds a worker's node queue outlives its last consumer (RabbitMQ's ``x-expires``) or, on
-#: Redis, its last push or its worker's last heartbeat (the list's TTL, raised by each).
-NODE_QUEUE_EXPIRES = 120.0
-
-
 class Names:
     """Queue, exchange and routing names of one namespace (one cluster)."""
 
