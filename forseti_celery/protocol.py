@@ -95,18 +95,24 @@ class Encoded(NamedTuple):
     deadline: float | None = None
 
 
+#: ensure_ascii=False: non-ASCII text as UTF-8 (one to four bytes, not a 6- or 12-byte escape);
+#: UTF-8 then refuses what no JSON reader could take (a lone surrogate such as "\udcff"). One
+#: encoder for every message: ``json.dumps`` with arguments builds a new one per call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def _dumps(value: Any) -> bytes:
-    # ensure_ascii=False: non-ASCII text as UTF-8 (one to four bytes, not a 6- or 12-byte escape);
-    # UTF-8 then refuses what no JSON reader could take (a lone surrogate such as "\udcff").
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+    return _ENCODER.encode(value).encode()
 
 
 def encode_message(msg: Message, what: str, max_size: int, deadline: float | None = None) -> Encoded:
     """Encode one message at its sender, checked: raises :class:`InvalidMessage`, naming ``what``
     (``"message"``, ``"args"``, ``"reply"``), when JSON cannot carry it, when it is nested deeper
     than :data:`MAX_DEPTH` or when it takes more than ``max_size`` bytes (forseti_max_message_size)."""
-    least = sum(len(v) + 2 if isinstance(v, str) else 2 * len(v) + 1 if isinstance(v, (list, tuple)) else 0
-                for v in msg.values())
+    least = 0  # bytes at least: a text or list encodes to at least one byte per character or item
+    for v in msg.values():
+        if isinstance(v, (str, list, tuple)):
+            least += len(v)
     if least > max_size:  # a giant text or list is refused without the seconds encoding it takes
         raise InvalidMessage(f"{what} of at least {least} bytes (encoded) exceeds forseti_max_message_size "
                              f"({max_size} bytes)")
@@ -208,18 +214,19 @@ def _decode_each(body: bytes) -> list[Message]:
     return batch
 
 
-#: Fields (all text) a message of each type needs before anyone acts on it.
-_NEEDS = {CAST: ("n", "k"), CALL: ("n", "k", "r", "c"), STOP: ("n", "k")}
+_TO_KEY = frozenset({CAST, CALL, STOP})
 
 
 def _well_formed(m: Any) -> bool:
     """Whether ``m`` is an object with what its type needs (a worker delivers casts, calls and
-    stops without looking further)."""
-    if not isinstance(m, dict):
+    stops without looking further): text ``n`` and ``k``, and for a call text ``r`` and ``c``."""
+    if type(m) is not dict:
         return False
     t = m.get("t")
-    needs = _NEEDS.get(t) if isinstance(t, str) else None
-    return needs is None or all(isinstance(m.get(f), str) for f in needs)
+    if type(t) is not str or t not in _TO_KEY:
+        return True
+    return type(m.get("n")) is str and type(m.get("k")) is str and (
+        t != CALL or (type(m.get("r")) is str and type(m.get("c")) is str))
 
 
 #: Seconds a worker's node queue outlives its last consumer (RabbitMQ's ``x-expires``) or, on
