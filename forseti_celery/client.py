@@ -41,6 +41,17 @@ __all__ = ["Client"]
 logger = get_logger(__name__)
 
 
+def _utf8(text: str) -> bool:
+    """Whether the wire (UTF-8) can carry ``text``: not so for a lone surrogate such as "\udcff"."""
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class _Pending:
     __slots__ = ("event", "reply")
 
@@ -251,8 +262,10 @@ class Client:
             raise InvalidKey(f"keys are str, not {type(key).__name__}")
         if len(key) > self.settings.max_key_length:
             raise InvalidKey(f"key of {len(key)} characters exceeds forseti_max_key_length")
-        if not isinstance(name, str) or not name:
-            raise InvalidArgument(f"name must be a non-empty str, not {name!r}")
+        if not _utf8(key):
+            raise InvalidKey(f"key {key!r} is not valid text (UTF-8 cannot carry it: a lone surrogate?)")
+        if not isinstance(name, str) or not name or not _utf8(name):
+            raise InvalidArgument(f"name must be a non-empty str of valid text, not {name!r}")
 
     def _check_ref(self, ref: Any) -> None:
         if not isinstance(ref, KeyRef):

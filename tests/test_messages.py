@@ -7,18 +7,19 @@ import json
 import statistics
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 from kombu import Producer
 
-from forseti_celery import InvalidMessage, KeyRef
+from forseti_celery import Forseti, InvalidArgument, InvalidKey, InvalidMessage, KeyRef
 from forseti_celery import protocol as p
 from forseti_celery.broker import Batcher
 from forseti_celery.conf import Settings
 
-from .helpers import Harness, fresh, harness
+from .helpers import Harness, client_app, fresh, harness
 
 #: forseti_max_message_size by default (1 MiB).
 LIMIT = 1024 * 1024
@@ -76,6 +77,18 @@ def test_a_batch_holds_at_most_max_message_size_bytes_of_messages() -> None:
         batcher._queue.append((rk, one))
     batcher.flush()
     assert published == [("a", 3), ("a", 3), ("a", 1), ("b", 2)]
+
+
+def test_a_key_or_name_that_utf8_cannot_carry_is_refused_as_such(redis_url: str) -> None:
+    forseti = Forseti.of(client_app(redis_url, f"forseti-t{uuid.uuid4().hex[:8]}"))
+    try:
+        for ask in (forseti.get_key, forseti.search_key):
+            with pytest.raises(InvalidKey, match="not valid text"):
+                ask("\udcff")
+            with pytest.raises(InvalidArgument, match="valid text"):
+                ask("k", name="\udcff")
+    finally:
+        forseti.close()
 
 
 # -- on real workers ----------------------------------------------------------------------------
