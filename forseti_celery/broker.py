@@ -16,7 +16,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import amqp.exceptions
 import redis.exceptions
@@ -26,6 +26,9 @@ from kombu.exceptions import OperationalError
 
 from .errors import BrokerUnavailable
 from .protocol import CONTENT_ENCODING, CONTENT_TYPE, Encoded, Message, decode, encode
+
+if TYPE_CHECKING:
+    from .signing import Signer
 
 logger = get_logger(__name__)
 
@@ -61,10 +64,13 @@ class Publisher:
     """Publishes message batches on a connection of its own; safe from any thread."""
 
     def __init__(self, connection: Connection, retries: int = 2,
-                 keep: Callable[[str], float | None] = lambda routing_key: None) -> None:
+                 keep: Callable[[str], float | None] = lambda routing_key: None,
+                 signer: Signer | None = None) -> None:
         """``keep(routing_key)``: on Redis, seconds the list of a queue must live at least after
-        each push to it (what ``x-expires`` does on RabbitMQ), or ``None``: no TTL."""
+        each push to it (what ``x-expires`` does on RabbitMQ), or ``None``: no TTL. ``signer``: a
+        worker's, which signs every broker message it publishes (see :mod:`forseti_celery.signing`)."""
         self._conn = connection
+        self._signer = signer
         self._keep = keep
         self._lock = threading.Lock()
         self._producer: Producer | None = None
@@ -184,6 +190,7 @@ class Publisher:
             body, exchange=exchange, routing_key=routing_key,
             content_type=CONTENT_TYPE, content_encoding=CONTENT_ENCODING,
             declare=[exchange, *to_declare], expiration=expiration, retry=False,
+            headers=None if self._signer is None else self._signer.headers(exchange.name, routing_key, body),
         )
         self._declared.update(q.name for q in to_declare)
 
@@ -332,8 +339,12 @@ class ConsumerLoop(threading.Thread):
         on_connect: Callable[[], None] | None = None,
         on_disconnect: Callable[[], None] | None = None,
         on_give_up: Callable[[BaseException], None] | None = None,
+        admit: Callable[[Any, list[Message]], list[Message]] | None = None,
     ) -> None:
+        """``admit(message, batch)``: what of the batch decoded from a kombu message to handle (a
+        worker's :meth:`~forseti_celery.signing.Signer.admit`); all of it without one."""
         super().__init__(name=name, daemon=True)
+        self._admit = admit
         self._on_give_up = on_give_up
         self._connection_factory = connection_factory
         self._queues = queues
@@ -443,7 +454,8 @@ class ConsumerLoop(threading.Thread):
 
     def _on_message(self, message: Any) -> None:
         try:
-            self._handler(decode(message.body))
+            batch = decode(message.body)
+            self._handler(batch if self._admit is None else self._admit(message, batch))
         except BrokerUnavailable as exc:
             logger.warning("forseti: %s could not answer: %r", self.name, exc)
         except Exception:

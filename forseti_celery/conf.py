@@ -7,7 +7,7 @@ default is defined (and documented) here.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from difflib import get_close_matches
 from typing import Any, get_type_hints
 
@@ -91,6 +91,12 @@ class Settings:
     #: the brokers' own limits (RabbitMQ: 128 MiB, 16 MiB from 4.0) are far above (see
     #: docs/failure-model.rst, "Message limits").
     max_message_size: int = 1024 * 1024
+    #: The worker secret: a str, or a list of str to rotate it (the first signs, every one
+    #: verifies). Set, every message of a worker to another or to the leader is signed
+    #: (HMAC-SHA256) and a worker acts on no worker message whose signature does not verify;
+    #: unset, nothing is signed or checked. Clients need it not: never give it to them (see
+    #: docs/security.rst). Kept out of ``repr``; Celery masks ``*SECRET*`` keys in ``inspect conf``.
+    worker_secret: tuple[str, ...] = field(default=(), repr=False)
 
     @classmethod
     def from_app(cls, conf: Any, **explicit: Any) -> Settings:
@@ -165,6 +171,13 @@ def _checked(name: str, value: Any) -> Any:
                 or not all(isinstance(v, str) and v for v in value):
             raise ConfigurationError(f"{key} must be a list of worker hostnames (str), not {value!r}")
         return tuple(value)
+    if name == "worker_secret":
+        secrets = [value] if isinstance(value, str) else value
+        if not isinstance(secrets, (list, tuple)) or not secrets or not all(isinstance(v, str) and v for v in secrets):
+            # The value itself stays out of the message: it may be a secret with a typo.
+            raise ConfigurationError(f"{key} must be a non-empty str, or a non-empty list of them (rotation); got a "
+                                     f"{type(value).__name__}")
+        return tuple(secrets)
     if name == "namespace":
         if not isinstance(value, str) or not _WORD.fullmatch(value):
             raise ConfigurationError(f"{key} must be a non-empty word of [A-Za-z0-9_-], not {value!r}")

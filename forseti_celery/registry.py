@@ -33,6 +33,7 @@ from .errors import BrokerUnavailable, ConfigurationError, DuplicateWorker
 from .events import EventSender
 from .leader import Leader
 from .membership import Members
+from .signing import signer_for
 
 if TYPE_CHECKING:
     from .app import Forseti
@@ -69,7 +70,10 @@ class Node:
         self.epoch = 0  # highest leader epoch seen: orders from older leaders are refused
         self.members = Members(s.node_timeout)
         self.events = EventSender(app, hostname, s.namespace)
-        self.publisher = Publisher(app.connection_for_write(), keep=self.names.queue_ttl)
+        # Worker secret set: everything we publish is signed, and worker messages we receive are
+        # believed only signed (a message older than a worker's timeout says nothing true any more).
+        self.signer = signer_for(s.worker_secret, hostname, s.node_timeout)
+        self.publisher = Publisher(app.connection_for_write(), keep=self.names.queue_ttl, signer=self.signer)
         self.election = election_for(driver, app.connection_for_write(), f"{s.namespace}:leader", s.lease, hostname)
         self.leader = Leader(hostname, self.members, self._send_node, self._send_reply)
         self._out: dict[str, list[dict[str, Any]]] = {}  # what the consumer thread sends, per queue
@@ -99,6 +103,7 @@ class Node:
             intensity=RestartIntensity(s.max_retries, s.max_time),
             tick=self._tick, interval=min(0.25, s.heartbeat / 2),
             on_connect=self._connected, on_disconnect=self._disconnected, on_give_up=self._give_up,
+            admit=None if self.signer is None else self.signer.admit,
         )
 
     # -- life cycle -----------------------------------------------------------------------
@@ -138,7 +143,8 @@ class Node:
         twin: list[dict[str, Any]] = []
 
         def on_message(message: Any) -> None:
-            twin.extend(hb for hb in p.decode(message.body)
+            batch = p.decode(message.body)
+            twin.extend(hb for hb in (batch if self.signer is None else self.signer.admit(message, batch))
                         if hb.get("t") == p.HEARTBEAT and hb.get("node") == self.hostname)
 
         deadline = time.monotonic() + 2 * self.settings.heartbeat
@@ -227,6 +233,8 @@ class Node:
         to_children: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for msg in batch:
             kind = msg["t"]
+            if kind == _LOST:  # our own note, only ever held: from the wire, a forgery
+                continue
             if kind in _TO_CHILD:
                 to_children.setdefault((msg["n"], msg["k"]), []).append(msg)
                 continue
@@ -496,6 +504,8 @@ class Node:
             "exits": self.children.exits,
             "epoch": self.epoch,
             "members": sorted(m.hostname for m in self.members),
+            # Worker messages without a valid signature, per reason (None: no worker secret set).
+            "dropped": None if self.signer is None else dict(self.signer.dropped),
             **({"table": self.leader.info()} if self.leader.active else {}),
         }
 

@@ -37,6 +37,9 @@ if os.environ.get("FORSETI_MAILBOX_LIMIT"):
     app.conf.forseti_mailbox_limit = int(os.environ["FORSETI_MAILBOX_LIMIT"])
 if os.environ.get("FORSETI_MAX_MESSAGE_SIZE"):
     app.conf.forseti_max_message_size = int(os.environ["FORSETI_MAX_MESSAGE_SIZE"])
+if os.environ.get("FORSETI_WORKER_SECRET"):  # a list when rotating: "new,old"
+    secrets = os.environ["FORSETI_WORKER_SECRET"].split(",")
+    app.conf.forseti_worker_secret = secrets[0] if len(secrets) == 1 else secrets
 forseti = Forseti(app)
 
 

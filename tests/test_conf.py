@@ -55,6 +55,20 @@ def test_a_bad_keyword_argument_is_refused_by_forseti_at_once_the_same_way(name:
     assert f"forseti_{name}" in str(info.value) and repr(value) in str(info.value)
 
 
+def test_the_worker_secret_is_a_str_or_a_list_of_them_and_never_shown() -> None:
+    for value, kept in (("s3cret", ("s3cret",)), (["new", "old"], ("new", "old")), (("new",), ("new",))):
+        app = Celery("secret", set_as_current=False)
+        app.conf.forseti_worker_secret = value
+        settings = Forseti(app).settings
+        assert settings.worker_secret == kept
+        assert "s3cret" not in repr(settings) and "old" not in repr(settings)
+    assert Settings().worker_secret == ()
+    for bad in ("", [], ["ok", ""], [b"bytes-secret"], 42):
+        with pytest.raises(ConfigurationError) as info:
+            Forseti(Celery("bad", set_as_current=False), worker_secret=bad)
+        assert "forseti_worker_secret" in str(info.value) and "bytes-secret" not in str(info.value)
+
+
 def test_good_values_are_kept_in_the_fields_types() -> None:
     app = Celery("good", set_as_current=False)
     app.conf.update(forseti_heartbeat=2, forseti_node_timeout=7, forseti_nodes=["a@x", "b@x"], forseti_cache=False,
@@ -92,7 +106,8 @@ def test_a_client_warns_once_per_app_about_each_unknown_key_of_app_conf(caplog: 
                             "forseti_max_retries, forseti_max_time, forseti_timeout, forseti_call_timeout, "
                             "forseti_cache, forseti_retry_interval, forseti_heartbeat, forseti_node_timeout, "
                             "forseti_lease, forseti_spares, forseti_stop_timeout, forseti_namespace, "
-                            "forseti_max_key_length, forseti_mailbox_limit, forseti_max_message_size)"]
+                            "forseti_max_key_length, forseti_mailbox_limit, forseti_max_message_size, "
+                            "forseti_worker_secret)"]
     assert warnings[2:] == ["forseti: unknown setting forseti_namspace (did you mean forseti_namespace?)"]
 
 
