@@ -133,6 +133,7 @@ class Recorder(KeyedProcess):
 
     def init(self, key: str, *args: Any) -> None:
         self.seen: list[Any] = []
+        journal("start", key)
 
     def handle_cast(self, msg: Any) -> None:
         self.seen.append(msg[0] if isinstance(msg, list) else msg)

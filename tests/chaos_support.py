@@ -20,6 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,9 @@ from typing import Any
 import pytest
 
 from forseti_celery import Forseti, KeyRef
-from forseti_celery.testing import wait_for
+from forseti_celery import protocol as p
+from forseti_celery.broker import Publisher
+from forseti_celery.testing import WorkerProcess, wait_for
 
 from .conftest import in_ci
 from .helpers import Harness
@@ -611,3 +614,181 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any, BaseException | None]:
     except Exception as exc:
         return time.monotonic() - t0, None, exc
     return time.monotonic() - t0, result, None
+
+
+def report(what: str, **figures: Any) -> None:
+    """Print a measurement (shown with ``-s``, and in the log of a failed test)."""
+    print(f"[chaos] {what}: " + ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
+                                          for k, v in figures.items()))
+
+
+@contextmanager
+def chaos(url: str, tmp: Path, n: int = 3, pool: str = "solo", start: bool = True,
+          **env: str) -> Iterator[tuple[Harness, Monitor]]:
+    """A cluster (started unless ``start`` is false) under a :class:`Monitor`; on exit: no orphans,
+    no duplicate, ever."""
+    h = Harness(url, tmp, n=n, pool=pool, **env)
+    # Every lookup goes to the leader: these tests check its table, not a client's cache of refs.
+    h.app.conf.forseti_cache = False
+    monitor = Monitor(h.journal_dir)
+    monitor.start()
+    passed = False
+    try:
+        if start:
+            h.start()
+        yield h, monitor
+        passed = True
+    finally:
+        if not passed:
+            print(h.cluster.log_tails(80))
+        orphans = h.stop()
+        problems = monitor.finish()
+        if not passed and problems:
+            print("invariant violations:\n  " + "\n  ".join(problems))
+    assert not orphans, f"orphan processes left: {orphans}"
+    assert not problems, "one live process per key was broken:\n  " + "\n  ".join(problems)
+
+
+# --- neighbours: keys that must not notice what happens to another key of their worker ------------
+
+
+class Neighbours(threading.Thread):
+    """Asks every one of ``refs`` for its state, round after round, until stopped: ``get_key`` must
+    give the same process (node and pid) and a ``call`` must answer the state (``refs[ref]``).
+
+    Give it a client of its own (not the one that misbehaves): a client sends what it was given in
+    order, so its own large sends would hold up the questions, whatever the worker does.
+    """
+
+    def __init__(self, forseti: Forseti, refs: dict[KeyRef, int], timeout: float = 10.0) -> None:
+        super().__init__(name="chaos-neighbours", daemon=True)
+        self.forseti, self.refs, self.timeout = forseti, refs, timeout
+        self.rounds = 0
+        self.latencies: list[float] = []  #: of each get_key and call, seconds
+        self.failures: list[str] = []
+        self._stop_event = threading.Event()
+
+    def ask_all(self) -> None:
+        """One round: every neighbour, found by the leader where it was, answers with its state."""
+        for ref, value in self.refs.items():
+            try:
+                t0 = time.perf_counter()
+                found = self.forseti.get_key(ref.key, timeout=self.timeout)
+                got = found.call("get", timeout=self.timeout)
+                self.latencies.append(time.perf_counter() - t0)
+            except Exception as exc:  # recorded; the test decides
+                self.failures.append(f"{ref.key!r}: {exc!r}")
+                continue
+            if found != ref:
+                self.failures.append(f"{ref.key!r} is now {found}, was {ref}")
+            if got != value:
+                self.failures.append(f"{ref.key!r} answered {got!r}, not its state {value!r}")
+        self.rounds += 1
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.ask_all()
+
+    def wait_rounds(self, n: int, timeout: float = 60.0) -> None:
+        """Wait until ``n`` more full rounds were asked."""
+        target = self.rounds + n
+        wait_for(lambda: self.rounds >= target or not self.is_alive(), timeout, 0.01,
+                 lambda: f"neighbours asked only {self.rounds} rounds of {target}")
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(len(self.refs) * 2 * self.timeout + 5)
+
+
+# --- forged messages: what anyone who can write to the broker can publish ------------------------
+
+
+def forge(h: Harness, routing_key: str, msg: dict[str, Any], broadcast: bool = False) -> None:
+    """Publish ``msg`` as a forger would: to a queue of the namespace, or to the heartbeat fanout."""
+    names = h.forseti.names
+    publisher = Publisher(h.app.connection_for_write())
+    try:
+        if broadcast:
+            publisher.publish(names.bcast_exchange, "", [msg])
+        else:
+            publisher.publish(names.exchange, routing_key, [msg],
+                              declare=[names.leader_queue] if routing_key == names.leader else [])
+    finally:
+        publisher.close()
+
+
+def forged_exit(ref: KeyRef) -> dict[str, Any]:
+    """An exit report of a live process, with everything a client knows of it (a KeyRef)."""
+    return {"t": p.EXITED, "n": ref.name, "k": ref.key, "node": ref.node, "pid": ref.pid,
+            "sid": uuid.uuid4().hex, "reason": "normal"}
+
+
+def forged_start(ref: KeyRef) -> dict[str, Any]:
+    """A start report naming a live process."""
+    return {"t": p.SPAWNED, "n": ref.name, "k": ref.key, "node": ref.node, "pid": ref.pid, "sid": uuid.uuid4().hex}
+
+
+def forged_spawn(key: str, epoch: int = 10**9) -> dict[str, Any]:
+    """A leader's order to start ``key``, claiming ``epoch``."""
+    return {"t": p.SPAWN, "n": "default", "k": key, "a": [], "sid": uuid.uuid4().hex, "epoch": epoch,
+            "leader": "forger@nowhere", "w": []}
+
+
+def forged_heartbeat(node: str, inc: str | None = None, leader: bool = False, epoch: int = 0) -> dict[str, Any]:
+    """A heartbeat of ``node`` (a new incarnation unless ``inc``); a leader's claims ``epoch``."""
+    return {"t": p.HEARTBEAT, "node": node, "inc": inc or uuid.uuid4().hex, "seq": 1, "eligible": not leader,
+            "names": [] if leader else ["default"], "count": 0, "leader": leader, "epoch": epoch}
+
+
+def forged_bye(node: str, inc: str | None = None) -> dict[str, Any]:
+    """A goodbye of ``node`` (of an incarnation it never had unless ``inc``)."""
+    return {"t": p.BYE, "node": node, "inc": inc or uuid.uuid4().hex}
+
+
+# --- a pids cgroup: a worker at its process limit ---------------------------------------------------
+
+PIDS = Path("/sys/fs/cgroup/pids")
+
+
+@contextmanager
+def pids_group() -> Iterator[Path]:
+    """A fresh cgroup v1 pids group (skips without root or the controller); its processes are moved
+    back to the root group at the end."""
+    if os.geteuid() != 0:
+        pytest.skip("moving processes between cgroups needs root")
+    if not (PIDS / "cgroup.procs").exists():
+        pytest.skip(f"no cgroup v1 pids controller at {PIDS}")
+    group = PIDS / f"forseti-test-{uuid.uuid4().hex}"
+    group.mkdir()
+    try:
+        yield group
+    finally:
+        (group / "pids.max").write_text("max")
+        for pid in (group / "cgroup.procs").read_text().split():
+            with contextlib.suppress(ProcessLookupError):
+                (PIDS / "cgroup.procs").write_text(pid)
+        wait_for(lambda: not (group / "cgroup.procs").read_text().split(), 10.0, message=f"{group} kept processes")
+        group.rmdir()
+
+
+def _cgroups(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cgroup").read_text()
+    except OSError:
+        return ""
+
+
+def join_group(group: Path, worker: WorkerProcess) -> None:
+    """Move the worker and all its descendants into ``group`` (until no process is left outside:
+    one forked while the others were being moved stays in its parent's old group)."""
+
+    def outside() -> list[int]:
+        return [pid for pid in [worker.pid, *worker.descendants()] if f"pids:/{group.name}\n" not in _cgroups(pid)]
+
+    def move() -> bool:
+        for pid in outside():
+            with contextlib.suppress(ProcessLookupError):
+                (group / "cgroup.procs").write_text(str(pid))
+        return not outside()
+
+    wait_for(move, 10.0, message=lambda: f"still outside {group.name}: {outside()}")

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
@@ -24,12 +21,13 @@ from forseti_celery.testing import WorkerProcess, wait_for
 
 from .chaos_support import (
     Load,
-    Monitor,
     NetnsPair,
     PrivateRabbitMQ,
     PrivateRedis,
     ask,
+    chaos,
     free_port,
+    report,
     require,
     spread,
     timed,
@@ -51,33 +49,6 @@ STALE = {**FAST, "FORSETI_NODE_TIMEOUT": "10"}
 PARTITION = {"FORSETI_HEARTBEAT": "0.5", "FORSETI_NODE_TIMEOUT": "3", "FORSETI_LEASE": "1.5"}
 
 
-@contextmanager
-def chaos(url: str, tmp: Path, n: int = 3, pool: str = "solo", start: bool = True,
-          **env: str) -> Iterator[tuple[Harness, Monitor]]:
-    """A cluster (started unless ``start`` is false) under a :class:`Monitor`; on exit: no orphans,
-    no duplicate, ever."""
-    h = Harness(url, tmp, n=n, pool=pool, **env)
-    # Every lookup goes to the leader: these tests check its table, not a client's cache of refs.
-    h.app.conf.forseti_cache = False
-    monitor = Monitor(h.journal_dir)
-    monitor.start()
-    passed = False
-    try:
-        if start:
-            h.start()
-        yield h, monitor
-        passed = True
-    finally:
-        if not passed:
-            print(h.cluster.log_tails(80))
-        orphans = h.stop()
-        problems = monitor.finish()
-        if not passed and problems:
-            print("invariant violations:\n  " + "\n  ".join(problems))
-    assert not orphans, f"orphan processes left: {orphans}"
-    assert not problems, "one live process per key was broken:\n  " + "\n  ".join(problems)
-
-
 def restart(h: Harness, hostname: str) -> WorkerProcess:
     """Start a worker again under ``hostname``, and wait until *it* is ready."""
     # Same hostname, same log file (appended): the old incarnation's "ready." line is already there.
@@ -91,12 +62,6 @@ def restart(h: Harness, hostname: str) -> WorkerProcess:
 
 def hosts_of(h: Harness) -> list[str]:
     return [w.hostname for w in h.cluster.workers if w.alive]
-
-
-def report(what: str, **figures: Any) -> None:
-    """Print a measurement (shown with ``-s``, and in the log of a failed test)."""
-    print(f"[chaos] {what}: " + ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
-                                          for k, v in figures.items()))
 
 
 # --- 1. leader loss ---------------------------------------------------------------------------------

@@ -15,11 +15,17 @@ import redis.exceptions
 from kombu.exceptions import OperationalError
 
 from forseti_celery import Forseti, KeyRef
-from forseti_celery import protocol as p
-from forseti_celery.broker import Publisher
 from forseti_celery.testing import wait_for
 
-from .chaos_support import PrivateRedis, require
+from .chaos_support import (
+    PrivateRedis,
+    forge,
+    forged_exit,
+    forged_heartbeat,
+    forged_spawn,
+    forged_start,
+    require,
+)
 from .helpers import Harness, alive, client_app, fresh, harness
 
 
@@ -28,20 +34,6 @@ def h(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) 
     url = request.getfixturevalue(f"{request.param}_url")
     with harness(url, tmp_path_factory.mktemp(request.param), n=2, pool="solo") as h:
         yield h
-
-
-def forge(h: Harness, routing_key: str, msg: dict[str, Any], broadcast: bool = False) -> None:
-    """Publish ``msg`` as a forger would: to a queue of the namespace, or to the heartbeat fanout."""
-    names = h.forseti.names
-    publisher = Publisher(h.app.connection_for_write())
-    try:
-        if broadcast:
-            publisher.publish(names.bcast_exchange, "", [msg])
-        else:
-            publisher.publish(names.exchange, routing_key, [msg],
-                              declare=[names.leader_queue] if routing_key == names.leader else [])
-    finally:
-        publisher.close()
 
 
 def stats(h: Harness) -> dict[str, dict[str, Any]]:
@@ -78,8 +70,7 @@ def lookup_afresh(h: Harness, key: str) -> KeyRef:
 def test_a_forged_exit_report_of_a_live_process_frees_nothing(h: Harness) -> None:
     ref = live_key(h, "forged-exit")
     # Everything a client can know of the process (a KeyRef names its worker and pid).
-    forge(h, h.forseti.names.leader, {"t": p.EXITED, "n": ref.name, "k": ref.key, "node": ref.node,
-                                      "pid": ref.pid, "sid": uuid.uuid4().hex, "reason": "normal"})
+    forge(h, h.forseti.names.leader, forged_exit(ref))
     assert h.forseti.search_key(ref.key) == ref, "a forged exit report freed a live key"
     assert lookup_afresh(h, ref.key) == ref
     assert len(h.starts(ref.key)) == 1, "a second process started for a live key"
@@ -88,8 +79,7 @@ def test_a_forged_exit_report_of_a_live_process_frees_nothing(h: Harness) -> Non
 
 def test_a_forged_start_report_naming_a_live_process_kills_nothing(h: Harness) -> None:
     ref = live_key(h, "forged-spawned")
-    forge(h, h.forseti.names.leader, {"t": p.SPAWNED, "n": ref.name, "k": ref.key, "node": ref.node,
-                                      "pid": ref.pid, "sid": uuid.uuid4().hex})
+    forge(h, h.forseti.names.leader, forged_start(ref))
     # Handled in order: whatever the leader sent the worker for it is in the worker's queue before
     # the answer to this search, and so before the call below.
     assert h.forseti.search_key(ref.key) == ref
@@ -100,9 +90,7 @@ def test_a_forged_start_report_naming_a_live_process_kills_nothing(h: Harness) -
 def test_a_spawn_order_with_a_huge_epoch_does_not_wedge_placement(h: Harness) -> None:
     leader = leader_of(h)
     for worker in h.cluster.workers:
-        forge(h, h.forseti.names.node_routing_key(worker.hostname),
-              {"t": p.SPAWN, "n": "default", "k": fresh("forged-order"), "a": [], "sid": uuid.uuid4().hex,
-               "epoch": 10**9, "leader": "forger@nowhere", "w": []})
+        forge(h, h.forseti.names.node_routing_key(worker.hostname), forged_spawn(fresh("forged-order"), 10**9))
     refs = [h.forseti.get_key(fresh("after-forged-order"), timeout=5) for _ in range(20)]
     assert {ref.node for ref in refs} == {w.hostname for w in h.cluster.workers}
     assert all(ref.call("key") == ref.key for ref in refs)
@@ -120,8 +108,7 @@ def test_a_heartbeat_naming_a_live_worker_with_a_new_incarnation_frees_none_of_i
     mine = [ref for ref in refs if ref.node == victim]
     assert mine, "no key was placed on the victim"
     inc = uuid.uuid4().hex
-    forge(h, "", {"t": p.HEARTBEAT, "node": victim, "inc": inc, "seq": 1, "eligible": True, "names": ["default"],
-                  "count": 0, "leader": False, "epoch": 0}, broadcast=True)
+    forge(h, "", forged_heartbeat(victim, inc), broadcast=True)
     log = h.cluster.worker(leader)
     lost = f"worker {victim} lost"
     wait_for(lambda: inc in log.log_text() or lost in log.log_text(), 10, 0.1,
@@ -137,8 +124,7 @@ def test_a_heartbeat_claiming_a_higher_epoch_does_not_depose_the_leader(h: Harne
     leader = leader_of(h)
     before = stats(h)
     forger = f"forger-{uuid.uuid4().hex[:6]}@nowhere"
-    forge(h, "", {"t": p.HEARTBEAT, "node": forger, "inc": uuid.uuid4().hex, "seq": 1, "eligible": False,
-                  "names": [], "count": 0, "leader": True, "epoch": 10**9}, broadcast=True)
+    forge(h, "", forged_heartbeat(forger, leader=True, epoch=10**9), broadcast=True)
     # Heard once every worker lists the forger as a member (the same heartbeat).
     wait_for(lambda: all(forger in s["members"] for s in stats(h).values()), 10, 0.1,
              "the workers never heard the forged heartbeat")

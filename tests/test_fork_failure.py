@@ -7,10 +7,7 @@ the worker fails with ``EAGAIN``, as it would in a container at its process limi
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,57 +16,21 @@ import pytest
 from forseti_celery import KeyRef, ResourceExhausted, StartError
 from forseti_celery.testing import WorkerProcess, descendants_of, wait_for
 
+from .chaos_support import join_group, pids_group
 from .helpers import alive, fresh, harness
 
-PIDS = Path("/sys/fs/cgroup/pids")
 SPARES = 2  # the worker's forseti_spares when the zygote forks
 
 
 @pytest.fixture
 def pids_cgroup() -> Iterator[Path]:
     """A fresh cgroup v1 pids group; its processes are moved back to the root group at teardown."""
-    if os.geteuid() != 0:
-        pytest.skip("moving processes between cgroups needs root")
-    if not (PIDS / "cgroup.procs").exists():
-        pytest.skip(f"no cgroup v1 pids controller at {PIDS}")
-    group = PIDS / f"forseti-test-{uuid.uuid4().hex}"
-    group.mkdir()
-    try:
+    with pids_group() as group:
         yield group
-    finally:
-        (group / "pids.max").write_text("max")
-        for pid in (group / "cgroup.procs").read_text().split():
-            with contextlib.suppress(ProcessLookupError):
-                (PIDS / "cgroup.procs").write_text(pid)
-        wait_for(lambda: not (group / "cgroup.procs").read_text().split(), 10.0, message=f"{group} kept processes")
-        group.rmdir()
-
-
-def _join(group: Path, worker: WorkerProcess) -> None:
-    """Move the worker and all its descendants into ``group`` (until no process is left outside:
-    one forked while the others were being moved stays in its parent's old group)."""
-
-    def outside() -> list[int]:
-        return [pid for pid in [worker.pid, *worker.descendants()] if f"pids:/{group.name}\n" not in _cgroups(pid)]
-
-    def move() -> bool:
-        for pid in outside():
-            with contextlib.suppress(ProcessLookupError):
-                (group / "cgroup.procs").write_text(str(pid))
-        return not outside()
-
-    wait_for(move, 10.0, message=lambda: f"still outside {group.name}: {outside()}")
 
 
 def _refused_refills(worker: WorkerProcess) -> int:
     return worker.log_text().count("could not fork a spare keyed process")
-
-
-def _cgroups(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cgroup").read_text()
-    except OSError:
-        return ""
 
 
 @pytest.mark.parametrize("forker", ["zygote", "worker"])
@@ -79,7 +40,7 @@ def test_a_fork_refused_at_the_pids_limit_fails_the_new_key_and_no_other(
     spares = SPARES if forker == "zygote" else 0  # without spares there is no zygote: the worker forks
     with harness(broker_url, tmp_path, n=1, FORSETI_SPARES=str(spares)) as h:
         worker = h.cluster.workers[0]
-        _join(pids_cgroup, worker)
+        join_group(pids_cgroup, worker)
         refs = [h.forseti.get_key(fresh(f"pids-{i}")) for i in range(10)]
         for i, ref in enumerate(refs):
             for _ in range(i):
