@@ -31,6 +31,10 @@ app.conf.update(
     forseti_heartbeat=0.5,
     forseti_node_timeout=3.0,
     forseti_lease=2.0,
+    # Workers sign their messages to one another with it and believe no others; set it only
+    # where workers run (this module is the clients' too, which never need it): see
+    # docs/security.rst. Unset (None), nothing is signed.
+    forseti_worker_secret=os.environ.get("FORSETI_WORKER_SECRET"),
 )
 forseti = Forseti(app)
 

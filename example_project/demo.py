@@ -7,6 +7,7 @@ workers and the embedded Redis are stopped on the way out, also on error or Ctrl
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import signal
 import sys
@@ -232,9 +233,10 @@ class Tour:
 
 def start_cluster(url: str, log_dir: str) -> Cluster:
     section("1. Cluster: three real Celery workers")
+    say("the workers sign their messages with a worker secret (forseti_worker_secret) this client never holds")
     return Cluster(
         "example_project.app", len(WORKERS), broker_url=url, log_dir=log_dir, hostnames=WORKERS,
-        env={"FORSETI_BROKER_URL": url}, cwd=ROOT,
+        env={"FORSETI_BROKER_URL": url, "FORSETI_WORKER_SECRET": secrets.token_urlsafe(32)}, cwd=ROOT,
         # forseti has heartbeats of its own: Celery's mingle (a 1 s wait at start) and gossip are not needed.
         extra_args=["--without-mingle", "--without-gossip"],
     )
