@@ -4,7 +4,8 @@ A keyed process that echoes and counts, and a task that echoes, so the benchmark
 measures forseti_celery's own overhead and Celery's, not user code. The broker
 comes from ``FORSETI_BROKER_URL`` and the namespace from ``FORSETI_NAMESPACE``;
 every ``forseti_*`` setting keeps its library default unless ``FORSETI_HEARTBEAT``,
-``FORSETI_NODE_TIMEOUT`` or ``FORSETI_LEASE`` says otherwise.
+``FORSETI_NODE_TIMEOUT`` or ``FORSETI_LEASE`` says otherwise; ``FORSETI_WORKER_SECRET`` (set
+for the workers only) makes them sign their messages.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def make_app(broker_url: str | None, namespace: str, redis_backend: str | None =
         value = os.environ.get(f"FORSETI_{setting.upper()}")
         if value:
             app.conf[f"forseti_{setting}"] = float(value)
+    app.conf.forseti_worker_secret = os.environ.get("FORSETI_WORKER_SECRET") or None
     Forseti(app).keyed(Echo)
 
     @app.task(name="benchmarks.echo", shared=False)  # type: ignore[untyped-decorator]

@@ -1,11 +1,13 @@
 """``make bench``: forseti_celery side by side with a plain Celery task and Ray named actors.
 
-    python -m benchmarks.run [--broker redis|rabbitmq|both] [--quick] [--no-ray]
+    python -m benchmarks.run [--broker redis|rabbitmq|both] [--signing off|on|both] [--quick] [--no-ray]
 
 For each broker it starts a cluster of three real workers of :mod:`benchmarks.app` (a
 namespace and hostnames of their own), measures every row of issue 5 and prints one table
-with medians, p90s, ratios and the issue's targets. Ray runs once (it needs no broker) and
-its figures appear in every table. See ``docs/benchmarks.rst``.
+with medians, p90s, ratios and the issue's targets. With ``--signing both`` (the default) it
+does so twice per broker, without and then with a worker secret (``forseti_worker_secret``:
+every worker message signed and checked), and prints the cost of signing on every row. Ray
+runs once (it needs no broker) and its figures appear in every table. See ``docs/benchmarks.rst``.
 
 Broker URLs: ``FORSETI_BROKER_URL`` replaces the default of its kind; otherwise the local
 Redis (db 10) and RabbitMQ when they answer, else an embedded Redis (and no RabbitMQ table).
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -268,6 +271,8 @@ class ForsetiRun:
     kind: str
     url: str
     results: Results = field(default_factory=dict)
+    #: Whether the workers had a worker secret (signed their messages).
+    signed: bool = False
     notes: list[str] = field(default_factory=list)
     many: int = 0
 
@@ -275,16 +280,20 @@ class ForsetiRun:
 class ForsetiBench:
     """A three-worker cluster of :mod:`benchmarks.app` on one broker, and a client app next to it."""
 
-    def __init__(self, kind: str, url: str, redis_backend: str | None, sizes: Sizes) -> None:
+    def __init__(self, kind: str, url: str, redis_backend: str | None, sizes: Sizes, signed: bool = False) -> None:
+        import secrets
+
         from benchmarks.app import REDIS_BACKEND_ENV, make_app
         from forseti_celery import Forseti
         from forseti_celery.testing import Cluster, short_hostname
 
-        self.run = ForsetiRun(kind, url)
+        self.run = ForsetiRun(kind, url, signed=signed)
         self.sizes = sizes
         self.namespace = f"forseti-bench{uuid.uuid4().hex[:8]}"
         tag = self.namespace[-4:]
-        self.env = {"FORSETI_NAMESPACE": self.namespace, REDIS_BACKEND_ENV: redis_backend or ""}
+        # The secret for the workers only: the client (this process) never holds it.
+        self.env = {"FORSETI_NAMESPACE": self.namespace, REDIS_BACKEND_ENV: redis_backend or "",
+                    "FORSETI_WORKER_SECRET": secrets.token_urlsafe(32) if signed else ""}
         self.hostnames = [f"bench{i}-{tag}@{short_hostname()}" for i in (1, 2, 3)]
         self.log_dir = Path(tempfile.mkdtemp(prefix=f"forseti-bench-{kind}-"))
         self.cluster = Cluster("benchmarks.app", 3, broker_url=url, env=self.env, cwd=str(ROOT),
@@ -833,12 +842,77 @@ def render(run: ForsetiRun, ray_results: Results, ray_status: str, ray_notes: li
                          for i, (c, w) in enumerate(zip(cols, widths, strict=True))).rstrip()
 
     sep = "  ".join("-" * w for w in widths)
-    out = [f"== {run.kind}: {run.url.replace('guest:guest@', '')} ==", join(head), sep]
+    signing = "worker secret set, messages signed" if run.signed else "no worker secret"
+    out = [f"== {run.kind}: {run.url.replace('guest:guest@', '')} ({signing}) ==", join(head), sep]
     out += [join(line) for line in lines]
     out.append("")
     out.append("Medians with p90 in parentheses. vs task / vs ray: forseti's median against that column's.")
     out += [f"- {note}" for note in run.notes + ray_notes]
     return "\n".join(out)
+
+
+#: The most signing may cost on a row (issue 10): past it, the secret would not be on by default.
+SIGNING_BUDGET = 0.05
+
+
+def render_signing(off: ForsetiRun, on: ForsetiRun) -> str:
+    """The cost of signing on every row: the median of the run without a worker secret against
+    the one with it (positive: slower with the secret; a rate's change is counted the same way)."""
+    head = ["row", "unit", "no secret", "secret set", "cost"]
+    lines = []
+    for row in ROWS:
+        a, b = off.results.get(row.id), on.results.get(row.id)
+        cost = "-"
+        if a is not None and b is not None and a.ok and b.ok and a.median and b.median:
+            change = (a.median / b.median if row.higher_is_better else b.median / a.median) - 1
+            cost = f"{change * 100:+.1f} %{'  (over 5 %)' if change > SIGNING_BUDGET else ''}"
+        lines.append([row.label, row.unit, cell(a), cell(b), cost])
+    widths = [max(len(str(x[i])) for x in [head, *lines]) for i in range(len(head))]
+
+    def join(cols: list[str]) -> str:
+        return "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w)
+                         for i, (c, w) in enumerate(zip(cols, widths, strict=True))).rstrip()
+
+    sign, check = signing_cost()
+    out = [f"== {off.kind}: the cost of signing (forseti_worker_secret), budget 5 % per row ==", join(head),
+           "  ".join("-" * w for w in widths), *[join(line) for line in lines], "",
+           "Medians (p90) of two runs one after the other on the same machine: a row's noise between runs "
+           "(see its p90, and rows 3b and 9a, which no worker takes part in) can exceed the budget by itself.",
+           f"- measured in this process, free of that noise: {sign:.1f} us to sign a broker message of 200 bytes, "
+           f"{check:.1f} us to check one (HMAC-SHA256, header, replay memory)."]
+    call, cold = off.results.get("call"), off.results.get("cold")
+    if call is not None and call.ok:
+        # A call: one signed broker message (the reply; the request is a client's, unsigned).
+        out.append(f"- a call signs its reply: {sign / 1000:.4f} ms = {sign / 10 / call.median:.2f} % of row 4")
+    if cold is not None and cold.ok:
+        # A new key: spawn order (signed, checked), start report (signed, checked), reply (signed).
+        cost = 3 * sign + 2 * check
+        out.append(f"- a new key signs 3 broker messages and checks 2: {cost / 1000:.4f} ms = "
+                   f"{cost / 10 / cold.median:.2f} % of row 1")
+    return "\n".join(out)
+
+
+def signing_cost(n: int = 20_000) -> tuple[float, float]:
+    """Microseconds to sign, and to check, one broker message of 200 bytes."""
+    from types import SimpleNamespace
+
+    from forseti_celery.signing import Signer
+
+    body = b"x" * 200
+    signer, checker = Signer(["s" * 43], "w1@host", 8.0), Signer(["s" * 43], "w2@host", 8.0)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        headers = signer.headers("", "forseti.node.w2@host", body)
+    sign = (time.perf_counter() - t0) / n * 1e6
+    messages = [SimpleNamespace(headers=signer.headers("", "forseti.node.w2@host", body), body=body,
+                                delivery_info={"exchange": "", "routing_key": "forseti.node.w2@host"})
+                for _ in range(n)]
+    t0 = time.perf_counter()
+    for m in messages:
+        checker.admit(m, [])
+    check = (time.perf_counter() - t0) / n * 1e6
+    assert headers and not checker.dropped, "the signing benchmark's own messages did not verify"
+    return sign, check
 
 
 def revision() -> str:
@@ -877,6 +951,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="which broker(s) to measure forseti_celery and Celery on (default both)")
     parser.add_argument("--quick", action="store_true", help="a ~1 minute smoke run with fewer repetitions")
     parser.add_argument("--no-ray", action="store_true", help="skip the Ray column")
+    parser.add_argument("--signing", choices=["off", "on", "both"], default="both",
+                        help="workers without a worker secret, with one (every worker message signed), or both "
+                             "runs and the cost of signing per row (default both)")
     parser.add_argument("--keys", type=int, default=None, help="live keys for rows 7-8 (default 1000, quick 150)")
     args = parser.parse_args(argv)
     sizes = Sizes.pick(args.quick, args.keys)
@@ -885,6 +962,7 @@ def main(argv: list[str] | None = None) -> int:
               f"forseti_celery: {revision()}"]
     log(header[0])
     kinds = ["redis", "rabbitmq"] if args.broker == "both" else [args.broker]
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.signing]
     started = time.monotonic()
     brokers = Brokers()
     runs: list[ForsetiRun] = []
@@ -895,16 +973,18 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"{kind}: no broker reachable, skipped")
                 runs.append(ForsetiRun(kind, "not reachable", notes=["skipped: broker not reachable"]))
                 continue
-            bench = ForsetiBench(kind, url, brokers.result_redis(url), sizes)
-            with bench:
-                try:
-                    bench.start()
-                    bench.measure_all()
-                except Exception as exc:
-                    first = str(exc).splitlines()[0] if str(exc) else ""
-                    bench.run.notes.append(f"aborted: {type(exc).__name__}: {first}"[:300])
-                    log(f"{kind}: aborted: {exc}")
-            runs.append(bench.run)
+            for signed in modes:
+                log(f"{kind}: {'with' if signed else 'without'} a worker secret")
+                bench = ForsetiBench(kind, url, brokers.result_redis(url), sizes, signed=signed)
+                with bench:
+                    try:
+                        bench.start()
+                        bench.measure_all()
+                    except Exception as exc:
+                        first = str(exc).splitlines()[0] if str(exc) else ""
+                        bench.run.notes.append(f"aborted: {type(exc).__name__}: {first}"[:300])
+                        log(f"{kind}: aborted: {exc}")
+                runs.append(bench.run)
         ray_results: Results = {}
         ray_notes: list[str] = []
         if args.no_ray:
@@ -920,6 +1000,10 @@ def main(argv: list[str] | None = None) -> int:
     for run in runs:
         print()
         print(render(run, ray_results, ray_status, ray_notes))
+    for off, on in itertools.pairwise(runs):
+        if off.kind == on.kind and not off.signed and on.signed:
+            print()
+            print(render_signing(off, on))
     return 0
 
 
