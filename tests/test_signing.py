@@ -24,6 +24,7 @@ from forseti_celery import protocol as p
 from forseti_celery.signing import Signer
 from forseti_celery.testing import wait_for
 
+from .chaos_support import forged_bye, forged_heartbeat
 from .helpers import Harness, alive, fresh, harness
 from .test_forged import leader_of, live_key, lookup_afresh, stats
 
@@ -59,12 +60,6 @@ def forge(h: Harness, routing_key: str | None, msg: dict[str, Any], secret: str 
     headers = {} if secret is None else Signer([secret], "forger@nowhere", 4.0).headers(exchange.name, rk, body)
     publish(h, exchange, rk, body, headers)
     return body, headers
-
-
-def heartbeat(node: str, inc: str | None = None) -> dict[str, Any]:
-    """A heartbeat of an eligible worker ``node`` (a new incarnation unless ``inc``)."""
-    return {"t": p.HEARTBEAT, "node": node, "inc": inc or uuid.uuid4().hex, "seq": 1, "eligible": True,
-            "names": ["default"], "count": 0, "leader": False, "epoch": 0}
 
 
 def dropped(h: Harness) -> dict[str, dict[str, int]]:
@@ -204,7 +199,7 @@ def test_a_heartbeat_without_the_worker_secret_adds_no_member(h: Harness) -> Non
     hosts = [w.hostname for w in h.cluster.workers]
     for secret, reason in FORGERIES:
         forger = f"forger-{uuid.uuid4().hex[:6]}@nowhere"
-        dropped_by(h, hosts, reason, forge, h, None, heartbeat(forger), secret)
+        dropped_by(h, hosts, reason, forge, h, None, forged_heartbeat(forger), secret)
         assert all(forger not in s["members"] for s in stats(h).values()), "a forged heartbeat added a member"
         assert forger not in h.forseti.get_metrics()
         refs = [h.forseti.get_key(fresh("after-forged-member"), timeout=5) for _ in range(4)]
@@ -216,7 +211,7 @@ def test_a_heartbeat_without_the_worker_secret_naming_a_live_worker_is_not_even_
     victim = hosts[-1]
     for secret, reason in FORGERIES:
         inc = uuid.uuid4().hex
-        dropped_by(h, hosts, reason, forge, h, None, heartbeat(victim, inc), secret)
+        dropped_by(h, hosts, reason, forge, h, None, forged_heartbeat(victim, inc), secret)
         # Without the secret it would wait as the victim's successor ("not believed while ... beats").
         assert all(inc not in w.log_text() for w in h.cluster.workers)
         real, _, _ = captured_heartbeat(h, victim)
@@ -232,7 +227,7 @@ def test_a_goodbye_without_the_worker_secret_frees_none_of_a_live_workers_keys(h
     refs = [on(h, victim, "forged-bye") for _ in range(2)]
     real, _, _ = captured_heartbeat(h, victim)  # its incarnation, as anyone on the fanout hears it
     for secret, reason in FORGERIES:
-        dropped_by(h, [leader], reason, forge, h, None, {"t": p.BYE, "node": victim, "inc": real["inc"]}, secret)
+        dropped_by(h, [leader], reason, forge, h, None, forged_bye(victim, real["inc"]), secret)
         assert [h.forseti.search_key(ref.key) for ref in refs] == refs, f"a forged goodbye ({reason}) freed keys"
     assert victim in stats(h)[leader]["members"]
     assert [ref.call("get") for ref in refs] == [3, 3]
