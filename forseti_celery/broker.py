@@ -317,7 +317,7 @@ Handler = Callable[[list[Message]], None]
 
 
 class ConsumerLoop(threading.Thread):
-    """A daemon thread consuming queues with ``no_ack``; reconnects with backoff.
+    """A daemon thread consuming queues with ``no_ack`` (but see ``windowed``); reconnects with backoff.
 
     ``handler`` gets each batch (the protocol messages of one broker message). ``tick`` runs at least
     every ``interval`` seconds (also while disconnected). Every failure, a lost or unreachable broker
@@ -340,10 +340,21 @@ class ConsumerLoop(threading.Thread):
         on_disconnect: Callable[[], None] | None = None,
         on_give_up: Callable[[BaseException], None] | None = None,
         admit: Callable[[Any, list[Message]], list[Message]] | None = None,
+        windowed: Callable[[], list[Queue]] = lambda: [],
     ) -> None:
         """``admit(message, batch)``: what of the batch decoded from a kombu message to handle (a
-        worker's :meth:`~forseti_celery.signing.Signer.admit`); all of it without one."""
+        worker's :meth:`~forseti_celery.signing.Signer.admit`); all of it without one.
+
+        ``windowed()``: queues (among ``queues()``) a flood may come through. On RabbitMQ they are
+        consumed with acks and a prefetch of :attr:`window` broker messages, so a backlog of theirs
+        waits in the broker, not in this connection, ahead of the other queues' messages (a
+        worker's own heartbeat echo among them). Each is acknowledged as it arrives, before it is
+        handled, and one the broker delivers again after a lost connection is dropped: a message is
+        handled at most once, as with ``no_ack``. Redis needs none of this: kombu fetches a list's
+        messages one BRPOP at a time, and a fanout comes on a connection of its own.
+        """
         super().__init__(name=name, daemon=True)
+        self._windowed = windowed
         self._admit = admit
         self._on_give_up = on_give_up
         self._connection_factory = connection_factory
@@ -359,6 +370,11 @@ class ConsumerLoop(threading.Thread):
         self.connected = threading.Event()
         #: Why the loop gave up (restart intensity reached), if it did.
         self.failure: BaseException | None = None
+
+    #: Broker messages of the ``windowed`` queues on their way to this thread at most (RabbitMQ):
+    #: each holds up to 500 protocol messages (a client's batch), a few ms of work, so what else
+    #: arrives waits behind some 0.1 s of them at worst, where a whole backlog fenced a worker.
+    window = 8
 
     # -- control (from any thread) --------------------------------------------------
     def stop(self, timeout: float = 5.0, wake: Callable[[], None] | None = None) -> None:
@@ -422,8 +438,14 @@ class ConsumerLoop(threading.Thread):
         with self._connection_factory() as conn:
             conn.ensure_connection(max_retries=1)
             channel = conn.channel()
-            consumer = Consumer(channel, self._queues(), no_ack=True, on_message=self._on_message)
+            windowed = self._windowed() if conn.transport.driver_type == "amqp" else []
+            names = {q.name for q in windowed}
+            consumer = Consumer(channel, [q for q in self._queues() if q.name not in names], no_ack=True,
+                                on_message=self._on_message)
             consumer.consume()
+            if windowed:
+                channel.basic_qos(0, self.window, False)  # per consumer; no_ack consumers ignore it
+                Consumer(channel, windowed, no_ack=False, on_message=self._on_windowed).consume()
             self._consumer = consumer
             # A first round of the event loop subscribes fanout queues (Redis pub/sub) for real.
             try:
@@ -451,6 +473,14 @@ class ConsumerLoop(threading.Thread):
                 consumer.cancel()
             except Exception:  # closing anyway
                 pass
+
+    def _on_windowed(self, message: Any) -> None:
+        message.ack()  # before handling: a connection lost meanwhile cannot deliver it twice
+        if message.delivery_info.get("redelivered"):
+            # Delivered before, on a connection lost since: perhaps handled already.
+            logger.info("forseti: %s dropped a message delivered again after a reconnection", self.name)
+            return
+        self._on_message(message)
 
     def _on_message(self, message: Any) -> None:
         try:

@@ -104,6 +104,8 @@ class Node:
             tick=self._tick, interval=min(0.25, s.heartbeat / 2),
             on_connect=self._connected, on_disconnect=self._disconnected, on_give_up=self._give_up,
             admit=None if self.signer is None else self.signer.admit,
+            # A flood to our keys waits in the broker, not ahead of the heartbeats and leader requests.
+            windowed=lambda: [self._node_queue],
         )
 
     # -- life cycle -----------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import statistics
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -101,11 +102,11 @@ def street(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 
 @contextmanager
-def misbehaving(street: Street, what: str) -> Iterator[Neighbours]:
+def misbehaving(street: Street, what: str, timeout: float = 10.0) -> Iterator[Neighbours]:
     """Ask the neighbours all along the block, and after it: every one answers with its state from
     its first process, and nothing fences, stalls or frees ``street.host``."""
     logs = {w.hostname: len(w.log_text()) for w in street.h.cluster.workers}
-    asker = Neighbours(street.asking, street.neighbours)
+    asker = Neighbours(street.asking, street.neighbours, timeout)
     asker.start()
     t0 = time.monotonic()
     try:
@@ -269,3 +270,80 @@ def test_neighbours_answer_while_a_fork_next_to_them_is_refused(street: Street) 
         started.append(again)
     for ref in started:
         ref.stop()
+
+
+#: A flood that outlasts forseti_node_timeout (4 s in tests/app.py) twice, bounded in count too: about
+#: three times what a worker of this machine takes, so it falls seconds behind (one client's
+#: ``send`` loop does not: the worker keeps up with it).
+FLOOD_FOR = 8.0
+FLOOD_MAX = 600_000
+#: Casts in one broker message (a client's batch).
+FLOOD_BATCH = 500
+
+
+def _flood(client: Forseti, ref: KeyRef, msg: Any, seconds: float, most: int) -> int:
+    """Publish casts of ``msg`` to ``ref``, evenly, ``most`` of them over ``seconds``, in batches
+    encoded as ``client`` encodes a cast (the same one, over and over: a flood costs its sender
+    nothing); returns how many were sent."""
+    casts: list[tuple[str, Any]] = []
+    sender = client.client._sender
+    put, sender.put = sender.put, lambda routing_key, encoded: casts.append((routing_key, encoded))  # type: ignore[method-assign]
+    try:
+        KeyRef(ref.node, ref.pid, ref.key, ref.name, ref.namespace, client.app).send(msg)
+    finally:
+        sender.put = put  # type: ignore[method-assign]
+    (routing_key, encoded), = casts
+    batch = [encoded] * FLOOD_BATCH
+    sent, t0 = 0, time.monotonic()
+    while sent < most and time.monotonic() - t0 < seconds:
+        client.client._publish(routing_key, batch)
+        sent += FLOOD_BATCH
+        ahead = t0 + sent * seconds / most - time.monotonic()
+        if ahead > 0:
+            time.sleep(ahead)
+    return sent
+
+
+@pytest.mark.parametrize("where", ["member", "leader"])
+def test_neighbours_answer_and_nothing_fences_while_a_worker_is_flooded_with_casts_for_longer_than_the_node_timeout(
+    street: Street, where: str
+) -> None:
+    """Casts published faster than the worker takes them, for twice forseti_node_timeout: to a key of
+    ``street.host`` (``member``), or to the leader's own queue (``leader``: a key it does not hold,
+    each cast dropped there, the broker's side of a flood all the same). Its heartbeats, the other
+    workers' and the leader requests still get through, so nothing fences, nobody is declared dead,
+    a new key is placed during the flood, and the excess waits in the broker."""
+    h = street.h
+    if where == "member":
+        flooded = h.forseti.get_key(fresh("flood"))
+        assert flooded.node == street.host
+    else:
+        flooded = KeyRef(street.leader, 1, fresh("flood"), "default", h.namespace, h.app)
+    flooder = Forseti.of(client_app(h.cluster.broker_url, h.namespace))  # a client of its own, like any sender
+    logs = {w.hostname: len(w.log_text()) for w in h.cluster.workers}
+    result: dict[str, float] = {}
+    try:
+        with misbehaving(street, f"a flood of casts to the {where} for {FLOOD_FOR:g} s", timeout=60):
+            thread = threading.Thread(target=lambda: result.update(
+                casts=_flood(flooder, flooded, "inc", FLOOD_FOR, FLOOD_MAX)))
+            t0 = time.monotonic()
+            thread.start()
+            wait_for(lambda: time.monotonic() - t0 > FLOOD_FOR / 2, FLOOD_FOR, 0.1)
+            # A new key, placed by the leader while the flood goes on.
+            placed = street.asking.get_key(fresh("during-flood"), timeout=60)
+            result["placed_after"] = time.monotonic() - t0
+            thread.join()
+            result["flooding"] = time.monotonic() - t0
+            assert placed.call("get", timeout=60) == 0
+            if where == "member":
+                assert flooded.call("get", timeout=60) > 0
+            result["drained"] = time.monotonic() - t0
+    finally:
+        flooder.close()
+    report(f"flood to the {where}", **result)
+    for worker in h.cluster.workers:
+        log = worker.log_text()[logs[worker.hostname]:]
+        assert "declared dead" not in log, f"{worker.hostname}:\n{h.cluster.log_tails()}"
+    placed.stop()
+    if where == "member":
+        flooded.stop()
