@@ -62,13 +62,18 @@ def report(host: str, procs: list[list[Any]], q: int = 0) -> dict[str, Any]:
     return {"t": p.REPORT, "node": host, "epoch": 1, "procs": procs, "q": q}
 
 
-@pytest.fixture
-def cluster() -> tuple[Leader, Members, Wire]:
+def three_live_workers() -> tuple[Leader, Members, Wire]:
+    """A leader on "a" (not yet activated) that knows three live workers "a", "b" and "c"."""
     members = Members(node_timeout=8.0)
     for host in ("a", "b", "c"):
         beat(members, host)
     wire = Wire()
     return Leader("a", members, wire.node, wire.reply), members, wire
+
+
+@pytest.fixture
+def cluster() -> tuple[Leader, Members, Wire]:
+    return three_live_workers()
 
 
 def test_a_rebuilding_leader_answers_only_what_the_awaited_reports_cannot_change(cluster: Any) -> None:

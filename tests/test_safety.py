@@ -22,17 +22,13 @@ from forseti_celery.registry import Node
 from forseti_celery.testing import wait_for
 
 from .helpers import Harness, fresh, harness
-from .test_leader import Wire, beat, get, report, search
+from .test_leader import Wire, get, report, search, three_live_workers
 
 
 @pytest.fixture
 def cluster() -> tuple[Leader, Members, Wire]:
     """A leader on "a" with three live workers, rebuilt (ready), nothing placed."""
-    members = Members(node_timeout=8.0)
-    for host in ("a", "b", "c"):
-        beat(members, host)
-    wire = Wire()
-    leader = Leader("a", members, wire.node, wire.reply)
+    leader, members, wire = three_live_workers()
     leader.activate(0)
     return leader, members, wire
 
