@@ -31,7 +31,6 @@ import pytest
 
 from .cluster import Cluster, client_app, load_app, short_hostname
 from .processes import MARKER_ENV, ClusterError, WaitTimeout, WorkerProcess, descendants_of, marked_pids, wait_for
-from .processes import _proc_stat as _proc_stat
 
 __all__ = [
     "MARKER_ENV",
@@ -61,6 +60,11 @@ def forseti_embedded_broker() -> Iterator[str]:
         yield server.url
 
 
+def _default_broker_url(request: pytest.FixtureRequest) -> str:
+    """``$FORSETI_BROKER_URL``, else the URL of the session's embedded Redis (started on first use)."""
+    return os.environ.get("FORSETI_BROKER_URL") or str(request.getfixturevalue("forseti_embedded_broker"))
+
+
 ClusterFactory = Callable[..., Cluster]
 
 
@@ -84,9 +88,7 @@ def forseti_cluster_factory(request: pytest.FixtureRequest, tmp_path: Path) -> I
         broker_url: str | None = None,
         **kw: Any,
     ) -> Cluster:
-        url = broker_url or os.environ.get("FORSETI_BROKER_URL")
-        if not url:
-            url = request.getfixturevalue("forseti_embedded_broker")
+        url = broker_url or _default_broker_url(request)
         kw.setdefault("cwd", str(request.config.rootpath))
         kw.setdefault("log_dir", tmp_path / f"cluster{len(clusters) + 1}")
         cluster = Cluster(app_module, n, pool=pool, broker_url=url, **kw)

@@ -20,7 +20,6 @@ and is not offered is listed in ``docs/testing.rst``.
 
 from __future__ import annotations
 
-import os
 import signal as signals
 import subprocess
 from collections.abc import Iterator, Mapping
@@ -44,6 +43,7 @@ from pytest_celery import (
 
 from ..app import Forseti
 from ..errors import ForsetiError
+from . import _default_broker_url
 from .cluster import Cluster
 from .processes import WorkerProcess, descendants_of
 
@@ -317,8 +317,7 @@ def forseti_cluster_options() -> Mapping[str, Any]:
 @pytest.fixture
 def forseti_broker_url(request: pytest.FixtureRequest) -> str:
     """The broker of the setup: ``$FORSETI_BROKER_URL``, else the session's embedded Redis."""
-    url = os.environ.get("FORSETI_BROKER_URL")
-    return url or str(request.getfixturevalue("forseti_embedded_broker"))
+    return _default_broker_url(request)
 
 
 @pytest.fixture
