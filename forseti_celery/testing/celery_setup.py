@@ -263,7 +263,7 @@ class LocalWorkerNode(CeleryTestWorker):  # type: ignore[misc]
         return [item for item in found if all(item.get(k) == v for k, v in (filters or {}).items())]
 
 
-class _LocalBrokerNode:
+class _LocalServiceNode:
     """What the broker and backend nodes share: a :class:`LocalService` for a container."""
 
     container: LocalService
@@ -276,11 +276,11 @@ class _LocalBrokerNode:
         return self.container.id
 
 
-class LocalBrokerNode(_LocalBrokerNode, CeleryTestBroker):  # type: ignore[misc]
+class LocalBrokerNode(_LocalServiceNode, CeleryTestBroker):  # type: ignore[misc]
     """A pytest-celery broker node for a broker the test did not start (local or embedded)."""
 
 
-class LocalBackendNode(_LocalBrokerNode, CeleryTestBackend):  # type: ignore[misc]
+class LocalBackendNode(_LocalServiceNode, CeleryTestBackend):  # type: ignore[misc]
     """A pytest-celery result backend node for a backend the test did not start."""
 
 
