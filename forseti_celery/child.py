@@ -3,7 +3,10 @@
 The child talks only to its worker, over a pipe: no broker connection of its own,
 which keeps creation at fork cost and memory at the pages the child touches.
 A reader thread moves frames from the pipe into the mailbox at once, so a busy
-callback never makes the worker block on a full pipe. The child dies with its
+callback never makes the worker block on a full pipe. A frame holds messages
+as a broker message does (see :mod:`~forseti_celery.protocol`): the payload of
+a cast or call comes as its sender encoded it, and is decoded here, where it is
+used; a reply's value leaves encoded here, and only its caller decodes it. The child dies with its
 worker: ``PR_SET_PDEATHSIG`` and end-of-file on the pipe both end it.
 """
 
@@ -12,7 +15,6 @@ from __future__ import annotations
 import _thread
 import ctypes
 import gc
-import json
 import os
 import queue
 import signal
@@ -26,7 +28,7 @@ from celery.utils.log import get_logger
 from .conf import Settings
 from .errors import InvalidMessage
 from .process import KeyedProcess
-from .protocol import encode_message
+from .protocol import CALL, CAST, PAYLOAD, decode, encode, encode_message, payload
 
 logger = get_logger(__name__)
 
@@ -93,7 +95,7 @@ class Mailbox:
                     if self._lifeline.cut_off():
                         os._exit(FENCED)  # fenced: our key may be given to another worker soon
                 if ready:
-                    for msg in json.loads(self._conn.recv_bytes()):
+                    for msg in decode(self._conn.recv_bytes(), routed=False):
                         self._queue.put(msg)
         except (EOFError, OSError):
             # The worker is gone: a keyed process never outlives its worker.
@@ -107,27 +109,45 @@ class Mailbox:
         ours, theirs = billiard.Pipe(duplex=True)
         box: queue.SimpleQueue[Any] = queue.SimpleQueue()  # not ours: the real assign may be in it
         try:
-            ours.send_bytes(json.dumps([{"t": "assign", "n": "", "k": "", "a": []}]).encode())
+            ours.send_bytes(encode([{"t": "assign", "n": "", "k": "", "a": []}]))
             if theirs.poll(1.0):
-                for msg in json.loads(theirs.recv_bytes()):
+                for msg in decode(theirs.recv_bytes(), routed=False):
                     box.put(msg)
                 box.get()
-            theirs.send_bytes(json.dumps([{"t": "started"}]).encode())
+            theirs.send_bytes(encode([{"t": "started"}]))
             ours.recv_bytes()
         finally:
             ours.close()
             theirs.close()
 
     def get(self, timeout: float | None = None) -> dict[str, Any] | None:
-        """Next raw protocol message, or ``None`` after ``timeout``."""
-        try:
-            return self._queue.get(timeout=timeout)  # type: ignore[no-any-return]
-        except queue.Empty:
-            return None
+        """Next protocol message, its payload decoded, or ``None`` after ``timeout``. A cast or
+        call whose payload is no JSON (forged: the worker forwards payloads undecoded) is dropped
+        and logged; a call is answered :class:`InvalidMessage`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                msg: dict[str, Any] = self._queue.get(
+                    timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return None
+            kind = msg["t"]
+            if kind != CAST and kind != CALL:
+                return msg
+            try:
+                msg[PAYLOAD] = payload(msg)
+                return msg
+            except KeyError:
+                error = f"{kind} without a message"
+            except InvalidMessage as exc:
+                error = str(exc)
+            logger.warning("forseti: keyed process %r (pid %d) dropped a %s: %s", self.key, os.getpid(), kind, error)
+            if kind == CALL:
+                self.reply(msg, error="invalid", type="InvalidMessage", msg=error)
 
     def send(self, msg: dict[str, Any]) -> None:
         """Report to the worker."""
-        self._conn.send_bytes(json.dumps([msg]).encode())
+        self._conn.send_bytes(encode([msg]))
 
     def reply(self, request: dict[str, Any], **fields: Any) -> None:
         """Answer a call (the worker forwards it to the caller's reply queue). An answer that cannot
@@ -135,12 +155,16 @@ class Mailbox:
         caller gets :class:`InvalidMessage` saying why; the process lives on."""
         answer = {"t": "reply", "r": request["r"], "c": request["c"]}
         try:
-            data = encode_message({**answer, **fields}, "reply", self.max_size).data
+            if "v" in fields:  # the value travels as a payload: the worker forwards it undecoded
+                value = fields.pop("v")
+                data = encode_message({**answer, **fields}, "reply", self.max_size, payload=value).data
+            else:
+                data = encode_message({**answer, **fields}, "reply", self.max_size).data
         except InvalidMessage as exc:
             logger.warning("forseti: keyed process %r (pid %d) could not answer a call: %s", self.key, os.getpid(), exc)
             data = encode_message({**answer, "error": "invalid", "type": "InvalidMessage", "msg": str(exc)},
                                   "reply", self.max_size).data
-        self._conn.send_bytes(b"[" + data + b"]")
+        self._conn.send_bytes(data)
 
     def receive(self, timeout: float | None) -> Any:
         """Function form: the next cast's payload, or ``None``; calls are refused."""

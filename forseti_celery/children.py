@@ -18,11 +18,16 @@ non-blocking. What a child has not taken yet waits in its mailbox (bounded by
 ``forseti_mailbox_limit``) and is written by the watcher as the pipe drains; what
 a child writes is read as it comes, a frame at a time once whole, so a child
 stopped in the middle of a frame holds up no one else.
+
+No thread of the worker decodes or encodes a payload either (a cast's or call's
+message, a reply's value): a frame to a child is made of the envelopes, encoded
+again, and the payloads as views of the broker message's body, not copied (see
+:func:`~forseti_celery.protocol.encode_parts`); a child's answer goes into the
+reply broker message as the child encoded it.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import select
@@ -63,6 +68,28 @@ _MAX_FRAME = 2**31 - 1
 _CHUNK = 65536  # bytes read from a child's pipe at once
 _READS = 16  # reads from one child per round at most: one chatty child does not starve the others
 _DROPS_LOGGED_EVERY = 10.0  # seconds between two warnings about casts dropped for one process
+_BODY = 1024 * 1024  # bytes of answers' values in one broker message at most, but for a single answer
+
+
+def _bodies(replies: dict[str, list[dict[str, Any]]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """The answers to each reply queue in broker messages of at most :data:`_BODY` bytes of
+    values (or one): many small answers share one, large ones do not add up past what a
+    broker takes (RabbitMQ 4: 16 MiB)."""
+    bodies = []
+    for routing_key, msgs in replies.items():
+        start = size = 0
+        for i, m in enumerate(msgs):
+            n = len(m.get(p.PAYLOAD, b""))
+            if i > start and size + n > _BODY:
+                bodies.append((routing_key, msgs[start:i]))
+                start, size = i, 0
+            size += n
+        bodies.append((routing_key, msgs[start:]))
+    return bodies
+
+
+def _size(frame: list[p.Chunk]) -> int:
+    return sum(map(len, frame))  # a memoryview of bytes has one-byte items: its len is its size
 
 
 class KeyedChild(billiard.Process):  # type: ignore[misc]
@@ -161,7 +188,7 @@ class Child:
     #: Its pipe and exit are polled by the watcher (a spare's only once the watcher next runs).
     watched: bool = False
     #: Its mailbox: frames (or their unwritten rest) not taken off the pipe yet, oldest first.
-    unsent: deque[bytes | memoryview] = field(default_factory=deque)
+    unsent: deque[p.Chunk] = field(default_factory=deque)
     #: Bytes in :attr:`unsent`, which ``forseti_mailbox_limit`` bounds.
     unsent_bytes: int = 0
     #: The watcher polls the pipe for room to write (the rest of :attr:`unsent`).
@@ -283,7 +310,7 @@ class Children:
         """Send a spare its key; False if it has died meanwhile (the watcher reaps it)."""
         try:
             with c.lock:
-                self._queue(c, json.dumps([{"t": "assign", "n": name, "k": key, "a": args}]).encode())
+                self._queue(c, p.encode_parts([{"t": "assign", "n": name, "k": key, "a": args}]))
                 self._write(c)
         except OSError:
             return False
@@ -491,15 +518,17 @@ class Children:
         (under ``self._lock``); the messages the mailbox has no room for are returned, in order.
         Raises OSError if the pipe is closed."""
         refused: list[dict[str, Any]] = []
-        frame = json.dumps(msgs).encode()
+        frame = p.encode_parts(msgs)
+        size = _size(frame)
         with c.lock:
-            if c.unsent_bytes + _HEADER.size + len(frame) <= self._mailbox_limit \
-                    or (len(msgs) == 1 and self._fits(c, len(frame))):
+            if c.unsent_bytes + _HEADER.size + size <= self._mailbox_limit \
+                    or (len(msgs) == 1 and self._fits(c, size)):
                 self._queue(c, frame)
             else:  # one by one: a stop always gets in (a process stuck past its grace is killed)
                 for m in msgs:
-                    frame = json.dumps([m]).encode()
-                    if self._fits(c, len(frame)) or (m["t"] == p.STOP and len(frame) <= _MAX_FRAME):
+                    frame = p.encode_parts([m])
+                    size = _size(frame)
+                    if self._fits(c, size) or (m["t"] == p.STOP and size <= _MAX_FRAME):
                         self._queue(c, frame)
                         self._write(c)  # what the pipe takes is not waiting any more
                     else:
@@ -514,14 +543,17 @@ class Children:
                                        or c.unsent_bytes + _HEADER.size + size <= self._mailbox_limit)
 
     @staticmethod
-    def _queue(c: Child, frame: bytes) -> None:
-        """Append ``frame`` to ``c``'s mailbox (under ``c.lock``)."""
-        header = _HEADER.pack(len(frame))
-        if len(frame) <= 16384:  # one write for a small frame, no copy of a large one (as billiard)
-            c.unsent.append(header + frame)
+    def _queue(c: Child, frame: list[p.Chunk]) -> None:
+        """Append ``frame`` (its chunks, see :func:`~forseti_celery.protocol.encode_parts`) to
+        ``c``'s mailbox (under ``c.lock``)."""
+        size = _size(frame)
+        header = _HEADER.pack(size)
+        if len(frame) == 1 and size <= 16384:  # one write for a small frame, no copy of a large one
+            c.unsent.append(header + frame[0])
         else:
-            c.unsent.extend((header, frame))
-        c.unsent_bytes += _HEADER.size + len(frame)
+            c.unsent.append(header)
+            c.unsent.extend(frame)
+        c.unsent_bytes += _HEADER.size + size
 
     def _write(self, c: Child) -> None:
         """Write as much of ``c``'s mailbox as its pipe takes now (under ``c.lock``); the watcher
@@ -736,10 +768,12 @@ class Children:
             end = start + _HEADER.size + size
             if end > len(buf):
                 break
-            for msg in json.loads(buf[start + _HEADER.size:end]):
+            # Envelopes decoded; a reply's value stays a view of buf, forwarded as it is.
+            for msg in p.decode(buf, start + _HEADER.size, end, routed=False):
                 self._from_child(c, msg)
             start = end
-        del buf[:start]
+        if start:  # a new buffer for the rest: buf stays whole under the views of it
+            c.partial = buf[start:]
 
     def _from_child(self, c: Child, msg: dict[str, Any]) -> None:
         kind = msg["t"]
@@ -858,7 +892,7 @@ class Children:
         if not batch and not replies:
             return
         try:
-            self._publish(([(self._leader_rk, batch)] if batch else []) + list(replies.items()))
+            self._publish(([(self._leader_rk, batch)] if batch else []) + _bodies(replies))
         except BrokerUnavailable:
             with self._lock:  # all kept: retried on the next round
                 for rk, msgs in replies.items():

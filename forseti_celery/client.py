@@ -137,8 +137,8 @@ class Client:
         self._check_ref(ref)
         t = self._timeout(timeout, self.settings.call_timeout)
         try:
-            return self._request(self._node_rk(ref), {**self._addr(ref), "t": p.CALL, "m": msg}, t, resend=False,
-                                 what="message")
+            return self._request(self._node_rk(ref), {**self._addr(ref), "t": p.CALL}, t, resend=False,
+                                 what="message", payload=msg)
         except (ProcessGone, RemoteError):
             self._cache.forget(ref)
             raise
@@ -156,7 +156,7 @@ class Client:
         """``ref.send(msg)``: queued and published in batches by the sender thread, in order."""
         self._check_ref(ref)
         self._sender.put(self._node_rk(ref), p.encode_message(
-            {"n": ref.name, "k": ref.key, "p": ref.pid, "t": p.CAST, "m": msg}, "message", self._max_size))
+            {"n": ref.name, "k": ref.key, "p": ref.pid, "t": p.CAST}, "message", self._max_size, payload=msg))
 
     def stop(self, ref: KeyRef, timeout: float | None) -> None:
         """``ref.stop()``: returns once the process has exited and the leader has freed its key."""
@@ -173,12 +173,12 @@ class Client:
                              what=what)
 
     def _request(self, routing_key: str, msg: dict[str, Any], timeout: float, resend: bool,
-                 what: str = "request") -> Any:
-        """Send ``msg``, encoded once and checked (:class:`InvalidMessage` names ``what``), and wait
-        for its answer."""
+                 what: str = "request", payload: Any = p.NO_PAYLOAD) -> Any:
+        """Send ``msg`` (and its ``payload``), encoded once and checked (:class:`InvalidMessage`
+        names ``what``), and wait for its answer, decoded here (on the caller's thread)."""
         corr = uuid.uuid4().hex
         msg.update(r=self._reply_rk, c=corr, d=time.time() + timeout)
-        encoded = p.encode_message(msg, what, self._max_size, deadline=msg["d"])
+        encoded = p.encode_message(msg, what, self._max_size, deadline=msg["d"], payload=payload)
         self._ensure_started()
         pending = self._pending[corr] = _Pending()
         deadline = time.monotonic() + timeout
@@ -198,7 +198,7 @@ class Client:
         assert reply is not None
         if "error" in reply:
             raise remote_error(reply["error"], reply.get("type", ""), reply.get("msg", ""))
-        return reply.get("v")
+        return p.payload(reply) if p.PAYLOAD in reply else reply.get("v")
 
     def _timed_out(self, kind: str, timeout: float, leader: bool) -> ForsetiTimeout:
         if not leader:

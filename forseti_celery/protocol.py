@@ -1,8 +1,11 @@
 """The wire: every queue, exchange, message type and event type, and the codec.
 
-All traffic goes through the Celery app's broker. A kombu message body is a JSON
-*list* of protocol messages (dicts with a ``"t"`` type field), so hot paths can
-batch many messages into one broker message while keeping their order. Key text
+All traffic goes through the Celery app's broker. A kombu message body holds
+protocol messages a line each (JSON objects with a ``"t"`` type field: the
+*envelope*), so hot paths can batch many messages into one broker message while
+keeping their order; the message of a cast or call and the value of a reply (the
+*payload*) follow their envelope on its line, after a tab, as JSON bytes that a
+worker forwards to the keyed process (or back) without decoding them. Key text
 never appears in a queue name or routing key: queues are named after worker
 hostnames, client ids and the namespace only. See ``docs/design.rst``.
 """
@@ -76,19 +79,28 @@ Message = dict[str, Any]
 
 #: Deepest nesting of lists and objects in a message or in ``get_key`` args (the value sent, not
 #: counting forseti's envelope around it). ``json`` decodes a nesting level per Python stack frame,
-#: against the recursion limit (1000) minus the frames of whoever decodes: a client's reply thread,
-#: a worker's consumer thread, a keyed process's reader each sit 30 to 60 frames deep, so 200 levels
-#: decode everywhere with room to spare, where ~950 already failed in a worker.
+#: against the recursion limit (1000) minus the frames of whoever decodes: a client's caller, a
+#: worker's consumer thread, a keyed process each sit 30 to 60 frames deep, so 200 levels decode
+#: everywhere with room to spare, where ~950 already failed in a worker.
 MAX_DEPTH = 200
-#: Between the messages of a batch: ``json.dumps`` never writes a raw newline (it escapes them in
-#: strings), so a batch is one JSON list that a reader can also split into its messages.
-_SEPARATOR = b",\n"
-_NO_GC_FROM = 65536  # bytes: a body this large is decoded with the garbage collector paused
+#: The field carried as the payload, after its envelope: a cast's or call's message, a reply's
+#: value. Decoded (:func:`decode`), it holds the payload's JSON bytes, undecoded (a memoryview of
+#: the body: no copy); :func:`payload` decodes them, where the value is used.
+PAYLOAD = "m"
+#: ``json.dumps`` never writes a raw control character (it escapes them in strings, whatever
+#: ``ensure_ascii``), and no byte of a UTF-8 sequence for a character past ASCII is below 0x80:
+#: a newline ends a message, the first tab of its line ends its envelope.
+_LINE = b"\n"
+_TAB = b"\t"
+_OWN_CHUNK = 16384  # bytes: a payload this large is written to a pipe as it came, not copied into a frame
+_NO_GC_FROM = 65536  # bytes: a JSON text this large is decoded with the garbage collector paused
+#: ``payload`` of :func:`encode_message` for a message without one.
+NO_PAYLOAD: Any = object()
 
 
 class Encoded(NamedTuple):
     """A protocol message encoded once, by its sender, and checked against the limits
-    (see :func:`encode_message`)."""
+    (see :func:`encode_message`): one line, its envelope and payload."""
 
     data: bytes
     #: When a leader request stops mattering (``time.time()``): its broker message expires then.
@@ -105,19 +117,22 @@ def _dumps(value: Any) -> bytes:
     return _ENCODER.encode(value).encode()
 
 
-def encode_message(msg: Message, what: str, max_size: int, deadline: float | None = None) -> Encoded:
-    """Encode one message at its sender, checked: raises :class:`InvalidMessage`, naming ``what``
-    (``"message"``, ``"args"``, ``"reply"``), when JSON cannot carry it, when it is nested deeper
-    than :data:`MAX_DEPTH` or when it takes more than ``max_size`` bytes (forseti_max_message_size)."""
+def encode_message(msg: Message, what: str, max_size: int, deadline: float | None = None,
+                   payload: Any = NO_PAYLOAD) -> Encoded:
+    """Encode one message at its sender, the envelope ``msg`` and its ``payload`` if it has one
+    (a cast's or call's message, a reply's value), checked: raises :class:`InvalidMessage`, naming
+    ``what`` (``"message"``, ``"args"``, ``"reply"``), when JSON cannot carry it, when it is nested
+    deeper than :data:`MAX_DEPTH` or when it takes more than ``max_size`` bytes
+    (forseti_max_message_size)."""
     least = 0  # bytes at least: a text or list encodes to at least one byte per character or item
-    for v in msg.values():
+    for v in (*msg.values(), payload):
         if isinstance(v, (str, list, tuple)):
             least += len(v)
     if least > max_size:  # a giant text or list is refused without the seconds encoding it takes
         raise InvalidMessage(f"{what} of at least {least} bytes (encoded) exceeds forseti_max_message_size "
                              f"({max_size} bytes)")
     try:
-        data = _dumps(msg)
+        data = _dumps(msg) if payload is NO_PAYLOAD else _dumps(msg) + _TAB + _dumps(payload)
     except RecursionError:
         raise InvalidMessage(f"{what} is nested deeper than {MAX_DEPTH} levels") from None
     except (TypeError, ValueError) as exc:
@@ -126,8 +141,10 @@ def encode_message(msg: Message, what: str, max_size: int, deadline: float | Non
         raise InvalidMessage(f"{what} of {len(data)} bytes (encoded) exceeds forseti_max_message_size "
                              f"({max_size} bytes)")
     # Counting brackets (strings' included) is C speed and settles almost every message; only one
-    # with more brackets than the limit has its nesting measured.
-    if data.count(b"[") + data.count(b"{") > MAX_DEPTH + 1 and _deeper(msg, MAX_DEPTH + 1):
+    # with more brackets than the limit has its nesting measured (a payload one level below the
+    # envelope, as it would be inside it).
+    if data.count(b"[") + data.count(b"{") > MAX_DEPTH + 1 and _deeper(
+            msg if payload is NO_PAYLOAD else [msg, payload], MAX_DEPTH + 1):
         raise InvalidMessage(f"{what} is nested deeper than {MAX_DEPTH} levels")
     return Encoded(data, deadline)
 
@@ -148,70 +165,121 @@ def check_json(value: Any, what: str, max_size: int = 2**63) -> None:
     encode_message({"v": value}, what, max_size)
 
 
-def encode(messages: Sequence[Message | Encoded]) -> bytes:
-    """Encode a batch for the wire (a JSON list, one message a line); a message encoded by its
-    sender is taken as it is. Raises :class:`InvalidMessage` for non-JSON content."""
-    parts = []
-    for m in messages:
+Chunk = bytes | bytearray | memoryview
+
+
+def encode_parts(messages: Sequence[Message | Encoded]) -> list[Chunk]:
+    """Encode ``messages`` a line each, as chunks to send in a row: a message encoded by its sender
+    is taken as it is; a decoded one's envelope is encoded again (a few dozen bytes) and its
+    payload taken as it came, never decoded. A payload of 16 kB or more is a chunk of its own,
+    not copied. Raises :class:`InvalidMessage` for non-JSON content."""
+    parts: list[Chunk] = []
+    head = bytearray()
+    for i, m in enumerate(messages):
+        if i:
+            head += _LINE
+        raw: Chunk | None = None
         if isinstance(m, Encoded):
-            parts.append(m.data)
-            continue
-        try:
-            parts.append(_dumps(m))
-        except (TypeError, ValueError, RecursionError) as exc:
-            raise InvalidMessage(f"not JSON-serialisable: {exc}") from exc
-    return b"[" + _SEPARATOR.join(parts) + b"]"
+            line = m.data
+        else:
+            raw = m.get(PAYLOAD)
+            try:
+                if isinstance(raw, (bytes, bytearray, memoryview)):
+                    line = _dumps({f: v for f, v in m.items() if f != PAYLOAD}) + _TAB
+                else:
+                    raw, line = None, _dumps(m)
+            except (TypeError, ValueError, RecursionError) as exc:
+                raise InvalidMessage(f"not JSON-serialisable: {exc}") from exc
+        for piece in (line, raw):
+            if piece is None:
+                continue
+            if len(piece) < _OWN_CHUNK:
+                head += piece
+                continue
+            if head:
+                parts.append(head)
+                head = bytearray()
+            parts.append(piece)
+    if head or not parts:
+        parts.append(head)
+    return parts
 
 
-def decode(body: Any) -> list[Message]:
-    """Decode a batch from a kombu message body (bytes, str, or already decoded); never raises.
+def encode(messages: Sequence[Message | Encoded]) -> bytes:
+    """Encode a batch for the wire (see :func:`encode_parts`)."""
+    return b"".join(encode_parts(messages))
+
+
+def decode(body: Any, start: int = 0, end: int | None = None, routed: bool = True) -> list[Message]:
+    """Decode a batch (a broker message's body, or a frame of a keyed process's pipe:
+    ``body[start:end]``); never raises. Only envelopes are decoded: a payload is left in
+    the message (field :data:`PAYLOAD`) as a memoryview of ``body``, for :func:`payload`.
+    ``routed``: casts, calls and stops lacking what routing them needs are dropped too (a
+    keyed process takes what its worker routed to it as it is).
 
     A message that cannot be decoded (forged, or from a broken sender) is dropped and logged on
-    its own: the others of its batch are handled."""
+    its own: the others of its batch are handled. A Celery event (one JSON object) is one message."""
     if isinstance(body, str):
         body = body.encode("utf-8", "surrogatepass")
-    if isinstance(body, (bytes, bytearray, memoryview)):
-        try:
-            body = _loads(bytes(body))
-        except (ValueError, RecursionError):
-            return _decode_each(bytes(body))
-    if isinstance(body, dict):  # a Celery event
-        body = [body]
-    if not isinstance(body, list):
+    elif isinstance(body, memoryview):
+        body = body.tobytes()
+    elif isinstance(body, dict):  # decoded already (a Celery event)
+        return [body]
+    if not isinstance(body, (bytes, bytearray)):
         logger.warning("forseti: dropped a broker message that is no batch (%s)", type(body).__name__)
         return []
-    batch = [m for m in body if _well_formed(m)]
-    if len(batch) != len(body):
-        logger.warning("forseti: dropped %d malformed messages of a batch of %d", len(body) - len(batch), len(body))
+    end = len(body) if end is None else end
+    view = memoryview(body)
+    batch: list[Message] = []
+    dropped = 0
+    while start < end:
+        stop = body.find(_LINE, start, end)
+        if stop < 0:
+            stop = end
+        if stop > start:
+            tab = body.find(_TAB, start, stop)
+            try:
+                m = _loads(body[start:stop if tab < 0 else tab])
+            except (ValueError, RecursionError):
+                m = None
+            if type(m) is dict and (not routed or _well_formed(m)):
+                if tab >= 0:
+                    m[PAYLOAD] = view[tab + 1:stop]
+                batch.append(m)
+            else:
+                dropped += 1
+        start = stop + 1
+    if dropped:
+        logger.warning("forseti: dropped %d undecodable or malformed messages of a batch of %d",
+                       dropped, dropped + len(batch))
     return batch
 
 
-def _loads(data: bytes) -> Any:
+def payload(msg: Message) -> Any:
+    """The payload of a decoded message (field :data:`PAYLOAD`), decoded: raises
+    :class:`InvalidMessage` if it is not JSON (only a forger or a broken sender writes that)."""
+    raw = msg[PAYLOAD]
+    if not isinstance(raw, (bytes, bytearray, memoryview)):
+        return raw  # in the envelope (a message made here, never encoded)
+    try:
+        return _loads(bytes(raw))
+    except RecursionError:
+        raise InvalidMessage(f"{msg.get('t')} payload is nested deeper than {MAX_DEPTH} levels") from None
+    except ValueError as exc:
+        raise InvalidMessage(f"{msg.get('t')} payload is not JSON: {exc}") from None
+
+
+def _loads(data: bytes | bytearray) -> Any:
     if len(data) < _NO_GC_FROM or not gc.isenabled():
         return json.loads(data)
-    # Decoding makes a container per JSON list or object: a large body of small ones would set
-    # off the collector many times over (5 times slower for a megabyte of "[[],[],...]", on the
-    # thread that heartbeats). What JSON decodes holds no cycle: nothing is left for it to find.
+    # Decoding makes a container per JSON list or object: a large text of small ones would set
+    # off the collector many times over (5 times slower for a megabyte of "[[],[],...]"). What
+    # JSON decodes holds no cycle: nothing is left for it to find.
     gc.disable()
     try:
         return json.loads(data)
     finally:
         gc.enable()
-
-
-def _decode_each(body: bytes) -> list[Message]:
-    parts = body[1:-1].split(_SEPARATOR) if body[:1] == b"[" and body[-1:] == b"]" else [body]
-    batch = []
-    for part in parts:
-        try:
-            m = json.loads(part)
-        except (ValueError, RecursionError):
-            continue
-        if _well_formed(m):
-            batch.append(m)
-    logger.warning("forseti: dropped %d undecodable or malformed messages of a batch of %d",
-                   len(parts) - len(batch), len(parts))
-    return batch
 
 
 _TO_KEY = frozenset({CAST, CALL, STOP})

@@ -57,10 +57,10 @@ def test_a_ref_unpacks_like_node_pid_and_round_trips_through_celery_json() -> No
         ref.pid = 1  # type: ignore[misc]
 
 
-def test_the_wire_is_a_json_list_and_refuses_what_json_cannot_carry() -> None:
-    batch = [{"t": "cast", "n": "default", "k": "ключ.*#\n", "m": [1, "two"]}]
+def test_the_wire_is_a_json_object_a_line_and_refuses_what_json_cannot_carry() -> None:
+    batch = [{"t": "cast", "n": "default", "k": "ключ.*#\n\t", "m": [1, "two"]}, {"t": "hb"}]
     assert decode(encode(batch)) == batch
-    assert json.loads(encode(batch)) == batch
+    assert [json.loads(line) for line in encode(batch).split(b"\n")] == batch
     with pytest.raises(forseti_celery.InvalidMessage):
         encode([{"m": object()}])
 

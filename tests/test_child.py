@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -14,6 +13,7 @@ import pytest
 
 from forseti_celery import KeyedProcess
 from forseti_celery import child as child_main
+from forseti_celery import protocol as p
 from forseti_celery import zygote as zygote_mod
 from forseti_celery.children import KeyedChild
 
@@ -44,8 +44,8 @@ def _fork_spare(lifeline: child_main.Lifeline) -> tuple[int, Any]:
 
 def _assign(conn: Any, key: str) -> None:
     """Give the spare at the other end of ``conn`` its key, as a worker does, and see it start."""
-    conn.send_bytes(json.dumps([{"t": "assign", "n": "sink", "k": key, "a": []}]).encode())
-    assert conn.poll(5) and json.loads(conn.recv_bytes()) == [{"t": "started"}]
+    conn.send_bytes(p.encode([{"t": "assign", "n": "sink", "k": key, "a": []}]))
+    assert conn.poll(5) and p.decode(conn.recv_bytes()) == [{"t": "started"}]
 
 
 def _wait_exit(pid: int, timeout: float) -> int | None:
@@ -81,7 +81,7 @@ def test_a_keyed_process_ends_itself_once_its_worker_is_cut_off_even_under_a_str
         def feed() -> None:  # faster than the lifeline is checked: the pipe never stays quiet
             while not stop.is_set():
                 try:
-                    conn.send_bytes(json.dumps([{"t": "cast", "m": "x"}]).encode())
+                    conn.send_bytes(p.encode([{"t": "cast", "n": "sink", "k": "k", "m": "x"}]))
                 except OSError:
                     return
                 time.sleep(0.02)
@@ -109,12 +109,12 @@ def test_a_keyed_process_lives_on_while_its_worker_hears_the_broker() -> None:
         end = time.monotonic() + 1.5  # well past fence_after
         while time.monotonic() < end:
             lifeline.heard(time.monotonic())
-            conn.send_bytes(json.dumps([{"t": "cast", "m": "x"}]).encode())
+            conn.send_bytes(p.encode([{"t": "cast", "n": "sink", "k": "k", "m": "x"}]))
             time.sleep(0.05)
         assert _wait_exit(pid, 0) is None
-        conn.send_bytes(json.dumps([{"t": "stop", "reason": "test"}]).encode())
+        conn.send_bytes(p.encode([{"t": "stop", "reason": "test"}]))
         assert _wait_exit(pid, 5.0) == 0
-        assert json.loads(conn.recv_bytes()) == [{"t": "exit", "reason": "test"}]
+        assert p.decode(conn.recv_bytes()) == [{"t": "exit", "reason": "test"}]
     finally:
         _kill(pid)
         conn.close()

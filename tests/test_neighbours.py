@@ -221,11 +221,12 @@ def test_neighbours_answer_while_one_key_is_sent_a_stream_of_messages_just_under
     payload = [0] * ((LIMIT - 256) // 2)  # a list of zeros: the costliest shape to decode for its size
     with pytest.raises(InvalidMessage, match="exceeds forseti_max_message_size"):
         big.send([0] * (LIMIT // 2 + 1))
-    with misbehaving(street, "a stream of messages of 1 MiB"):
-        for _ in range(12):  # less than a mailbox: none may be dropped, however slowly it takes them
+    count = MAILBOX // LIMIT - 1  # less than a mailbox: none may be dropped, however slowly it takes them
+    with misbehaving(street, f"a stream of {count} messages of {LIMIT // 2**20} MiB"):
+        for _ in range(count):
             big.send(payload)
         big.send("after")
-        assert big.call("seen", timeout=60) == [0] * 12 + ["after"]
+        assert big.call("seen", timeout=60) == [0] * count + ["after"]
     big.stop()
 
 
