@@ -28,7 +28,7 @@ from celery.utils.log import get_logger
 from .conf import Settings
 from .errors import InvalidMessage
 from .process import KeyedProcess
-from .protocol import CALL, CAST, PAYLOAD, decode, encode, encode_message, payload
+from .protocol import CALL, CAST, PAYLOAD, decode, decode_payloads, encode, encode_message
 
 logger = get_logger(__name__)
 
@@ -95,7 +95,9 @@ class Mailbox:
                     if self._lifeline.cut_off():
                         os._exit(FENCED)  # fenced: our key may be given to another worker soon
                 if ready:
-                    for msg in decode(self._conn.recv_bytes(), routed=False):
+                    batch = decode(self._conn.recv_bytes(), routed=False)
+                    decode_payloads(batch)
+                    for msg in batch:
                         self._queue.put(msg)
         except (EOFError, OSError):
             # The worker is gone: a keyed process never outlives its worker.
@@ -111,7 +113,9 @@ class Mailbox:
         try:
             ours.send_bytes(encode([{"t": "assign", "n": "", "k": "", "a": []}]))
             if theirs.poll(1.0):
-                for msg in decode(theirs.recv_bytes(), routed=False):
+                batch = decode(theirs.recv_bytes(), routed=False)
+                decode_payloads(batch)
+                for msg in batch:
                     box.put(msg)
                 box.get()
             theirs.send_bytes(encode([{"t": "started"}]))
@@ -121,9 +125,9 @@ class Mailbox:
             theirs.close()
 
     def get(self, timeout: float | None = None) -> dict[str, Any] | None:
-        """Next protocol message, its payload decoded, or ``None`` after ``timeout``. A cast or
-        call whose payload is no JSON (forged: the worker forwards payloads undecoded) is dropped
-        and logged; a call is answered :class:`InvalidMessage`."""
+        """Next protocol message, its payload decoded (by the reader thread), or ``None`` after
+        ``timeout``. A cast or call whose payload is no JSON (forged: the worker forwards payloads
+        undecoded) is dropped and logged; a call is answered :class:`InvalidMessage`."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             try:
@@ -134,13 +138,13 @@ class Mailbox:
             kind = msg["t"]
             if kind != CAST and kind != CALL:
                 return msg
-            try:
-                msg[PAYLOAD] = payload(msg)
-                return msg
-            except KeyError:
+            value = msg.get(PAYLOAD, _STOP)
+            if value is _STOP:
                 error = f"{kind} without a message"
-            except InvalidMessage as exc:
-                error = str(exc)
+            elif isinstance(value, InvalidMessage):
+                error = str(value)
+            else:
+                return msg
             logger.warning("forseti: keyed process %r (pid %d) dropped a %s: %s", self.key, os.getpid(), kind, error)
             if kind == CALL:
                 self.reply(msg, error="invalid", type="InvalidMessage", msg=error)

@@ -20,8 +20,8 @@ a child writes is read as it comes, a frame at a time once whole, so a child
 stopped in the middle of a frame holds up no one else.
 
 No thread of the worker decodes or encodes a payload either (a cast's or call's
-message, a reply's value): a frame to a child is made of the envelopes, encoded
-again, and the payloads as views of the broker message's body, not copied (see
+message, a reply's value): a frame to a child is made of the lines of the broker
+message as they came, a large one as a view of its body, not copied (see
 :func:`~forseti_celery.protocol.encode_parts`); a child's answer goes into the
 reply broker message as the child encoded it.
 """
@@ -79,7 +79,8 @@ def _bodies(replies: dict[str, list[dict[str, Any]]]) -> list[tuple[str, list[di
     for routing_key, msgs in replies.items():
         start = size = 0
         for i, m in enumerate(msgs):
-            n = len(m.get(p.PAYLOAD, b""))
+            raw = m.get(p.PAYLOAD)
+            n = len(raw.line) if isinstance(raw, p.Raw) else 0
             if i > start and size + n > _BODY:
                 bodies.append((routing_key, msgs[start:i]))
                 start, size = i, 0

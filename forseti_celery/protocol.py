@@ -84,8 +84,8 @@ Message = dict[str, Any]
 #: everywhere with room to spare, where ~950 already failed in a worker.
 MAX_DEPTH = 200
 #: The field carried as the payload, after its envelope: a cast's or call's message, a reply's
-#: value. Decoded (:func:`decode`), it holds the payload's JSON bytes, undecoded (a memoryview of
-#: the body: no copy); :func:`payload` decodes them, where the value is used.
+#: value. Decoded (:func:`decode`), it holds a :class:`Raw`: the payload's line, undecoded (a
+#: memoryview of the body when large: no copy); :func:`payload` decodes it, where it is used.
 PAYLOAD = "m"
 #: ``json.dumps`` never writes a raw control character (it escapes them in strings, whatever
 #: ``ensure_ascii``), and no byte of a UTF-8 sequence for a character past ASCII is below 0x80:
@@ -168,40 +168,42 @@ def check_json(value: Any, what: str, max_size: int = 2**63) -> None:
 Chunk = bytes | bytearray | memoryview
 
 
+class Raw(NamedTuple):
+    """A decoded message's payload as it came: ``line[at:]``, on the line of its envelope. A worker
+    forwards the whole line, envelope included, as it came: it never changes the envelope of a
+    message with a payload."""
+
+    line: Chunk
+    at: int
+
+
 def encode_parts(messages: Sequence[Message | Encoded]) -> list[Chunk]:
     """Encode ``messages`` a line each, as chunks to send in a row: a message encoded by its sender
-    is taken as it is; a decoded one's envelope is encoded again (a few dozen bytes) and its
-    payload taken as it came, never decoded. A payload of 16 kB or more is a chunk of its own,
+    is taken as it is, and so is the line of a decoded one with a payload (:class:`Raw`): its
+    payload is never decoded nor encoded again. A line of 16 kB or more is a chunk of its own,
     not copied. Raises :class:`InvalidMessage` for non-JSON content."""
     parts: list[Chunk] = []
-    head = bytearray()
-    for i, m in enumerate(messages):
-        if i:
-            head += _LINE
-        raw: Chunk | None = None
+    pieces: list[Chunk] = []  # joined into one chunk, a copy of small things
+    for m in messages:
+        line: Chunk
         if isinstance(m, Encoded):
             line = m.data
+        elif isinstance(raw := m.get(PAYLOAD), Raw):
+            line = raw.line  # decoded here: forwarded as it came, envelope and payload
         else:
-            raw = m.get(PAYLOAD)
             try:
-                if isinstance(raw, (bytes, bytearray, memoryview)):
-                    line = _dumps({f: v for f, v in m.items() if f != PAYLOAD}) + _TAB
-                else:
-                    raw, line = None, _dumps(m)
+                line = _ENCODER.encode(m).encode()
             except (TypeError, ValueError, RecursionError) as exc:
                 raise InvalidMessage(f"not JSON-serialisable: {exc}") from exc
-        for piece in (line, raw):
-            if piece is None:
-                continue
-            if len(piece) < _OWN_CHUNK:
-                head += piece
-                continue
-            if head:
-                parts.append(head)
-                head = bytearray()
-            parts.append(piece)
-    if head or not parts:
-        parts.append(head)
+        if pieces:
+            pieces.append(_LINE)
+        if len(line) < _OWN_CHUNK:
+            pieces.append(line)
+            continue
+        parts += (b"".join(pieces), line)
+        pieces = [b""]  # the next line's separator follows
+    if pieces or not parts:
+        parts.append(b"".join(pieces))
     return parts
 
 
@@ -213,7 +215,7 @@ def encode(messages: Sequence[Message | Encoded]) -> bytes:
 def decode(body: Any, start: int = 0, end: int | None = None, routed: bool = True) -> list[Message]:
     """Decode a batch (a broker message's body, or a frame of a keyed process's pipe:
     ``body[start:end]``); never raises. Only envelopes are decoded: a payload is left in
-    the message (field :data:`PAYLOAD`) as a memoryview of ``body``, for :func:`payload`.
+    the message (field :data:`PAYLOAD`) as a :class:`Raw`, for :func:`payload`.
     ``routed``: casts, calls and stops lacking what routing them needs are dropped too (a
     keyed process takes what its worker routed to it as it is).
 
@@ -230,7 +232,10 @@ def decode(body: Any, start: int = 0, end: int | None = None, routed: bool = Tru
         return []
     end = len(body) if end is None else end
     view = memoryview(body)
-    batch: list[Message] = []
+    batch = _decode_together(body, start, end, view, routed)
+    if batch is not None:
+        return batch
+    batch = []
     dropped = 0
     while start < end:
         stop = body.find(_LINE, start, end)
@@ -244,7 +249,7 @@ def decode(body: Any, start: int = 0, end: int | None = None, routed: bool = Tru
                 m = None
             if type(m) is dict and (not routed or _well_formed(m)):
                 if tab >= 0:
-                    m[PAYLOAD] = view[tab + 1:stop]
+                    m[PAYLOAD] = Raw(view[start:stop], tab + 1 - start)
                 batch.append(m)
             else:
                 dropped += 1
@@ -255,14 +260,68 @@ def decode(body: Any, start: int = 0, end: int | None = None, routed: bool = Tru
     return batch
 
 
+def _decode_together(body: bytes | bytearray, start: int, end: int, view: memoryview,
+                     routed: bool) -> list[Message] | None:
+    """The usual case, fast: every envelope of ``body[start:end]`` decoded by one ``json.loads``
+    (a call per line costs 3 times as much); ``None`` if any line is not a well-formed envelope
+    (then each is decoded on its own, to drop only what is bad)."""
+    lines = body[start:end].split(_LINE)
+    envelopes = []
+    payloads: list[Raw | None] = []
+    at = start
+    for line in lines:
+        tab = line.find(_TAB)
+        if tab < 0:
+            envelopes.append(line)
+            payloads.append(None)
+        else:
+            envelopes.append(line[:tab])
+            # A large line is a view of the body: what reaches a pipe or a broker is not a copy.
+            payloads.append(Raw(line if len(line) < _OWN_CHUNK else view[at:at + len(line)], tab + 1))
+        at += len(line) + 1
+    try:
+        decoded = _loads(b"[" + b",".join(envelopes) + b"]")
+    except (ValueError, RecursionError):
+        return None
+    if len(decoded) != len(lines):
+        return None
+    for m, raw in zip(decoded, payloads, strict=True):
+        if type(m) is not dict or (routed and not _well_formed(m)):
+            return None
+        if raw is not None:
+            m[PAYLOAD] = raw
+    return decoded  # type: ignore[no-any-return]
+
+
+def decode_payloads(batch: list[Message]) -> None:
+    """Decode the payloads of ``batch`` in place (one ``json.loads`` for all when it can: a keyed
+    process takes many small casts at a time); a payload that is no JSON becomes the
+    :class:`InvalidMessage` saying why."""
+    raws = [m for m in batch if isinstance(m.get(PAYLOAD), Raw)]
+    if len(raws) > 1:
+        try:
+            values = _loads(b"[" + b",".join(m[PAYLOAD].line[m[PAYLOAD].at:] for m in raws) + b"]")
+        except (ValueError, RecursionError):
+            values = None
+        if values is not None and len(values) == len(raws):
+            for m, value in zip(raws, values, strict=True):
+                m[PAYLOAD] = value
+            return
+    for m in raws:
+        try:
+            m[PAYLOAD] = payload(m)
+        except InvalidMessage as exc:
+            m[PAYLOAD] = exc
+
+
 def payload(msg: Message) -> Any:
     """The payload of a decoded message (field :data:`PAYLOAD`), decoded: raises
     :class:`InvalidMessage` if it is not JSON (only a forger or a broken sender writes that)."""
     raw = msg[PAYLOAD]
-    if not isinstance(raw, (bytes, bytearray, memoryview)):
+    if not isinstance(raw, Raw):
         return raw  # in the envelope (a message made here, never encoded)
     try:
-        return _loads(bytes(raw))
+        return _loads(bytes(raw.line[raw.at:]))
     except RecursionError:
         raise InvalidMessage(f"{msg.get('t')} payload is nested deeper than {MAX_DEPTH} levels") from None
     except ValueError as exc:

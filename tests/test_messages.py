@@ -97,15 +97,17 @@ def test_a_key_or_name_that_utf8_cannot_carry_is_refused_as_such(redis_url: str)
 
 
 def test_a_payload_crosses_a_worker_as_the_bytes_it_came_in() -> None:
-    # What a worker does with a broker message's body: envelopes decoded, each payload kept as a
-    # view of the body, then written to the keyed process's pipe as that view (no copy).
+    # What a worker does with a broker message's body: envelopes decoded, each payload kept
+    # undecoded on its line, a large line as a view of the body, then written to the keyed
+    # process's pipe as that view (no copy).
     payload = _json(list(range(10_000)))
-    body = p.encode([p.Encoded(_json({"t": p.CAST, "n": "n", "k": "k"}) + b"\t" + payload),
+    line = _json({"t": p.CAST, "n": "n", "k": "k"}) + b"\t" + payload
+    body = p.encode([p.Encoded(line),
                      p.Encoded(_json({"t": p.CALL, "n": "n", "k": "k", "r": "q", "c": "1"}) + b"\t{not json")])
     cast, call = p.decode(body)
     frame = p.encode_parts([cast, call, {"t": p.STOP, "reason": "stop"}])
     (view,) = [part for part in frame if isinstance(part, memoryview)]
-    assert view.obj is body and view == payload
+    assert view.obj is body and view == line
     assert b"".join(frame) == body + b'\n{"t":"stop","reason":"stop"}'
     assert p.payload(cast) == list(range(10_000))
     with pytest.raises(InvalidMessage, match="call payload is not JSON"):
