@@ -26,6 +26,7 @@ __all__ = ["Leader"]
 
 Key = tuple[str, str]
 Waiter = tuple[str, str]  # (reply routing key, correlation id)
+Waiters = dict[Waiter, float]  # -> when its caller gives up (``time.time()``; inf: never said)
 Send = Callable[[str, dict[str, Any]], None]  # (routing key, message)
 _NODE_MESSAGES = frozenset({p.SPAWNED, p.SPAWN_FAILED, p.EXITED})
 
@@ -38,13 +39,14 @@ class Entry:
     sid: str
     args: list[Any]
     pid: int | None = None
-    waiters: list[Waiter] = field(default_factory=list)
+    #: Callers of ``get_key`` waiting for it to start, until their deadline (see :meth:`Leader.expire`).
+    waiters: Waiters = field(default_factory=dict)
     #: When the leader recorded it, in its own count of records: a worker's report answers
     #: for the entries recorded before it was asked for, never for later ones.
     seq: int = 0
     since: float = field(default_factory=time.monotonic)
-    #: How many of ``waiters`` the worker answers itself when the process has started.
-    told: int = 0
+    #: The waiters the worker answers itself when the process has started (sent with its order).
+    told: frozenset[Waiter] = frozenset()
 
 
 class Leader:
@@ -71,6 +73,7 @@ class Leader:
         self._starting: dict[Key, Entry] = {}
         self._deferred: list[dict[str, Any]] = []
         self._deferred_exits: set[Key] = set()
+        self._next_expiry = 0.0
         self._handlers: dict[str, Callable[[dict[str, Any]], None]] = {
             p.GET: self._get, p.SEARCH: self._search, p.METRICS: self._metrics, p.STOP_KEY: self._stop,
             p.SPAWNED: self._spawned, p.SPAWN_FAILED: self._spawn_failed, p.EXITED: self._exited,
@@ -173,7 +176,7 @@ class Leader:
             if entry.pid is None:
                 if pid is not None:
                     entry.sid = sid
-                    self._started(k, entry, pid, told=0)  # its start report (and answers?) were lost
+                    self._started(k, entry, pid, answer_all=True)  # its start report (and answers?) were lost
                 elif sid != entry.sid:
                     # Its order was lost, or refused: place it again, for whoever still waits.
                     logger.info("forseti: %r never started on %s; placed again", k, host)
@@ -215,20 +218,24 @@ class Leader:
         deferred, self._deferred = self._deferred, []
         self._deferred_exits.clear()
         for msg in deferred:
-            self.handle(msg)
+            try:
+                self.handle(msg)
+            except Exception:  # a malformed request (clients write to the leader queue) costs only itself
+                logger.exception("forseti: %s skipped a malformed deferred %r message", self.hostname, msg.get("t"))
 
     # -- messages ---------------------------------------------------------------------
     def handle(self, msg: dict[str, Any]) -> None:
         """A message from the leader queue; during the rebuild, only what :meth:`_settled` allows."""
-        if not self.ready and not self._settled(msg):
-            self._deferred.append(msg)
-            if msg["t"] == p.EXITED:
-                self._deferred_exits.add((msg["n"], msg["k"]))
-            return
-        handler = self._handlers.get(msg["t"])
+        kind = msg.get("t")
+        handler = self._handlers.get(kind) if type(kind) is str else None
         if handler is None:
             return
-        if msg["t"] not in _NODE_MESSAGES and msg.get("d", float("inf")) < time.time():
+        if not self.ready and not self._settled(msg):
+            self._deferred.append(msg)
+            if kind == p.EXITED:
+                self._deferred_exits.add((msg["n"], msg["k"]))
+            return
+        if kind not in _NODE_MESSAGES and _deadline(msg) < time.time():
             return  # the caller has given up already
         handler(msg)
 
@@ -254,11 +261,23 @@ class Leader:
         waiter = (msg["r"], msg["c"])
         entry = self._table.get(k)
         if entry is None:
-            self._start(k, msg.get("a", []), [waiter])
+            self._start(k, msg.get("a", []), {waiter: _deadline(msg)})
         elif entry.pid is not None:
             self._answer(waiter, k, entry)
-        elif waiter not in entry.waiters:
-            entry.waiters.append(waiter)
+        else:
+            entry.waiters[waiter] = _deadline(msg)
+
+    def expire(self, now: float | None = None) -> None:
+        """Forget the callers of keys still starting who have given up (their deadline passed): a
+        key whose init hangs keeps no waiter per ``get_key`` forever. At most once a second."""
+        now = time.time() if now is None else now
+        if now < self._next_expiry:
+            return
+        self._next_expiry = now + 1.0
+        for entry in self._starting.values():
+            gone = [w for w, deadline in entry.waiters.items() if deadline < now]
+            for w in gone:
+                del entry.waiters[w]
 
     def _search(self, msg: dict[str, Any]) -> None:
         entry = self._table.get((msg["n"], msg["k"]))
@@ -311,11 +330,12 @@ class Leader:
         for reply_to, corr in entry.waiters:
             self._reply(reply_to, {**error, "c": corr})
 
-    def _started(self, k: Key, entry: Entry, pid: int, told: int | None = None) -> None:
+    def _started(self, k: Key, entry: Entry, pid: int, answer_all: bool = False) -> None:
         entry.pid = pid
         self._starting.pop(k, None)
-        for waiter in entry.waiters[entry.told if told is None else told:]:
-            self._answer(waiter, k, entry)
+        for waiter in entry.waiters:
+            if answer_all or waiter not in entry.told:
+                self._answer(waiter, k, entry)
         entry.waiters.clear()
 
     def _exited(self, msg: dict[str, Any]) -> None:
@@ -328,7 +348,7 @@ class Leader:
             self._reply(reply_to, {"t": p.REPLY, "c": corr, "v": True})
 
     # -- table ------------------------------------------------------------------------
-    def _start(self, k: Key, args: list[Any], waiters: list[Waiter]) -> None:
+    def _start(self, k: Key, args: list[Any], waiters: Waiters) -> None:
         node = self.least_used(k[0])
         if node is None:
             known = any(k[0] in m.names for m in self.members)
@@ -338,7 +358,7 @@ class Leader:
             for reply_to, corr in waiters:
                 self._reply(reply_to, {"t": p.REPLY, "c": corr, "error": error, "msg": text})
             return
-        entry = Entry(node, uuid.uuid4().hex, args, waiters=list(waiters), told=len(waiters))
+        entry = Entry(node, uuid.uuid4().hex, args, waiters=dict(waiters), told=frozenset(waiters))
         self._record(node, k, entry)
         # The worker answers these callers itself once the process has started: one hop less.
         self._send_node(node, {"t": p.SPAWN, "n": k[0], "k": k[1], "a": args, "sid": entry.sid,
@@ -382,3 +402,9 @@ class Leader:
     def info(self) -> dict[str, Any]:
         """Summary for ``celery inspect stats``."""
         return {"keys": len(self._table), "epoch": self.epoch, "ready": self.ready}
+
+
+def _deadline(msg: dict[str, Any]) -> float:
+    """When the sender of a request gives up (its ``d``, ``time.time()``); inf when it says not."""
+    d = msg.get("d")
+    return float(d) if isinstance(d, (int, float)) and not isinstance(d, bool) else float("inf")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -200,3 +201,32 @@ def test_a_leader_holding_a_fencing_token_leads_with_it_whatever_the_reports_cla
     assert leader.ready and leader.epoch == 5
     leader.handle(get("k", "1"))
     assert {m["epoch"] for _, m in wire.spawns()} == {5}
+
+
+def test_a_malformed_request_deferred_during_a_rebuild_costs_none_of_the_messages_after_it(cluster: Any) -> None:
+    leader, _, wire = cluster
+    leader.activate(0)
+    leader.report(report("a", []))
+    leader.handle(get("x", "1"))
+    leader.handle({"t": p.GET, "n": "default", "k": "no-reply-queue"})  # a client's, so not signed: no r, no c
+    leader.handle(get("y", "2"))
+    leader.report(report("b", []))
+    leader.report(report("c", [["default", "on-c", 5, "s5"]]))
+    assert leader.ready
+    assert {m["k"]: m["w"] for _, m in wire.spawns()} == {"x": [["client", "1"]], "y": [["client", "2"]]}
+    leader.handle(search("on-c", "4"))
+    assert wire.answer("4")["v"] == ["c", 5]
+
+
+def test_callers_of_a_key_whose_start_hangs_are_forgotten_once_they_have_given_up(cluster: Any) -> None:
+    leader, _, wire = cluster
+    host, spawn = place_one(leader, wire)  # caller "1", told to the worker with the order
+    now = time.time()
+    for i in range(1000):
+        leader.handle({**get("k", f"gave-up-{i}"), "d": now + 1})
+    leader.handle({**get("k", "patient"), "d": now + 60})
+    leader.handle({**get("k", "patient"), "d": now + 60})  # asked again: one waiter, one answer
+    leader.expire(now + 2)
+    assert sum(len(e.waiters) for e in leader._starting.values()) == 2  # "1" and "patient"
+    leader.handle({"t": p.SPAWNED, "n": "default", "k": "k", "node": host, "pid": 7, "sid": spawn["sid"]})
+    assert [m["c"] for _, m in wire.replies] == ["patient"]  # the worker answers "1" itself
