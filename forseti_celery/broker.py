@@ -460,7 +460,7 @@ class ConsumerLoop(threading.Thread):
                 now = time.monotonic()
                 if now >= next_tick:
                     if self._tick is not None:
-                        self._tick()
+                        self._run_tick(self._tick)
                     next_tick = now + self._interval
                 try:
                     conn.drain_events(timeout=max(0.001, next_tick - time.monotonic()))
@@ -490,6 +490,16 @@ class ConsumerLoop(threading.Thread):
             logger.warning("forseti: %s could not answer: %r", self.name, exc)
         except Exception:
             logger.exception("forseti: %s could not handle a message", self.name)
+
+    def _run_tick(self, tick: Callable[[], None]) -> None:
+        """Run the tick on a live connection: a lost broker ends the connection (to reconnect),
+        any other failure is logged and costs neither the connection nor the restart intensity."""
+        try:
+            tick()
+        except Exception as exc:
+            if _is_connection_error(exc):
+                raise
+            logger.exception("forseti: %s tick failed", self.name)
 
     def _safe(self, fn: Callable[[], None]) -> None:
         try:

@@ -40,6 +40,7 @@ try:  # resolved once in the worker, so a new child does not load libc again
 except (OSError, AttributeError):  # not Linux: the pipe's end-of-file still ends a child
     _prctl = None
 _STOP = object()
+_OTHERS = frozenset({"assign", "stop"})  # what else a worker sends a keyed process: a malformed rest is dropped
 _current: Mailbox | None = None
 #: Exit code of a keyed process that ended itself because its worker stopped hearing the broker.
 FENCED = 2
@@ -127,7 +128,8 @@ class Mailbox:
     def get(self, timeout: float | None = None) -> dict[str, Any] | None:
         """Next protocol message, its payload decoded (by the reader thread), or ``None`` after
         ``timeout``. A cast or call whose payload is no JSON (forged: the worker forwards payloads
-        undecoded) is dropped and logged; a call is answered :class:`InvalidMessage`."""
+        undecoded) or that has none is dropped and logged; a call is answered :class:`InvalidMessage`
+        (if it says where to). A message of another type is dropped and logged too."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             try:
@@ -135,10 +137,18 @@ class Mailbox:
                     timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 return None
-            kind = msg["t"]
+            kind = msg.get("t")
             if kind != CAST and kind != CALL:
-                return msg
+                if type(kind) is str and kind in _OTHERS:
+                    return msg
+                logger.warning("forseti: keyed process %r (pid %d) dropped a message of type %r", self.key,
+                               os.getpid(), kind)
+                continue
             value = msg.get(PAYLOAD, _STOP)
+            if kind == CALL and not (type(msg.get("r")) is str and type(msg.get("c")) is str):
+                logger.warning("forseti: keyed process %r (pid %d) dropped a call with no one to answer",
+                               self.key, os.getpid())
+                continue
             if value is _STOP:
                 error = f"{kind} without a message"
             elif isinstance(value, InvalidMessage):

@@ -48,6 +48,7 @@ from celery.utils.log import get_logger
 from . import child as child_main
 from . import protocol as p
 from . import zygote as zygote_mod
+from .conf import MAX_TIMEOUT
 from .errors import BrokerUnavailable
 
 logger = get_logger(__name__)
@@ -504,7 +505,7 @@ class Children:
                             if "r" in m:
                                 c.stoppers.append((m["r"], m["c"]))
                             if c.kill_at is None:
-                                c.kill_at = time.monotonic() + float(m.get("grace", self._stop_timeout))
+                                c.kill_at = time.monotonic() + self._grace(m.get("grace"))
                                 self._dying.add(c)
                     c.messages += len(live)
             for m in dead:
@@ -513,6 +514,14 @@ class Children:
                 assert c is not None
                 self._mailbox_full(c, refused)
         self._wake()
+
+    def _grace(self, grace: Any) -> float:
+        """Seconds a stopped process has to end: a stop's ``grace`` if it is one (a number of
+        seconds, finite, 0 to MAX_TIMEOUT: anyone may write a stop, NaN included), else
+        forseti_stop_timeout."""
+        if type(grace) in (int, float) and 0 <= grace <= MAX_TIMEOUT:
+            return float(grace)
+        return self._stop_timeout
 
     def _post(self, c: Child, msgs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Put ``msgs`` in ``c``'s mailbox and write what its pipe takes now, without waiting
@@ -677,6 +686,8 @@ class Children:
                 continue
             if self._zygote is not None and fd == self._zygote.exit_fd:
                 self._zygote.read_exits()
+                if not self._zygote.alive:  # ended: its socket is readable (at its end) for good
+                    self._poller.unregister(fd)
                 continue
             entry = self._by_fd.get(fd)
             if entry is None:

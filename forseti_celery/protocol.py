@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -247,7 +248,7 @@ def decode(body: Any, start: int = 0, end: int | None = None, routed: bool = Tru
                 m = _loads(body[start:stop if tab < 0 else tab])
             except (ValueError, RecursionError):
                 m = None
-            if type(m) is dict and (not routed or _well_formed(m)):
+            if type(m) is dict and (not routed or _well_formed(m, tab >= 0)):
                 if tab >= 0:
                     m[PAYLOAD] = Raw(view[start:stop], tab + 1 - start)
                 batch.append(m)
@@ -286,7 +287,7 @@ def _decode_together(body: bytes | bytearray, start: int, end: int, view: memory
     if len(decoded) != len(lines):
         return None
     for m, raw in zip(decoded, payloads, strict=True):
-        if type(m) is not dict or (routed and not _well_formed(m)):
+        if type(m) is not dict or (routed and not _well_formed(m, raw is not None)):
             return None
         if raw is not None:
             m[PAYLOAD] = raw
@@ -341,19 +342,32 @@ def _loads(data: bytes | bytearray) -> Any:
         gc.enable()
 
 
-_TO_KEY = frozenset({CAST, CALL, STOP})
+#: Text fields each type of message a client may send needs (anyone who can write to the broker
+#: can send these: a worker's own messages are checked by their signature, see ``signing``).
+_TEXT_FIELDS: dict[str, tuple[str, ...]] = {
+    CAST: ("n", "k"), CALL: ("n", "k", "r", "c"), STOP: ("n", "k"),
+    GET: ("n", "k", "r", "c"), SEARCH: ("n", "k", "r", "c"), STOP_KEY: ("n", "k", "r", "c", "node"),
+    METRICS: ("r", "c"),
+}
+_WITH_PAYLOAD = frozenset({CAST, CALL})
 
 
-def _well_formed(m: Any) -> bool:
-    """Whether ``m`` is an object with what its type needs (a worker delivers casts, calls and
-    stops without looking further): text ``n`` and ``k``, and for a call text ``r`` and ``c``."""
-    if type(m) is not dict:
-        return False
+def _well_formed(m: Message, payload: bool) -> bool:
+    """Whether the envelope ``m`` (``payload``: a payload follows it) has what its type needs, so
+    that handling it cannot fail on its shape: a text ``t`` (or none, and a text ``type``: a Celery
+    event); for what a client sends, the text fields its handler reads, a finite deadline ``d``
+    and, for a cast or call, its message; ``a`` of a ``get`` a list."""
     t = m.get("t")
-    if type(t) is not str or t not in _TO_KEY:
+    if type(t) is not str:
+        return t is None and type(m.get("type")) is str  # a Celery event (a client's cache hears them)
+    needs = _TEXT_FIELDS.get(t)
+    if needs is None:
         return True
-    return type(m.get("n")) is str and type(m.get("k")) is str and (
-        t != CALL or (type(m.get("r")) is str and type(m.get("c")) is str))
+    d = m.get("d")
+    return (all(type(m.get(f)) is str for f in needs)
+            and (d is None or (type(d) in (int, float) and math.isfinite(d)))
+            and (t not in _WITH_PAYLOAD or payload or PAYLOAD in m)
+            and type(m.get("a", [])) is list)
 
 
 #: Seconds a worker's node queue outlives its last consumer (RabbitMQ's ``x-expires``) or, on

@@ -73,7 +73,7 @@ class Node:
         # Worker secret set: everything we publish is signed, and worker messages we receive are
         # believed only signed (a message older than a worker's timeout says nothing true any more).
         self.signer = signer_for(s.worker_secret, hostname, s.node_timeout)
-        self.publisher = Publisher(app.connection_for_write(), keep=self.names.queue_ttl, signer=self.signer)
+        self.publisher = Publisher(app.connection_for_write(), keep=self._queue_ttl, signer=self.signer)
         self.election = election_for(driver, app.connection_for_write(), f"{s.namespace}:leader", s.lease, hostname)
         self.leader = Leader(hostname, self.members, self._send_node, self._send_reply)
         self._out: dict[str, list[dict[str, Any]]] = {}  # what the consumer thread sends, per queue
@@ -103,7 +103,7 @@ class Node:
             intensity=RestartIntensity(s.max_retries, s.max_time),
             tick=self._tick, interval=min(0.25, s.heartbeat / 2),
             on_connect=self._connected, on_disconnect=self._disconnected, on_give_up=self._give_up,
-            admit=None if self.signer is None else self.signer.admit,
+            admit=self._admit,
             # A flood to our keys waits in the broker, not ahead of the heartbeats and leader requests.
             windowed=lambda: [self._node_queue],
         )
@@ -200,6 +200,23 @@ class Node:
         self._flush_out()
 
     # -- consumer thread ----------------------------------------------------------------------
+    def _admit(self, message: Any, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """What of ``batch`` (decoded from the kombu ``message``) to act on: with a worker secret,
+        only what its signature allows (:meth:`~forseti_celery.signing.Signer.admit`); and leader
+        messages only from the leader queue. On RabbitMQ a leader message makes its receiver take
+        the role (only the queue's active consumer gets one): a client's request written to a
+        worker's own queue would make that worker lead beside the real leader."""
+        if self.signer is not None:
+            batch = self.signer.admit(message, batch)
+        info = message.delivery_info or {}
+        if not info.get("exchange") and info.get("routing_key") == self.names.leader:
+            return batch
+        kept = [m for m in batch if m.get("t") not in _LEADER_TYPES]
+        if len(kept) != len(batch):
+            logger.warning("forseti: %s dropped %d leader messages that did not come through the leader queue",
+                           self.hostname, len(batch) - len(kept))
+        return kept
+
     def _on_batch(self, batch: list[dict[str, Any]]) -> None:
         self._stalled(time.monotonic())
         self._handle(batch)
@@ -232,20 +249,40 @@ class Node:
                 logger.warning("forseti: %d messages to %s lost: %s", len(msgs), routing_key, exc)
 
     def _handle(self, batch: list[dict[str, Any]]) -> None:
+        """Handle a batch in order, each message on its own: one malformed message (forged, or
+        from a broken client: clients may write to every queue) is logged and skipped, and costs
+        none of the others, the casts collected before it included."""
         to_children: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for msg in batch:
-            kind = msg["t"]
-            if kind == _LOST:  # our own note, only ever held: from the wire, a forgery
+            kind = msg.get("t")
+            if kind == _LOST or type(kind) is not str:  # _LOST: our own note, only ever held
+                if kind != _LOST:
+                    logger.warning("forseti: %s skipped a message of no type", self.hostname)
                 continue
             if kind in _TO_CHILD:
-                to_children.setdefault((msg["n"], msg["k"]), []).append(msg)
+                if type(msg.get("n")) is str and type(msg.get("k")) is str:
+                    to_children.setdefault((msg["n"], msg["k"]), []).append(msg)
+                else:
+                    logger.warning("forseti: %s skipped a %r message naming no key", self.hostname, kind)
                 continue
             if to_children:  # keep the order of everything else relative to deliveries
-                self.children.deliver(to_children)
+                self._deliver(to_children)
                 to_children = {}
-            self._dispatch(kind, msg)
+            try:
+                self._dispatch(kind, msg)
+            except BrokerUnavailable:
+                raise
+            except Exception:
+                logger.exception("forseti: %s skipped a malformed %r message", self.hostname, kind)
         if to_children:
+            self._deliver(to_children)
+
+    def _deliver(self, to_children: dict[tuple[str, str], list[dict[str, Any]]]) -> None:
+        try:
             self.children.deliver(to_children)
+        except Exception:
+            logger.exception("forseti: %s could not deliver %d messages", self.hostname,
+                             sum(map(len, to_children.values())))
 
     def _dispatch(self, kind: str, msg: dict[str, Any]) -> None:
         if self._doubt is not None and kind in _HELD_TYPES:
@@ -362,7 +399,12 @@ class Node:
         if held:
             logger.info("forseti: %s is heard again; handling %d held messages", self.hostname, len(held))
         for msg in held:
-            self._dispatch(msg["t"], msg)
+            try:
+                self._dispatch(msg["t"], msg)
+            except BrokerUnavailable:
+                raise
+            except Exception:
+                logger.exception("forseti: %s skipped a malformed held %r message", self.hostname, msg["t"])
 
     def _available(self) -> bool:
         """Whether this worker takes new keyed processes now."""
@@ -382,6 +424,8 @@ class Node:
                 logger.info("forseti: worker %s is silent; declared dead", dead.hostname)
                 self._lost(dead.hostname)
         self._fence(now)
+        if self.leader.ready:
+            self.leader.expire()
         if connected and now >= self._next_beat:
             self._next_beat = now + self.settings.heartbeat
             self._beat()
@@ -482,6 +526,12 @@ class Node:
 
     def _send_many(self, batches: list[tuple[str, list[dict[str, Any]]]]) -> None:
         self.publisher.publish_many(self.names.exchange, batches, self._declare)
+
+    def _queue_ttl(self, routing_key: str) -> float | None:
+        """Redis: a node queue's TTL (:meth:`~forseti_celery.protocol.Names.queue_ttl`), and as much
+        for the leader queue, whose list a client's push keeps only until its own deadline (worker
+        reports must outlive a short-deadline request pushed before them)."""
+        return p.NODE_QUEUE_EXPIRES if routing_key == self.names.leader else self.names.queue_ttl(routing_key)
 
     def _declare(self, routing_key: str) -> list[Queue]:
         return [self.names.leader_queue] if routing_key == self.names.leader else []

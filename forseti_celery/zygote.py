@@ -107,8 +107,10 @@ class Zygote:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
+                self.alive = False  # (reset: ended too)
                 return
-            if not data:
+            if not data:  # the zygote has ended: its socket stays readable (the watcher stops polling it)
+                self.alive = False
                 return
             pid, code = data.split()
             self._codes[int(pid)] = int(code)
@@ -122,8 +124,8 @@ class Zygote:
         deadline = time.monotonic() + timeout
         while pid not in self._codes:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or self._exits.fileno() < 0:
-                return None  # (the zygote was stopped: the worker is shutting down)
+            if remaining <= 0 or self._exits.fileno() < 0 or not self.alive:
+                return None  # (the zygote has ended, or was stopped: the worker is shutting down)
             select.select([self._exits], [], [], remaining)
             self.read_exits()
         return self._codes[pid]

@@ -19,10 +19,13 @@ from forseti_celery.children import KeyedChild
 
 
 class Sink(KeyedProcess):
-    """Takes casts and does nothing with them."""
+    """Takes casts and does nothing with them; answers a call with its message."""
 
     def handle_cast(self, msg: Any) -> None:
         pass
+
+    def handle_call(self, msg: Any) -> Any:
+        return msg
 
 
 def _fork_spare(lifeline: child_main.Lifeline) -> tuple[int, Any]:
@@ -156,3 +159,26 @@ def test_the_zygote_watches_the_lifeline_for_its_keyed_processes_which_never_wak
         conn.close()
     finally:
         zygote.stop()
+
+
+def test_a_keyed_process_drops_a_message_it_cannot_act_on_and_lives_on() -> None:
+    pid, conn = _fork_spare(child_main.Lifeline(fence_after=60.0, check_every=0.1))
+    try:
+        _assign(conn, "k")
+        # What a worker forwards as it came (it routes on n and k only), forged or broken.
+        conn.send_bytes(b"\n".join([
+            b'{"t":"cast","n":"sink","k":"k"}',  # no message
+            b'{"t":"call","n":"sink","k":"k"}\t1',  # no one to answer
+            b'{"t":"call","n":"sink","k":"k","r":"r","c":"no-message"}',
+            b'{"t":"nonsense"}', b'{"t":[1]}', b"{}",
+            b'{"t":"call","n":"sink","k":"k","r":"r","c":"good"}\t7',
+        ]))
+        answers: list[dict[str, Any]] = []
+        while len(answers) < 2 and conn.poll(5):
+            answers += p.decode(conn.recv_bytes())
+        assert [(a["c"], a.get("error")) for a in answers] == [("no-message", "invalid"), ("good", None)]
+        assert p.payload(answers[1]) == 7
+        assert _wait_exit(pid, 0.0) is None, "the keyed process ended"
+    finally:
+        _kill(pid)
+        conn.close()

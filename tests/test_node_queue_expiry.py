@@ -14,6 +14,7 @@ from forseti_celery.protocol import NODE_QUEUE_EXPIRES, Names
 from forseti_celery.testing import wait_for
 
 from .helpers import fresh, harness
+from .test_safety import in_process_node
 
 
 def _ttl(redis_url: str, name: str) -> float:
@@ -79,3 +80,28 @@ def test_a_consumer_raises_its_own_lists_ttl_and_a_push_never_lowers_it(redis_ur
         with redis.Redis.from_url(redis_url) as r:
             r.delete(queue, names.leader)
         publisher.close()
+
+
+def test_a_workers_report_outlives_the_short_deadline_of_a_client_request_pushed_before_it(redis_url: str) -> None:
+    node = in_process_node(redis_url)
+    names = node.names
+    client = Publisher(Celery("client", broker=redis_url, set_as_current=False).connection_for_write(),
+                       keep=names.queue_ttl)
+    try:
+        # A client's request that stops mattering in 0.5 s: the leader list lives that long, no longer.
+        client.publish(names.exchange, names.leader, [{"t": "search"}], declare=[names.leader_queue], expiration=0.5)
+        assert 0 < _ttl(redis_url, names.leader) <= 0.5
+        # A worker's report, pushed behind it (a leader busy or changing hands reads both later).
+        node.publisher.publish_many(names.exchange, [(names.leader, [{"t": "exited"}]),
+                                                     (names.node_routing_key("w@h"), [{"t": "cast"}])])
+        node.publisher.publish(names.exchange, names.leader, [{"t": "spawned"}])
+        ttl = _ttl(redis_url, names.leader)
+        print(f"\nleader list after a 0.5 s request and two worker reports: TTL {ttl:.1f} s")
+        assert ttl > NODE_QUEUE_EXPIRES - 5
+    finally:
+        with redis.Redis.from_url(redis_url) as r:
+            r.delete(names.leader, names.node_routing_key("w@h"))
+        client.close()
+        node.publisher.close()
+        node.election.close()
+        node.events.close()
