@@ -337,15 +337,17 @@ class Node:
         self.children.spawn(msg["n"], msg["k"], msg.get("a", []), msg["sid"], msg.get("w"))
 
     def _heard(self, hb: dict[str, Any]) -> None:
+        recovered = False
         if hb["node"] == self.hostname and hb["inc"] == self.incarnation:
             self._last_echo = time.monotonic()  # our own beat came back: the broker hears us
             self.children.lifeline.heard(self._last_echo)
-            if self._doubt is not None and int(hb.get("seq", 0)) > self._doubt:
-                self._doubt = None
-                self._trust()
+            recovered = self._doubt is not None and int(hb.get("seq", 0)) > self._doubt
         if self.members.heard(hb) is None:
             self._twin(hb)
             return
+        if recovered:  # after recording the echo, a beat sent in doubt: _trust's own beat is the truth
+            self._doubt = None
+            self._trust()
         epoch = int(hb.get("epoch", 0))
         if hb.get("leader") and hb["node"] != self.hostname and epoch > max(self.epoch, self.leader.epoch):
             if self._backed(epoch, hb["node"]) and self.leader.active and epoch > self.leader.epoch:
@@ -395,6 +397,11 @@ class Node:
 
     def _trust(self) -> None:
         """Heard again after a stall: handle what was held (its leader messages go to whoever leads)."""
+        # Say at once that we take keys again: the beats sent in doubt called us ineligible, and a
+        # leader (we, perhaps, once the held requests are replayed) would refuse new keys for a
+        # heartbeat with "no eligible live worker".
+        self._next_beat = time.monotonic() + self.settings.heartbeat
+        self._beat()
         held, self._held = self._held, []
         if held:
             logger.info("forseti: %s is heard again; handling %d held messages", self.hostname, len(held))

@@ -277,3 +277,26 @@ def test_a_stopping_leader_acts_on_no_leader_message_once_its_role_can_pass(brok
     # Also when no message came in that window: the role was left before the lease was released.
     assert at_release, "the lease was never released"
     assert not at_release[0][0], "the lease was released while this worker still led"
+
+
+def test_a_worker_heard_again_after_a_stall_is_eligible_at_once_not_a_heartbeat_later(redis_url: str) -> None:
+    """The beats a worker sends while in doubt (after a stall) call it ineligible; the moment its echo
+    proves it is heard, its record must say it takes keys again, or a leader (this worker itself,
+    replaying the held requests) answers a new key "no eligible live worker" for up to a heartbeat
+    (seen after a broker restart in test_broker_restart_keeps_the_children_...[rabbitmq])."""
+    node = in_process_node(redis_url)
+    try:
+        node._stalled(node._last_run + 10 * node._stall_after)  # a stall: in doubt from now on
+        assert node._doubt is not None
+        node._beat()  # what it says while in doubt
+        sent = {"t": p.HEARTBEAT, "node": node.hostname, "inc": node.incarnation, "seq": node._beats,
+                "eligible": False, "names": ["default"], "count": 0, "leader": False, "epoch": 0}
+        me = node.members.get(node.hostname)
+        assert me is not None and not me.eligible
+        node._heard(sent)  # its echo comes back: heard again
+        assert node._doubt is None
+        me = node.members.get(node.hostname)
+        assert me is not None and me.eligible, "still ineligible until its next heartbeat"
+    finally:
+        node.events.close()
+        node.publisher.close()
