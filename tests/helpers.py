@@ -12,7 +12,7 @@ from typing import Any
 
 from celery import Celery
 
-from forseti_celery import Forseti
+from forseti_celery import Forseti, KeyRef, MailboxFull
 from forseti_celery.testing import Cluster, short_hostname, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,3 +96,14 @@ def alive(pid: int) -> bool:
 def fresh(prefix: str) -> str:
     """A key no earlier test used."""
     return f"{prefix}-{time.monotonic_ns()}"
+
+
+def seen_once_continued(ref: KeyRef, timeout: float = 20.0) -> list[Any]:
+    """What a ``recorder`` keyed process, stopped and sent past its mailbox then continued, says it
+    has taken (``call("seen")``), asked until its mailbox has room for the call."""
+    def seen() -> list[Any] | None:
+        try:
+            return ref.call("seen", timeout=5)  # type: ignore[no-any-return]
+        except MailboxFull:  # still taking what waited for it
+            return None
+    return wait_for(seen, timeout, 0.1, "the continued process never answered")

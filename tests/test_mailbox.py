@@ -22,7 +22,7 @@ from forseti_celery.children import Children
 from forseti_celery.conf import Settings
 from forseti_celery.testing import wait_for
 
-from .helpers import Harness, fresh, harness
+from .helpers import Harness, fresh, harness, seen_once_continued
 
 #: forseti_mailbox_limit of these workers: small, so a few sends fill it.
 MAILBOX = 1024 * 1024
@@ -112,12 +112,7 @@ def test_a_stopped_process_sent_megabytes_holds_up_no_other_key_and_gets_what_it
         _assert_never_fenced(h, since)
         assert "casts to it dropped" in h.cluster.workers[0].log_text()
 
-        def seen() -> list[Any] | None:
-            try:
-                return stuck.call("seen", timeout=5)  # type: ignore[no-any-return]
-            except MailboxFull:  # still taking what waited for it
-                return None
-        got = wait_for(seen, 20, 0.1, "the continued process never answered")
+        got = seen_once_continued(stuck)
         # What its mailbox took, in order: the first sends (the later ones refused, but for
         # those still on their way once it was continued), never one twice.
         assert got == sorted(set(got)), got

@@ -43,7 +43,7 @@ from .chaos_support import (
     report,
     wait_one_leader,
 )
-from .helpers import Harness, client_app, fresh
+from .helpers import Harness, client_app, fresh, seen_once_continued
 from .test_messages import UNSENDABLE
 
 pytestmark = pytest.mark.chaos
@@ -157,12 +157,7 @@ def test_neighbours_answer_while_one_key_is_stopped_and_sent_past_its_mailbox_li
         finally:
             os.kill(stuck.pid, signal.SIGCONT)
 
-        def seen() -> list[Any] | None:
-            try:
-                return stuck.call("seen", timeout=5)  # type: ignore[no-any-return]
-            except MailboxFull:  # still taking what waited for it
-                return None
-        got = wait_for(seen, 20, 0.1, "the continued process never answered")
+        got = seen_once_continued(stuck)
     # What its mailbox took, in order, and the rest dropped (logged).
     assert got == list(range(len(got))) and MAILBOX // len(PAD) <= len(got) < sent, got
     assert "casts to it dropped" in street.worker.log_text()
