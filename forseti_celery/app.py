@@ -59,7 +59,7 @@ class Forseti:
             current: Forseti | None = getattr(current_app._get_current_object(), "_forseti", None)
             candidates = [current] + [r() for r in reversed(_installed)]
             for forseti in candidates:
-                if forseti is not None and namespace in (None, forseti.settings.namespace):
+                if forseti is not None and namespace in (None, _namespace_of(forseti)):
                     return forseti
             if namespace is not None:
                 raise InvalidArgument(f"no Forseti of namespace {namespace!r} in this process: install "
@@ -152,3 +152,12 @@ class Forseti:
     def get_less_used_node(self, timeout: float | None = None) -> str:
         """See :func:`forseti_celery.get_less_used_node`."""
         return self.client.get_less_used_node(timeout)
+
+
+def _namespace_of(forseti: Forseti) -> str | None:
+    """The namespace ``forseti`` serves, or None when its settings are invalid: a misconfigured
+    install left in this process serves nothing, and must not break the search for another."""
+    try:
+        return forseti.settings.namespace
+    except ConfigurationError:
+        return None

@@ -65,6 +65,17 @@ def test_a_ref_of_another_namespace_is_refused_instead_of_served_by_this_cluster
         KeyRef.from_json(theirs.to_json(), warm.app).call("get")
 
 
+def test_a_misconfigured_install_left_in_the_process_does_not_break_finding_another(warm: Forseti) -> None:
+    bad_app = Celery("bad", set_as_current=False)
+    bad_app.conf.forseti_nodes = "w1@host"  # refused when read: a list is wanted
+    bad = Forseti(bad_app)  # kept alive: installed after ``warm``, so searched before it
+    theirs = KeyRef("w@h", 1, "k", "default", "no-such-namespace")
+    with pytest.raises(InvalidArgument, match="no-such-namespace"):
+        theirs.call("get")
+    assert Forseti.of(namespace=warm.settings.namespace) is warm
+    assert bad.app is bad_app
+
+
 @pytest.mark.parametrize(("data", "says"), [
     ({"node": "x"}, "'pid' missing, 'key' missing"),
     ({"node": "x", "pid": "12", "key": "k"}, "'pid' is str, not int"),
