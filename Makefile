@@ -33,6 +33,7 @@ bench: venv
 
 lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 types: venv
 	$(BIN)/mypy forseti_celery

@@ -360,7 +360,7 @@ class ForsetiBench:
             elif self.run.url.startswith(("amqp", "pyamqp")):
                 from kombu import Connection, Queue
 
-                from forseti_celery.protocol import Names
+                from forseti_celery.core.protocol import Names
 
                 names = Names(self.namespace, single_active_consumer=True)
                 queues = [names.leader_queue, Queue(f"{self.namespace}.tasks")]
@@ -896,7 +896,7 @@ def signing_cost(n: int = 20_000) -> tuple[float, float]:
     """Microseconds to sign, and to check, one broker message of 200 bytes."""
     from types import SimpleNamespace
 
-    from forseti_celery.signing import Signer
+    from forseti_celery.core.signing import Signer
 
     body = b"x" * 200
     signer, checker = Signer(["s" * 43], "w1@host", 8.0), Signer(["s" * 43], "w2@host", 8.0)

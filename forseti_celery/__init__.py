@@ -13,7 +13,7 @@ from typing import Any
 from celery import Celery
 
 from .app import Forseti
-from .errors import (
+from .core.errors import (
     BrokerUnavailable,
     ConfigurationError,
     DuplicateWorker,
@@ -29,8 +29,8 @@ from .errors import (
     StartError,
     UnknownName,
 )
-from .keyref import KeyRef
-from .process import KeyedProcess, receive
+from .core.keyref import KeyRef
+from .core.process import KeyedProcess, receive
 
 __version__ = "0.1.0"
 

@@ -4,27 +4,26 @@ from __future__ import annotations
 
 import os
 import threading
-import weakref
 from collections.abc import Callable, Sequence
 from functools import cached_property
-from typing import Any, TypeVar, overload
+from typing import Any, TypeVar, cast, overload
 
-from celery import Celery, current_app
+from celery import Celery
 from kombu.utils.imports import symbol_by_name
 
-from . import control as _control  # noqa: F401  (registers the workers' inspect/control commands)
-from .client import Client
-from .conf import Settings
-from .errors import ConfigurationError, InvalidArgument
-from .keyref import KeyRef
-from .protocol import Names
-from .registry import RegistryStep
+from . import control as _control  # noqa: F401  (registers the inspect/control commands)
+from .client.client import Client
+from .core import installs
+from .core.conf import Settings
+from .core.errors import InvalidArgument
+from .core.keyref import KeyRef
+from .core.protocol import Names
 
 __all__ = ["Forseti"]
 
 T = TypeVar("T")
-#: Every Forseti of this process, oldest first (refs decoded outside any app look here).
-_installed: list[weakref.ref[Forseti]] = []
+#: The worker bootstep (it finds this install as ``app._forseti``).
+WORKER_STEP = "forseti_celery.worker.step:RegistryStep"
 
 
 class Forseti:
@@ -32,7 +31,7 @@ class Forseti:
 
     Installs the registry bootstep on the app's workers and keeps the keyed-process
     registrations (:meth:`keyed`). Keyword arguments are settings (see
-    :class:`~forseti_celery.conf.Settings`) and win over ``forseti_*`` keys of
+    :class:`~forseti_celery.core.conf.Settings`) and win over ``forseti_*`` keys of
     ``app.conf``: ``call``, ``nodes``, ``max_retries``, ``max_time``, ….
     """
 
@@ -44,9 +43,9 @@ class Forseti:
         self._client: Client | None = None
         self._client_pid = 0
         self._client_lock = threading.Lock()
-        app._forseti = self
-        _installed.append(weakref.ref(self))
-        app.steps["worker"].add(type("RegistryStep", (RegistryStep,), {"forseti": self}))
+        installs.install(self)
+        # By name: the worker side is imported only where a worker builds its blueprint.
+        app.steps["worker"].add(WORKER_STEP)
 
     @classmethod
     def of(cls, app: Celery | None = None, namespace: str | None = None) -> Forseti:
@@ -55,23 +54,7 @@ class Forseti:
         e.g. from a task result), the first of those serving that namespace. Raises
         :class:`InvalidArgument` when none serves ``namespace`` (or ``app`` serves another one):
         another app's cluster would otherwise serve a ref that is not its own."""
-        if app is None:
-            current: Forseti | None = getattr(current_app._get_current_object(), "_forseti", None)
-            candidates = [current] + [r() for r in reversed(_installed)]
-            for forseti in candidates:
-                if forseti is not None and namespace in (None, _namespace_of(forseti)):
-                    return forseti
-            if namespace is not None:
-                raise InvalidArgument(f"no Forseti of namespace {namespace!r} in this process: install "
-                                      f"Forseti on an app with forseti_namespace={namespace!r}")
-            app = current_app._get_current_object()
-        forseti = getattr(app, "_forseti", None)
-        if forseti is None:
-            raise ConfigurationError(f"forseti_celery is not installed on {app!r}: call Forseti(app) first")
-        if namespace is not None and forseti.settings.namespace != namespace:
-            raise InvalidArgument(f"{app!r} serves namespace {forseti.settings.namespace!r}, "
-                                  f"not {namespace!r}")
-        return forseti  # type: ignore[no-any-return]
+        return cast(Forseti, installs.of(app, namespace))
 
     @cached_property
     def settings(self) -> Settings:
@@ -153,11 +136,3 @@ class Forseti:
         """See :func:`forseti_celery.get_less_used_node`."""
         return self.client.get_less_used_node(timeout)
 
-
-def _namespace_of(forseti: Forseti) -> str | None:
-    """The namespace ``forseti`` serves, or None when its settings are invalid: a misconfigured
-    install left in this process serves nothing, and must not break the search for another."""
-    try:
-        return forseti.settings.namespace
-    except ConfigurationError:
-        return None

@@ -34,7 +34,7 @@ from celery.utils.time import humanize_seconds
 from kombu.exceptions import OperationalError
 
 from .app import Forseti
-from .errors import (
+from .core.errors import (
     BrokerUnavailable,
     ForsetiError,
     ForsetiTimeout,
@@ -42,7 +42,7 @@ from .errors import (
     ProcessGone,
     UnknownName,
 )
-from .keyref import KeyRef
+from .core.keyref import KeyRef
 
 __all__ = ["EXIT_ERROR", "EXIT_NOT_FOUND", "EXIT_OK", "EXIT_UNAVAILABLE", "EXIT_USAGE", "forseti"]
 

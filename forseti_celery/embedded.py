@@ -30,7 +30,7 @@ from types import TracebackType
 import redis
 from celery.utils.log import get_logger
 
-from .errors import ForsetiError
+from .core.errors import ForsetiError
 
 __all__ = ["EmbeddedRedis", "EmbeddedRedisError", "broker_url_from_env"]
 

@@ -13,7 +13,7 @@ from typing import Any
 from celery import Celery
 
 import forseti_celery
-import forseti_celery.child
+import forseti_celery.child.runtime
 from forseti_celery import Forseti, KeyedProcess
 
 app = Celery("tests", broker=os.environ.get("FORSETI_BROKER_URL"), backend="rpc://", set_as_current=True)
@@ -152,7 +152,7 @@ class Halfway(Counter):
             return super().handle_call(msg)
         body = json.dumps([{"t": "note", "pad": "x" * 2000}]).encode()
         frame = struct.pack("!i", len(body)) + body
-        fd = forseti_celery.child.mailbox()._conn.fileno()
+        fd = forseti_celery.child.runtime.mailbox()._conn.fileno()
         os.write(fd, frame[:1000])
         os.kill(os.getpid(), signal.SIGSTOP)
         os.write(fd, frame[1000:])

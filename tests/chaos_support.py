@@ -28,8 +28,8 @@ from typing import Any
 import pytest
 
 from forseti_celery import Forseti, KeyRef
-from forseti_celery import protocol as p
-from forseti_celery.broker import Publisher
+from forseti_celery.core import protocol as p
+from forseti_celery.core.broker import Publisher
 from forseti_celery.testing import WorkerProcess, wait_for
 
 from .conftest import in_ci

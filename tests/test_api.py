@@ -10,9 +10,9 @@ from kombu.utils.json import dumps, loads
 
 import forseti_celery
 from forseti_celery import ConfigurationError, Forseti, ForsetiError, KeyRef
-from forseti_celery import errors as errors_module
-from forseti_celery.conf import Settings
-from forseti_celery.protocol import decode, encode
+from forseti_celery.core import errors as errors_module
+from forseti_celery.core.conf import Settings
+from forseti_celery.core.protocol import decode, encode
 
 
 def test_all_is_sorted_and_lists_every_public_name() -> None:
@@ -90,7 +90,7 @@ def test_forseti_call_serves_the_default_name() -> None:
 
 
 def test_restart_intensity_gives_up_past_max_retries_within_max_time() -> None:
-    from forseti_celery.broker import RestartIntensity
+    from forseti_celery.core.broker import RestartIntensity
 
     intensity = RestartIntensity(max_retries=3, max_time=60)
     assert [intensity.failed() for _ in range(4)] == [True, True, True, False]
@@ -98,7 +98,7 @@ def test_restart_intensity_gives_up_past_max_retries_within_max_time() -> None:
 
 
 def test_the_ref_cache_drops_a_ref_on_its_exit_and_never_caches_a_seen_exit() -> None:
-    from forseti_celery.cache import RefCache
+    from forseti_celery.client.cache import RefCache
 
     cache = RefCache(enabled=True)
     ref = KeyRef("w1@h", 10, "k")

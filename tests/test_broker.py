@@ -12,7 +12,7 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from forseti_celery import Forseti, ForsetiTimeout
-from forseti_celery.broker import ConsumerLoop, Publisher, RestartIntensity
+from forseti_celery.core.broker import ConsumerLoop, Publisher, RestartIntensity
 from forseti_celery.testing import wait_for
 
 

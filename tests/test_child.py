@@ -12,10 +12,10 @@ import billiard.connection
 import pytest
 
 from forseti_celery import KeyedProcess
-from forseti_celery import child as child_main
-from forseti_celery import protocol as p
-from forseti_celery import zygote as zygote_mod
-from forseti_celery.children import KeyedChild
+from forseti_celery.child import runtime as child_main
+from forseti_celery.core import protocol as p
+from forseti_celery.worker.pool import zygote as zygote_mod
+from forseti_celery.worker.pool.children import KeyedChild
 
 
 class Sink(KeyedProcess):

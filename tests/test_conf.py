@@ -12,7 +12,7 @@ import pytest
 from celery import Celery
 
 from forseti_celery import ConfigurationError, Forseti
-from forseti_celery.conf import Settings
+from forseti_celery.core.conf import Settings
 from forseti_celery.testing import ClusterError, WorkerProcess, short_hostname
 
 BAD_VALUES: list[tuple[str, Any]] = [
@@ -97,10 +97,10 @@ def test_a_client_warns_once_per_app_about_each_unknown_key_of_app_conf(caplog: 
     app = Celery("typo", set_as_current=False)
     app.conf.update(forseti_namspace="x", FORSETI_SPARES=3, forseti_colour="blue", broker_url="memory://")
     forseti = Forseti(app)
-    with caplog.at_level(logging.WARNING, logger="forseti_celery.conf"):
+    with caplog.at_level(logging.WARNING, logger="forseti_celery.core.conf"):
         assert forseti.settings.namespace == "forseti" and forseti.settings.spares == 2
         forseti.settings  # noqa: B018  (read once: no second warning)
-    warnings = [r.getMessage() for r in caplog.records if r.name == "forseti_celery.conf"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "forseti_celery.core.conf"]
     assert warnings[:2] == ["forseti: unknown setting FORSETI_SPARES (did you mean forseti_spares?)",
                             "forseti: unknown setting forseti_colour (known: forseti_call, forseti_nodes, "
                             "forseti_max_retries, forseti_max_time, forseti_timeout, forseti_call_timeout, "

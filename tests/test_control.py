@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from forseti_celery.control import forseti_keys, forseti_stop, node_of
+from forseti_celery.control import forseti_keys, forseti_stop, step_of
 from forseti_celery.testing import wait_for
 
 from .helpers import ROOT, Harness, alive, fresh, harness
@@ -130,6 +130,6 @@ def test_forseti_stop_without_a_key_answers_a_usage_error_from_every_worker(h: H
 
 def test_commands_on_a_worker_without_forseti_answer_an_error() -> None:
     state = SimpleNamespace(consumer=SimpleNamespace(controller=SimpleNamespace(blueprint=SimpleNamespace(steps={}))))
-    assert node_of(state) is None
+    assert step_of(state) is None
     assert forseti_keys(state) == {"error": "forseti is not running on this worker"}
     assert forseti_stop(state, "k") == {"error": "forseti is not running on this worker"}

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from forseti_celery import protocol as p
-from forseti_celery.leader import Leader
-from forseti_celery.membership import Members
+from forseti_celery.core import protocol as p
+from forseti_celery.worker.leader import Leader
+from forseti_celery.worker.membership import Members
 
 
 class Wire:

@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 
 from forseti_celery import ConfigurationError, KeyRef, MailboxFull
-from forseti_celery import protocol as p
-from forseti_celery.children import Children
-from forseti_celery.conf import Settings
+from forseti_celery.core import protocol as p
+from forseti_celery.core.conf import Settings
 from forseti_celery.testing import wait_for
+from forseti_celery.worker.pool.children import Children
 
 from .helpers import Harness, fresh, harness, seen_once_continued
 

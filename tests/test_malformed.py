@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from forseti_celery import protocol as p
+from forseti_celery.core import protocol as p
 from forseti_celery.testing import wait_for
 
 from .helpers import Harness, alive, fresh, harness

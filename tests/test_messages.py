@@ -20,9 +20,9 @@ import pytest
 from kombu import Consumer, Producer
 
 from forseti_celery import Forseti, InvalidArgument, InvalidKey, InvalidMessage, KeyRef
-from forseti_celery import protocol as p
-from forseti_celery.broker import Batcher
-from forseti_celery.conf import Settings
+from forseti_celery.core import protocol as p
+from forseti_celery.core.broker import Batcher
+from forseti_celery.core.conf import Settings
 
 from .helpers import Harness, client_app, fresh, harness
 

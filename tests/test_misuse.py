@@ -13,7 +13,7 @@ import pytest
 from celery import Celery
 
 from forseti_celery import Forseti, InvalidArgument, InvalidKey, InvalidMessage, KeyRef, ProcessGone, RemoteError
-from forseti_celery.conf import MAX_TIMEOUT
+from forseti_celery.core.conf import MAX_TIMEOUT
 
 from .helpers import client_app, fresh, harness
 
@@ -88,19 +88,20 @@ def test_from_json_names_what_is_missing_or_wrong(data: object, says: str) -> No
 
 
 def test_receive_refuses_a_timeout_the_wait_cannot_take() -> None:
-    from forseti_celery import child, receive
+    from forseti_celery import receive
+    from forseti_celery.core import process
 
     class Box:
         def receive(self, timeout: float | None) -> None:
             return None
-    child._current = Box()  # type: ignore[assignment]
+    process._mailbox = Box()
     try:
         assert receive(0) is None and receive(None) is None
         for timeout in (math.inf, 1e10, -1, math.nan):
             with pytest.raises(InvalidArgument, match="timeout"):
                 receive(timeout)
     finally:
-        child._current = None
+        process._mailbox = None
 
 
 @pytest.mark.parametrize("exc", ["KeyboardInterrupt", "GeneratorExit"])

@@ -24,8 +24,8 @@ import pytest
 from kombu import Producer
 
 from forseti_celery import Forseti, InvalidMessage, KeyRef, MailboxFull, ResourceExhausted
-from forseti_celery import protocol as p
-from forseti_celery.conf import Settings
+from forseti_celery.core import protocol as p
+from forseti_celery.core.conf import Settings
 from forseti_celery.testing import WorkerProcess, wait_for
 
 from .chaos_support import (

@@ -9,8 +9,8 @@ from pathlib import Path
 import redis
 from celery import Celery
 
-from forseti_celery.broker import Publisher
-from forseti_celery.protocol import NODE_QUEUE_EXPIRES, Names
+from forseti_celery.core.broker import Publisher
+from forseti_celery.core.protocol import NODE_QUEUE_EXPIRES, Names
 from forseti_celery.testing import wait_for
 
 from .helpers import fresh, harness

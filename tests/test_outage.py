@@ -17,7 +17,7 @@ from celery import Celery
 from kombu import Connection
 
 from forseti_celery import BrokerUnavailable, Forseti, ForsetiTimeout
-from forseti_celery.protocol import Names
+from forseti_celery.core.protocol import Names
 from forseti_celery.testing import Cluster, WorkerProcess, short_hostname, wait_for
 from tests.helpers import fresh
 

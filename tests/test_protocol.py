@@ -6,7 +6,7 @@ import time
 
 import redis
 
-from forseti_celery import protocol as p
+from forseti_celery.core import protocol as p
 
 ALL_EVENTS = [getattr(p, name) for name in dir(p) if name.startswith("EVENT_")]
 

@@ -13,13 +13,13 @@ import pytest
 from celery import Celery
 
 from forseti_celery import Forseti, InvalidKey
-from forseti_celery import protocol as p
-from forseti_celery.broker import Publisher
-from forseti_celery.conf import Settings
-from forseti_celery.leader import Leader
-from forseti_celery.membership import Members
-from forseti_celery.registry import Node
+from forseti_celery.core import protocol as p
+from forseti_celery.core.broker import Publisher
+from forseti_celery.core.conf import Settings
 from forseti_celery.testing import wait_for
+from forseti_celery.worker.leader import Leader
+from forseti_celery.worker.membership import Members
+from forseti_celery.worker.registry import Node
 
 from .helpers import Harness, fresh, harness
 from .test_leader import Wire, get, report, search, three_live_workers

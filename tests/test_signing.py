@@ -19,9 +19,10 @@ from typing import Any
 import pytest
 from kombu import Consumer, Exchange, Producer
 
-from forseti_celery import KeyRef, signing
-from forseti_celery import protocol as p
-from forseti_celery.signing import Signer
+from forseti_celery import KeyRef
+from forseti_celery.core import protocol as p
+from forseti_celery.core import signing
+from forseti_celery.core.signing import Signer
 from forseti_celery.testing import wait_for
 
 from .chaos_support import forged_bye, forged_heartbeat

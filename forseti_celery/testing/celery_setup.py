@@ -42,7 +42,7 @@ from pytest_celery import (
 )
 
 from ..app import Forseti
-from ..errors import ForsetiError
+from ..core.errors import ForsetiError
 from . import _default_broker_url
 from .cluster import Cluster
 from .processes import WorkerProcess, descendants_of

@@ -155,7 +155,7 @@ class Cluster:
     def forseti(self) -> Forseti:
         """A client of the workers' namespace on the cluster's broker: ``cluster.forseti.get_key(k)``.
 
-        Raises :class:`~forseti_celery.errors.ConfigurationError` if the app has no ``Forseti``;
+        Raises :class:`~forseti_celery.core.errors.ConfigurationError` if the app has no ``Forseti``;
         closed by :meth:`stop`.
         """
         from ..app import Forseti

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from ..errors import ForsetiError
+from ..core.errors import ForsetiError
 
 __all__ = [
     "MARKER_ENV",

@@ -9,8 +9,8 @@ only from a broker message whose signature verifies under one of its secrets, wa
 keeps only what a client may send anyway (``get``, ``call``, ``stop`` ...), and logs what it
 dropped. A client never holds the secret and signs nothing. See docs/security.rst.
 
-:meth:`Signer.headers` is the one hook on publish (:class:`~forseti_celery.broker.Publisher`),
-:meth:`Signer.admit` the one on receive (:class:`~forseti_celery.broker.ConsumerLoop`).
+:meth:`Signer.headers` is the one hook on publish (:class:`~forseti_celery.core.broker.Publisher`),
+:meth:`Signer.admit` the one on receive (:class:`~forseti_celery.core.broker.ConsumerLoop`).
 """
 
 from __future__ import annotations

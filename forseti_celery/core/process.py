@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from .conf import checked_timeout
 
@@ -47,8 +47,19 @@ def receive(timeout: float | None = None) -> Any:
     When the process is asked to stop (``ref.stop()``, warm shutdown), this raises
     :class:`SystemExit` so the function unwinds (``finally`` blocks run). ``timeout`` is ``None``
     (wait as long as it takes) or a number of seconds from 0 to
-    :data:`~forseti_celery.conf.MAX_TIMEOUT`, else :class:`~forseti_celery.InvalidArgument`.
+    :data:`~forseti_celery.core.conf.MAX_TIMEOUT`, else :class:`~forseti_celery.InvalidArgument`.
     """
-    from . import child
+    if _mailbox is None:
+        raise RuntimeError("forseti_celery.receive() is only available inside a keyed process")
+    return _mailbox.receive(checked_timeout(timeout, None, zero=True))
 
-    return child.mailbox().receive(checked_timeout(timeout, None, zero=True))
+
+class Mailbox(Protocol):
+    """What :func:`receive` asks of the running keyed process's mailbox."""
+
+    def receive(self, timeout: float | None) -> Any: ...
+
+
+#: The running keyed process's mailbox: set once, by its runtime (``forseti_celery.child.runtime``)
+#: as the process starts; ``None`` anywhere else.
+_mailbox: Mailbox | None = None

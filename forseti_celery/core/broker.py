@@ -68,7 +68,7 @@ class Publisher:
                  signer: Signer | None = None) -> None:
         """``keep(routing_key)``: on Redis, seconds the list of a queue must live at least after
         each push to it (what ``x-expires`` does on RabbitMQ), or ``None``: no TTL. ``signer``: a
-        worker's, which signs every broker message it publishes (see :mod:`forseti_celery.signing`)."""
+        worker's, which signs every broker message it publishes (see :mod:`forseti_celery.core.signing`)."""
         self._conn = connection
         self._signer = signer
         self._keep = keep
@@ -254,7 +254,7 @@ class Batcher:
     ``flush`` publishes everything queued so far from the calling thread (a call
     flushes before it waits, which keeps it behind the sends made before it).
     Messages to one destination keep their order. A broker message holds at most ``max_bytes``
-    of messages encoded by their senders (:class:`~forseti_celery.protocol.Encoded`), or one.
+    of messages encoded by their senders (:class:`~forseti_celery.core.protocol.Encoded`), or one.
     """
 
     #: Most messages in one broker message.
@@ -343,7 +343,7 @@ class ConsumerLoop(threading.Thread):
         windowed: Callable[[], list[Queue]] = lambda: [],
     ) -> None:
         """``admit(message, batch)``: what of the batch decoded from a kombu message to handle (a
-        worker's :meth:`~forseti_celery.signing.Signer.admit`); all of it without one.
+        worker's :meth:`~forseti_celery.core.signing.Signer.admit`); all of it without one.
 
         ``windowed()``: queues (among ``queues()``) a flood may come through. On RabbitMQ they are
         consumed with acks and a prefetch of :attr:`window` broker messages, so a backlog of theirs

@@ -11,7 +11,7 @@ of the pipe over a Unix socket (``SCM_RIGHTS``), watches its exit through a pidf
 exit status from the zygote, which reaps it. A spare dies with the zygote
 (``PR_SET_PDEATHSIG``), the zygote with the worker's main thread, and both when the worker's
 end of their socket or pipe closes. The zygote also looks at the worker's
-:class:`~forseti_celery.child.Lifeline` for all of them (every half heartbeat) and kills them
+:class:`~forseti_celery.child.runtime.Lifeline` for all of them (every half heartbeat) and kills them
 when the worker is cut off, so an idle keyed process never wakes up.
 """
 
@@ -33,7 +33,7 @@ import billiard
 import billiard.connection
 from celery.utils.log import get_logger
 
-from . import child as child_main
+from ...child import runtime as child_main
 
 logger = get_logger(__name__)
 
@@ -149,7 +149,7 @@ class Zygote:
 
 
 class Grandchild:
-    """What :class:`~forseti_celery.children.Children` needs of a process, for a zygote's spare."""
+    """What :class:`~forseti_celery.worker.pool.children.Children` needs of a process, for a zygote's spare."""
 
     def __init__(self, pid: int, pidfd: int, zygote: Zygote) -> None:
         self.pid = pid

@@ -17,7 +17,7 @@ from typing import Any
 
 from celery.utils.log import get_logger
 
-from . import protocol as p
+from ..core import protocol as p
 from .membership import Members
 
 logger = get_logger(__name__)

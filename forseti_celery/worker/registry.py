@@ -2,7 +2,7 @@
 
 Each worker runs one :class:`Node`: a consumer thread with its own broker
 connection (its queue, the heartbeat fanout and, when it leads, the leader
-queue) and the :class:`~forseti_celery.children.Children` watcher. Running apart
+queue) and the :class:`~forseti_celery.worker.pool.children.Children` watcher. Running apart
 from Celery's consumer keeps children alive across Celery's consumer restarts
 and keeps a task blocked in ``get_key`` (solo pool) from stalling the leader.
 """
@@ -18,29 +18,28 @@ import uuid
 from collections import Counter, deque
 from typing import TYPE_CHECKING, Any
 
-from celery import bootsteps
 from celery.platforms import EX_FAILURE
 from celery.utils.log import get_logger
 from celery.worker import state as worker_state
 from kombu import Consumer, Queue
 from kombu.exceptions import OperationalError
 
-from . import protocol as p
-from .broker import ConsumerLoop, Publisher, RestartIntensity
-from .children import Children
+from ..core import protocol as p
+from ..core.broker import ConsumerLoop, Publisher, RestartIntensity
+from ..core.errors import BrokerUnavailable, ConfigurationError, DuplicateWorker
+from ..core.signing import signer_for
 from .election import election_for
-from .errors import BrokerUnavailable, ConfigurationError, DuplicateWorker
 from .events import EventSender
 from .leader import Leader
 from .membership import Members
-from .signing import signer_for
+from .pool.children import Children
 
 if TYPE_CHECKING:
-    from .app import Forseti
+    from ..core.installs import Installed
 
 logger = get_logger(__name__)
 
-__all__ = ["SUPPORTED_TRANSPORTS", "Node", "RegistryStep"]
+__all__ = ["SUPPORTED_TRANSPORTS", "Node"]
 
 #: Transports with what the leader election needs (single active consumer, or Redis for the lease).
 SUPPORTED_TRANSPORTS = ("amqp", "redis")
@@ -54,7 +53,7 @@ _LOST = "lost"  # internal: a worker died while the role was in doubt, replayed 
 class Node:
     """One worker's share of the cluster: its keyed processes, and the leader role when it holds it."""
 
-    def __init__(self, forseti: Forseti, hostname: str) -> None:
+    def __init__(self, forseti: Installed, hostname: str) -> None:
         app = forseti.app
         self.forseti = forseti
         self.hostname = hostname
@@ -202,7 +201,7 @@ class Node:
     # -- consumer thread ----------------------------------------------------------------------
     def _admit(self, message: Any, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """What of ``batch`` (decoded from the kombu ``message``) to act on: with a worker secret,
-        only what its signature allows (:meth:`~forseti_celery.signing.Signer.admit`); and leader
+        only what its signature allows (:meth:`~forseti_celery.core.signing.Signer.admit`); and leader
         messages only from the leader queue. On RabbitMQ a leader message makes its receiver take
         the role (only the queue's active consumer gets one): a client's request written to a
         worker's own queue would make that worker lead beside the real leader."""
@@ -535,7 +534,7 @@ class Node:
         self.publisher.publish_many(self.names.exchange, batches, self._declare)
 
     def _queue_ttl(self, routing_key: str) -> float | None:
-        """Redis: a node queue's TTL (:meth:`~forseti_celery.protocol.Names.queue_ttl`), and as much
+        """Redis: a node queue's TTL (:meth:`~forseti_celery.core.protocol.Names.queue_ttl`), and as much
         for the leader queue, whose list a client's push keeps only until its own deadline (worker
         reports must outlive a short-deadline request pushed before them)."""
         return p.NODE_QUEUE_EXPIRES if routing_key == self.names.leader else self.names.queue_ttl(routing_key)
@@ -567,62 +566,3 @@ class Node:
             "dropped": None if self.signer is None else dict(self.signer.dropped),
             **({"table": self.leader.info()} if self.leader.active else {}),
         }
-
-
-class RegistryStep(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Worker bootstep running a :class:`Node` (added to ``app.steps['worker']`` by ``Forseti``)."""
-
-    label = "forseti"
-    requires = ("celery.worker.components:Pool",)
-    forseti: Forseti  # set on the subclass Forseti creates for its app
-
-    def __init__(self, parent: Any, **kwargs: Any) -> None:
-        super().__init__(parent, **kwargs)
-        self.node: Node | None = None
-
-    def create(self, parent: Any) -> RegistryStep:
-        return self
-
-    def start(self, parent: Any) -> None:
-        node = Node(self.forseti, parent.hostname)
-        node.start()  # DuplicateWorker: Celery logs "Unrecoverable error" and exits with code 1
-        self.node = node
-
-    def stop(self, parent: Any) -> None:
-        if self.node is not None:
-            self.node.stop()
-            self.node = None
-
-    def terminate(self, parent: Any) -> None:
-        if self.node is not None:
-            self.node.stop(grace=1.0)
-            self.node = None
-
-    def info(self, parent: Any) -> dict[str, Any]:
-        """The worker's stats: ``forseti`` for programs, and the same as rows of text for people."""
-        section = self.node.info() if self.node is not None else {"running": False}
-        return {**_readable(section), "forseti": section}
-
-
-def _readable(section: dict[str, Any]) -> dict[str, str]:
-    """``section`` as flat rows of text: Flower shows each top-level stats key as a row of its
-    worker page's "Other" tab, and a nested section as one Python ``repr``."""
-    if "leader" not in section:
-        return {"forseti role": "not running"}
-    table = section.get("table")
-    if not section["leader"]:
-        role = f"member (leader epoch {section['epoch']})"
-    elif table is None or not table["ready"]:
-        role = f"leader (epoch {section['epoch']}), rebuilding its table"
-    else:
-        role = f"leader (epoch {section['epoch']}), {table['keys']} keys in the cluster"
-    by_name = ", ".join(f"{n} {c}" for n, c in sorted(section["processes"].items()))
-    return {
-        "forseti namespace": section["namespace"],
-        "forseti role": role,
-        "forseti new keys": "placed here" if section["eligible"] else "not placed here (forseti_nodes)",
-        "forseti keys": f"{section['total']}: {by_name}" if by_name else "0",
-        "forseti spares": str(section["spares"]),
-        "forseti starts": f"{section['starts']} started, {section['exits']} exited",
-        "forseti members": f"{len(section['members'])}: {', '.join(section['members'])}",
-    }

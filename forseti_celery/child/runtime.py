@@ -4,7 +4,7 @@ The child talks only to its worker, over a pipe: no broker connection of its own
 which keeps creation at fork cost and memory at the pages the child touches.
 A reader thread moves frames from the pipe into the mailbox at once, so a busy
 callback never makes the worker block on a full pipe. A frame holds messages
-as a broker message does (see :mod:`~forseti_celery.protocol`): the payload of
+as a broker message does (see :mod:`~forseti_celery.core.protocol`): the payload of
 a cast or call comes as its sender encoded it, and is decoded here, where it is
 used; a reply's value leaves encoded here, and only its caller decodes it. The child dies with its
 worker: ``PR_SET_PDEATHSIG`` and end-of-file on the pipe both end it.
@@ -25,10 +25,11 @@ from typing import Any
 import billiard.sharedctypes
 from celery.utils.log import get_logger
 
-from .conf import Settings
-from .errors import InvalidMessage
-from .process import KeyedProcess
-from .protocol import CALL, CAST, PAYLOAD, decode, decode_payloads, encode, encode_message
+from ..core import process
+from ..core.conf import Settings
+from ..core.errors import InvalidMessage
+from ..core.process import KeyedProcess
+from ..core.protocol import CALL, CAST, PAYLOAD, decode, decode_payloads, encode, encode_message
 
 logger = get_logger(__name__)
 
@@ -41,7 +42,6 @@ except (OSError, AttributeError):  # not Linux: the pipe's end-of-file still end
     _prctl = None
 _STOP = object()
 _OTHERS = frozenset({"assign", "stop"})  # what else a worker sends a keyed process: a malformed rest is dropped
-_current: Mailbox | None = None
 #: Exit code of a keyed process that ended itself because its worker stopped hearing the broker.
 FENCED = 2
 
@@ -199,9 +199,10 @@ class Mailbox:
 
 def mailbox() -> Mailbox:
     """The running keyed process's mailbox; only valid inside a keyed process."""
-    if _current is None:
+    box = process._mailbox
+    if not isinstance(box, Mailbox):
         raise RuntimeError("forseti_celery.receive() is only available inside a keyed process")
-    return _current
+    return box
 
 
 def run(conn: Any, target: Any, key: str, args: list[Any], parent_pid: int, close_fds: Iterable[int],
@@ -211,7 +212,6 @@ def run(conn: Any, target: Any, key: str, args: list[Any], parent_pid: int, clos
     for its key first: an ``assign`` message naming the keyed-process name, key and args.
     With a zygote for parent (``signals=False``, ``watch_lifeline=False``), its signal handling
     is already the keyed process's, and the zygote looks at the lifeline for it."""
-    global _current
     # Everything inherited from the worker stays out of this process's collections: a collection
     # would touch (and so copy) every inherited page. Collection itself stays on for what the keyed
     # process allocates (a zygote, the parent of spares, runs with it off).
@@ -220,7 +220,7 @@ def run(conn: Any, target: Any, key: str, args: list[Any], parent_pid: int, clos
     detach(parent_pid, close_fds, signals)
     if lifeline.cut_off():
         os._exit(FENCED)  # forked by a worker that has just stopped hearing the broker: too late to start
-    box = _current = Mailbox(conn, lifeline, watch_lifeline)
+    box = process._mailbox = Mailbox(conn, lifeline, watch_lifeline)
     # resolve is the worker's Forseti.resolve: its settings, as the worker read them.
     box.max_size = getattr(getattr(resolve, "__self__", None), "settings", Settings).max_message_size
     if target is None:

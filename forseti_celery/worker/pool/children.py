@@ -7,7 +7,7 @@ few *spares* forked ahead (``forseti_spares``): a spare is a keyed process that
 has not been given its key yet, so a new key costs a pipe write, not a fork and
 a process start; the spawner has the next one forked behind it, and one forked
 at once for a key that finds none left, by the worker's
-:mod:`~forseti_celery.zygote` where it runs (Linux), else by itself. A watcher
+:mod:`~forseti_celery.worker.pool.zygote` where it runs (Linux), else by itself. A watcher
 thread polls every child's pipe and exit sentinel: it forwards answers to
 callers, reports starts and exits to the leader (through an outbox that is
 retried until the broker takes it: exits are never lost), and kills children
@@ -22,7 +22,7 @@ stopped in the middle of a frame holds up no one else.
 No thread of the worker decodes or encodes a payload either (a cast's or call's
 message, a reply's value): a frame to a child is made of the lines of the broker
 message as they came, a large one as a view of its body, not copied (see
-:func:`~forseti_celery.protocol.encode_parts`); a child's answer goes into the
+:func:`~forseti_celery.core.protocol.encode_parts`); a child's answer goes into the
 reply broker message as the child encoded it.
 """
 
@@ -45,11 +45,11 @@ import billiard
 import billiard.popen_fork
 from celery.utils.log import get_logger
 
-from . import child as child_main
-from . import protocol as p
+from ...child import runtime as child_main
+from ...core import protocol as p
+from ...core.conf import MAX_TIMEOUT
+from ...core.errors import BrokerUnavailable
 from . import zygote as zygote_mod
-from .conf import MAX_TIMEOUT
-from .errors import BrokerUnavailable
 
 logger = get_logger(__name__)
 
@@ -228,7 +228,7 @@ class Children:
         spares: int = 0,
         mailbox_limit: int = 16 * 1024 * 1024,
     ) -> None:
-        #: Shared with every child: see :class:`~forseti_celery.child.Lifeline`.
+        #: Shared with every child: see :class:`~forseti_celery.child.runtime.Lifeline`.
         self.lifeline = child_main.Lifeline(fence_after, heartbeat / 2)
         self.hostname = hostname
         self._resolve = resolve
@@ -554,7 +554,7 @@ class Children:
 
     @staticmethod
     def _queue(c: Child, frame: list[p.Chunk]) -> None:
-        """Append ``frame`` (its chunks, see :func:`~forseti_celery.protocol.encode_parts`) to
+        """Append ``frame`` (its chunks, see :func:`~forseti_celery.core.protocol.encode_parts`) to
         ``c``'s mailbox (under ``c.lock``)."""
         size = _size(frame)
         header = _HEADER.pack(size)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 
-from .keyref import KeyRef
+from ..core.keyref import KeyRef
 
 __all__ = ["RefCache"]
 

@@ -8,10 +8,13 @@ from typing import TYPE_CHECKING, Any
 
 from kombu.utils.json import register_type
 
+from . import installs
 from .errors import InvalidArgument
 
 if TYPE_CHECKING:
     from celery import Celery
+
+    from .installs import Caller
 
 __all__ = ["KeyRef"]
 
@@ -61,10 +64,8 @@ class KeyRef:
         """Stop the process (its ``terminate`` runs) and return once it has exited and its key is free."""
         self._client().stop(self, timeout)
 
-    def _client(self) -> Any:
-        from .app import Forseti
-
-        return Forseti.of(self._app, namespace=self.namespace).client
+    def _client(self) -> Caller:
+        return installs.of(self._app, namespace=self.namespace).client
 
     def to_json(self) -> dict[str, Any]:
         """The wire form (also what Celery's JSON serializer carries)."""

@@ -17,7 +17,7 @@ from typing import Any
 from celery import Celery
 from celery.utils.log import get_logger
 
-from .broker import reuse_redis_client
+from ..core.broker import reuse_redis_client
 
 logger = get_logger(__name__)
 

@@ -35,7 +35,7 @@ def checked_timeout(timeout: Any, default: float | None, *, zero: bool = False) 
             or not (0 <= timeout if zero else 0 < timeout) or not timeout <= MAX_TIMEOUT:
         least = ">= 0" if zero else "> 0"
         raise InvalidArgument(f"timeout must be a number of seconds {least} and at most {MAX_TIMEOUT:g} "
-                              f"(forseti_celery.conf.MAX_TIMEOUT), not {timeout!r}")
+                              f"(forseti_celery.core.conf.MAX_TIMEOUT), not {timeout!r}")
     return float(timeout)
 
 
@@ -156,7 +156,7 @@ def _checked(name: str, value: Any) -> Any:
         # bool is an int to Python, never a duration to a user.
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_TIMEOUT:
             raise ConfigurationError(f"{key} must be a positive number of seconds, not {value!r} "
-                                     f"(at most {MAX_TIMEOUT:g}: forseti_celery.conf.MAX_TIMEOUT)")
+                                     f"(at most {MAX_TIMEOUT:g}: forseti_celery.core.conf.MAX_TIMEOUT)")
         return float(value)
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int) or value < _LEAST[name]:

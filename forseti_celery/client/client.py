@@ -18,11 +18,10 @@ from typing import TYPE_CHECKING, Any
 from celery.utils.log import get_logger
 from kombu import Queue
 
-from . import protocol as p
-from .broker import Batcher, ConsumerLoop, Publisher, RestartIntensity
-from .cache import RefCache
-from .conf import checked_timeout
-from .errors import (
+from ..core import protocol as p
+from ..core.broker import Batcher, ConsumerLoop, Publisher, RestartIntensity
+from ..core.conf import checked_timeout
+from ..core.errors import (
     BrokerUnavailable,
     ForsetiTimeout,
     InvalidArgument,
@@ -31,10 +30,11 @@ from .errors import (
     RemoteError,
     remote_error,
 )
-from .keyref import KeyRef
+from ..core.keyref import KeyRef
+from .cache import RefCache
 
 if TYPE_CHECKING:
-    from .app import Forseti
+    from ..core.installs import Installed
 
 __all__ = ["Client"]
 
@@ -63,7 +63,7 @@ class _Pending:
 class Client:
     """Talks to the leader and to keyed processes through the broker."""
 
-    def __init__(self, forseti: Forseti) -> None:
+    def __init__(self, forseti: Installed) -> None:
         self.forseti = forseti
         self.settings = forseti.settings
         self.names = forseti.names
