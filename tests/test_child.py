@@ -14,6 +14,7 @@ import pytest
 from forseti_celery import KeyedProcess
 from forseti_celery.child import runtime as child_main
 from forseti_celery.core import protocol as p
+from forseti_celery.testing import wait_for
 from forseti_celery.worker.pool import zygote as zygote_mod
 from forseti_celery.worker.pool.children import KeyedChild
 
@@ -182,3 +183,39 @@ def test_a_keyed_process_drops_a_message_it_cannot_act_on_and_lives_on() -> None
     finally:
         _kill(pid)
         conn.close()
+
+
+@pytest.mark.parametrize("spares", [0, 1], ids=["forked-for-the-key", "spare"])
+def test_the_pool_keeps_each_keys_init_args_parallel_to_its_registry(spares: int) -> None:
+    # What a node's REPORT carries for a rebuilt leader: each key's args, by a real fork (spares=0)
+    # and by a spare given its key (spares=1: the zygote's, where it runs).
+    import queue
+
+    from forseti_celery.worker.pool.children import Children
+
+    answers: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+
+    def publish(batches: list[tuple[str, list[dict[str, Any]]]]) -> None:
+        for routing_key, msgs in batches:
+            if routing_key == "reply":
+                for m in msgs:
+                    answers.put(m)
+
+    children = Children("args@test", lambda name: Sink, publish, "leader", lambda *a, **kw: None,
+                        stop_timeout=5.0, fence_after=3600.0, heartbeat=1.0, spares=spares)
+    children.start()
+    try:
+        if spares:
+            wait_for(lambda: children.spares == 1, 10, 0.02, "no spare forked")
+        given = {"a": [1, "x"], "b": [], "c": [{"deep": [None]}]}
+        for key, args in given.items():
+            children.spawn("sink", key, args, f"sid-{key}", [["reply", key]])
+            assert answers.get(timeout=10)["c"] == key
+        procs, args_of = children.registry_report()
+        assert children.registry() == procs and children.registry_args() == args_of
+        assert len(args_of) == len(procs) == 3
+        assert {entry[1]: a for entry, a in zip(procs, args_of, strict=True)} == given
+        assert all(entry[2] is not None for entry in procs)  # started: these are real processes
+    finally:
+        children.stop_all("test", 1.0)
+        children.stop()

@@ -200,6 +200,9 @@ class Child:
     #: Casts dropped for a full mailbox and not logged yet, and when that was last logged.
     dropped: int = 0
     dropped_logged_at: float = -_DROPS_LOGGED_EVERY
+    #: The init args of its key (``None`` for a spare): a rebuilt leader gets them back from
+    #: :meth:`Children.registry_args`.
+    args: list[Any] | None = None
     #: Guards the mailbox fields (taken after ``Children._lock`` where both are held).
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -251,7 +254,7 @@ class Children:
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="forseti-children", daemon=True)
         self._spawns: queue.SimpleQueue[_Order | None] = queue.SimpleQueue()
-        self._pending: dict[Key, str] = {}  # ordered, not forked yet: key -> sid
+        self._pending: dict[Key, tuple[str, list[Any]]] = {}  # ordered, not forked yet: key -> (sid, args)
         self._spares: deque[Child] = deque()
         self._spare_target = spares
         self._zygote: zygote_mod.Zygote | None = None
@@ -294,7 +297,7 @@ class Children:
         with self._lock:
             if k not in self._by_key and self._assign_spare(name, key, args, sid, waiters):
                 return  # the watcher has the next spare forked once this one's answers are out
-            self._pending[k] = sid
+            self._pending[k] = (sid, args)
         self._spawns.put((name, key, args, sid, waiters))
 
     def _assign_spare(self, name: str, key: str, args: list[Any], sid: str, waiters: list[list[str]]) -> bool:
@@ -316,7 +319,7 @@ class Children:
                 self._write(c)
         except OSError:
             return False
-        c.name, c.key, c.sid, c.waiters, c.spare = name, key, sid, waiters, False
+        c.name, c.key, c.sid, c.args, c.waiters, c.spare = name, key, sid, args, waiters, False
         c.started_at = time.time()
         return True
 
@@ -356,7 +359,7 @@ class Children:
                 self.spawn_failed(name, key, sid, "start", type=type(exc).__name__, msg=str(exc))
             finally:
                 with self._lock:
-                    if self._pending.get((name, key)) == sid:
+                    if self._pending.get((name, key), ("",))[0] == sid:
                         del self._pending[(name, key)]
 
     def _refill_wait(self) -> float:
@@ -417,7 +420,8 @@ class Children:
             raise
         finally:
             child_end.close()
-        return Child(name, key, sid, proc, parent_end, conn_fd=parent_end.fileno())
+        return Child(name, key, sid, proc, parent_end, conn_fd=parent_end.fileno(),
+                     args=args if target is not None else None)
 
     def _spawn(self, name: str, key: str, args: list[Any], sid: str, waiters: list[list[str]]) -> None:
         k = (name, key)
@@ -640,11 +644,24 @@ class Children:
     def registry(self) -> list[list[Any]]:
         """``[name, key, pid or None while starting, sid]`` of every process here, ordered ones
         not forked yet included: what a node reports to its leader."""
+        return self.registry_report()[0]
+
+    def registry_args(self) -> list[list[Any] | None]:
+        """The init args of each entry of :meth:`registry` (a list parallel to it), ``None`` where
+        unknown: what a rebuilt leader gets back for each key (restarts and handoffs need them).
+        Two calls see two moments: :meth:`registry_report` has both lists of one moment."""
+        return self.registry_report()[1]
+
+    def registry_report(self) -> tuple[list[list[Any]], list[list[Any] | None]]:
+        """:meth:`registry` and :meth:`registry_args` of one moment (parallel lists)."""
         with self._lock:
             procs = [[c.name, c.key, c.pid if c.started else None, c.sid] for c in self._by_key.values()]
-            procs += [[name, key, None, sid] for (name, key), sid in self._pending.items()
-                      if (name, key) not in self._by_key]
-        return procs
+            args: list[list[Any] | None] = [c.args for c in self._by_key.values()]
+            for (name, key), (sid, a) in self._pending.items():
+                if (name, key) not in self._by_key:
+                    procs.append([name, key, None, sid])
+                    args.append(a)
+        return procs, args
 
     def stop(self) -> None:
         """Stop watching (after :meth:`stop_all`); kills whatever is left, spares included."""
