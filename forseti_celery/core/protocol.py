@@ -22,36 +22,30 @@ from celery.events.event import get_exchange
 from celery.utils.log import get_logger
 from kombu import Exchange, Queue, binding
 
+from . import messages
 from .errors import InvalidMessage
 
 logger = get_logger(__name__)
 
-# -- message types ------------------------------------------------------------
-# client -> leader
-GET = "get"                  # name, key, args: the live process, created if absent
-SEARCH = "search"            # name, key: the live process or None
-METRICS = "metrics"          # live keyed processes per eligible node
-STOP_KEY = "stop_key"        # name, key, node, pid: stop that process (forwarded as STOP) or ack if gone
-# node -> leader
-SPAWNED = "spawned"          # a keyed process finished init (name, key, node, pid, sid)
-SPAWN_FAILED = "spawn_failed"  # init raised / node refused (name, key, node, sid, error)
-EXITED = "exited"            # a keyed process ended (name, key, node, pid, reason)
-PING = "ping"                # node, nonce; every worker, every heartbeat (RabbitMQ): its consumer learns it leads
-# leader -> node (node queue)
-SPAWN = "spawn"              # start name/key with args (epoch, sid)
-REPORT_REQUEST = "report?"   # a new leader asks for the node's registry (epoch)
-LEADS = "leads"              # the leader answers a ping (leader, epoch, nonce): on RabbitMQ, how workers learn epochs
-# node -> leader's node queue
-REPORT = "report"            # the node's registry (node, epoch, procs)
-# client -> node (node queue)
-CAST = "cast"
-CALL = "call"
-STOP = "stop"
-# anyone -> client (reply queue)
-REPLY = "reply"
-# node -> every node (broadcast)
-HEARTBEAT = "hb"             # node, inc (incarnation), seq, eligible, names, count, leader, epoch, pid, host
-BYE = "bye"                  # node, inc: that incarnation left
+# -- message types: defined with their kinds (messages, worker_messages, pipe), named here too ---------
+from .messages import BYE as BYE  # noqa: E402
+from .messages import CALL as CALL  # noqa: E402
+from .messages import CAST as CAST  # noqa: E402
+from .messages import EXITED as EXITED  # noqa: E402
+from .messages import GET as GET  # noqa: E402
+from .messages import HEARTBEAT as HEARTBEAT  # noqa: E402
+from .messages import LEADS as LEADS  # noqa: E402
+from .messages import METRICS as METRICS  # noqa: E402
+from .messages import PING as PING  # noqa: E402
+from .messages import REPLY as REPLY  # noqa: E402
+from .messages import REPORT as REPORT  # noqa: E402
+from .messages import REPORT_REQUEST as REPORT_REQUEST  # noqa: E402
+from .messages import SEARCH as SEARCH  # noqa: E402
+from .messages import SPAWN as SPAWN  # noqa: E402
+from .messages import SPAWN_FAILED as SPAWN_FAILED  # noqa: E402
+from .messages import SPAWNED as SPAWNED  # noqa: E402
+from .messages import STOP as STOP  # noqa: E402
+from .messages import STOP_KEY as STOP_KEY  # noqa: E402
 
 # -- event types (sent with the worker's hostname; see docs/monitoring.rst) ---------
 EVENT_STARTED = "forseti-process-started"
@@ -87,7 +81,7 @@ MAX_DEPTH = 200
 #: The field carried as the payload, after its envelope: a cast's or call's message, a reply's
 #: value. Decoded (:func:`decode`), it holds a :class:`Raw`: the payload's line, undecoded (a
 #: memoryview of the body when large: no copy); :func:`payload` decodes it, where it is used.
-PAYLOAD = "m"
+PAYLOAD = messages.PAYLOAD
 #: ``json.dumps`` never writes a raw control character (it escapes them in strings, whatever
 #: ``ensure_ascii``), and no byte of a UTF-8 sequence for a character past ASCII is below 0x80:
 #: a newline ends a message, the first tab of its line ends its envelope.

@@ -1,0 +1,123 @@
+"""The messages between a worker and its keyed processes, on their pipe, as types.
+
+Owns the pipe's message type names and their wire form (framed as a broker message's
+lines, see ``docs/design.rst``: Between a worker and its keyed processes). The worker
+also forwards the ``cast``, ``call`` and ``stop`` messages it routes (:mod:`.messages`)
+as they came, and a keyed process answers a call with a :class:`~.messages.Reply`
+carrying ``reply_to``, which its worker forwards to the caller as it came.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from .errors import InvalidMessage
+from .messages import CALL, CAST, FROZEN, REPLY, STOP, Wire, need
+
+__all__ = [
+    "ASSIGN", "CALL", "CAST", "EXIT", "INIT_ERROR", "PIPE_KINDS", "REPLY", "STARTED", "STOP", "Assign", "Exit",
+    "InitError", "PipeMessage", "Started", "StopChild", "from_pipe",
+]
+
+# worker -> keyed process (besides the cast, call and stop it routes)
+ASSIGN = "assign"
+# keyed process -> worker (besides its replies, ``reply``)
+STARTED = "started"
+INIT_ERROR = "init_error"
+EXIT = "exit"
+
+
+@dataclass(**FROZEN)
+class Assign:
+    """To a spare: become the keyed process ``(name, key)``, ``init`` with ``args``."""
+
+    T: ClassVar[str] = ASSIGN
+    name: str
+    key: str
+    args: list[Any]
+
+    def to_wire(self) -> Wire:
+        return {"t": ASSIGN, "n": self.name, "k": self.key, "a": self.args}
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> Assign:
+        return cls(need(d, "n"), need(d, "k"), d.get("a", []))
+
+
+@dataclass(**FROZEN)
+class StopChild:
+    """To a keyed process: stop (its ``terminate`` runs with ``reason``); the worker kills it if
+    still alive ``grace`` seconds later. A routed :class:`~.messages.Stop` means the same."""
+
+    T: ClassVar[str] = STOP
+    reason: str
+    grace: float | None = None
+
+    def to_wire(self) -> Wire:
+        return {"t": STOP, "reason": self.reason, "grace": self.grace}
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> StopChild:
+        return cls(d.get("reason", "stop"), d.get("grace"))
+
+
+@dataclass(**FROZEN)
+class Started:
+    """From a keyed process: ``init`` returned."""
+
+    T: ClassVar[str] = STARTED
+
+    def to_wire(self) -> Wire:
+        return {"t": STARTED}
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> Started:
+        return cls()
+
+
+@dataclass(**FROZEN)
+class InitError:
+    """From a keyed process: ``init`` raised ``exc_type`` (qualified name) saying ``text``."""
+
+    T: ClassVar[str] = INIT_ERROR
+    exc_type: str  #: wire ``type``
+    text: str  #: wire ``msg``
+
+    def to_wire(self) -> Wire:
+        return {"t": INIT_ERROR, "type": self.exc_type, "msg": self.text}
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> InitError:
+        return cls(need(d, "type"), need(d, "msg"))
+
+
+@dataclass(**FROZEN)
+class Exit:
+    """From a keyed process, as it ends: why (``normal``, ``stop``, ``crash: ...``, ...)."""
+
+    T: ClassVar[str] = EXIT
+    reason: str
+
+    def to_wire(self) -> Wire:
+        return {"t": EXIT, "reason": self.reason}
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> Exit:
+        return cls(need(d, "reason"))
+
+
+PipeMessage = Assign | StopChild | Started | InitError | Exit
+
+#: The pipe's own kinds, by type name (a ``stop`` read here is a :class:`StopChild`).
+PIPE_KINDS: dict[str, Any] = {cls.T: cls for cls in (Assign, StopChild, Started, InitError, Exit)}
+
+
+def from_pipe(d: Mapping[str, Any]) -> PipeMessage:
+    """The typed pipe message of the decoded envelope ``d`` (not for ``cast``, ``call`` and
+    ``reply``, which are :mod:`.messages`' kinds): :class:`InvalidMessage` if unknown."""
+    kind = PIPE_KINDS.get(d.get("t"))  # type: ignore[arg-type]
+    if kind is None:
+        raise InvalidMessage(f"unknown pipe message type {d.get('t')!r}")
+    return kind.from_wire(d)  # type: ignore[no-any-return]

@@ -1,0 +1,288 @@
+"""The messages workers and the leader send each other, as types (see :mod:`.messages`).
+
+Owns the wire form of starts, start failures, exits, registries and their requests,
+pings, heartbeats and goodbyes, and :func:`from_wire`, the typed message of any
+decoded envelope.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from .errors import InvalidMessage
+from .messages import (
+    BYE,
+    EXITED,
+    FROZEN,
+    HEARTBEAT,
+    LEADS,
+    PING,
+    REPORT,
+    REPORT_REQUEST,
+    SPAWN,
+    SPAWN_FAILED,
+    SPAWNED,
+    Call,
+    Cast,
+    Get,
+    Metrics,
+    Reply,
+    Search,
+    Stop,
+    StopKey,
+    Wire,
+    need,
+)
+
+__all__ = [
+    "WIRE_KINDS",
+    "Bye",
+    "Exited",
+    "Heartbeat",
+    "Leads",
+    "Message",
+    "Ping",
+    "Report",
+    "ReportRequest",
+    "Spawn",
+    "SpawnFailed",
+    "Spawned",
+    "from_wire",
+]
+
+
+# -- worker -> leader ---------------------------------------------------------------------
+@dataclass(**FROZEN)
+class Spawned:
+    """A process's ``init`` returned: ``pid`` runs ``(name, key)`` on ``node``, as ordered by ``sid``."""
+
+    T: ClassVar[str] = SPAWNED
+    name: str
+    key: str
+    node: str
+    sid: str
+    pid: int
+
+    def to_wire(self) -> Wire:
+        return {"t": SPAWNED, "n": self.name, "k": self.key, "node": self.node, "sid": self.sid, "pid": self.pid}
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> Spawned:
+        return cls(need(d, "n"), need(d, "k"), need(d, "node"), d.get("sid", ""), need(d, "pid"))
+
+
+@dataclass(**FROZEN)
+class SpawnFailed:
+    """The start ordered as ``sid`` did not happen: ``error`` is ``start``, ``resource``,
+    ``unknown_name`` or ``unavailable`` (place it elsewhere); ``exc_type``/``text`` say why."""
+
+    T: ClassVar[str] = SPAWN_FAILED
+    name: str
+    key: str
+    node: str
+    sid: str
+    error: str
+    exc_type: str | None = None  #: wire ``type``
+    text: str | None = None  #: wire ``msg``
+
+    def to_wire(self) -> Wire:
+        d = {"t": SPAWN_FAILED, "n": self.name, "k": self.key, "node": self.node, "sid": self.sid,
+             "error": self.error}
+        if self.exc_type is not None:
+            d["type"] = self.exc_type
+        if self.text is not None:
+            d["msg"] = self.text
+        return d
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> SpawnFailed:
+        return cls(need(d, "n"), need(d, "k"), need(d, "node"), d.get("sid", ""), need(d, "error"),
+                   d.get("type"), d.get("msg"))
+
+
+@dataclass(**FROZEN)
+class Exited:
+    """A started process ended (``reason`` as in the exit event); the leader answers ``stoppers``
+    (``[reply queue, correlation id]`` each) once the key is free. Without a ``reason``: a stop
+    found its process gone already (``pid`` None), sent so its caller is answered in order."""
+
+    T: ClassVar[str] = EXITED
+    name: str
+    key: str
+    node: str
+    pid: int | None
+    stoppers: list[list[str]]
+    sid: str | None = None
+    reason: str | None = None
+    code: int | None = None  #: the process's exit code (negative: the signal that killed it)
+
+    def to_wire(self) -> Wire:
+        if self.reason is None:
+            return {"t": EXITED, "n": self.name, "k": self.key, "node": self.node, "pid": self.pid,
+                    "stoppers": self.stoppers}
+        return {"t": EXITED, "n": self.name, "k": self.key, "node": self.node, "sid": self.sid, "pid": self.pid,
+                "reason": self.reason, "code": self.code, "stoppers": self.stoppers}
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> Exited:
+        return cls(need(d, "n"), need(d, "k"), need(d, "node"), d.get("pid"), d.get("stoppers", []),
+                   d.get("sid"), d.get("reason"), d.get("code"))
+
+
+@dataclass(**FROZEN)
+class Ping:
+    """RabbitMQ: a worker asks whoever consumes the leader queue to answer ``nonce`` (:class:`Leads`)."""
+
+    T: ClassVar[str] = PING
+    node: str
+    nonce: str
+
+    def to_wire(self) -> Wire:
+        return {"t": PING, "node": self.node, "nonce": self.nonce}
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> Ping:
+        return cls(need(d, "node"), d.get("nonce", ""))
+
+
+@dataclass(**FROZEN)
+class Report:
+    """A worker's registry, asked for by ``leader`` (:class:`ReportRequest`): ``procs`` is a list
+    of ``[name, key, pid, sid]`` (pid None while starting); ``q`` echoes the request's."""
+
+    T: ClassVar[str] = REPORT
+    node: str
+    epoch: int
+    procs: list[list[Any]]
+    q: int = 0
+
+    def to_wire(self) -> Wire:
+        return {"t": REPORT, "node": self.node, "epoch": self.epoch, "procs": self.procs, "q": self.q}
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> Report:
+        return cls(need(d, "node"), int(need(d, "epoch")), need(d, "procs"), int(d.get("q", 0)))
+
+
+# -- leader -> worker ---------------------------------------------------------------------
+@dataclass(**FROZEN)
+class Spawn:
+    """Start ``(name, key)`` with ``args``, ordered as ``sid`` by ``leader`` in ``epoch``; the
+    worker answers the callers ``waiters`` (``[reply queue, correlation id]`` each) itself."""
+
+    T: ClassVar[str] = SPAWN
+    name: str
+    key: str
+    args: list[Any]
+    sid: str
+    epoch: int
+    leader: str
+    waiters: list[list[str]]
+
+    def to_wire(self) -> Wire:
+        return {"t": SPAWN, "n": self.name, "k": self.key, "a": self.args, "sid": self.sid, "epoch": self.epoch,
+                "leader": self.leader, "w": self.waiters}
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> Spawn:
+        return cls(need(d, "n"), need(d, "k"), d.get("a", []), need(d, "sid"), int(d.get("epoch", 0)),
+                   d.get("leader", ""), d.get("w", []))
+
+
+@dataclass(**FROZEN)
+class ReportRequest:
+    """A leader asks a worker for its registry (:class:`Report`); ``q``: its count of records."""
+
+    T: ClassVar[str] = REPORT_REQUEST
+    leader: str
+    epoch: int
+    q: int = 0
+
+    def to_wire(self) -> Wire:
+        return {"t": REPORT_REQUEST, "leader": self.leader, "epoch": self.epoch, "q": self.q}
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> ReportRequest:
+        return cls(need(d, "leader"), int(need(d, "epoch")), int(d.get("q", 0)))
+
+
+@dataclass(**FROZEN)
+class Leads:
+    """The answer to a :class:`Ping`: ``leader`` leads in ``epoch``."""
+
+    T: ClassVar[str] = LEADS
+    leader: str
+    epoch: int
+    nonce: str | None
+
+    def to_wire(self) -> Wire:
+        return {"t": LEADS, "leader": self.leader, "epoch": self.epoch, "nonce": self.nonce}
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> Leads:
+        return cls(need(d, "leader"), int(need(d, "epoch")), d.get("nonce"))
+
+
+# -- worker -> every worker ---------------------------------------------------------------
+@dataclass(**FROZEN)
+class Heartbeat:
+    """A worker's beat, every forseti_heartbeat seconds (``docs/design.rst``: Worker to worker)."""
+
+    T: ClassVar[str] = HEARTBEAT
+    node: str
+    inc: str  #: the worker's incarnation
+    seq: int
+    eligible: bool
+    names: list[str]
+    count: int
+    leader: bool  #: whether it is the leader serving requests
+    epoch: int
+    pid: int
+    host: str
+
+    def to_wire(self) -> Wire:
+        return {"t": HEARTBEAT, "node": self.node, "inc": self.inc, "seq": self.seq, "eligible": self.eligible,
+                "names": self.names, "count": self.count, "leader": self.leader, "epoch": self.epoch,
+                "pid": self.pid, "host": self.host}
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> Heartbeat:
+        return cls(need(d, "node"), d.get("inc", ""), d.get("seq", 0), bool(d.get("eligible", False)),
+                   d.get("names", []), d.get("count", 0), bool(d.get("leader", False)), d.get("epoch", 0),
+                   d.get("pid", 0), d.get("host", ""))
+
+
+@dataclass(**FROZEN)
+class Bye:
+    """Incarnation ``inc`` of worker ``node`` is leaving (warm shutdown, its processes gone)."""
+
+    T: ClassVar[str] = BYE
+    node: str
+    inc: str
+
+    def to_wire(self) -> Wire:
+        return {"t": BYE, "node": self.node, "inc": self.inc}
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> Bye:
+        return cls(need(d, "node"), need(d, "inc"))
+
+
+Message = (Get | Search | Metrics | StopKey | Spawned | SpawnFailed | Exited | Ping | Report | Spawn
+           | ReportRequest | Leads | Cast | Call | Stop | Reply | Heartbeat | Bye)
+
+#: Every kind of the broker's messages, by type name.
+WIRE_KINDS: dict[str, Any] = {cls.T: cls for cls in (
+    Get, Search, Metrics, StopKey, Spawned, SpawnFailed, Exited, Ping, Report, Spawn, ReportRequest, Leads,
+    Cast, Call, Stop, Reply, Heartbeat, Bye)}
+
+
+def from_wire(d: Mapping[str, Any]) -> Message:
+    """The typed message of the decoded envelope ``d``: raises :class:`InvalidMessage` for an
+    unknown type or a missing field."""
+    kind = WIRE_KINDS.get(d.get("t"))  # type: ignore[arg-type]
+    if kind is None:
+        raise InvalidMessage(f"unknown message type {d.get('t')!r}")
+    return kind.from_wire(d)  # type: ignore[no-any-return]
