@@ -1,438 +1,77 @@
-"""The wire: every queue, exchange, message type and event type, and the codec.
+"""The wire in one import: every message type, queue, exchange and event name, and the codec.
 
 All traffic goes through the Celery app's broker. A kombu message body holds
 protocol messages a line each (JSON objects with a ``"t"`` type field: the
 *envelope*), so hot paths can batch many messages into one broker message while
 keeping their order; the message of a cast or call and the value of a reply (the
 *payload*) follow their envelope on its line, after a tab, as JSON bytes that a
-worker forwards to the keyed process (or back) without decoding them. Key text
-never appears in a queue name or routing key: queues are named after worker
-hostnames, client ids and the namespace only. See ``docs/design.rst``.
+worker forwards to the keyed process (or back) without decoding them. See
+``docs/design.rst``.
+
+This module owns nothing of its own: it names, for ``from ..core import protocol as
+p``, what is defined in :mod:`.messages` (the message types; the kinds as dataclasses
+there, in :mod:`.worker_messages` and :mod:`.pipe`), :mod:`.codec` (framing, limits,
+shape checks) and :mod:`.names` (queues, exchanges, events).
 """
 
 from __future__ import annotations
 
-import gc
-import json
-import math
-from collections.abc import Sequence
-from typing import Any, NamedTuple
+from .codec import (
+    CONTENT_ENCODING,
+    CONTENT_TYPE,
+    MAX_DEPTH,
+    NO_PAYLOAD,
+    PAYLOAD,
+    Chunk,
+    Encoded,
+    Message,
+    Raw,
+    check_json,
+    decode,
+    decode_payload,
+    decode_payloads,
+    encode,
+    encode_message,
+    encode_parts,
+    payload,
+)
+from .messages import (
+    BYE,
+    CALL,
+    CAST,
+    EXITED,
+    GET,
+    HEARTBEAT,
+    LEADS,
+    METRICS,
+    PING,
+    REPLY,
+    REPORT,
+    REPORT_REQUEST,
+    SEARCH,
+    SPAWN,
+    SPAWN_FAILED,
+    SPAWNED,
+    STOP,
+    STOP_KEY,
+)
+from .names import (
+    CACHE_EVENTS,
+    EVENT_EXITED,
+    EVENT_LEADER,
+    EVENT_NODE_LOST,
+    EVENT_STARTED,
+    NODE_QUEUE_EXPIRES,
+    REDIS_CACHE_EVENTS_PATTERN,
+    Names,
+    event_routing_key,
+)
 
-from celery.events.event import get_exchange
-from celery.utils.log import get_logger
-from kombu import Exchange, Queue, binding
-
-from . import messages
-from .errors import InvalidMessage
-
-logger = get_logger(__name__)
-
-# -- message types: defined with their kinds (messages, worker_messages, pipe), named here too ---------
-from .messages import BYE as BYE  # noqa: E402
-from .messages import CALL as CALL  # noqa: E402
-from .messages import CAST as CAST  # noqa: E402
-from .messages import EXITED as EXITED  # noqa: E402
-from .messages import GET as GET  # noqa: E402
-from .messages import HEARTBEAT as HEARTBEAT  # noqa: E402
-from .messages import LEADS as LEADS  # noqa: E402
-from .messages import METRICS as METRICS  # noqa: E402
-from .messages import PING as PING  # noqa: E402
-from .messages import REPLY as REPLY  # noqa: E402
-from .messages import REPORT as REPORT  # noqa: E402
-from .messages import REPORT_REQUEST as REPORT_REQUEST  # noqa: E402
-from .messages import SEARCH as SEARCH  # noqa: E402
-from .messages import SPAWN as SPAWN  # noqa: E402
-from .messages import SPAWN_FAILED as SPAWN_FAILED  # noqa: E402
-from .messages import SPAWNED as SPAWNED  # noqa: E402
-from .messages import STOP as STOP  # noqa: E402
-from .messages import STOP_KEY as STOP_KEY  # noqa: E402
-
-# -- event types (sent with the worker's hostname; see docs/monitoring.rst) ---------
-EVENT_STARTED = "forseti-process-started"
-EVENT_EXITED = "forseti-process-exited"
-EVENT_LEADER = "forseti-leader-elected"
-EVENT_NODE_LOST = "forseti-node-lost"  # the leader freed every key of a worker (field ``node``)
-
-#: What a client's cache of refs listens to.
-CACHE_EVENTS = (EVENT_EXITED, EVENT_NODE_LOST, EVENT_LEADER)
-#: The same as one Redis pub/sub glob (kombu binds a fanout queue on Redis to a single pattern):
-#: every ``forseti.*`` routing key but ``forseti.process.started``, which, alone of them, has an
-#: ``s`` for its 17th character. A client then never receives a start event (one per new key).
-#: ``tests/test_protocol.py`` checks it against every event type.
-REDIS_CACHE_EVENTS_PATTERN = "forseti.????????[^s]*"
-
-
-def event_routing_key(event_type: str) -> str:
-    """The routing key Celery publishes an event of ``event_type`` with."""
-    return event_type.replace("-", ".")
-
-
-CONTENT_TYPE = "application/json"
-CONTENT_ENCODING = "utf-8"
-
-Message = dict[str, Any]
-
-#: Deepest nesting of lists and objects in a message or in ``get_key`` args (the value sent, not
-#: counting forseti's envelope around it). ``json`` decodes a nesting level per Python stack frame,
-#: against the recursion limit (1000) minus the frames of whoever decodes: a client's caller, a
-#: worker's consumer thread, a keyed process each sit 30 to 60 frames deep, so 200 levels decode
-#: everywhere with room to spare, where ~950 already failed in a worker.
-MAX_DEPTH = 200
-#: The field carried as the payload, after its envelope: a cast's or call's message, a reply's
-#: value. Decoded (:func:`decode`), it holds a :class:`Raw`: the payload's line, undecoded (a
-#: memoryview of the body when large: no copy); :func:`payload` decodes it, where it is used.
-PAYLOAD = messages.PAYLOAD
-#: ``json.dumps`` never writes a raw control character (it escapes them in strings, whatever
-#: ``ensure_ascii``), and no byte of a UTF-8 sequence for a character past ASCII is below 0x80:
-#: a newline ends a message, the first tab of its line ends its envelope.
-_LINE = b"\n"
-_TAB = b"\t"
-_OWN_CHUNK = 16384  # bytes: a payload this large is written to a pipe as it came, not copied into a frame
-_NO_GC_FROM = 65536  # bytes: a JSON text this large is decoded with the garbage collector paused
-#: ``payload`` of :func:`encode_message` for a message without one.
-NO_PAYLOAD: Any = object()
-
-
-class Encoded(NamedTuple):
-    """A protocol message encoded once, by its sender, and checked against the limits
-    (see :func:`encode_message`): one line, its envelope and payload."""
-
-    data: bytes
-    #: When a leader request stops mattering (``time.time()``): its broker message expires then.
-    deadline: float | None = None
-
-
-#: ensure_ascii=False: non-ASCII text as UTF-8 (one to four bytes, not a 6- or 12-byte escape);
-#: UTF-8 then refuses what no JSON reader could take (a lone surrogate such as "\udcff"). One
-#: encoder for every message: ``json.dumps`` with arguments builds a new one per call.
-_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
-
-
-def _dumps(value: Any) -> bytes:
-    return _ENCODER.encode(value).encode()
-
-
-def encode_message(msg: Message, what: str, max_size: int, deadline: float | None = None,
-                   payload: Any = NO_PAYLOAD) -> Encoded:
-    """Encode one message at its sender, the envelope ``msg`` and its ``payload`` if it has one
-    (a cast's or call's message, a reply's value), checked: raises :class:`InvalidMessage`, naming
-    ``what`` (``"message"``, ``"args"``, ``"reply"``), when JSON cannot carry it, when it is nested
-    deeper than :data:`MAX_DEPTH` or when it takes more than ``max_size`` bytes
-    (forseti_max_message_size)."""
-    least = 0  # bytes at least: a text or list encodes to at least one byte per character or item
-    for v in (*msg.values(), payload):
-        if isinstance(v, (str, list, tuple)):
-            least += len(v)
-    if least > max_size:  # a giant text or list is refused without the seconds encoding it takes
-        raise InvalidMessage(f"{what} of at least {least} bytes (encoded) exceeds forseti_max_message_size "
-                             f"({max_size} bytes)")
-    try:
-        data = _dumps(msg) if payload is NO_PAYLOAD else _dumps(msg) + _TAB + _dumps(payload)
-    except RecursionError:
-        raise InvalidMessage(f"{what} is nested deeper than {MAX_DEPTH} levels") from None
-    except (TypeError, ValueError) as exc:
-        raise InvalidMessage(f"{what} is not JSON-serialisable: {exc}") from exc
-    if len(data) > max_size:
-        raise InvalidMessage(f"{what} of {len(data)} bytes (encoded) exceeds forseti_max_message_size "
-                             f"({max_size} bytes)")
-    # Counting brackets (strings' included) is C speed and settles almost every message; only one
-    # with more brackets than the limit has its nesting measured (a payload one level below the
-    # envelope, as it would be inside it).
-    if data.count(b"[") + data.count(b"{") > MAX_DEPTH + 1 and _deeper(
-            msg if payload is NO_PAYLOAD else [msg, payload], MAX_DEPTH + 1):
-        raise InvalidMessage(f"{what} is nested deeper than {MAX_DEPTH} levels")
-    return Encoded(data, deadline)
-
-
-def _deeper(value: Any, limit: int) -> bool:
-    """Whether the container ``value`` nests lists or dicts more than ``limit`` levels deep."""
-    level = [value]
-    for _ in range(limit):
-        level = [v for c in level for v in (c.values() if isinstance(c, dict) else c)
-                 if isinstance(v, (dict, list, tuple))]
-        if not level:
-            return False
-    return True
-
-
-def check_json(value: Any, what: str, max_size: int = 2**63) -> None:
-    """Refuse ``value`` before anything is sent if it could not be sent (see :func:`encode_message`)."""
-    encode_message({"v": value}, what, max_size)
-
-
-Chunk = bytes | bytearray | memoryview
-
-
-class Raw(NamedTuple):
-    """A decoded message's payload as it came: ``line[at:]``, on the line of its envelope. A worker
-    forwards the whole line, envelope included, as it came: it never changes the envelope of a
-    message with a payload."""
-
-    line: Chunk
-    at: int
-
-
-def encode_parts(messages: Sequence[Message | Encoded]) -> list[Chunk]:
-    """Encode ``messages`` a line each, as chunks to send in a row: a message encoded by its sender
-    is taken as it is, and so is the line of a decoded one with a payload (:class:`Raw`): its
-    payload is never decoded nor encoded again. A line of 16 kB or more is a chunk of its own,
-    not copied. Raises :class:`InvalidMessage` for non-JSON content."""
-    parts: list[Chunk] = []
-    pieces: list[Chunk] = []  # joined into one chunk, a copy of small things
-    for m in messages:
-        line: Chunk
-        if isinstance(m, Encoded):
-            line = m.data
-        elif isinstance(raw := m.get(PAYLOAD), Raw):
-            line = raw.line  # decoded here: forwarded as it came, envelope and payload
-        else:
-            try:
-                line = _ENCODER.encode(m).encode()
-            except (TypeError, ValueError, RecursionError) as exc:
-                raise InvalidMessage(f"not JSON-serialisable: {exc}") from exc
-        if pieces:
-            pieces.append(_LINE)
-        if len(line) < _OWN_CHUNK:
-            pieces.append(line)
-            continue
-        parts += (b"".join(pieces), line)
-        pieces = [b""]  # the next line's separator follows
-    if pieces or not parts:
-        parts.append(b"".join(pieces))
-    return parts
-
-
-def encode(messages: Sequence[Message | Encoded]) -> bytes:
-    """Encode a batch for the wire (see :func:`encode_parts`)."""
-    return b"".join(encode_parts(messages))
-
-
-def decode(body: Any, start: int = 0, end: int | None = None, routed: bool = True) -> list[Message]:
-    """Decode a batch (a broker message's body, or a frame of a keyed process's pipe:
-    ``body[start:end]``); never raises. Only envelopes are decoded: a payload is left in
-    the message (field :data:`PAYLOAD`) as a :class:`Raw`, for :func:`payload`.
-    ``routed``: casts, calls and stops lacking what routing them needs are dropped too (a
-    keyed process takes what its worker routed to it as it is).
-
-    A message that cannot be decoded (forged, or from a broken sender) is dropped and logged on
-    its own: the others of its batch are handled. A Celery event (one JSON object) is one message."""
-    if isinstance(body, str):
-        body = body.encode("utf-8", "surrogatepass")
-    elif isinstance(body, memoryview):
-        body = body.tobytes()
-    elif isinstance(body, dict):  # decoded already (a Celery event)
-        return [body]
-    if not isinstance(body, (bytes, bytearray)):
-        logger.warning("forseti: dropped a broker message that is no batch (%s)", type(body).__name__)
-        return []
-    end = len(body) if end is None else end
-    view = memoryview(body)
-    batch = _decode_together(body, start, end, view, routed)
-    if batch is not None:
-        return batch
-    batch = []
-    dropped = 0
-    while start < end:
-        stop = body.find(_LINE, start, end)
-        if stop < 0:
-            stop = end
-        if stop > start:
-            tab = body.find(_TAB, start, stop)
-            try:
-                m = _loads(body[start:stop if tab < 0 else tab])
-            except (ValueError, RecursionError):
-                m = None
-            if type(m) is dict and (not routed or _well_formed(m, tab >= 0)):
-                if tab >= 0:
-                    m[PAYLOAD] = Raw(view[start:stop], tab + 1 - start)
-                batch.append(m)
-            else:
-                dropped += 1
-        start = stop + 1
-    if dropped:
-        logger.warning("forseti: dropped %d undecodable or malformed messages of a batch of %d",
-                       dropped, dropped + len(batch))
-    return batch
-
-
-def _decode_together(body: bytes | bytearray, start: int, end: int, view: memoryview,
-                     routed: bool) -> list[Message] | None:
-    """The usual case, fast: every envelope of ``body[start:end]`` decoded by one ``json.loads``
-    (a call per line costs 3 times as much); ``None`` if any line is not a well-formed envelope
-    (then each is decoded on its own, to drop only what is bad)."""
-    lines = body[start:end].split(_LINE)
-    envelopes = []
-    payloads: list[Raw | None] = []
-    at = start
-    for line in lines:
-        tab = line.find(_TAB)
-        if tab < 0:
-            envelopes.append(line)
-            payloads.append(None)
-        else:
-            envelopes.append(line[:tab])
-            # A large line is a view of the body: what reaches a pipe or a broker is not a copy.
-            payloads.append(Raw(line if len(line) < _OWN_CHUNK else view[at:at + len(line)], tab + 1))
-        at += len(line) + 1
-    try:
-        decoded = _loads(b"[" + b",".join(envelopes) + b"]")
-    except (ValueError, RecursionError):
-        return None
-    if len(decoded) != len(lines):
-        return None
-    for m, raw in zip(decoded, payloads, strict=True):
-        if type(m) is not dict or (routed and not _well_formed(m, raw is not None)):
-            return None
-        if raw is not None:
-            m[PAYLOAD] = raw
-    return decoded  # type: ignore[no-any-return]
-
-
-def decode_payloads(batch: list[Message]) -> None:
-    """Decode the payloads of ``batch`` in place (one ``json.loads`` for all when it can: a keyed
-    process takes many small casts at a time); a payload that is no JSON becomes the
-    :class:`InvalidMessage` saying why."""
-    raws = [m for m in batch if isinstance(m.get(PAYLOAD), Raw)]
-    if len(raws) > 1:
-        try:
-            values = _loads(b"[" + b",".join(m[PAYLOAD].line[m[PAYLOAD].at:] for m in raws) + b"]")
-        except (ValueError, RecursionError):
-            values = None
-        if values is not None and len(values) == len(raws):
-            for m, value in zip(raws, values, strict=True):
-                m[PAYLOAD] = value
-            return
-    for m in raws:
-        try:
-            m[PAYLOAD] = payload(m)
-        except InvalidMessage as exc:
-            m[PAYLOAD] = exc
-
-
-def payload(msg: Message) -> Any:
-    """The payload of a decoded message (field :data:`PAYLOAD`), decoded: raises
-    :class:`InvalidMessage` if it is not JSON (only a forger or a broken sender writes that)."""
-    raw = msg[PAYLOAD]
-    if not isinstance(raw, Raw):
-        return raw  # in the envelope (a message made here, never encoded)
-    try:
-        return _loads(bytes(raw.line[raw.at:]))
-    except RecursionError:
-        raise InvalidMessage(f"{msg.get('t')} payload is nested deeper than {MAX_DEPTH} levels") from None
-    except ValueError as exc:
-        raise InvalidMessage(f"{msg.get('t')} payload is not JSON: {exc}") from None
-
-
-def _loads(data: bytes | bytearray) -> Any:
-    if len(data) < _NO_GC_FROM or not gc.isenabled():
-        return json.loads(data)
-    # Decoding makes a container per JSON list or object: a large text of small ones would set
-    # off the collector many times over (5 times slower for a megabyte of "[[],[],...]"). What
-    # JSON decodes holds no cycle: nothing is left for it to find.
-    gc.disable()
-    try:
-        return json.loads(data)
-    finally:
-        gc.enable()
-
-
-#: Text fields each type of message a client may send needs (anyone who can write to the broker
-#: can send these: a worker's own messages are checked by their signature, see ``signing``).
-_TEXT_FIELDS: dict[str, tuple[str, ...]] = {
-    CAST: ("n", "k"), CALL: ("n", "k", "r", "c"), STOP: ("n", "k"),
-    GET: ("n", "k", "r", "c"), SEARCH: ("n", "k", "r", "c"), STOP_KEY: ("n", "k", "r", "c", "node"),
-    METRICS: ("r", "c"),
-}
-_WITH_PAYLOAD = frozenset({CAST, CALL})
-
-
-def _well_formed(m: Message, payload: bool) -> bool:
-    """Whether the envelope ``m`` (``payload``: a payload follows it) has what its type needs, so
-    that handling it cannot fail on its shape: a text ``t`` (or none, and a text ``type``: a Celery
-    event); for what a client sends, the text fields its handler reads, a finite deadline ``d``
-    and, for a cast or call, its message; ``a`` of a ``get`` a list."""
-    t = m.get("t")
-    if type(t) is not str:
-        return t is None and type(m.get("type")) is str  # a Celery event (a client's cache hears them)
-    needs = _TEXT_FIELDS.get(t)
-    if needs is None:
-        return True
-    d = m.get("d")
-    return (all(type(m.get(f)) is str for f in needs)
-            and (d is None or (type(d) in (int, float) and math.isfinite(d)))
-            and (t not in _WITH_PAYLOAD or payload or PAYLOAD in m)
-            and type(m.get("a", [])) is list)
-
-
-#: Seconds a worker's node queue outlives its last consumer (RabbitMQ's ``x-expires``) or, on
-#: Redis, its last push or its worker's last heartbeat (the list's TTL, raised by each).
-NODE_QUEUE_EXPIRES = 120.0
-
-
-class Names:
-    """Queue, exchange and routing names of one namespace (one cluster)."""
-
-    def __init__(self, namespace: str, single_active_consumer: bool) -> None:
-        self.namespace = namespace
-        # Direct messages go through the default exchange, routed by queue name: on Redis that
-        # skips kombu's binding-table lookup, one round trip per publish.
-        self.exchange = Exchange("")
-        self.bcast_exchange = Exchange(f"{namespace}.bcast", type="fanout", durable=False, auto_delete=False)
-        # Every declarer must use identical arguments (RabbitMQ answers 406 otherwise).
-        args = {"x-single-active-consumer": True} if single_active_consumer else None
-        #: Routing key (= queue name) of the leader queue.
-        self.leader = f"{namespace}.leader"
-        self.leader_queue = Queue(
-            self.leader, self.exchange, routing_key=self.leader,
-            durable=False, auto_delete=False, queue_arguments=args,
-        )
-        self._amqp = single_active_consumer
-        self._node_prefix = self.node_routing_key("")
-
-    def node_routing_key(self, hostname: str) -> str:
-        """Routing key (= queue name) of a worker's own queue (a Celery node name, never key text)."""
-        return f"{self.namespace}.node.{hostname}"
-
-    def queue_ttl(self, routing_key: str) -> float | None:
-        """Redis: seconds the list of ``routing_key`` must live at least after a push to it (a node
-        queue's :data:`NODE_QUEUE_EXPIRES`), or ``None`` (RabbitMQ's ``x-expires`` does it there)."""
-        return NODE_QUEUE_EXPIRES if routing_key.startswith(self._node_prefix) else None
-
-    def node_queue(self, hostname: str) -> Queue:
-        """The queue a worker consumes for spawn orders, casts, calls and stops to its processes."""
-        # A dead worker's queue expires instead of collecting messages forever (Redis: queue_ttl).
-        args = {"x-expires": int(NODE_QUEUE_EXPIRES * 1000)} if self._amqp else None
-        return Queue(
-            self.node_routing_key(hostname), self.exchange,
-            routing_key=self.node_routing_key(hostname),
-            durable=False, auto_delete=False, queue_arguments=args,
-        )
-
-    def bcast_queue(self, hostname: str, incarnation: str) -> Queue:
-        """A worker's subscription to cluster-wide heartbeats (one per incarnation: two workers
-        started with one name must each hear everything, to find each other)."""
-        return Queue(
-            f"{self.namespace}.bcast.{hostname}.{incarnation}", self.bcast_exchange,
-            durable=False, auto_delete=True,
-        )
-
-    def exits_queue(self, client_id: str, app: Any) -> Queue:
-        """A client's subscription to keyed-process exit events (for its cache of refs)."""
-        with app.connection_for_read() as conn:
-            exchange = get_exchange(conn)  # Celery's event exchange (a fanout on Redis)
-        # Redis subscribes a fanout queue to one routing-key pattern only (its last binding).
-        keys = [event_routing_key(t) for t in CACHE_EVENTS] if self._amqp else [REDIS_CACHE_EVENTS_PATTERN]
-        return Queue(
-            f"{self.namespace}.exits.{client_id}",
-            bindings=[binding(exchange, routing_key=k) for k in keys],
-            durable=False, auto_delete=True, queue_arguments={"x-expires": 60_000} if self._amqp else None,
-        )
-
-    def reply_queue(self, client_id: str) -> Queue:
-        """A client's private queue for answers."""
-        args = {"x-expires": 60_000} if self._amqp else None
-        name = f"{self.namespace}.reply.{client_id}"
-        return Queue(
-            name, self.exchange, routing_key=name,
-            durable=False, auto_delete=True, queue_arguments=args,
-        )
+__all__ = [
+    "BYE", "CACHE_EVENTS", "CALL", "CAST", "CONTENT_ENCODING", "CONTENT_TYPE", "EVENT_EXITED", "EVENT_LEADER",
+    "EVENT_NODE_LOST", "EVENT_STARTED", "EXITED", "GET", "HEARTBEAT", "LEADS", "MAX_DEPTH", "METRICS",
+    "NODE_QUEUE_EXPIRES", "NO_PAYLOAD", "PAYLOAD", "PING", "REDIS_CACHE_EVENTS_PATTERN", "REPLY", "REPORT",
+    "REPORT_REQUEST", "SEARCH", "SPAWN", "SPAWNED", "SPAWN_FAILED", "STOP", "STOP_KEY", "Chunk", "Encoded",
+    "Message", "Names", "Raw", "check_json", "decode", "decode_payload", "decode_payloads", "encode",
+    "encode_message", "encode_parts", "event_routing_key", "payload",
+]
