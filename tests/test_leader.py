@@ -59,8 +59,8 @@ def place_one(leader: Leader, wire: Wire) -> tuple[str, dict[str, Any]]:
     return host, spawn
 
 
-def report(host: str, procs: list[list[Any]], q: int = 0) -> dict[str, Any]:
-    return {"t": p.REPORT, "node": host, "epoch": 1, "procs": procs, "q": q}
+def report(host: str, procs: list[list[Any]], q: int = 0, **extra: Any) -> dict[str, Any]:
+    return {"t": p.REPORT, "node": host, "epoch": 1, "procs": procs, "q": q, **extra}
 
 
 def three_live_workers() -> tuple[Leader, Members, Wire]:
@@ -230,3 +230,39 @@ def test_callers_of_a_key_whose_start_hangs_are_forgotten_once_they_have_given_u
     assert sum(len(e.waiters) for e in leader._starting.values()) == 2  # "1" and "patient"
     leader.handle({"t": p.SPAWNED, "n": "default", "k": "k", "node": host, "pid": 7, "sid": spawn["sid"]})
     assert [m["c"] for _, m in wire.replies] == ["patient"]  # the worker answers "1" itself
+
+
+def test_a_leader_rebuilt_from_reports_knows_each_keys_init_args(cluster: Any) -> None:
+    leader, _, wire = cluster
+    leader.activate(0)
+    # "a", parallel to "procs": a list per entry, or null where the worker does not know them.
+    leader.report(report("a", [["default", "k1", 101, "s1"], ["default", "k2", None, "s2"]],
+                         a=[[1, {"x": "y"}], None]))
+    leader.report(report("b", [["default", "k3", 201, "s3"]], a=[[]]))
+    leader.report(report("c", [["default", "k4", 301, "s4"]]))  # a worker older than "a": unknown
+    assert leader.ready
+    assert [leader.args_of("default", k) for k in ("k1", "k2", "k3", "k4")] == [[1, {"x": "y"}], None, [], None]
+    assert leader.info()["with_args"] == 2
+    # A key placed later keeps the args of the get that placed it, for as long as it lives.
+    leader.handle({**get("k5", "5"), "a": ["init"]})
+    ((host, spawn),) = wire.spawns()
+    assert spawn["a"] == ["init"]
+    leader.handle({"t": p.SPAWNED, "n": "default", "k": "k5", "node": host, "pid": 501, "sid": spawn["sid"]})
+    assert leader.args_of("default", "k5") == ["init"]
+
+
+def test_a_report_without_args_or_with_args_of_another_shape_still_rebuilds_the_table(cluster: Any) -> None:
+    leader, _, wire = cluster
+    leader.activate(0)
+    procs = [["default", "k1", 101, "s1"], ["default", "k2", 102, "s2"]]
+    leader.report(report("a", procs, a=[[1]]))  # not parallel to procs: no args, the registry counts
+    leader.report(report("b", [["default", "k3", 201, "s3"]], a="nonsense"))
+    leader.report(report("c", [["default", "k4", 301, "s4"]], a=[{"not": "a list"}]))
+    assert leader.ready
+    for k, where in (("k1", ["a", 101]), ("k2", ["a", 102]), ("k3", ["b", 201]), ("k4", ["c", 301])):
+        leader.handle(search(k, k))
+        assert wire.answer(k)["v"] == where
+        assert leader.args_of("default", k) is None
+    # Reconciliation learns the args of a key it had without (its worker was upgraded meanwhile).
+    leader.report(report("a", procs, q=10, a=[[1], [2]]))
+    assert [leader.args_of("default", k) for k in ("k1", "k2")] == [[1], [2]]

@@ -4,7 +4,9 @@ character too long refused, a late exit report freeing the key of a newer proces
 
 from __future__ import annotations
 
+import sys
 import threading
+import traceback
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -19,7 +21,7 @@ from forseti_celery.core.conf import Settings
 from forseti_celery.testing import wait_for
 from forseti_celery.worker.leader import Leader
 from forseti_celery.worker.membership import Members
-from forseti_celery.worker.registry import Node
+from forseti_celery.worker.node import Node
 
 from .helpers import Harness, fresh, harness
 from .test_leader import Wire, get, report, search, three_live_workers
@@ -141,12 +143,12 @@ def test_a_cut_off_worker_fences_at_least_a_heartbeat_before_the_leader_may_decl
         hb = {"node": node.hostname, "inc": node.incarnation, "eligible": True, "names": []}
         heard = members.heard(hb) or members.get(node.hostname)
         assert heard is not None
-        node._last_echo = heard.last_seen
+        node.liveness.last_echo = heard.last_seen
         interval = min(0.25, heartbeat / 2)
         now = heard.last_seen
-        while not node._fenced:
+        while not node.liveness.fenced:
             now += interval
-            node._fence(now)
+            node.liveness.fence(now)
             assert not members.expire(now), "declared dead before the worker fenced"
         print(f"\n[safety] heartbeat={heartbeat} node_timeout={node_timeout}: fenced "
               f"{heard.last_seen + node_timeout - now:.2f} s before it may be declared dead")
@@ -286,17 +288,62 @@ def test_a_worker_heard_again_after_a_stall_is_eligible_at_once_not_a_heartbeat_
     (seen after a broker restart in test_broker_restart_keeps_the_children_...[rabbitmq])."""
     node = in_process_node(redis_url)
     try:
-        node._stalled(node._last_run + 10 * node._stall_after)  # a stall: in doubt from now on
-        assert node._doubt is not None
+        node.liveness.stalled(node.liveness.last_run + 10 * node.liveness.stall_after)  # a stall: in doubt from now on
+        assert node.liveness.doubt is not None
         node._beat()  # what it says while in doubt
-        sent = {"t": p.HEARTBEAT, "node": node.hostname, "inc": node.incarnation, "seq": node._beats,
+        sent = {"t": p.HEARTBEAT, "node": node.hostname, "inc": node.incarnation, "seq": node.liveness.beats,
                 "eligible": False, "names": ["default"], "count": 0, "leader": False, "epoch": 0}
         me = node.members.get(node.hostname)
         assert me is not None and not me.eligible
         node._heard(sent)  # its echo comes back: heard again
-        assert node._doubt is None
+        assert node.liveness.doubt is None
         me = node.members.get(node.hostname)
         assert me is not None and me.eligible, "still ineligible until its next heartbeat"
     finally:
         node.events.close()
         node.publisher.close()
+
+
+def test_an_order_a_leader_gives_its_own_worker_is_handled_after_the_leader_returns_never_inside_it(
+    redis_url: str,
+) -> None:
+    """What a leader sends its own worker (its report request, the report, a spawn order) waits in
+    the node's local queue and is handled after the message that sent it, in order: the node's
+    dispatch never runs inside the leader (registry -> leader -> registry -> ... as it did)."""
+    node = in_process_node(redis_url)
+    leader_file = sys.modules[Leader.__module__].__file__
+    seen: list[tuple[str, Any, bool]] = []  # (what, its args, handled inside the leader?)
+
+    def in_leader() -> bool:
+        return any(frame.filename == leader_file for frame in traceback.extract_stack())
+
+    registry_report = node.children.registry_report
+
+    def reported() -> Any:
+        seen.append(("report", None, in_leader()))
+        return registry_report()
+
+    def spawn(name: str, key: str, args: list[Any], sid: str, waiters: Any = None) -> None:
+        seen.append((key, args, in_leader()))
+
+    node.children.registry_report = reported  # type: ignore[method-assign]
+    node.children.spawn = spawn  # type: ignore[method-assign]
+    try:
+        node.members.heard({"node": node.hostname, "inc": node.incarnation, "eligible": True,
+                            "names": ["default"], "count": 0})
+        assert node.election.poll(), "no lease on a namespace of its own"
+        node.role.lease(True, False)  # takes the role: asks every member for its registry, itself too
+        assert node.leader.active and not node.leader.ready and not seen, "asked itself inside activate()"
+        node._settle()  # what the tick does next
+        assert node.leader.ready and seen == [("report", None, False)]
+        one, two = fresh("one"), fresh("two")
+        node._handle([{"t": p.GET, "n": "default", "k": one, "a": [1], "r": "client", "c": "c1"},
+                      {"t": p.GET, "n": "default", "k": two, "a": [2], "r": "client", "c": "c2"}])
+        # Each spawn after the get that ordered it, before the next get; none inside the leader.
+        assert seen[1:] == [(one, [1], False), (two, [2], False)]
+        assert node.names.node_routing_key(node.hostname) not in node.sender._out, "sent itself through the broker"
+    finally:
+        node.election.release()
+        node.events.close()
+        node.sender.close()
+        node.election.close()

@@ -15,8 +15,8 @@ from celery.worker.control import nok, ok
 
 from ..core import protocol as p
 from ..core.errors import BrokerUnavailable
+from .node import Node
 from .pool.children import Child
-from .registry import Node
 
 __all__ = ["describe", "keys", "stop_key"]
 

@@ -37,7 +37,9 @@ class Entry:
 
     node: str
     sid: str
-    args: list[Any]
+    #: The key's init args, for as long as the key lives (a rebuilt leader gets them back from the
+    #: worker's report); None where unknown (reported by a worker older than that field).
+    args: list[Any] | None
     pid: int | None = None
     #: Callers of ``get_key`` waiting for it to start, until their deadline (see :meth:`Leader.expire`).
     waiters: Waiters = field(default_factory=dict)
@@ -116,7 +118,7 @@ class Leader:
         if not self.active:
             return
         if self.ready:
-            self._reconcile(host, msg["procs"], int(msg.get("q", 0)))
+            self._reconcile(host, msg["procs"], _reported_args(msg), int(msg.get("q", 0)))
             return
         if host not in self._awaiting:
             return
@@ -125,8 +127,8 @@ class Leader:
         if self._token is None:
             self.epoch = max(self.epoch, int(msg["epoch"]))
         self._counts.setdefault(host, 0)
-        for name, key, pid, sid in msg["procs"]:
-            self._record(host, (name, key), Entry(host, sid, [], pid))
+        for (name, key, pid, sid), args in zip(msg["procs"], _reported_args(msg), strict=True):
+            self._record(host, (name, key), Entry(host, sid, args, pid))
         self._maybe_ready()
 
     def heartbeat(self, hb: dict[str, Any]) -> None:
@@ -162,12 +164,13 @@ class Leader:
         self._asked[host] = time.monotonic()
         self._send_node(host, {"t": p.REPORT_REQUEST, "leader": self.hostname, "epoch": epoch, "q": self._seq})
 
-    def _reconcile(self, host: str, procs: list[list[Any]], asked_at: int) -> None:
+    def _reconcile(self, host: str, procs: list[list[Any]], args: list[list[Any] | None], asked_at: int) -> None:
         self._asked.pop(host, None)
         if host not in self.members:
             return
         self._counts.setdefault(host, 0)
         reported = {(name, key): (pid, sid) for name, key, pid, sid in procs}
+        known = {(name, key): a for (name, key, _, _), a in zip(procs, args, strict=True)}
         for k in list(self._by_node.get(host, ())):
             entry = self._table[k]
             if entry.seq >= asked_at:
@@ -188,7 +191,7 @@ class Leader:
                 self._forget(k, entry)  # its exit report was lost
         for k, (pid, sid) in reported.items():
             if pid is not None:
-                self._record(host, k, Entry(host, sid, [], pid))
+                self._record(host, k, Entry(host, sid, known[k], pid))
 
     def node_lost(self, hostname: str) -> None:
         """A worker died or left: its keys are free; keys it was starting are placed again."""
@@ -348,7 +351,7 @@ class Leader:
             self._reply(reply_to, {"t": p.REPLY, "c": corr, "v": True})
 
     # -- table ------------------------------------------------------------------------
-    def _start(self, k: Key, args: list[Any], waiters: Waiters) -> None:
+    def _start(self, k: Key, args: list[Any] | None, waiters: Waiters) -> None:
         node = self.least_used(k[0])
         if node is None:
             known = any(k[0] in m.names for m in self.members)
@@ -361,7 +364,7 @@ class Leader:
         entry = Entry(node, uuid.uuid4().hex, args, waiters=dict(waiters), told=frozenset(waiters))
         self._record(node, k, entry)
         # The worker answers these callers itself once the process has started: one hop less.
-        self._send_node(node, {"t": p.SPAWN, "n": k[0], "k": k[1], "a": args, "sid": entry.sid,
+        self._send_node(node, {"t": p.SPAWN, "n": k[0], "k": k[1], "a": [] if args is None else args, "sid": entry.sid,
                                "epoch": self.epoch, "leader": self.hostname, "w": [list(w) for w in waiters]})
 
     def least_used(self, name: str | None) -> str | None:
@@ -378,6 +381,8 @@ class Leader:
         old = self._table.get(k)
         if old is not None:
             if old.node == node and old.pid in (entry.pid, None):
+                if old.args is None:
+                    old.args = entry.args  # first known from this report (the worker runs a newer version)
                 return  # known (or starting there: its start report is on the way)
             # Two workers report one key (only after a split brain): keep the first, stop the other.
             logger.warning("forseti: %r reported by %s and %s; stopping the latter", k, old.node, node)
@@ -399,9 +404,25 @@ class Leader:
     def _answer(self, waiter: Waiter, k: Key, entry: Entry) -> None:
         self._reply(waiter[0], {"t": p.REPLY, "c": waiter[1], "v": [entry.node, entry.pid]})
 
+    def args_of(self, name: str, key: str) -> list[Any] | None:
+        """The init args the table has for a key (None: no such key, or its args are unknown)."""
+        entry = self._table.get((name, key))
+        return None if entry is None else entry.args
+
     def info(self) -> dict[str, Any]:
-        """Summary for ``celery inspect stats``."""
-        return {"keys": len(self._table), "epoch": self.epoch, "ready": self.ready}
+        """Summary for ``celery inspect stats``: ``with_args``, the keys whose init args it knows."""
+        return {"keys": len(self._table), "epoch": self.epoch, "ready": self.ready,
+                "with_args": sum(e.args is not None for e in self._table.values())}
+
+
+def _reported_args(msg: dict[str, Any]) -> list[list[Any] | None]:
+    """The init args of each entry of a report's ``procs``: its ``a`` (parallel to ``procs``), each
+    a list or None; all None when the report has none (a worker older than the field) or one that
+    does not match ``procs`` (a broken or forged report costs only the args, not the registry)."""
+    procs, args = msg["procs"], msg.get("a")
+    if type(args) is not list or len(args) != len(procs):
+        return [None] * len(procs)
+    return [a if type(a) is list else None for a in args]
 
 
 def _deadline(msg: dict[str, Any]) -> float:

@@ -1,4 +1,4 @@
-"""The worker bootstep: a thin adapter that runs a :class:`~forseti_celery.worker.registry.Node`
+"""The worker bootstep: a thin adapter that runs a :class:`~forseti_celery.worker.node.Node`
 in every worker of an app with ``Forseti`` installed.
 
 ``Forseti(app)`` adds it to ``app.steps['worker']`` by name, so only a worker imports the worker
@@ -13,7 +13,7 @@ from celery import bootsteps
 
 from ..core import installs
 from . import control
-from .registry import Node
+from .node import Node
 
 __all__ = ["RegistryStep"]
 

@@ -1,0 +1,430 @@
+"""A worker's node: the ``forseti-node`` consumer thread that gives every worker its keyed
+processes, and the dispatcher of what it consumes (a table of handlers, one per message kind).
+
+Each worker runs one :class:`Node` (started by the bootstep, :mod:`~forseti_celery.worker.step`):
+a consumer thread with its own broker connection (its queue, the heartbeat fanout and, when it
+leads, the leader queue) beside the :class:`~forseti_celery.worker.pool.children.Children` pool.
+Running apart from Celery's consumer keeps children alive across Celery's consumer restarts and
+keeps a task blocked in ``get_key`` (solo pool) from stalling the leader. The node hands each
+concern to a collaborator of its own module: :class:`~.liveness.Liveness` (heartbeats, stalls,
+fencing), :class:`~.role.Role` (the leader role and the epoch), :class:`~.sending.Sender` (sends).
+
+Threads: every field is the consumer thread's (``_held``, ``_local``, the leader's table), except
+``_closing``, set once by the worker's main thread in :meth:`Node.stop`, and read by the consumer.
+What the node addresses to itself (the leader's orders to its own worker, the report it asks of
+it) waits in ``_local`` and is handled after the message that sent it, never inside it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from celery.platforms import EX_FAILURE
+from celery.utils.log import get_logger
+from celery.worker import state as worker_state
+
+from ..core import protocol as p
+from ..core.broker import ConsumerLoop, RestartIntensity
+from ..core.conf import ChildConfig
+from ..core.errors import BrokerUnavailable, ConfigurationError, DuplicateWorker
+from ..core.signing import signer_for
+from .election import election_for
+from .events import EventSender
+from .leader import Leader
+from .liveness import Liveness, check_alone
+from .membership import Members
+from .pool.children import Children
+from .role import Role
+from .sending import Sender
+
+if TYPE_CHECKING:
+    from ..core.installs import Installed
+
+logger = get_logger(__name__)
+
+__all__ = ["SUPPORTED_TRANSPORTS", "Node"]
+
+#: Transports with what the leader election needs (single active consumer, or Redis for the lease).
+SUPPORTED_TRANSPORTS = ("amqp", "redis")
+_LEADER_TYPES = frozenset({p.GET, p.SEARCH, p.METRICS, p.STOP_KEY, p.SPAWNED, p.SPAWN_FAILED, p.EXITED, p.PING})
+_TO_CHILD = frozenset({p.CAST, p.CALL, p.STOP})
+#: Held, not handled, while a worker is not sure it still holds the leader role (see ``Liveness.stalled``).
+_HELD_TYPES = _LEADER_TYPES | {p.REPORT, p.BYE}
+_LOST = "lost"  # internal: a worker died while the role was in doubt, replayed once it is not
+Message = dict[str, Any]
+
+
+class Node:
+    """One worker's share of the cluster: its keyed processes, and the leader role when it holds it."""
+
+    def __init__(self, forseti: Installed, hostname: str) -> None:
+        app = forseti.app
+        self.forseti = forseti
+        self.hostname = hostname
+        self.settings = s = forseti.settings
+        driver = app.connection_for_write().transport.driver_type
+        if driver not in SUPPORTED_TRANSPORTS:
+            raise ConfigurationError(
+                f"forseti_celery needs a RabbitMQ (amqp) or Redis broker; {driver!r} has neither a single "
+                "active consumer nor a lease for the leader queue")
+        self.names = forseti.names
+        self.incarnation = uuid.uuid4().hex
+        self.eligible = not s.nodes or hostname in s.nodes
+        self.members = Members(s.node_timeout)
+        self.events = EventSender(app, hostname, s.namespace)
+        # Worker secret set: everything we publish is signed, and worker messages we receive are
+        # believed only signed (a message older than a worker's timeout says nothing true any more).
+        self.signer = signer_for(s.worker_secret, hostname, s.node_timeout)
+        self.sender = Sender(app.connection_for_write(), self.names, self.signer)
+        self.publisher = self.sender.publisher  # remote control publishes a stop with it
+        self.election = election_for(driver, app.connection_for_write(), f"{s.namespace}:leader", s.lease, hostname)
+        self.leader = Leader(hostname, self.members, self._send_node, self.sender.to_queue)
+        self.children = Children(hostname, forseti.resolve, self.sender.publish_many, self.names.leader,
+                                 self.events.send, ChildConfig.from_settings(s))
+        self.liveness = Liveness(hostname, s, self.members, self.children)
+        self.role = Role(hostname, self.leader, self.election, self.events, self.names.leader_queue,
+                         self._forward_held)
+        self._node_queue = self.names.node_queue(hostname)
+        self._closing = False
+        self._held: list[Message] = []  # while in doubt (see Liveness.stalled), in order
+        self._local: deque[Message] = deque()  # what we addressed to ourselves, not handled yet
+        self._settling = False
+        self._handlers: dict[str, Callable[[Message], None]] = {
+            **{kind: self._for_leader for kind in _LEADER_TYPES},
+            _LOST: lambda msg: self._lost(msg["node"]), p.HEARTBEAT: self._heard, p.BYE: self._bye,
+            p.LEADS: self._leads, p.SPAWN: self._spawn, p.REPORT_REQUEST: self._report, p.REPORT: self.leader.report,
+        }
+        self.loop = self.role.loop = ConsumerLoop(
+            # The broker's heartbeat ends a hung leader's connection, so a standby takes over.
+            "forseti-node", lambda: app.connection_for_read(heartbeat=s.lease),
+            lambda: [self._node_queue, self.names.bcast_queue(hostname, self.incarnation)]
+            + ([self.names.leader_queue] if self.election.always_consume and not self._closing else []),
+            self._on_batch,
+            intensity=RestartIntensity(s.max_retries, s.max_time),
+            tick=self._tick, interval=min(0.25, s.heartbeat / 2),
+            on_connect=self._connected, on_disconnect=self._disconnected, on_give_up=self._give_up,
+            admit=self._admit,
+            # A flood to our keys waits in the broker, not ahead of the heartbeats and leader requests.
+            windowed=lambda: [self._node_queue],
+        )
+
+    @property
+    def epoch(self) -> int:
+        """The highest leader epoch this worker has proof of: orders from older leaders are refused."""
+        return self.role.epoch
+
+    # -- life cycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        """Make sure no live worker has our name, then start the watcher and the consumer thread;
+        raises :class:`DuplicateWorker`."""
+        try:
+            check_alone(self.forseti.app, self.names, self.hostname, self.incarnation, self.signer,
+                        2 * self.settings.heartbeat)
+        except DuplicateWorker:
+            self.events.close()
+            self.sender.close()
+            self.election.close()
+            raise
+        self.children.start()
+        self.loop.start()
+        logger.info("forseti: registry of %s started (eligible: %s)", self.hostname, self.eligible)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Warm shutdown: hand the role over, stop every keyed process, report the exits."""
+        self._closing = True
+        self._await_handover()
+        done = self.children.stop_all("shutdown", self.settings.stop_timeout if grace is None else grace)
+        if not done:
+            logger.warning("forseti: %s stopped before every exit reached the broker", self.hostname)
+        # Only now, with every process gone: the leader frees what is left of ours at once.
+        self.sender.broadcast({"t": p.BYE, "node": self.hostname, "inc": self.incarnation})
+        self.loop.stop()
+        self.children.stop()
+        self.events.close()
+        self.sender.close()
+        self.election.close()
+
+    def _give_up(self, exc: BaseException) -> None:
+        """The consumer thread failed past its restart intensity: without it this worker neither
+        hears nor serves the cluster, so it stops, as Celery's own signal handlers stop it (a
+        warm shutdown, exit code 1), for its supervisor to restart it."""
+        logger.critical("forseti: stopping worker %s: its registry thread failed more than %d times in %g s "
+                        "(forseti_max_retries, forseti_max_time); last: %r",
+                        self.hostname, self.settings.max_retries, self.settings.max_time, exc)
+        worker_state.should_stop = EX_FAILURE
+
+    def _await_handover(self) -> None:
+        """Wait until the consumer thread has left the role and released it (see :meth:`Role.hand_over`)."""
+        if not self.loop.is_alive():
+            self.role.hand_over()  # nothing else acts on leader messages
+        elif not self.role.handed_over.wait(max(1.0, 2 * self.settings.heartbeat)):
+            # Stuck in a batch: releasing from here would let a successor lead beside it.
+            logger.warning("forseti: %s could not hand the leader role over; it passes when the lease runs out",
+                           self.hostname)
+
+    def _connected(self) -> None:
+        self.liveness.next_beat = 0.0
+        self.members.refresh()  # we heard nothing while away: give everyone a fresh timeout
+        self._tick()
+
+    def _disconnected(self) -> None:
+        # A lost connection loses the single active consumer slot (and maybe the lease).
+        self.role.step_down()
+        self.sender.flush()
+
+    # -- consumer thread: dispatch ------------------------------------------------------------
+    def _admit(self, message: Any, batch: list[Message]) -> list[Message]:
+        """What of ``batch`` (decoded from the kombu ``message``) to act on: with a worker secret,
+        only what its signature allows (:meth:`~forseti_celery.core.signing.Signer.admit`); and leader
+        messages only from the leader queue. On RabbitMQ a leader message makes its receiver take
+        the role (only the queue's active consumer gets one): a client's request written to a
+        worker's own queue would make that worker lead beside the real leader."""
+        if self.signer is not None:
+            batch = self.signer.admit(message, batch)
+        info = message.delivery_info or {}
+        if not info.get("exchange") and info.get("routing_key") == self.names.leader:
+            return batch
+        kept = [m for m in batch if m.get("t") not in _LEADER_TYPES]
+        if len(kept) != len(batch):
+            logger.warning("forseti: %s dropped %d leader messages that did not come through the leader queue",
+                           self.hostname, len(batch) - len(kept))
+        return kept
+
+    def _on_batch(self, batch: list[Message]) -> None:
+        self.liveness.stalled(time.monotonic())
+        self._handle(batch)
+        self.sender.flush()
+
+    def _handle(self, batch: list[Message]) -> None:
+        """Handle a batch in order, each message on its own: one malformed message (forged, or
+        from a broken client: clients may write to every queue) is logged and skipped, and costs
+        none of the others, the casts collected before it included."""
+        to_children: dict[tuple[str, str], list[Message]] = {}
+        for msg in batch:
+            kind = msg.get("t")
+            if kind == _LOST or type(kind) is not str:  # _LOST: our own note, only ever held
+                if kind != _LOST:
+                    logger.warning("forseti: %s skipped a message of no type", self.hostname)
+                continue
+            if kind in _TO_CHILD:
+                if type(msg.get("n")) is str and type(msg.get("k")) is str:
+                    to_children.setdefault((msg["n"], msg["k"]), []).append(msg)
+                else:
+                    logger.warning("forseti: %s skipped a %r message naming no key", self.hostname, kind)
+                continue
+            if to_children:  # keep the order of everything else relative to deliveries
+                self._deliver(to_children)
+                to_children = {}
+            self._dispatch_logged(kind, msg, "")
+        if to_children:
+            self._deliver(to_children)
+
+    def _dispatch_logged(self, kind: str, msg: Message, what: str) -> None:
+        """Dispatch one message (a malformed one is logged and skipped), then what it addressed to us."""
+        try:
+            self._dispatch(kind, msg)
+        except BrokerUnavailable:
+            raise
+        except Exception:
+            logger.exception("forseti: %s skipped a malformed %s%r message", self.hostname, what, kind)
+        self._settle()
+
+    def _settle(self) -> None:
+        """Handle, in order, what we addressed to ourselves, each after the message that sent it:
+        flat, here, rather than inside the leader's handler (which would run our dispatch, and
+        maybe the leader again, before it returns). Messages they address to us join the queue."""
+        if self._settling:
+            return  # the loop below, further up this very stack, takes them
+        self._settling = True
+        try:
+            while self._local:
+                self._handle([self._local.popleft()])
+        except BaseException:
+            self._local.clear()  # lost with the batch, as they were when handled inside the sender
+            raise
+        finally:
+            self._settling = False
+
+    def _deliver(self, to_children: dict[tuple[str, str], list[Message]]) -> None:
+        try:
+            self.children.deliver(to_children)
+        except Exception:
+            logger.exception("forseti: %s could not deliver %d messages", self.hostname,
+                             sum(map(len, to_children.values())))
+
+    def _dispatch(self, kind: str, msg: Message) -> None:
+        if self.liveness.doubt is not None and kind in _HELD_TYPES:
+            self._held.append(msg)
+            return
+        handler = self._handlers.get(kind)
+        if handler is not None:
+            handler(msg)
+
+    # -- consumer thread: handlers ------------------------------------------------------------
+    def _for_leader(self, msg: Message) -> None:
+        kind = msg["t"]
+        if not self.leader.active:
+            if self._closing or not self.election.always_consume:
+                if kind != p.PING:
+                    self.sender.forward([msg])  # popped as the role passed: for the new holder
+                return
+            self.role.take()
+        if kind != p.PING:
+            self.leader.handle(msg)
+        elif self.leader.ready and "node" in msg:
+            # Only the active consumer hears a ping: its answer tells the pinger who leads.
+            self._send_node(msg["node"], {"t": p.LEADS, "leader": self.hostname, "epoch": self.leader.epoch,
+                                          "nonce": msg.get("nonce")})
+
+    def _bye(self, msg: Message) -> None:
+        if msg["node"] != self.hostname and self.members.remove(msg["node"], str(msg.get("inc"))):
+            self._lost(msg["node"])
+
+    def _leads(self, msg: Message) -> None:
+        if self.liveness.pinged(msg.get("nonce")):
+            self.role.leads(msg)
+
+    def _report(self, msg: Message) -> None:
+        """A leader asks for our registry: the processes here, and each one's init args (``a``,
+        parallel to ``procs``, which a leader older than this field ignores)."""
+        if int(msg["epoch"]) != self.epoch:
+            self.role.backed(int(msg["epoch"]), msg["leader"])
+        procs, args = self.children.registry_report()
+        self._send_node(msg["leader"], {"t": p.REPORT, "node": self.hostname, "epoch": self.epoch,
+                                        "procs": procs, "a": args, "q": msg.get("q", 0)})
+
+    def _spawn(self, msg: Message) -> None:
+        epoch = int(msg["epoch"])
+        if epoch != self.epoch and self.role.backed(epoch, str(msg.get("leader"))) is False:
+            logger.warning("forseti: refused spawn of %r from %s: the election granted no epoch %d to it "
+                           "(latest: %d)", msg["k"], msg.get("leader"), epoch, self.epoch)
+            return
+        if epoch < self.epoch:
+            logger.warning("forseti: refused spawn of %r from deposed leader %s (epoch %d < %d)",
+                           msg["k"], msg.get("leader"), epoch, self.epoch)
+            return
+        if not self._available():
+            # Stopping, cut off, or not sure we are heard: the leader places it elsewhere.
+            self.children.spawn_failed(msg["n"], msg["k"], msg["sid"], "unavailable")
+            return
+        self.children.spawn(msg["n"], msg["k"], msg.get("a", []), msg["sid"], msg.get("w"))
+
+    def _heard(self, hb: Message) -> None:
+        ours = hb["node"] == self.hostname and hb["inc"] == self.incarnation
+        recovered = self.liveness.echo(hb) if ours else False
+        if self.members.heard(hb) is None:
+            self.liveness.twin(hb)
+            return
+        if recovered:  # after recording the echo, a beat sent in doubt: _trust's own beat is the truth
+            self._trust()
+        self.role.heard_leader(hb)
+        if self.liveness.doubt is None:
+            self.leader.heartbeat(hb)
+
+    def _trust(self) -> None:
+        """Heard again after a stall: handle what was held (its leader messages go to whoever leads)."""
+        # Say at once that we take keys again: the beats sent in doubt called us ineligible, and a
+        # leader (we, perhaps, once the held requests are replayed) would refuse new keys for a
+        # heartbeat with "no eligible live worker".
+        self.liveness.trusted()
+        self._beat()
+        held, self._held = self._held, []
+        if held:
+            logger.info("forseti: %s is heard again; handling %d held messages", self.hostname, len(held))
+        for msg in held:
+            self._dispatch_logged(msg["t"], msg, "held ")
+
+    def _available(self) -> bool:
+        """Whether this worker takes new keyed processes now."""
+        return not self._closing and self.liveness.sure
+
+    def _lost(self, hostname: str) -> None:
+        """A worker died or left (or restarted): the leader frees its keys and tells clients."""
+        if self.liveness.doubt is not None:
+            self._held.append({"t": _LOST, "node": hostname})
+        elif self.leader.active:
+            self.leader.node_lost(hostname)
+            self.events.send(p.EVENT_NODE_LOST, node=hostname)
+
+    def _forward_held(self) -> None:
+        """The role is left: messages held for it go back to the leader queue."""
+        held, self._held = self._held, []
+        self.sender.forward([m for m in held if m["t"] in _LEADER_TYPES and m["t"] != p.PING])
+
+    # -- consumer thread: the clock -----------------------------------------------------------
+    def _tick(self) -> None:
+        now = time.monotonic()
+        self.liveness.stalled(now)
+        connected = self.loop.connected.is_set()
+        held = self.election.poll() if connected and not self._closing else False
+        if held is not None:
+            self.role.lease(held, self._closing)
+            self._settle()  # a new leader's report request to ourselves: before anything else
+        if self._closing and not self.role.handed_over.is_set():
+            self.role.hand_over()
+        if connected:  # silence heard while we cannot hear anything proves nothing
+            for dead in self.members.expire(now):
+                logger.info("forseti: worker %s is silent; declared dead", dead.hostname)
+                self._lost(dead.hostname)
+                self._settle()
+        self.liveness.fence(now)
+        if self.leader.ready:
+            self.leader.expire()
+        if connected and self.liveness.beat_due(now):
+            self._beat()
+        self._settle()
+        self.sender.flush()
+
+    def _beat(self) -> None:
+        hb = {"t": p.HEARTBEAT, "node": self.hostname, "inc": self.incarnation, "seq": self.liveness.next_seq(),
+              "eligible": self.eligible and self._available(),
+              "names": sorted(self.forseti.known_names()), "count": len(self.children.snapshot()),
+              "leader": self.leader.ready, "epoch": self.leader.epoch if self.leader.ready else self.epoch,
+              "pid": os.getpid(), "host": socket.gethostname()}
+        self.members.heard(hb)  # we are a member at once; the broker's echo proves we are heard
+        self.sender.broadcast(hb)
+        try:  # Redis: our queue outlives any backlog we drain, as each push makes it outlive us
+            self.publisher.keep_alive(self._node_queue.name)
+        except BrokerUnavailable:
+            pass
+        if self.election.always_consume:
+            # Lets the single active consumer learn that it leads, even when no client asks anything.
+            try:
+                self.publisher.publish(self.names.exchange, self.names.leader,
+                                       [{"t": p.PING, "node": self.hostname, "nonce": self.liveness.nonce()}],
+                                       expiration=self.settings.heartbeat * 2)
+            except BrokerUnavailable:
+                pass
+
+    def _send_node(self, hostname: str, msg: Message) -> None:
+        """The leader's (and our own) sends to a worker: to ourselves through ``_local``, handled
+        after the current message (see :meth:`_settle`)."""
+        if hostname == self.hostname:
+            self._local.append(msg)
+        else:
+            self.sender.to_node(hostname, msg)
+
+    def info(self) -> dict[str, Any]:
+        """The ``forseti`` section of ``celery inspect stats``."""
+        procs = self.children.snapshot()
+        return {
+            "namespace": self.settings.namespace,
+            "leader": self.leader.ready,
+            "eligible": self.eligible,
+            "processes": dict(Counter(c.name for c in procs)),
+            "total": len(procs),
+            "spares": self.children.spares,
+            "starts": self.children.starts,
+            "exits": self.children.exits,
+            "epoch": self.epoch,
+            "members": sorted(m.hostname for m in self.members),
+            # Worker messages without a valid signature, per reason (None: no worker secret set).
+            "dropped": None if self.signer is None else dict(self.signer.dropped),
+            **({"table": self.leader.info()} if self.leader.active else {}),
+        }
