@@ -364,3 +364,34 @@ def test_starts_and_exits_are_sent_as_worker_events(h: Harness) -> None:
     (exited,) = mine("forseti-process-exited")
     assert started["child_pid"] == ref.pid and started["hostname"] == ref.node and started["name"] == "default"
     assert exited["reason"] == "stop" and exited["child_pid"] == ref.pid
+
+
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_a_new_leader_rebuilt_after_the_old_one_died_knows_the_init_args_of_the_keys_left(
+    broker: str, request: pytest.FixtureRequest, tmp_path: os.PathLike[str],
+) -> None:
+    # Two workers of their own: the leader is killed, the other leads, rebuilt from its own report.
+    url = request.getfixturevalue(f"{broker}_url")
+    with harness(url, tmp_path, n=2, pool="solo") as h:
+
+        def stats(host: str) -> dict[str, object]:
+            return dict(((h.app.control.inspect([host], timeout=2).stats() or {}).get(host) or {}).get("forseti", {}))
+
+        hosts = [w.hostname for w in h.cluster.workers]
+        leader = wait_for(lambda: next((x for x in hosts if stats(x).get("leader")), None), 10, 0.1, "no leader")
+        (other,) = (x for x in hosts if x != leader)
+        refs = [h.forseti.get_key(fresh("args"), args=(i, {"n": i})) for i in range(6)]
+        left = [r for r in refs if r.node == other]
+        assert len(left) == 3, [r.node for r in refs]  # least used, so half on each worker
+        table = stats(leader)["table"]
+        assert isinstance(table, dict) and (table["keys"], table["with_args"]) == (6, 6), table
+        h.cluster.worker(leader).kill()
+
+        def rebuilt() -> dict[str, object] | None:
+            table = stats(other).get("table")
+            return table if isinstance(table, dict) and table["ready"] and table["keys"] == len(left) else None
+
+        new = wait_for(rebuilt, 30, 0.2, lambda: f"no new leader\n{h.cluster.log_tails()}")
+        assert new["with_args"] == len(left), "the new leader lost the init args of the keys left"
+        for ref in left:
+            ref.stop()
