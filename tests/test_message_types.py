@@ -51,6 +51,9 @@ GOLDEN: list[tuple[Any, bytes]] = [
     (w.Ping("w1", "x1"), b'{"t":"ping","node":"w1","nonce":"x1"}'),
     (w.Report("w1", 3, [["n1", "k1", 42, "s1"]], 7),
      b'{"t":"report","node":"w1","epoch":3,"procs":[["n1","k1",42,"s1"]],"q":7}'),
+    (w.Report("w1", 3, [["n1", "k1", 42, "s1"], ["n1", "k2", None, "s2"]], 7, [[1, "x"], None]),
+     b'{"t":"report","node":"w1","epoch":3,"procs":[["n1","k1",42,"s1"],["n1","k2",null,"s2"]],"q":7,'
+     b'"a":[[1,"x"],null]}'),
     (w.Spawn("n1", "k1", [], "s1", 3, "w0", [["rq", "c1"]]),
      b'{"t":"spawn","n":"n1","k":"k1","a":[],"sid":"s1","epoch":3,"leader":"w0","w":[["rq","c1"]]}'),
     (w.ReportRequest("w0", 3, 7), b'{"t":"report?","leader":"w0","epoch":3,"q":7}'),
@@ -87,7 +90,7 @@ def test_every_message_type_of_the_protocol_has_exactly_one_kind() -> None:
 
 def test_a_kind_reads_a_message_with_fields_a_newer_sender_added() -> None:
     (decoded,) = p.decode(b'{"t":"report","node":"w1","epoch":3,"procs":[],"q":1,"a":[[1]],"zz":{"new":1}}')
-    assert w.from_wire(decoded) == w.Report("w1", 3, [], 1)
+    assert w.from_wire(decoded) == w.Report("w1", 3, [], 1, [[1]])
     (decoded,) = p.decode(b'{"n":"n1","k":"k1","p":42,"t":"cast","later":true}\t{"x":1}')
     cast = w.from_wire(decoded)
     assert isinstance(cast, m.Cast) and (cast.name, cast.key, cast.pid) == ("n1", "k1", 42)

@@ -150,20 +150,25 @@ class Ping:
 @dataclass(**FROZEN)
 class Report:
     """A worker's registry, asked for by ``leader`` (:class:`ReportRequest`): ``procs`` is a list
-    of ``[name, key, pid, sid]`` (pid None while starting); ``q`` echoes the request's."""
+    of ``[name, key, pid, sid]`` (pid None while starting); ``q`` echoes the request's; ``args``
+    (wire ``a``, optional: older workers send none) each entry's init args, parallel to ``procs``."""
 
     T: ClassVar[str] = REPORT
     node: str
     epoch: int
     procs: list[list[Any]]
     q: int = 0
+    args: list[list[Any] | None] | None = None
 
     def to_wire(self) -> Wire:
-        return {"t": REPORT, "node": self.node, "epoch": self.epoch, "procs": self.procs, "q": self.q}
+        d = {"t": REPORT, "node": self.node, "epoch": self.epoch, "procs": self.procs, "q": self.q}
+        if self.args is not None:
+            d["a"] = self.args
+        return d
 
     @classmethod
     def from_wire(cls, d: Mapping[str, Any]) -> Report:
-        return cls(need(d, "node"), int(need(d, "epoch")), need(d, "procs"), int(d.get("q", 0)))
+        return cls(need(d, "node"), int(need(d, "epoch")), need(d, "procs"), int(d.get("q", 0)), d.get("a"))
 
 
 # -- leader -> worker ---------------------------------------------------------------------
