@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import threading
 import time
 from collections import deque
@@ -24,6 +23,7 @@ from celery.utils.log import get_logger
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 from kombu.exceptions import OperationalError
 
+from . import transport
 from .errors import BrokerUnavailable
 from .protocol import CONTENT_ENCODING, CONTENT_TYPE, Encoded, Message, decode, encode
 
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 logger = get_logger(__name__)
 
-__all__ = ["Batcher", "ConsumerLoop", "Publisher", "RestartIntensity", "reuse_redis_client"]
+__all__ = ["Batcher", "ConsumerLoop", "Publisher", "RestartIntensity"]
 
 
 class RestartIntensity:
@@ -53,13 +53,6 @@ class RestartIntensity:
         return len(self._failures) <= self.max_retries
 
 
-#: Raise a key's TTL to ARGV[1] ms unless it already lives longer (-1: no TTL yet).
-_KEEP_AT_LEAST = """
-if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then return redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
-return 0
-"""
-
-
 class Publisher:
     """Publishes message batches on a connection of its own; safe from any thread."""
 
@@ -70,6 +63,7 @@ class Publisher:
         each push to it (what ``x-expires`` does on RabbitMQ), or ``None``: no TTL. ``signer``: a
         worker's, which signs every broker message it publishes (see :mod:`forseti_celery.core.signing`)."""
         self._conn = connection
+        self._transport = transport.for_connection(connection)
         self._signer = signer
         self._keep = keep
         self._lock = threading.Lock()
@@ -103,37 +97,22 @@ class Publisher:
 
     def _publish_one(self, producer: Producer, exchange: Exchange, routing_key: str, body: bytes,
                      declare: Iterable[Queue], expiration: float | None) -> None:
-        ttl = self._list_ttl(routing_key, expiration)
+        ttl = self._transport.list_ttl(self._keep(routing_key), expiration)
         if ttl is None:
             self._put(producer.publish, exchange, routing_key, body, declare, expiration)
             return
-        channel = producer.channel
-        with self._pipeline(channel) as pipe:
+        with self._transport.batch(producer.channel) as batch:
             self._put(producer.publish, exchange, routing_key, body, declare, None)
-            self._keep_at_least(pipe, channel, routing_key, ttl)
-
-    def _list_ttl(self, routing_key: str, expiration: float | None) -> float | None:
-        """Redis: the least TTL the list of ``routing_key`` must have after a push (``None``: none)."""
-        if self._conn.transport.driver_type != "redis":
-            return None
-        keep = self._keep(routing_key)
-        return keep if expiration is None else expiration if keep is None else max(keep, expiration)
-
-    @staticmethod
-    def _keep_at_least(pipe: Any, channel: Any, routing_key: str, ttl: float) -> None:
-        # The default exchange routes by queue name: the routing key is the list's key.
-        pipe.eval(_KEEP_AT_LEAST, 1, channel.global_keyprefix + routing_key, max(1, math.ceil(ttl * 1000)))
+            batch.keep_at_least(routing_key, ttl)
 
     def keep_alive(self, routing_key: str) -> None:
         """Redis: raise the TTL of the list of ``routing_key``, if it exists, to ``keep(routing_key)``
         (its consumer's own queue then outlives any backlog it drains); raises :class:`BrokerUnavailable`."""
-        ttl = self._list_ttl(routing_key, None)
+        ttl = self._transport.list_ttl(self._keep(routing_key), None)
         if ttl is None:
             return
-        with self._guard():
-            channel = self._ready().channel
-            with self._pipeline(channel) as pipe:
-                self._keep_at_least(pipe, channel, routing_key, ttl)
+        with self._guard(), self._transport.batch(self._ready().channel) as batch:
+            batch.keep_at_least(routing_key, ttl)
 
     def publish_many(
         self,
@@ -144,30 +123,18 @@ class Publisher:
         """Send each ``(routing_key, messages)`` as one broker message, in this order; on Redis all
         of them in one round trip (a pipeline). Raises :class:`BrokerUnavailable`: then any of
         them may have been sent or not."""
-        if len(batches) < 2 or self._conn.transport.driver_type != "redis":
+        if len(batches) < 2 or not self._transport.pipelines:
             for routing_key, messages in batches:
                 self.publish(exchange, routing_key, messages, declare=declare(routing_key))
             return
         bodies = [(routing_key, encode(messages)) for routing_key, messages in batches]
         with self._guard():
             producer = self._ready()
-            with self._pipeline(producer.channel) as pipe:
+            with self._transport.batch(producer.channel) as batch:
                 for routing_key, body in bodies:
                     self._put(producer.publish, exchange, routing_key, body, declare(routing_key), None)
-                    if (ttl := self._list_ttl(routing_key, None)) is not None:
-                        self._keep_at_least(pipe, producer.channel, routing_key, ttl)
-
-    @staticmethod
-    @contextlib.contextmanager
-    def _pipeline(channel: Any) -> Iterator[Any]:
-        """Redis: what kombu's publishing code sends in this block goes out in one round trip."""
-        reuse_redis_client(channel)
-        pipe = channel._forseti_pipe = channel._forseti_client.pipeline(transaction=False)
-        try:
-            yield pipe
-            pipe.execute()
-        finally:
-            channel._forseti_pipe = None
+                    if (ttl := self._transport.list_ttl(self._keep(routing_key), None)) is not None:
+                        batch.keep_at_least(routing_key, ttl)
 
     @contextlib.contextmanager
     def _guard(self) -> Iterator[None]:
@@ -207,7 +174,7 @@ class Publisher:
             self._conn.ensure_connection(max_retries=1, interval_start=0.1, interval_step=0.2, interval_max=0.2,
                                          timeout=2.0)
         channel = self._conn.default_channel
-        reuse_redis_client(channel)
+        self._transport.prepare(channel)
         return channel
 
     def _reset(self) -> None:
@@ -223,27 +190,6 @@ class Publisher:
         with self._lock:
             self._producer = None
             self._conn.release()
-
-
-def reuse_redis_client(channel: Any) -> None:
-    """Publish through one redis-py client per channel.
-
-    kombu's Redis channel builds a new ``redis.Redis`` object for every message it
-    publishes (``conn_or_acquire``), which is half the cost of a publish (260 -> 130 µs
-    measured here). The client object holds no connection of its own (it borrows one
-    from the channel's pool per command), so one per channel is as safe across
-    reconnections as one per message.
-    """
-    if getattr(channel, "_forseti_client", None) is not None or not hasattr(channel, "_create_client"):
-        return
-    cached = channel._forseti_client = channel._create_client()
-    channel._forseti_pipe = None  # set by Publisher.publish_many while it queues a pipeline
-
-    @contextlib.contextmanager
-    def conn_or_acquire(client: Any = None) -> Iterator[Any]:  # kombu's signature
-        yield client or channel._forseti_pipe or cached
-
-    channel.conn_or_acquire = conn_or_acquire
 
 
 class Batcher:
@@ -438,7 +384,7 @@ class ConsumerLoop(threading.Thread):
         with self._connection_factory() as conn:
             conn.ensure_connection(max_retries=1)
             channel = conn.channel()
-            windowed = self._windowed() if conn.transport.driver_type == "amqp" else []
+            windowed = self._windowed() if transport.for_connection(conn).prefetch_windows else []
             names = {q.name for q in windowed}
             consumer = Consumer(channel, [q for q in self._queues() if q.name not in names], no_ack=True,
                                 on_message=self._on_message)

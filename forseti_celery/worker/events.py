@@ -17,7 +17,7 @@ from typing import Any
 from celery import Celery
 from celery.utils.log import get_logger
 
-from ..core.broker import reuse_redis_client
+from ..core.compat import reuse_redis_client
 
 logger = get_logger(__name__)
 

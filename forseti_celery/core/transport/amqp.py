@@ -1,0 +1,51 @@
+"""RabbitMQ (kombu's ``amqp`` transport): what forseti does differently there.
+
+The broker does the work Redis needs forseti for: it delivers the leader queue to a single
+active consumer (``x-single-active-consumer``), deletes a queue left without consumers
+(``x-expires``), drops a message unconsumed past its ``expiration``, and holds a backlog back
+behind a consumer's prefetch window. Every declarer of a queue must pass identical arguments
+(RabbitMQ answers 406 otherwise): they are built here only.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+__all__ = ["batch", "list_ttl", "name", "pipelines", "prefetch_windows", "prepare", "queue_arguments",
+           "single_active_consumer"]
+
+name = "amqp"
+single_active_consumer = True
+prefetch_windows = True
+#: Publishes are not answered one by one (no publisher confirms): a pipeline would save nothing.
+pipelines = False
+
+
+def queue_arguments(*, single_active_consumer: bool = False, expires: float | None = None) -> dict[str, Any] | None:
+    """``x-single-active-consumer`` and/or ``x-expires`` (milliseconds)."""
+    args: dict[str, Any] = {}
+    if single_active_consumer:
+        args["x-single-active-consumer"] = True
+    if expires is not None:
+        args["x-expires"] = int(expires * 1000)
+    return args or None
+
+
+def list_ttl(keep: float | None, expiration: float | None) -> None:
+    """None: RabbitMQ expires queues (``x-expires``) and messages (``expiration``) itself."""
+    return None
+
+
+def prepare(channel: Any) -> None:
+    """Nothing to prepare."""
+
+
+class _Plain:
+    def keep_at_least(self, routing_key: str, ttl: float) -> None:
+        return None
+
+
+def batch(channel: Any) -> AbstractContextManager[_Plain]:
+    """Each publish goes out as it is made, in order."""
+    return nullcontext(_Plain())

@@ -1,0 +1,74 @@
+"""Redis (kombu's ``redis`` transport): what forseti does differently there.
+
+Redis has no queue arguments: a list is consumed by whoever pops it (the leader queue is
+consumed only under a lease, see :mod:`forseti_celery.worker.election`), and has no
+per-message TTL. What RabbitMQ's ``x-expires`` and ``expiration`` do is done here by the
+publisher: after a push, the list's TTL is raised to the least it must live (:func:`list_ttl`),
+never lowered. Publishes go through kombu's own code, made faster by
+:func:`~forseti_celery.core.compat.reuse_redis_client` and sent several in one round trip by
+:func:`batch` (both guarded: see :mod:`forseti_celery.core.compat`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import Any
+
+from .. import compat
+
+__all__ = ["KEEP_AT_LEAST", "batch", "list_ttl", "name", "pipelines", "prefetch_windows", "prepare",
+           "queue_arguments", "single_active_consumer"]
+
+name = "redis"
+#: Several consumers of one list compete: the leader queue needs a lease.
+single_active_consumer = False
+#: kombu fetches a list's messages one BRPOP at a time, and a fanout comes on a connection of its own.
+prefetch_windows = False
+pipelines = True
+
+#: Raise a key's TTL to ARGV[1] ms unless it already lives longer (-1: no TTL yet).
+KEEP_AT_LEAST = """
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then return redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return 0
+"""
+
+
+def queue_arguments(*, single_active_consumer: bool = False, expires: float | None = None) -> None:
+    """None: a queue with ``x-expires`` would make kombu expire the list on its own (and open a
+    pipeline per publish); the publisher keeps lists alive instead (:func:`list_ttl`)."""
+    return None
+
+
+def list_ttl(keep: float | None, expiration: float | None) -> float | None:
+    """The least TTL a list must have after a push: ``keep`` (its queue's own) or the message's
+    ``expiration``, whichever is longer (``None``: neither, no TTL)."""
+    return keep if expiration is None else expiration if keep is None else max(keep, expiration)
+
+
+def prepare(channel: Any) -> None:
+    """One redis-py client for every publish of ``channel`` (kombu builds one per publish)."""
+    compat.reuse_redis_client(channel)
+
+
+class Batch:
+    """The publishes of a :func:`batch` block, and the TTLs raised after them, in order."""
+
+    def __init__(self, channel: Any, pipe: Any | None) -> None:
+        self._channel = channel
+        self._pipe = pipe
+
+    def keep_at_least(self, routing_key: str, ttl: float) -> None:
+        """Raise the TTL of the list of ``routing_key`` to ``ttl`` seconds unless it lives longer."""
+        # The default exchange routes by queue name: the routing key is the list's key.
+        client = self._channel.client if self._pipe is None else self._pipe
+        client.eval(KEEP_AT_LEAST, 1, self._channel.global_keyprefix + routing_key, max(1, math.ceil(ttl * 1000)))
+
+
+@contextlib.contextmanager
+def batch(channel: Any) -> Iterator[Batch]:
+    """kombu's publishes on ``channel`` in this block, and the TTLs raised, go out in one round
+    trip; or, when kombu's internals are not the ones known (compat), each as it is made."""
+    with compat.redis_publish_pipeline(channel) as pipe:
+        yield Batch(channel, pipe)
