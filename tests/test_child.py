@@ -14,9 +14,10 @@ import pytest
 from forseti_celery import KeyedProcess
 from forseti_celery.child import runtime as child_main
 from forseti_celery.core import protocol as p
+from forseti_celery.core.conf import ChildConfig
 from forseti_celery.testing import wait_for
 from forseti_celery.worker.pool import zygote as zygote_mod
-from forseti_celery.worker.pool.children import KeyedChild
+from forseti_celery.worker.pool.fork import KeyedChild
 
 
 class Sink(KeyedProcess):
@@ -38,7 +39,7 @@ def _fork_spare(lifeline: child_main.Lifeline) -> tuple[int, Any]:
         code = 1
         try:
             ours.close()
-            child_main.run(theirs, None, "", [], parent, [], lifeline, lambda name: Sink)
+            child_main.run(theirs, ChildConfig(), lifeline, lambda name: Sink, parent, [])
             code = 0
         finally:
             os._exit(code)
@@ -137,7 +138,7 @@ def _switches(pid: int) -> int:
 @pytest.mark.skipif(not zygote_mod.available(), reason="the zygote needs Linux pidfds")
 def test_the_zygote_watches_the_lifeline_for_its_keyed_processes_which_never_wake_for_it() -> None:
     lifeline = child_main.Lifeline(fence_after=0.6, check_every=0.1)
-    zygote = zygote_mod.Zygote(KeyedChild, lifeline, lambda name: Sink, [])
+    zygote = zygote_mod.Zygote(KeyedChild, ChildConfig(), lifeline, lambda name: Sink, [])
     try:
         process, fd = zygote.fork()
         conn = billiard.connection.Connection(fd)
@@ -202,7 +203,7 @@ def test_the_pool_keeps_each_keys_init_args_parallel_to_its_registry(spares: int
                     answers.put(m)
 
     children = Children("args@test", lambda name: Sink, publish, "leader", lambda *a, **kw: None,
-                        stop_timeout=5.0, fence_after=3600.0, heartbeat=1.0, spares=spares)
+                        ChildConfig(fence_after=3600.0, spares=spares))
     children.start()
     try:
         if spares:
@@ -219,3 +220,18 @@ def test_the_pool_keeps_each_keys_init_args_parallel_to_its_registry(spares: int
     finally:
         children.stop_all("test", 1.0)
         children.stop()
+
+
+def test_child_config_carries_every_per_process_setting_from_the_settings() -> None:
+    from dataclasses import fields
+
+    from forseti_celery.core.conf import Settings
+
+    s = Settings.from_app({"forseti_stop_timeout": 7.5, "forseti_heartbeat": 0.5, "forseti_node_timeout": 9.0,
+                           "forseti_spares": 5, "forseti_mailbox_limit": 4096, "forseti_max_message_size": 2048})
+    config = ChildConfig.from_settings(s)
+    assert config == ChildConfig(stop_timeout=7.5, fence_after=8.0, heartbeat=0.5, spares=5, mailbox_limit=4096,
+                                 max_message_size=2048)
+    # Each field is a setting of that name (fence_after: Settings' property), defaults included.
+    assert all(getattr(s, f.name) == getattr(config, f.name) for f in fields(ChildConfig))
+    assert ChildConfig.from_settings(Settings()) == ChildConfig()

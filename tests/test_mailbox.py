@@ -18,7 +18,7 @@ import pytest
 
 from forseti_celery import ConfigurationError, KeyRef, MailboxFull
 from forseti_celery.core import protocol as p
-from forseti_celery.core.conf import Settings
+from forseti_celery.core.conf import ChildConfig, Settings
 from forseti_celery.testing import wait_for
 from forseti_celery.worker.pool.children import Children
 
@@ -168,7 +168,7 @@ def test_one_batch_of_many_sends_is_cut_at_the_limit_even_into_an_empty_mailbox(
                     answers.put(m)
 
     children = Children("mbx@test", lambda name: Recorder, publish, "leader", lambda *a, **kw: None,
-                        stop_timeout=5.0, fence_after=3600.0, heartbeat=1.0, spares=0, mailbox_limit=MAILBOX)
+                        ChildConfig(fence_after=3600.0, spares=0, mailbox_limit=MAILBOX))
     children.start()
     try:
         children.spawn("recorder", "k", [], "sid", [["reply", "started"]])
@@ -184,7 +184,7 @@ def test_one_batch_of_many_sends_is_cut_at_the_limit_even_into_an_empty_mailbox(
 
         with _stopped(c.pid):
             children.deliver({("recorder", "k"): [{"t": "cast", "m": [i, PAD]} for i in range(40)]})
-            assert c.unsent_bytes <= MAILBOX
+            assert c.outbox.unsent_bytes <= MAILBOX
             assert call("while-stopped", BIG)["error"] == "mailbox_full"
         # The answer's value comes as the keyed process encoded it (the worker never decodes it).
         seen = wait_for(lambda: p.payload(call("seen")), 10, 0.05, "never answered once continued")

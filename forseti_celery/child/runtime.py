@@ -18,6 +18,7 @@ import gc
 import os
 import queue
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -26,14 +27,14 @@ import billiard.sharedctypes
 from celery.utils.log import get_logger
 
 from ..core import process
-from ..core.conf import Settings
+from ..core.conf import ChildConfig
 from ..core.errors import InvalidMessage
 from ..core.process import KeyedProcess
 from ..core.protocol import CALL, CAST, PAYLOAD, decode, decode_payloads, encode, encode_message
 
 logger = get_logger(__name__)
 
-__all__ = ["FENCED", "Lifeline", "Mailbox", "detach", "mailbox", "run"]
+__all__ = ["FENCED", "Lifeline", "Mailbox", "become_keyed", "detach", "mailbox", "run"]
 
 _PR_SET_PDEATHSIG = 1
 try:  # resolved once in the worker, so a new child does not load libc again
@@ -71,14 +72,15 @@ class Lifeline:
 class Mailbox:
     """The child's end of the pipe: incoming messages queued in order, answers sent back."""
 
-    def __init__(self, conn: Any, lifeline: Lifeline, watch_lifeline: bool = True) -> None:
+    def __init__(self, conn: Any, lifeline: Lifeline, watch_lifeline: bool = True,
+                 max_size: int = ChildConfig.max_message_size) -> None:
         self._conn = conn
         self._lifeline = lifeline
         self._watch = watch_lifeline
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.stop_reason: str | None = None
         #: forseti_max_message_size: the largest reply sent (see :meth:`reply`).
-        self.max_size = Settings.max_message_size
+        self.max_size = max_size
         self.key = ""
         # A bare thread: ``threading.Thread`` costs a keyed process ~80 more page faults (copies of
         # pages it shares with its parent) for bookkeeping nothing here uses; it ends with the process.
@@ -205,25 +207,52 @@ def mailbox() -> Mailbox:
     return box
 
 
-def run(conn: Any, target: Any, key: str, args: list[Any], parent_pid: int, close_fds: Iterable[int],
-        lifeline: Lifeline, resolve: Callable[[str], Any], signals: bool = True,
-        watch_lifeline: bool = True) -> None:
-    """Entry point of the billiard child (runs after the fork). A spare (``target`` None) waits
-    for its key first: an ``assign`` message naming the keyed-process name, key and args.
-    With a zygote for parent (``signals=False``, ``watch_lifeline=False``), its signal handling
-    is already the keyed process's, and the zygote looks at the lifeline for it."""
+def become_keyed(body: Callable[[], None], name: str, at_exit: Callable[[], None] | None = None) -> int:
+    """A freshly forked process becomes a keyed process: runs ``body`` (:func:`run`, as the
+    worker or its zygote calls it) and returns the exit code the process ends with, for either
+    forker to ``os._exit`` with: ``body``'s ``sys.exit`` code, 1 for a failure (logged), else 0.
+    ``at_exit`` runs last (billiard's finalizers, for a fork of the worker); the standard streams
+    are flushed, as the process ends without the interpreter's own exit."""
+    code = 1
+    try:
+        body()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        logger.exception("keyed process %s failed", name)
+    finally:
+        if at_exit is not None:
+            at_exit()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (AttributeError, ValueError, OSError):
+                pass
+    return code
+
+
+def run(conn: Any, config: ChildConfig, lifeline: Lifeline, resolve: Callable[[str], Any], parent_pid: int,
+        close_fds: Iterable[int], start: tuple[Any, str, list[Any]] | None = None, *,
+        from_zygote: bool = False) -> None:
+    """Entry point of a keyed process (runs after the fork): ``start`` is its ``(target, key,
+    args)``; a spare (``start`` None) waits for its key first: an ``assign`` message naming the
+    keyed-process name, key and args. ``config`` is the worker's, inherited with the fork. With
+    a zygote for parent (``from_zygote``), its signal handling is already the keyed process's,
+    and the zygote looks at the lifeline for it."""
     # Everything inherited from the worker stays out of this process's collections: a collection
     # would touch (and so copy) every inherited page. Collection itself stays on for what the keyed
     # process allocates (a zygote, the parent of spares, runs with it off).
     gc.freeze()
     gc.enable()
-    detach(parent_pid, close_fds, signals)
+    detach(parent_pid, close_fds, signals=not from_zygote)
     if lifeline.cut_off():
         os._exit(FENCED)  # forked by a worker that has just stopped hearing the broker: too late to start
-    box = process._mailbox = Mailbox(conn, lifeline, watch_lifeline)
-    # resolve is the worker's Forseti.resolve: its settings, as the worker read them.
-    box.max_size = getattr(getattr(resolve, "__self__", None), "settings", Settings).max_message_size
-    if target is None:
+    box = process._mailbox = Mailbox(conn, lifeline, watch_lifeline=not from_zygote,
+                                     max_size=config.max_message_size)
+    if start is not None:
+        target, key, args = start
+    else:
         box.rehearse()
         order = box.get()
         assert order is not None and order["t"] == "assign", order

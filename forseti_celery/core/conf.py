@@ -17,7 +17,7 @@ from .errors import ConfigurationError, InvalidArgument
 
 logger = get_logger(__name__)
 
-__all__ = ["MAX_TIMEOUT", "Settings", "checked_timeout"]
+__all__ = ["MAX_TIMEOUT", "ChildConfig", "Settings", "checked_timeout"]
 
 #: Longest timeout or duration accepted, in seconds (30 days). Past it the waits overflow
 #: (``threading.TIMEOUT_MAX``, ~292 years here, is where ``OverflowError`` starts) or the broker
@@ -141,6 +141,33 @@ class Settings:
         """Seconds without broker contact after which a worker kills its keyed processes: two
         heartbeats before the leader may declare it dead (so a key never has two processes)."""
         return self.node_timeout - 2 * self.heartbeat
+
+
+@dataclass(frozen=True)
+class ChildConfig:
+    """Every setting a worker's keyed-process pool and its keyed processes use, built once from
+    :class:`Settings` (:meth:`from_settings`) and handed down as one object: settings, the pool,
+    the zygote, the keyed process (which inherits it with the fork). A new per-process setting
+    is a field here and a line in :meth:`from_settings`. The defaults are :class:`Settings`'."""
+
+    #: Seconds a stopped keyed process gets to run ``terminate`` before it is killed.
+    stop_timeout: float = Settings.stop_timeout
+    #: Seconds without broker contact after which the keyed processes end (the lifeline).
+    fence_after: float = Settings().fence_after
+    #: The worker's heartbeat: the lifeline is looked at every half of it.
+    heartbeat: float = Settings.heartbeat
+    #: Keyed processes forked ahead of need, waiting for a key.
+    spares: int = Settings.spares
+    #: Bytes the worker holds for one keyed process that has not taken them off its pipe.
+    mailbox_limit: int = Settings.mailbox_limit
+    #: Largest reply a keyed process sends, in bytes of encoded JSON.
+    max_message_size: int = Settings.max_message_size
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> ChildConfig:
+        """The per-process part of ``s``."""
+        return cls(stop_timeout=s.stop_timeout, fence_after=s.fence_after, heartbeat=s.heartbeat,
+                   spares=s.spares, mailbox_limit=s.mailbox_limit, max_message_size=s.max_message_size)
 
 
 _HINTS: dict[str, Any] = get_type_hints(Settings)

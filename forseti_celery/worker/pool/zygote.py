@@ -31,11 +31,9 @@ from typing import Any
 
 import billiard
 import billiard.connection
-from celery.utils.log import get_logger
 
 from ...child import runtime as child_main
-
-logger = get_logger(__name__)
+from ...core.conf import ChildConfig
 
 __all__ = ["Grandchild", "Zygote", "available"]
 
@@ -49,15 +47,15 @@ class Zygote:
     """The worker's handle on its zygote; :meth:`fork` from the spawner thread only, exits read by
     the watcher thread (:attr:`exit_fd`, :meth:`read_exits`)."""
 
-    def __init__(self, process_class: Any, lifeline: child_main.Lifeline, resolve: Callable[[str], Any],
-                 close_fds: Iterable[int]) -> None:
+    def __init__(self, process_class: Any, config: ChildConfig, lifeline: child_main.Lifeline,
+                 resolve: Callable[[str], Any], close_fds: Iterable[int]) -> None:
         self._requests, their_requests = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._exits, their_exits = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._exits.setblocking(False)
         keep_closed = [self._requests.fileno(), self._exits.fileno(), *close_fds]
         self.process = process_class(
             target=_main, name="forseti:zygote",
-            args=(their_requests, their_exits, lifeline, resolve, os.getpid(), keep_closed),
+            args=(their_requests, their_exits, config, lifeline, resolve, os.getpid(), keep_closed),
         )
         self.process.start()
         their_requests.close()
@@ -149,7 +147,8 @@ class Zygote:
 
 
 class Grandchild:
-    """What :class:`~forseti_celery.worker.pool.children.Children` needs of a process, for a zygote's spare."""
+    """What the pool needs of a process (as of a :class:`~forseti_celery.worker.pool.fork.KeyedChild`),
+    for a zygote's spare."""
 
     def __init__(self, pid: int, pidfd: int, zygote: Zygote) -> None:
         self.pid = pid
@@ -179,7 +178,7 @@ class Grandchild:
             pass
 
 
-def _main(requests: socket.socket, exits: socket.socket, lifeline: child_main.Lifeline,
+def _main(requests: socket.socket, exits: socket.socket, config: ChildConfig, lifeline: child_main.Lifeline,
           resolve: Callable[[str], Any], worker_pid: int, close_fds: Iterable[int]) -> None:
     """The zygote's loop (in the zygote process): fork a spare for each request, report exits."""
     gc.disable()  # never walk (and so write) the heap it shares with the worker and the spares
@@ -222,7 +221,7 @@ def _main(requests: socket.socket, exits: socket.socket, lifeline: child_main.Li
             os._exit(0)  # the worker is gone
         try:
             pid, ours, pidfd = _fork(lambda conn, fds: _spare(conn, [requests.fileno(), exits.fileno(), wake_r,
-                                                                     wake_w, *fds], lifeline, resolve, me))
+                                                                     wake_w, *fds], config, lifeline, resolve, me))
         except _Refused as exc:
             # Out of processes, fds or memory: the worker is told, and the zygote lives on, with
             # every keyed process it forked (they would die with it).
@@ -269,26 +268,17 @@ def _fork(run: Callable[[Any, list[int]], None]) -> tuple[int, Any, int]:
     return pid, ours, pidfd
 
 
-def _spare(conn: Any, close_fds: list[int], lifeline: child_main.Lifeline, resolve: Callable[[str], Any],
-           zygote_pid: int) -> None:
-    code = 1
-    try:
+def _spare(conn: Any, close_fds: list[int], config: ChildConfig, lifeline: child_main.Lifeline,
+           resolve: Callable[[str], Any], zygote_pid: int) -> None:
+    """In a process the zygote has just forked: undo what only the zygote wanted, then become a
+    spare keyed process (as a fork of the worker does, see :func:`~forseti_celery.child.runtime.become_keyed`)."""
+
+    def body() -> None:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the rest is as detach() left it in the zygote
-        child_main.run(conn, None, "", [], zygote_pid, close_fds, lifeline, resolve, signals=False,
-                       watch_lifeline=False)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    except BaseException:
-        logger.exception("keyed process failed")
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (AttributeError, ValueError, OSError):
-                pass
-        os._exit(code)
+        child_main.run(conn, config, lifeline, resolve, zygote_pid, close_fds, from_zygote=True)
+
+    os._exit(child_main.become_keyed(body, "spare"))
 
 
 def _reap(exits: socket.socket, children: set[int], fenced: set[int]) -> None:

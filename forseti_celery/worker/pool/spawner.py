@@ -1,0 +1,300 @@
+"""Forking: the spawner thread, the spares it keeps forked ahead, and giving a spare its key.
+
+Forking happens on a spawner thread that lives as long as the worker's node
+(``PR_SET_PDEATHSIG`` fires when the *thread* that forked exits), so neither the consumer
+thread nor the leader on it ever waits for a fork. The spawner keeps a few *spares* forked
+ahead (``forseti_spares``): a spare is a keyed process that has not been given its key yet, so
+a new key costs a pipe write, not a fork and a process start; the spawner has the next one
+forked behind it, and one forked at once for a key that finds none left, by the worker's
+:mod:`~forseti_celery.worker.pool.zygote` where it runs (Linux), else by itself
+(:mod:`~forseti_celery.worker.pool.fork`).
+
+Owners: the orders queue is the consumer's way in (:meth:`Spawner.order`); the refill deadline
+and back-off belong to the spawner thread; :attr:`Spawner.busy_at` is written by the consumer
+thread and read by the spawner as a hint (a float); the zygote is forked by the worker's main
+thread before any of the pool's threads runs, asked for forks by the spawner thread only, and
+its exits read by the watcher. What the threads share is in the
+:class:`~forseti_celery.worker.pool.table.Table`.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import billiard
+import billiard.connection
+from celery.utils.log import get_logger
+
+from ...child import runtime as child_main
+from ...core import protocol as p
+from ...core.conf import ChildConfig
+from . import zygote as zygote_mod
+from .fork import KeyedChild
+from .outbox import Outbox
+from .reports import Reports
+from .table import Child, Table
+
+logger = get_logger(__name__)
+
+__all__ = ["Spawner"]
+
+_Order = tuple[str, str, list[Any], str, list[list[str]]]  # name, key, args, sid, waiters
+_REFILL: _Order = ("", "", [], "", [])  # the spawner's cue to fork spares up to the target
+_QUIET = 0.01  # seconds without spawns or deliveries before the worker forks a spare itself (one left)
+_RETRY_FIRST, _RETRY_MAX = 0.25, 8.0  # seconds before a spare is forked again after a failed fork (doubling)
+
+
+class Spawner:
+    """Forks keyed processes (for a key, or spares) on a thread of its own."""
+
+    def __init__(self, table: Table, reports: Reports, config: ChildConfig, lifeline: child_main.Lifeline,
+                 resolve: Callable[[str], Any], wake: Callable[[], None], worker_fds: list[int],
+                 on_writing: Callable[[Outbox], None], stopping: threading.Event) -> None:
+        self._table = table
+        self._reports = reports
+        self._config = config
+        self._lifeline = lifeline
+        self._resolve = resolve
+        self._wake = wake
+        self._worker_fds = worker_fds  # the watcher's wake pipe: no child keeps it open
+        self._on_writing = on_writing
+        self._stopping = stopping
+        self._orders: queue.SimpleQueue[_Order | None] = queue.SimpleQueue()
+        self._refill_at = 0.0  # spawner thread only: no spare forked before (after a failed fork)
+        #: When the consumer thread last had work for the children.
+        self.busy_at = 0.0
+        self.zygote: zygote_mod.Zygote | None = None
+        self._thread = threading.Thread(target=self._run, name="forseti-spawner", daemon=True)
+
+    def start_zygote(self) -> zygote_mod.Zygote | None:
+        """Fork the zygote, where it runs and spares are wanted (from the worker's main thread,
+        before the pool's threads run: the zygote dies with it)."""
+        if self._config.spares and zygote_mod.available():
+            try:
+                self.zygote = zygote_mod.Zygote(KeyedChild, self._config, self._lifeline, self._resolve,
+                                                self._worker_fds)
+            except Exception:
+                logger.exception("forseti: no zygote; spares are forked by the worker")
+                self.zygote = None
+        return self.zygote
+
+    def start(self) -> None:
+        self._thread.start()
+        if self._config.spares:
+            self.refill()
+
+    def stop_thread(self) -> None:
+        """End the spawner thread (a fork under way completes first)."""
+        self._orders.put(None)
+        self._thread.join(5)
+
+    def stop_zygote(self) -> None:
+        """End the zygote, and with it the spares it forked (after :meth:`stop_thread`)."""
+        if self.zygote is not None:
+            self.zygote.stop()
+
+    def order(self, name: str, key: str, args: list[Any], sid: str, waiters: list[list[str]]) -> None:
+        """Start a keyed process for the key (the spawner thread forks it)."""
+        self._orders.put((name, key, args, sid, waiters))
+
+    def refill(self) -> None:
+        """Fork spares up to the target (any thread)."""
+        self._orders.put(_REFILL)
+
+    # -- any thread holding the table's lock -------------------------------------------------
+    def assign_spare(self, name: str, key: str, args: list[Any], sid: str, waiters: list[list[str]]) -> bool:
+        """Give the key to a spare (under the table's lock); False if none is left. Not when cut
+        off: the spawner then answers "unavailable"."""
+        table = self._table
+        while table.spares and not self._lifeline.cut_off() and self._resolve(name) is not None:
+            c = table.spares.popleft()
+            if self._give(c, name, key, args, sid, waiters):
+                table.by_key[(name, key)] = c
+                if not c.watched:
+                    self._wake()  # its "started" must not wait for the watcher's next round
+                return True
+        return False
+
+    @staticmethod
+    def _give(c: Child, name: str, key: str, args: list[Any], sid: str, waiters: list[list[str]]) -> bool:
+        """Send a spare its key; False if it has died meanwhile (the watcher reaps it)."""
+        try:
+            c.outbox.send([{"t": "assign", "n": name, "k": key, "a": args}])
+        except OSError:
+            return False
+        c.name, c.key, c.sid, c.args, c.waiters, c.spare = name, key, sid, args, waiters, False
+        c.started_at = time.time()
+        return True
+
+    # -- spawner thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        # Long-lived on purpose: PR_SET_PDEATHSIG fires when the thread that forked exits.
+        refill = False
+        backoff = _RETRY_FIRST
+        while True:
+            try:
+                order = self._orders.get(timeout=self._refill_wait() if refill else None)
+            except queue.Empty:  # time to fork a spare, unless the worker got busy meanwhile
+                if self._refill_wait() > 0:
+                    continue
+                try:
+                    refill = self._fork_spare()
+                except Exception as exc:
+                    # Out of processes, fds or memory, most likely: tried again later, not in a loop
+                    # (a new key still gets its fork at once, and its own error).
+                    log = logger.warning if isinstance(exc, OSError) else logger.exception
+                    log("forseti: could not fork a spare keyed process (%s); trying again in %.2g s", exc, backoff)
+                    self._refill_at = time.monotonic() + backoff
+                    backoff = min(backoff * 2, _RETRY_MAX)
+                    refill = True
+                else:
+                    backoff = _RETRY_FIRST
+                continue
+            if order is None:
+                return
+            if order is _REFILL:
+                refill = True
+                continue
+            name, key, args, sid, waiters = order
+            try:
+                self._spawn(name, key, args, sid, waiters)
+            except Exception as exc:
+                logger.exception("forseti: could not start %r", key)
+                self._reports.spawn_failed(name, key, sid, "start", type=type(exc).__name__, msg=str(exc))
+            finally:
+                with self._table.lock:
+                    if self._table.pending.get((name, key), ("",))[0] == sid:
+                        del self._table.pending[(name, key)]
+
+    def _refill_wait(self) -> float:
+        # Forking here, with a spare still at hand, waits until the worker has been quiet for a
+        # moment: a fork holds the interpreter for milliseconds, which would delay the calls that
+        # usually follow a start. Asking the zygote costs the worker nothing worth waiting for.
+        now = time.monotonic()
+        if self._zygote_alive():
+            return max(0.0, self._refill_at - now)
+        with self._table.lock:
+            at_hand = bool(self._table.spares)
+        return max(0.0, self._refill_at - now, self.busy_at + _QUIET - now if at_hand else 0.0)
+
+    def _fork_spare(self) -> bool:
+        """Fork one spare if fewer than the target are ready; True while more are wanted."""
+        with self._table.lock:
+            wanted = self._config.spares - len(self._table.spares)
+        if wanted <= 0 or self._stopping.is_set() or self._lifeline.cut_off():
+            return False  # (cut off: the next start after we hear the broker again asks anew)
+        c = None
+        if self._zygote_alive():
+            try:
+                c = self._fork_from_zygote()
+            except EOFError:
+                logger.warning("forseti: the zygote has ended; the worker forks keyed processes itself")
+        if c is None:
+            c = self._fork(None, "spare", "", [], "")
+        with self._table.lock:
+            c.spare = True
+            self._table.spares.append(c)
+            self._table.new.append(c)  # watched from the watcher's next round: no wake-up just for it
+        return wanted > 1
+
+    def _zygote_alive(self) -> bool:
+        return self.zygote is not None and self.zygote.alive
+
+    def _child(self, name: str, key: str, sid: str, process: Any, conn: Any, args: list[Any] | None) -> Child:
+        fd = conn.fileno()
+        return Child(name, key, sid, process, conn, fd, Outbox(fd, self._config.mailbox_limit, self._on_writing),
+                     args=args)
+
+    def _fork_from_zygote(self) -> Child:
+        assert self.zygote is not None
+        process, fd = self.zygote.fork()
+        return self._child("spare", "", "", process, billiard.connection.Connection(fd), None)
+
+    def _fork(self, target: Any, name: str, key: str, args: list[Any], sid: str) -> Child:
+        """A fork of the worker; :class:`OSError` if a resource ran out (nothing left open then)."""
+        parent_end, child_end = billiard.Pipe(duplex=True)
+        with self._table.lock:
+            # The child keeps none of the worker's pipe ends: end-of-file then means "worker gone".
+            inherited = [*self._worker_fds, parent_end.fileno(), *self._table.inherited_fds(),
+                         *(self.zygote.fds if self.zygote is not None else ())]
+        start = None if target is None else (target, key, args)
+        proc = KeyedChild(
+            target=child_main.run, name=f"forseti:{name}",
+            args=(child_end, self._config, self._lifeline, self._resolve, os.getpid(), inherited, start),
+        )
+        try:
+            proc.start()
+        except OSError:
+            parent_end.close()
+            raise
+        finally:
+            child_end.close()
+        return self._child(name, key, sid, proc, parent_end, None if target is None else args)
+
+    def _spawn(self, name: str, key: str, args: list[Any], sid: str, waiters: list[list[str]]) -> None:
+        k = (name, key)
+        table = self._table
+        with table.lock:
+            existing = table.by_key.get(k)
+            if existing is not None:
+                existing.sid = sid  # the leader's current order names it now
+                if not existing.started:
+                    existing.waiters.extend(waiters)
+                started = existing.started
+            elif self.assign_spare(name, key, args, sid, waiters):
+                return
+        if existing is not None:
+            if started:
+                self._reports.report(p.SPAWNED, existing, pid=existing.pid)
+                self._reports.answer_started(existing, waiters)
+                self._wake()
+            return
+        with table.lock:
+            if self._lifeline.cut_off():
+                # The order came before a stall (the worker was stopped, or cut off): the leader
+                # may have given the key to another worker meanwhile. Let it place the key again.
+                self._reports.spawn_failed(name, key, sid, "unavailable")
+                return
+            target = self._resolve(name)
+            if target is None:
+                self._reports.spawn_failed(name, key, sid, "unknown_name",
+                                           msg=f"{self._reports.hostname} does not know {name!r}")
+                return
+        try:
+            c = self._fork_for(target, name, key, args, sid, waiters)
+        except OSError as exc:
+            # No process, fd or memory left for it: this key's start fails, and no other key.
+            logger.warning("forseti: could not create a keyed process for %r: %s", key, exc)
+            self._reports.spawn_failed(name, key, sid, "resource", type=type(exc).__name__, msg=str(exc))
+            return
+        with table.lock:
+            table.by_key[k] = c
+            table.new.append(c)
+        self._wake()
+
+    def _fork_for(self, target: Any, name: str, key: str, args: list[Any], sid: str,
+                  waiters: list[list[str]]) -> Child:
+        """A keyed process for a key no spare was left for: a spare the zygote forks at once and
+        is given the key (the worker's threads never wait for a fork), else a fork of the worker.
+        :class:`OSError` when a resource ran out (the worker does not try a fork of its own then:
+        the zygote lives on, and the worker is in the same cgroup, under the same limits)."""
+        if self._zygote_alive():
+            try:
+                c = self._fork_from_zygote()
+            except EOFError:
+                logger.warning("forseti: the zygote has ended; the worker forks keyed processes itself")
+            else:
+                if self._give(c, name, key, args, sid, waiters):
+                    return c
+                c.process.kill()  # died before its key reached it: reaped below, started afresh
+                c.process.join(1.0)
+                c.process.close()
+                c.conn.close()
+        c = self._fork(target, name, key, args, sid)
+        c.waiters = waiters
+        return c

@@ -1,0 +1,298 @@
+"""The watcher thread: polls every child's pipe and exit, reads what children write, reaps them.
+
+It forwards answers to callers, reports starts and exits to the leader (through
+:class:`~forseti_celery.worker.pool.reports.Reports`, retried until the broker takes them:
+exits are never lost), writes the rest of a mailbox as its pipe drains, and kills children
+that overstay a stop. What a child writes is read as it comes, a frame at a time once whole,
+so a child stopped in the middle of a frame holds up no one else. No thread of the worker
+decodes a payload: a child's answer is forwarded as the child encoded it.
+
+Owners: the poller, the fd map, the events to send and the refill cue are the watcher
+thread's; the remask queue is appended to by any thread holding a child's mailbox lock and
+emptied here; the wake pipe is written by any thread. What the threads share is in the
+:class:`~forseti_celery.worker.pool.table.Table`.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from celery.utils.log import get_logger
+
+from ...child import runtime as child_main
+from ...core import protocol as p
+from . import zygote as zygote_mod
+from .outbox import HEADER, Outbox
+from .reports import Reports
+from .table import Child, Table
+
+logger = get_logger(__name__)
+
+__all__ = ["Waker", "Watcher"]
+
+_READ = select.POLLIN | select.POLLHUP | select.POLLERR
+_CHUNK = 65536  # bytes read from a child's pipe at once
+_READS = 16  # reads from one child per round at most: one chatty child does not starve the others
+
+
+class Waker:
+    """A pipe any thread writes to, to have the watcher run a round now."""
+
+    def __init__(self) -> None:
+        self.r, self.w = os.pipe()
+        os.set_blocking(self.r, False)
+
+    def __call__(self) -> None:
+        try:
+            os.write(self.w, b"x")
+        except BlockingIOError:
+            pass
+
+    def drain(self) -> None:
+        try:
+            while os.read(self.r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+
+class Watcher:
+    """Polls, reads and reaps the keyed processes of one worker on a thread of its own."""
+
+    def __init__(self, table: Table, reports: Reports, wake: Waker, refill: Callable[[], None],
+                 spawn_failed: Callable[..., None], event: Callable[..., None], want_spares: bool,
+                 stopping: threading.Event) -> None:
+        self._table = table
+        self._reports = reports
+        self._wake = wake
+        self._refill = refill
+        self._spawn_failed = spawn_failed
+        self._event = event
+        self._want_spares = want_spares
+        self._stopping = stopping
+        self._poller = select.poll()
+        self._poller.register(wake.r, select.POLLIN)
+        self._by_fd: dict[int, tuple[Child, bool]] = {}
+        #: Mailboxes whose pipe needs polling for room, or no longer (see :meth:`on_writing`).
+        self._remask: deque[Outbox] = deque()
+        self._events: list[tuple[str, dict[str, Any]]] = []  # sent after the round's reports
+        self._refill_due = False
+        self._zygote: zygote_mod.Zygote | None = None
+        self._thread = threading.Thread(target=self._watch, name="forseti-children", daemon=True)
+        #: Keyed processes started and exited here (written here, read by anyone).
+        self.starts = 0
+        self.exits = 0
+
+    def start(self, zygote: zygote_mod.Zygote | None) -> None:
+        self._zygote = zygote
+        if zygote is not None:
+            self._poller.register(zygote.exit_fd, select.POLLIN)
+        self._thread.start()
+
+    def join(self, timeout: float) -> None:
+        self._wake()
+        self._thread.join(timeout)
+
+    def on_writing(self, box: Outbox) -> None:
+        """``box`` has something left to write, or no longer (any thread, under its lock)."""
+        self._remask.append(box)
+        if box.writing:
+            self._wake()
+
+    # -- watcher thread ---------------------------------------------------------------------
+    def _watch(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._watch_once()
+            except Exception:
+                logger.exception("forseti: child watcher failed")
+                time.sleep(0.1)
+
+    def _watch_once(self) -> None:
+        now = time.monotonic()
+        with self._table.lock:
+            deadlines = [c.kill_at for c in self._table.dying if c.kill_at is not None]
+        timeout = min([0.25] + [max(0.0, d - now) for d in deadlines])
+        for fd, revents in self._poller.poll(timeout * 1000):
+            if fd == self._wake.r:
+                self._wake.drain()
+                self._watch_new()
+                continue
+            if self._zygote is not None and fd == self._zygote.exit_fd:
+                self._zygote.read_exits()
+                if not self._zygote.alive:  # ended: its socket is readable (at its end) for good
+                    self._poller.unregister(fd)
+                continue
+            entry = self._by_fd.get(fd)
+            if entry is None:
+                continue
+            c, is_conn = entry
+            if not is_conn:
+                self._reap(c)
+                continue
+            if revents & select.POLLOUT:
+                c.outbox.drain()
+            if revents & _READ:
+                self._read(c)
+        if self._table.new:  # (a hint read without the lock: a child missed now is taken next round)
+            self._watch_new()
+        if self._remask:
+            self._update_masks()
+        self._kill_overdue()
+        self._reports.flush()
+        if self._events:
+            events, self._events = self._events, []
+            for type_, fields in events:
+                self._event(type_, **fields)
+        if self._refill_due:
+            # Only now: a fork holds the interpreter for milliseconds, which would delay the answers.
+            self._refill_due = False
+            self._refill()
+
+    def _watch_new(self) -> None:
+        with self._table.lock:
+            new, self._table.new = self._table.new, []
+        for c in new:
+            with c.outbox.lock:
+                mask = _READ | (select.POLLOUT if c.outbox.writing else 0)
+            for fd, is_conn in ((c.conn_fd, True), (c.process.sentinel, False)):
+                self._by_fd[fd] = (c, is_conn)
+                self._poller.register(fd, mask if is_conn else _READ)
+            c.watched = True
+
+    def _update_masks(self) -> None:
+        """Poll the pipes whose mailbox has something left for room to write, the others not."""
+        while self._remask:
+            box = self._remask.popleft()
+            entry = self._by_fd.get(box.fd)
+            if entry is not None and entry[0].outbox is box:
+                with box.lock:
+                    self._poller.modify(box.fd, _READ | (select.POLLOUT if box.writing else 0))
+
+    def _read(self, c: Child, reads: int = _READS) -> None:
+        """Take what ``c`` has written, without waiting: whole frames are handled, the start of
+        one it is still writing waits in ``c.partial`` (a child stopped mid-frame blocks no one)."""
+        buf = c.partial
+        try:
+            for _ in range(reads):
+                chunk = os.read(c.conn_fd, _CHUNK)
+                if not chunk:
+                    raise EOFError
+                buf += chunk
+                if len(chunk) < _CHUNK:
+                    break
+        except BlockingIOError:
+            pass
+        except (EOFError, OSError):
+            self._unwatch(c.conn_fd)
+        start = 0
+        while len(buf) - start >= HEADER.size:
+            (size,) = HEADER.unpack_from(buf, start)
+            end = start + HEADER.size + size
+            if end > len(buf):
+                break
+            # Envelopes decoded; a reply's value stays a view of buf, forwarded as it is.
+            for msg in p.decode(buf, start + HEADER.size, end, routed=False):
+                self._from_child(c, msg)
+            start = end
+        if start:  # a new buffer for the rest: buf stays whole under the views of it
+            c.partial = buf[start:]
+
+    def _from_child(self, c: Child, msg: dict[str, Any]) -> None:
+        kind = msg["t"]
+        if kind == "reply":
+            with self._table.lock:
+                c.calls.pop(msg["c"], None)
+            if msg.get("error") == "crash":
+                # Answered once the exit is reported: the caller may retry get_key at once.
+                c.last_words.append((msg.pop("r"), msg))
+            else:
+                self._reports.reply(msg.pop("r"), msg)
+        elif kind == "started":
+            with self._table.lock:
+                c.started = True
+                waiters, c.waiters = c.waiters, []
+            self.starts += 1
+            self._reports.report(p.SPAWNED, c, pid=c.pid)  # published before the answers (see Reports)
+            self._reports.answer_started(c, waiters)
+            self._refill_due = self._want_spares
+            self._event_later(p.EVENT_STARTED, key=c.key, name=c.name, child_pid=c.pid,
+                              startup_ms=round((time.time() - c.started_at) * 1000, 3))
+        elif kind == "init_error":
+            c.init_error = (msg["type"], msg["msg"])
+        elif kind == "exit":
+            c.reason = msg["reason"]
+
+    def _reap(self, c: Child) -> None:
+        if c.conn_fd in self._by_fd:
+            self._read(c, reads=sys.maxsize)  # all it wrote before it ended (its last words)
+            self._unwatch(c.conn_fd)
+        self._unwatch(c.process.sentinel)
+        c.process.join(1.0)
+        code = c.process.exitcode
+        if isinstance(c.process, zygote_mod.Grandchild):
+            c.process.close()
+        table = self._table
+        with table.lock:
+            c.gone = True
+            table.dying.discard(c)
+            spare = c.spare
+            if spare:
+                if c in table.spares:
+                    table.spares.remove(c)
+                if not self._stopping.is_set():
+                    self._refill()
+            elif table.by_key.get((c.name, c.key)) is c:
+                del table.by_key[(c.name, c.key)]
+            calls, c.calls = c.calls, {}
+            started, stoppers = c.started, [list(s) for s in c.stoppers]
+        c.outbox.discard()
+        c.conn.close()
+        if spare:
+            return
+        reason = c.reason or (f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}")
+        for corr, reply_to in calls.items():
+            self._reports.reply(reply_to, {"t": p.REPLY, "c": corr, "error": "gone",
+                                           "msg": f"keyed process {c.key!r} exited: {reason}"})
+        if not started:
+            if code == child_main.FENCED and c.init_error is None:
+                # Ended itself before init: its worker had stopped hearing the broker. Not the key's fault.
+                self._spawn_failed(c.name, c.key, c.sid, "unavailable")
+                return
+            etype, emsg = c.init_error or ("ProcessExited", f"exited during init: {reason}")
+            self._spawn_failed(c.name, c.key, c.sid, "start", type=etype, msg=emsg)
+            return
+        self.exits += 1
+        self._reports.report(p.EXITED, c, pid=c.pid, reason=reason, code=code, stoppers=stoppers)
+        for reply_to, msg in c.last_words:
+            self._reports.reply(reply_to, msg)
+        self._event_later(p.EVENT_EXITED, key=c.key, name=c.name, child_pid=c.pid, reason=reason, exitcode=code,
+                          uptime=round(time.time() - c.started_at, 3))
+
+    def _event_later(self, type_: str, **fields: Any) -> None:
+        # Sent once this round's reports and answers are out: the events thread then does not
+        # compete with them, and a client that drops a ref on an exit event asks the leader
+        # after the exit report is on its queue.
+        self._events.append((type_, {"timestamp": time.time(), **fields}))
+
+    def _unwatch(self, fd: int) -> None:
+        if self._by_fd.pop(fd, None) is not None:
+            self._poller.unregister(fd)
+
+    def _kill_overdue(self) -> None:
+        now = time.monotonic()
+        with self._table.lock:
+            overdue = [c for c in self._table.dying if c.kill_at is not None and now >= c.kill_at]
+            for c in overdue:
+                c.kill_at = now + 1.0
+        for c in overdue:
+            if c.process.exitcode is None:
+                logger.warning("forseti: keyed process %r (pid %d) ignored stop; killing it", c.key, c.pid)
+                c.process.kill()
