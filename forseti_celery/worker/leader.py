@@ -18,6 +18,8 @@ from typing import Any
 from celery.utils.log import get_logger
 
 from ..core import protocol as p
+from ..core.messages import Reply, Stop, StopKey
+from ..core.worker_messages import ReportRequest, Spawn
 from .membership import Members
 
 logger = get_logger(__name__)
@@ -162,7 +164,7 @@ class Leader:
 
     def _ask(self, host: str, epoch: int) -> None:
         self._asked[host] = time.monotonic()
-        self._send_node(host, {"t": p.REPORT_REQUEST, "leader": self.hostname, "epoch": epoch, "q": self._seq})
+        self._send_node(host, ReportRequest(self.hostname, epoch, self._seq).to_wire())
 
     def _reconcile(self, host: str, procs: list[list[Any]], args: list[list[Any] | None], asked_at: int) -> None:
         self._asked.pop(host, None)
@@ -285,19 +287,19 @@ class Leader:
     def _search(self, msg: dict[str, Any]) -> None:
         entry = self._table.get((msg["n"], msg["k"]))
         live = entry is not None and entry.pid is not None
-        self._reply(msg["r"], {"t": p.REPLY, "c": msg["c"], "v": [entry.node, entry.pid] if live else None})  # type: ignore[union-attr]
+        self._reply(msg["r"], Reply.ok(msg["c"], [entry.node, entry.pid] if live else None).to_wire())  # type: ignore[union-attr]
 
     def _metrics(self, msg: dict[str, Any]) -> None:
         counts = {m.hostname: self._counts.get(m.hostname, 0) for m in self.members if m.eligible}
-        self._reply(msg["r"], {"t": p.REPLY, "c": msg["c"], "v": counts})
+        self._reply(msg["r"], Reply.ok(msg["c"], counts).to_wire())
 
     def _stop(self, msg: dict[str, Any]) -> None:
         entry = self._table.get((msg["n"], msg["k"]))
         if entry is None or entry.node != msg["node"] or entry.pid != msg["p"]:
-            self._reply(msg["r"], {"t": p.REPLY, "c": msg["c"], "v": True})  # gone already: its key is free
+            self._reply(msg["r"], Reply.ok(msg["c"], True).to_wire())  # gone already: its key is free
             return
         # The worker stops it; its exit report names the stopper, answered once the key is free.
-        self._send_node(entry.node, {**msg, "t": p.STOP})
+        self._send_node(entry.node, StopKey.from_wire(msg).forwarded().to_wire())
 
     def _spawned(self, msg: dict[str, Any]) -> None:
         """A start report counts only for the process this leader placed on that very worker (its
@@ -314,7 +316,7 @@ class Leader:
                 self._ask_again(msg["node"], self.epoch, self.members.node_timeout / 4)
         elif (entry.node, entry.pid) != (msg["node"], msg["pid"]):  # never the process the table holds
             logger.warning("forseti: duplicate process for %r on %s; stopping it", k, msg["node"])
-            self._send_node(msg["node"], {"t": p.STOP, "n": k[0], "k": k[1], "p": msg["pid"], "reason": "duplicate"})
+            self._send_node(msg["node"], Stop(k[0], k[1], msg["pid"], "duplicate").to_wire())
 
     def _spawn_failed(self, msg: dict[str, Any]) -> None:
         k = (msg["n"], msg["k"])
@@ -329,9 +331,8 @@ class Leader:
             if self.least_used(k[0]) is not None:
                 self._start(k, entry.args, entry.waiters)
             return
-        error = {"t": p.REPLY, "error": msg["error"], "type": msg.get("type", ""), "msg": msg.get("msg", "")}
         for reply_to, corr in entry.waiters:
-            self._reply(reply_to, {**error, "c": corr})
+            self._reply(reply_to, Reply.fail(corr, msg["error"], msg.get("msg", ""), msg.get("type", "")).to_wire())
 
     def _started(self, k: Key, entry: Entry, pid: int, answer_all: bool = False) -> None:
         entry.pid = pid
@@ -348,7 +349,7 @@ class Leader:
                 (entry.node, entry.pid, entry.sid) == (msg["node"], msg["pid"], msg.get("sid"))):
             self._forget(k, entry)
         for reply_to, corr in msg.get("stoppers", ()):
-            self._reply(reply_to, {"t": p.REPLY, "c": corr, "v": True})
+            self._reply(reply_to, Reply.ok(corr, True).to_wire())
 
     # -- table ------------------------------------------------------------------------
     def _start(self, k: Key, args: list[Any] | None, waiters: Waiters) -> None:
@@ -359,13 +360,13 @@ class Leader:
             text = (f"no worker knows the keyed-process name {k[0]!r}" if not known
                     else f"no eligible live worker for {k[0]!r}")
             for reply_to, corr in waiters:
-                self._reply(reply_to, {"t": p.REPLY, "c": corr, "error": error, "msg": text})
+                self._reply(reply_to, Reply.fail(corr, error, text).to_wire())
             return
         entry = Entry(node, uuid.uuid4().hex, args, waiters=dict(waiters), told=frozenset(waiters))
         self._record(node, k, entry)
         # The worker answers these callers itself once the process has started: one hop less.
-        self._send_node(node, {"t": p.SPAWN, "n": k[0], "k": k[1], "a": [] if args is None else args, "sid": entry.sid,
-                               "epoch": self.epoch, "leader": self.hostname, "w": [list(w) for w in waiters]})
+        self._send_node(node, Spawn(k[0], k[1], [] if args is None else args, entry.sid, self.epoch, self.hostname,
+                                    [list(w) for w in waiters]).to_wire())
 
     def least_used(self, name: str | None) -> str | None:
         """The eligible live worker (knowing ``name``) with the fewest processes; ties by hostname."""
@@ -386,7 +387,7 @@ class Leader:
                 return  # known (or starting there: its start report is on the way)
             # Two workers report one key (only after a split brain): keep the first, stop the other.
             logger.warning("forseti: %r reported by %s and %s; stopping the latter", k, old.node, node)
-            self._send_node(node, {"t": p.STOP, "n": k[0], "k": k[1], "p": entry.pid, "reason": "duplicate"})
+            self._send_node(node, Stop(k[0], k[1], entry.pid, "duplicate").to_wire())
             return
         entry.seq, self._seq = self._seq, self._seq + 1
         self._table[k] = entry
@@ -402,7 +403,7 @@ class Leader:
         self._counts[entry.node] = max(0, self._counts.get(entry.node, 1) - 1)
 
     def _answer(self, waiter: Waiter, k: Key, entry: Entry) -> None:
-        self._reply(waiter[0], {"t": p.REPLY, "c": waiter[1], "v": [entry.node, entry.pid]})
+        self._reply(waiter[0], Reply.ok(waiter[1], [entry.node, entry.pid]).to_wire())
 
     def args_of(self, name: str, key: str) -> list[Any] | None:
         """The init args the table has for a key (None: no such key, or its args are unknown)."""

@@ -30,10 +30,12 @@ from celery.utils.log import get_logger
 from celery.worker import state as worker_state
 
 from ..core import protocol as p
+from ..core import transport
 from ..core.broker import ConsumerLoop, RestartIntensity
 from ..core.conf import ChildConfig
-from ..core.errors import BrokerUnavailable, ConfigurationError, DuplicateWorker
+from ..core.errors import BrokerUnavailable, DuplicateWorker
 from ..core.signing import signer_for
+from ..core.worker_messages import Bye, Heartbeat, Leads, Ping, Report
 from .election import election_for
 from .events import EventSender
 from .leader import Leader
@@ -51,7 +53,7 @@ logger = get_logger(__name__)
 __all__ = ["SUPPORTED_TRANSPORTS", "Node"]
 
 #: Transports with what the leader election needs (single active consumer, or Redis for the lease).
-SUPPORTED_TRANSPORTS = ("amqp", "redis")
+SUPPORTED_TRANSPORTS = transport.SUPPORTED
 _LEADER_TYPES = frozenset({p.GET, p.SEARCH, p.METRICS, p.STOP_KEY, p.SPAWNED, p.SPAWN_FAILED, p.EXITED, p.PING})
 _TO_CHILD = frozenset({p.CAST, p.CALL, p.STOP})
 #: Held, not handled, while a worker is not sure it still holds the leader role (see ``Liveness.stalled``).
@@ -68,11 +70,7 @@ class Node:
         self.forseti = forseti
         self.hostname = hostname
         self.settings = s = forseti.settings
-        driver = app.connection_for_write().transport.driver_type
-        if driver not in SUPPORTED_TRANSPORTS:
-            raise ConfigurationError(
-                f"forseti_celery needs a RabbitMQ (amqp) or Redis broker; {driver!r} has neither a single "
-                "active consumer nor a lease for the leader queue")
+        driver = transport.require(app.connection_for_write()).name
         self.names = forseti.names
         self.incarnation = uuid.uuid4().hex
         self.eligible = not s.nodes or hostname in s.nodes
@@ -143,7 +141,7 @@ class Node:
         if not done:
             logger.warning("forseti: %s stopped before every exit reached the broker", self.hostname)
         # Only now, with every process gone: the leader frees what is left of ours at once.
-        self.sender.broadcast({"t": p.BYE, "node": self.hostname, "inc": self.incarnation})
+        self.sender.broadcast(Bye(self.hostname, self.incarnation).to_wire())
         self.loop.stop()
         self.children.stop()
         self.events.close()
@@ -279,8 +277,7 @@ class Node:
             self.leader.handle(msg)
         elif self.leader.ready and "node" in msg:
             # Only the active consumer hears a ping: its answer tells the pinger who leads.
-            self._send_node(msg["node"], {"t": p.LEADS, "leader": self.hostname, "epoch": self.leader.epoch,
-                                          "nonce": msg.get("nonce")})
+            self._send_node(msg["node"], Leads(self.hostname, self.leader.epoch, msg.get("nonce")).to_wire())
 
     def _bye(self, msg: Message) -> None:
         if msg["node"] != self.hostname and self.members.remove(msg["node"], str(msg.get("inc"))):
@@ -296,8 +293,7 @@ class Node:
         if int(msg["epoch"]) != self.epoch:
             self.role.backed(int(msg["epoch"]), msg["leader"])
         procs, args = self.children.registry_report()
-        self._send_node(msg["leader"], {"t": p.REPORT, "node": self.hostname, "epoch": self.epoch,
-                                        "procs": procs, "a": args, "q": msg.get("q", 0)})
+        self._send_node(msg["leader"], Report(self.hostname, self.epoch, procs, msg.get("q", 0), args).to_wire())
 
     def _spawn(self, msg: Message) -> None:
         epoch = int(msg["epoch"])
@@ -382,11 +378,10 @@ class Node:
         self.sender.flush()
 
     def _beat(self) -> None:
-        hb = {"t": p.HEARTBEAT, "node": self.hostname, "inc": self.incarnation, "seq": self.liveness.next_seq(),
-              "eligible": self.eligible and self._available(),
-              "names": sorted(self.forseti.known_names()), "count": len(self.children.snapshot()),
-              "leader": self.leader.ready, "epoch": self.leader.epoch if self.leader.ready else self.epoch,
-              "pid": os.getpid(), "host": socket.gethostname()}
+        hb = Heartbeat(self.hostname, self.incarnation, self.liveness.next_seq(), self.eligible and self._available(),
+                       sorted(self.forseti.known_names()), len(self.children.snapshot()), self.leader.ready,
+                       self.leader.epoch if self.leader.ready else self.epoch, os.getpid(),
+                       socket.gethostname()).to_wire()
         self.members.heard(hb)  # we are a member at once; the broker's echo proves we are heard
         self.sender.broadcast(hb)
         try:  # Redis: our queue outlives any backlog we drain, as each push makes it outlive us
@@ -397,7 +392,7 @@ class Node:
             # Lets the single active consumer learn that it leads, even when no client asks anything.
             try:
                 self.publisher.publish(self.names.exchange, self.names.leader,
-                                       [{"t": p.PING, "node": self.hostname, "nonce": self.liveness.nonce()}],
+                                       [Ping(self.hostname, self.liveness.nonce()).to_wire()],
                                        expiration=self.settings.heartbeat * 2)
             except BrokerUnavailable:
                 pass
