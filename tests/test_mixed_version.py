@@ -11,7 +11,7 @@ other candidate until the lease is taken; on RabbitMQ the single active consumer
 oldest remaining consumer, which is the one started first.
 
 Workers from before issue 10's framing (c1e40a0: ``<envelope JSON>\\t<payload JSON>`` lines) cannot
-share a namespace with these: see "Upgrades" in docs/design.rst.
+share a namespace with these: see "Rolling upgrades" in docs/design.rst (Messages).
 """
 
 from __future__ import annotations
