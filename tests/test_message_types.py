@@ -80,7 +80,7 @@ def test_each_kind_writes_the_bytes_its_senders_always_wrote_and_reads_them_back
 
 
 def test_every_message_type_of_the_protocol_has_exactly_one_kind() -> None:
-    types = {v for k, v in vars(m).items() if k.isupper() and isinstance(v, str) and k != "PAYLOAD"}
+    types = {v for k, v in vars(m).items() if k.isupper() and isinstance(v, str) and k not in ("PAYLOAD", "TYPE")}
     assert set(w.WIRE_KINDS) == types
     assert {p.GET, p.CAST, p.REPLY, p.HEARTBEAT} <= set(w.WIRE_KINDS)
     assert set(pipe.PIPE_KINDS) == {pipe.ASSIGN, pipe.STOP, pipe.STARTED, pipe.INIT_ERROR, pipe.EXIT}

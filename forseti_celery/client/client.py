@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 from celery.utils.log import get_logger
 from kombu import Queue
 
-from ..core import protocol as p
 from ..core.broker import Batcher, ConsumerLoop, Publisher, RestartIntensity
+from ..core.codec import NO_PAYLOAD, Encoded, Message, check_json, decode_payload, encode_message
 from ..core.conf import checked_timeout
 from ..core.errors import (
     BrokerUnavailable,
@@ -31,6 +31,8 @@ from ..core.errors import (
     remote_error,
 )
 from ..core.keyref import KeyRef
+from ..core.messages import NO_VALUE, REPLY, TYPE, Call, Cast, Get, Metrics, Reply, Search, StopKey
+from ..core.names import EVENT_EXITED, EVENT_LEADER, EVENT_NODE_LOST
 from .cache import RefCache
 
 if TYPE_CHECKING:
@@ -39,6 +41,10 @@ if TYPE_CHECKING:
 __all__ = ["Client"]
 
 logger = get_logger(__name__)
+
+#: What a client asks and waits for an answer to (each carries its reply queue, correlation id
+#: and deadline).
+Request = Get | Search | Metrics | StopKey | Call
 
 
 def _utf8(text: str) -> bool:
@@ -57,7 +63,7 @@ class _Pending:
 
     def __init__(self) -> None:
         self.event = threading.Event()
-        self.reply: dict[str, Any] | None = None
+        self.reply: Message | None = None  # decoded (Reply.from_wire) on the caller's thread
 
 
 class Client:
@@ -102,11 +108,11 @@ class Client:
         t = self._timeout(timeout, self.settings.timeout)
         if args:
             args = list(args)
-            p.check_json(args, "args", self._max_size)
+            check_json(args, "args", self._max_size)
         cached = self._cache.get(name, key)
         if cached is not None:
             return cached
-        node, pid = self._request(self.names.leader, {"t": p.GET, "n": name, "k": key, "a": list(args)}, t,
+        node, pid = self._request(self.names.leader, Get(name, key, list(args), *self._ticket(t)), t,
                                   resend=True, what="args")
         ref = KeyRef(node, pid, key, name, self.names.namespace, self.forseti.app)
         self._cache.put(ref)
@@ -115,14 +121,16 @@ class Client:
     def search_key(self, key: str, name: str, timeout: float | None) -> KeyRef | None:
         """The live process for ``(name, key)`` or ``None``; never creates one."""
         self._check(key, name)
-        found = self._leader({"t": p.SEARCH, "n": name, "k": key}, timeout)
+        t = self._timeout(timeout, self.settings.timeout)
+        found = self._request(self.names.leader, Search(name, key, *self._ticket(t)), t, resend=True)
         ref = None if found is None else KeyRef(found[0], found[1], key, name, self.names.namespace, self.forseti.app)
         self._cache.found(name, key, ref)
         return ref
 
     def get_metrics(self, timeout: float | None) -> dict[str, int]:
         """Live keyed processes per eligible live worker."""
-        return dict(self._leader({"t": p.METRICS}, timeout))
+        t = self._timeout(timeout, self.settings.timeout)
+        return dict(self._request(self.names.leader, Metrics(*self._ticket(t)), t, resend=True))
 
     def get_less_used_node(self, timeout: float | None) -> str:
         """The eligible worker the next new key would be placed on (names aside)."""
@@ -137,8 +145,8 @@ class Client:
         self._check_ref(ref)
         t = self._timeout(timeout, self.settings.call_timeout)
         try:
-            return self._request(self._node_rk(ref), {**self._addr(ref), "t": p.CALL}, t, resend=False,
-                                 what="message", payload=msg)
+            return self._request(self._node_rk(ref), Call(ref.name, ref.key, ref.pid, *self._ticket(t)), t,
+                                 resend=False, what="message", payload=msg)
         except (ProcessGone, RemoteError):
             self._cache.forget(ref)
             raise
@@ -155,8 +163,8 @@ class Client:
     def cast(self, ref: KeyRef, msg: Any) -> None:
         """``ref.send(msg)``: queued and published in batches by the sender thread, in order."""
         self._check_ref(ref)
-        self._sender.put(self._node_rk(ref), p.encode_message(
-            {"n": ref.name, "k": ref.key, "p": ref.pid, "t": p.CAST}, "message", self._max_size, payload=msg))
+        self._sender.put(self._node_rk(ref), encode_message(
+            Cast(ref.name, ref.key, ref.pid).to_wire(), "message", self._max_size, payload=msg))
 
     def stop(self, ref: KeyRef, timeout: float | None) -> None:
         """``ref.stop()``: returns once the process has exited and the leader has freed its key."""
@@ -164,21 +172,20 @@ class Client:
         t = self._timeout(timeout, self.settings.call_timeout)
         grace = min(self.settings.stop_timeout, t * 0.8)
         self._cache.forget(ref)
-        self._request(self.names.leader, {**self._addr(ref), "t": p.STOP_KEY, "node": ref.node, "reason": "stop",
-                                 "grace": grace}, t, resend=True)
+        self._request(self.names.leader, StopKey(ref.name, ref.key, ref.pid, ref.node, "stop", grace,
+                                                 *self._ticket(t)), t, resend=True)
 
     # -- plumbing -------------------------------------------------------------------------------
-    def _leader(self, msg: dict[str, Any], timeout: float | None, what: str = "request") -> Any:
-        return self._request(self.names.leader, msg, self._timeout(timeout, self.settings.timeout), resend=True,
-                             what=what)
+    def _ticket(self, timeout: float) -> tuple[str, str, float]:
+        """A new request's reply queue, correlation id and deadline (``timeout`` from now)."""
+        return self._reply_rk, uuid.uuid4().hex, time.time() + timeout
 
-    def _request(self, routing_key: str, msg: dict[str, Any], timeout: float, resend: bool,
-                 what: str = "request", payload: Any = p.NO_PAYLOAD) -> Any:
+    def _request(self, routing_key: str, msg: Request, timeout: float, resend: bool,
+                 what: str = "request", payload: Any = NO_PAYLOAD) -> Any:
         """Send ``msg`` (and its ``payload``), encoded once and checked (:class:`InvalidMessage`
         names ``what``), and wait for its answer, decoded here (on the caller's thread)."""
-        corr = uuid.uuid4().hex
-        msg.update(r=self._reply_rk, c=corr, d=time.time() + timeout)
-        encoded = p.encode_message(msg, what, self._max_size, deadline=msg["d"], payload=payload)
+        corr = msg.corr
+        encoded = encode_message(msg.to_wire(), what, self._max_size, deadline=msg.deadline, payload=payload)
         self._ensure_started()
         pending = self._pending[corr] = _Pending()
         deadline = time.monotonic() + timeout
@@ -187,18 +194,20 @@ class Client:
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise self._timed_out(msg["t"], timeout, leader=routing_key == self.names.leader)
+                    raise self._timed_out(msg.T, timeout, leader=routing_key == self.names.leader)
                 if pending.event.wait(min(remaining, self.settings.retry_interval) if resend else remaining):
                     break
                 if resend:
                     self._sender.send(routing_key, encoded)
         finally:
             del self._pending[corr]
-        reply = pending.reply
-        assert reply is not None
-        if "error" in reply:
-            raise remote_error(reply["error"], reply.get("type", ""), reply.get("msg", ""))
-        return p.payload(reply) if p.PAYLOAD in reply else reply.get("v")
+        assert pending.reply is not None
+        reply = Reply.from_wire(pending.reply)
+        if reply.error is not None:
+            raise remote_error(reply.error, reply.exc_type or "", reply.text or "")
+        if reply.payload is not NO_VALUE:
+            return decode_payload(reply.payload, REPLY)
+        return None if reply.value is NO_VALUE else reply.value
 
     def _timed_out(self, kind: str, timeout: float, leader: bool) -> ForsetiTimeout:
         if not leader:
@@ -206,14 +215,14 @@ class Client:
         return ForsetiTimeout(f"no leader answered {kind!r} within {timeout:g} s in namespace "
                               f"{self.names.namespace!r} on {self._broker} (is a worker with forseti running there?)")
 
-    def _publish(self, routing_key: str, msgs: list[dict[str, Any] | p.Encoded]) -> None:
+    def _publish(self, routing_key: str, msgs: list[Message | Encoded]) -> None:
         self._ensure_started()
         if routing_key != self.names.leader:
             self._publisher.publish(self.names.exchange, routing_key, msgs)
             return
         # Requests unanswered by their deadline leave the leader queue with it, so a namespace
         # nobody serves does not collect them forever.
-        expiration = max(0.001, max(m.deadline or 0.0 for m in msgs if isinstance(m, p.Encoded)) - time.time())
+        expiration = max(0.001, max(m.deadline or 0.0 for m in msgs if isinstance(m, Encoded)) - time.time())
         self._publisher.publish(self.names.exchange, routing_key, msgs, declare=[self.names.leader_queue],
                                 expiration=expiration)
 
@@ -223,20 +232,20 @@ class Client:
         except Exception:  # at exit: nothing left to tell
             pass
 
-    def _on_replies(self, batch: list[dict[str, Any]]) -> None:
+    def _on_replies(self, batch: list[Message]) -> None:
         for reply in batch:
-            if "t" not in reply:  # a Celery event (on Redis every event of the cluster arrives here)
+            if TYPE not in reply:  # a Celery event (on Redis every event of the cluster arrives here)
                 kind = reply.get("type")
                 if reply.get("namespace") != self.names.namespace:
                     continue
-                if kind == p.EVENT_EXITED:
+                if kind == EVENT_EXITED:
                     self._cache.exited(reply["name"], reply["key"], reply["hostname"], reply["child_pid"])
-                elif kind == p.EVENT_NODE_LOST:
+                elif kind == EVENT_NODE_LOST:
                     self._cache.node_lost(reply["node"])
-                elif kind == p.EVENT_LEADER:
+                elif kind == EVENT_LEADER:
                     self._cache.clear()
                 continue
-            pending = self._pending.get(reply.get("c", ""))
+            pending = self._pending.get(Reply.corr_of(reply))
             if pending is not None:
                 pending.reply = reply
                 pending.event.set()
@@ -283,10 +292,6 @@ class Client:
 
     def _node_rk(self, ref: KeyRef) -> str:
         return self.names.node_routing_key(ref.node)
-
-    @staticmethod
-    def _addr(ref: KeyRef) -> dict[str, Any]:
-        return {"n": ref.name, "k": ref.key, "p": ref.pid}
 
     def close(self) -> None:
         """Send what is queued, stop the reply thread and release the connections."""

@@ -29,7 +29,7 @@ from .errors import InvalidMessage
 
 __all__ = [
     "BYE", "CALL", "CAST", "EXITED", "GET", "HEARTBEAT", "LEADS", "METRICS", "NO_VALUE", "PAYLOAD", "PING",
-    "REPLY", "REPORT", "REPORT_REQUEST", "SEARCH", "SPAWN", "SPAWNED", "SPAWN_FAILED", "STOP", "STOP_KEY",
+    "REPLY", "REPORT", "REPORT_REQUEST", "SEARCH", "SPAWN", "SPAWNED", "SPAWN_FAILED", "STOP", "STOP_KEY", "TYPE",
     "Call", "Cast", "Get", "Metrics", "Reply", "Search", "Stop", "StopKey", "Wire",
 ]
 
@@ -63,6 +63,9 @@ REPLY = "reply"
 HEARTBEAT = "hb"
 BYE = "bye"
 
+#: The field of every envelope that names its type (a Celery event, which a client's reply
+#: queue hears on Redis, has none).
+TYPE = "t"
 #: The field carried as the payload, after its envelope (see :mod:`.codec`).
 PAYLOAD = "m"
 #: ``payload`` of a message that has none; ``value`` of a :class:`Reply` that carries none.
@@ -287,6 +290,12 @@ class Reply:
         elif self.value is not NO_VALUE:
             d["v"] = self.value
         return d
+
+    @staticmethod
+    def corr_of(d: Mapping[str, Any]) -> Any:
+        """The correlation id of the decoded reply ``d``, read without building the reply: the
+        client's consumer thread routes every answer by it to its waiting caller."""
+        return d.get("c")
 
     @classmethod
     def from_wire(cls, d: Mapping[str, Any]) -> Reply:
