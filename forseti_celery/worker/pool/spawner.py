@@ -13,7 +13,8 @@ Owners: the orders queue is the consumer's way in (:meth:`Spawner.order`); the r
 and back-off belong to the spawner thread; :attr:`Spawner.busy_at` is written by the consumer
 thread and read by the spawner as a hint (a float); the zygote is forked by the worker's main
 thread before any of the pool's threads runs, asked for forks by the spawner thread only, and
-its exits read by the watcher. What the threads share is in the
+its exits read by the watcher (its ``alive`` flag only ever turns False, from either thread:
+a fork or a read that finds it ended). What the threads share is in the
 :class:`~forseti_celery.worker.pool.table.Table`.
 """
 

@@ -8,6 +8,9 @@ lifeline, a fencing kill). Everything more than one of them reads or writes is a
 held for a few dictionary operations and never across a fork, a poll or a publish. A child's
 mailbox has a lock of its own (:class:`~forseti_celery.worker.pool.outbox.Outbox`), taken
 after :attr:`Table.lock` where both are held. Every other field has one owner, named below.
+A :class:`Child` not in the table yet (being forked, or a zygote's fork being given its key)
+belongs to the spawner thread alone. The watcher looks at :attr:`Table.new` without the lock,
+as a hint: a child it misses is taken on its next round (a list is never torn).
 """
 
 from __future__ import annotations
