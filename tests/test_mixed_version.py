@@ -175,6 +175,18 @@ def used(ref: KeyRef, client: Forseti) -> int:
     return int(client.get_key(ref.key).call("get", timeout=10))
 
 
+def serves(m: Mixed, name: str, prefix: str) -> None:
+    """The leader places a new key on worker ``name``, which answers calls and sends; a stop frees the
+    key once the worker's exit report reaches the leader."""
+    ref = m.key_on(name, prefix)
+    assert ref.call("pid", timeout=10) == ref.pid
+    assert ref.call({"x": [1, "é"]}, timeout=10) == ["echo", {"x": [1, "é"]}]
+    assert used(ref, m.forseti) == 1
+    ref.stop(timeout=10)
+    assert m.forseti.search_key(ref.key, timeout=10) is None
+    assert m.forseti.get_key(ref.key, timeout=20).pid != ref.pid
+
+
 def same_process(m: Mixed, ref: KeyRef, value: int) -> None:
     """``ref``'s key still has its process (node and pid), with its state."""
     again = m.forseti.get_key(ref.key, timeout=20)
@@ -189,16 +201,10 @@ def test_old_and_new_workers_share_a_namespace_through_two_leader_changes(mixed:
     m.wait_leader("o1")
     m.start("n1", "new")
     m.wait_members("o1", "n1")
+    serves(m, "o1", "first-o1")
+    serves(m, "n1", "first-n1")
     on_o1, on_n1 = m.key_on("o1", "o1"), m.key_on("n1", "n1")
-    for ref in (on_o1, on_n1):
-        assert ref.call("pid", timeout=10) == ref.pid
-        assert ref.call({"x": [1, "é"]}, timeout=10) == ["echo", {"x": [1, "é"]}]
-        assert used(ref, m.forseti) == 1
-    for name in ("o1", "n1"):  # a stop goes through the leader to the worker, whose exit report frees the key
-        ref = m.key_on(name, f"stop-{name}")
-        ref.stop(timeout=10)
-        assert m.forseti.search_key(ref.key, timeout=10) is None
-        assert m.forseti.get_key(ref.key, timeout=20).pid != ref.pid
+    assert used(on_o1, m.forseti) == used(on_n1, m.forseti) == 1
 
     # Old leader stopped: the new worker takes over and rebuilds from an old worker's REPORT.
     m.start("o2", "old")
@@ -211,6 +217,8 @@ def test_old_and_new_workers_share_a_namespace_through_two_leader_changes(mixed:
     same_process(m, on_o2, 1)
     assert m.forseti.search_key(on_o1.key, timeout=10) is None  # it went with its worker
     assert used(on_o2, m.forseti) == 2
+    serves(m, "o2", "second-o2")
+    serves(m, "n1", "second-n1")
 
     # New leader stopped: the old worker takes over and rebuilds from a new worker's REPORT.
     m.start("n2", "new")
@@ -221,8 +229,5 @@ def test_old_and_new_workers_share_a_namespace_through_two_leader_changes(mixed:
     m.wait_members("o2", "n2")
     same_process(m, on_o2, 2)
     same_process(m, on_n2, 1)
-    for name in ("o2", "n2"):  # and the old leader still places keys on both, which answer
-        ref = m.key_on(name, f"after-{name}")
-        assert used(ref, m.forseti) == 1
-        ref.stop(timeout=10)
-        assert m.forseti.search_key(ref.key, timeout=10) is None
+    serves(m, "n2", "third-n2")
+    serves(m, "o2", "third-o2")
