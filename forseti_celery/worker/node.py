@@ -21,7 +21,7 @@ import os
 import socket
 import time
 import uuid
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -404,22 +404,3 @@ class Node:
             self._local.append(msg)
         else:
             self.sender.to_node(hostname, msg)
-
-    def info(self) -> dict[str, Any]:
-        """The ``forseti`` section of ``celery inspect stats``."""
-        procs = self.children.snapshot()
-        return {
-            "namespace": self.settings.namespace,
-            "leader": self.leader.ready,
-            "eligible": self.eligible,
-            "processes": dict(Counter(c.name for c in procs)),
-            "total": len(procs),
-            "spares": self.children.spares,
-            "starts": self.children.starts,
-            "exits": self.children.exits,
-            "epoch": self.epoch,
-            "members": sorted(m.hostname for m in self.members),
-            # Worker messages without a valid signature, per reason (None: no worker secret set).
-            "dropped": None if self.signer is None else dict(self.signer.dropped),
-            **({"table": self.leader.info()} if self.leader.active else {}),
-        }

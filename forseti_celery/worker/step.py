@@ -2,11 +2,14 @@
 in every worker of an app with ``Forseti`` installed.
 
 ``Forseti(app)`` adds it to ``app.steps['worker']`` by name, so only a worker imports the worker
-side; it answers the remote-control commands (:mod:`forseti_celery.control`).
+side; it answers the remote-control commands (:mod:`forseti_celery.control`) and gives the
+worker's stats their ``forseti`` section (:func:`stats`), read from the node in Celery's main
+thread.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from celery import bootsteps
@@ -59,8 +62,28 @@ class RegistryStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def info(self, parent: Any) -> dict[str, Any]:
         """The worker's stats: ``forseti`` for programs, and the same as rows of text for people."""
-        section = self.node.info() if self.node is not None else {"running": False}
+        section = stats(self.node) if self.node is not None else {"running": False}
         return {**_readable(section), "forseti": section}
+
+
+def stats(node: Node) -> dict[str, Any]:
+    """The ``forseti`` section of ``celery inspect stats``: what ``node`` runs, and its role."""
+    procs = node.children.snapshot()
+    return {
+        "namespace": node.settings.namespace,
+        "leader": node.leader.ready,
+        "eligible": node.eligible,
+        "processes": dict(Counter(c.name for c in procs)),
+        "total": len(procs),
+        "spares": node.children.spares,
+        "starts": node.children.starts,
+        "exits": node.children.exits,
+        "epoch": node.epoch,
+        "members": sorted(m.hostname for m in node.members),
+        # Worker messages without a valid signature, per reason (None: no worker secret set).
+        "dropped": None if node.signer is None else dict(node.signer.dropped),
+        **({"table": node.leader.info()} if node.leader.active else {}),
+    }
 
 
 def _readable(section: dict[str, Any]) -> dict[str, str]:
