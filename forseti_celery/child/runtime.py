@@ -29,6 +29,8 @@ from celery.utils.log import get_logger
 from ..core import process
 from ..core.conf import ChildConfig
 from ..core.errors import InvalidMessage
+from ..core.messages import Reply
+from ..core.pipe import ASSIGN, STOP, Assign, Exit, InitError, Started
 from ..core.process import KeyedProcess
 from ..core.protocol import CALL, CAST, PAYLOAD, decode, decode_payloads, encode, encode_message
 
@@ -42,7 +44,7 @@ try:  # resolved once in the worker, so a new child does not load libc again
 except (OSError, AttributeError):  # not Linux: the pipe's end-of-file still ends a child
     _prctl = None
 _STOP = object()
-_OTHERS = frozenset({"assign", "stop"})  # what else a worker sends a keyed process: a malformed rest is dropped
+_OTHERS = frozenset({ASSIGN, STOP})  # what else a worker sends a keyed process: a malformed rest is dropped
 #: Exit code of a keyed process that ended itself because its worker stopped hearing the broker.
 FENCED = 2
 
@@ -114,14 +116,14 @@ class Mailbox:
         ours, theirs = billiard.Pipe(duplex=True)
         box: queue.SimpleQueue[Any] = queue.SimpleQueue()  # not ours: the real assign may be in it
         try:
-            ours.send_bytes(encode([{"t": "assign", "n": "", "k": "", "a": []}]))
+            ours.send_bytes(encode([Assign("", "", []).to_wire()]))
             if theirs.poll(1.0):
                 batch = decode(theirs.recv_bytes(), routed=False)
                 decode_payloads(batch)
                 for msg in batch:
                     box.put(msg)
                 box.get()
-            theirs.send_bytes(encode([{"t": "started"}]))
+            theirs.send_bytes(encode([Started().to_wire()]))
             ours.recv_bytes()
         finally:
             ours.close()
@@ -169,7 +171,7 @@ class Mailbox:
         """Answer a call (the worker forwards it to the caller's reply queue). An answer that cannot
         be sent (not JSON, nested too deep, larger than forseti_max_message_size) is logged and the
         caller gets :class:`InvalidMessage` saying why; the process lives on."""
-        answer = {"t": "reply", "r": request["r"], "c": request["c"]}
+        answer = Reply(request["c"], reply_to=request["r"]).to_wire()
         try:
             if "v" in fields:  # the value travels as a payload: the worker forwards it undecoded
                 value = fields.pop("v")
@@ -189,12 +191,12 @@ class Mailbox:
             if msg is None:
                 return None
             kind = msg["t"]
-            if kind == "cast":
+            if kind == CAST:
                 return msg["m"]
-            if kind == "stop":
+            if kind == STOP:
                 self.stop_reason = msg.get("reason", "stop")
                 raise SystemExit(0)
-            if kind == "call":
+            if kind == CALL:
                 self.reply(msg, error="invalid", type="TypeError",
                            msg="function-form keyed processes take no calls; use send()")
 
@@ -255,7 +257,7 @@ def run(conn: Any, config: ChildConfig, lifeline: Lifeline, resolve: Callable[[s
     else:
         box.rehearse()
         order = box.get()
-        assert order is not None and order["t"] == "assign", order
+        assert order is not None and order["t"] == ASSIGN, order
         key, args, target = order["k"], order["a"], resolve(order["n"])
         billiard.current_process().name = f"forseti:{order['n']}"
         if lifeline.cut_off():
@@ -267,7 +269,7 @@ def run(conn: Any, config: ChildConfig, lifeline: Lifeline, resolve: Callable[[s
         if is_class:
             _serve(box, target, name, key, args)
         else:
-            box.send({"t": "started"})
+            box.send(Started().to_wire())
             target(key, *args)
     except SystemExit as exc:
         # A keyed process may end itself with sys.exit(): no crash, the reason says how.
@@ -276,9 +278,9 @@ def run(conn: Any, config: ChildConfig, lifeline: Lifeline, resolve: Callable[[s
     except BaseException as exc:
         # Logged here, where the traceback is: the handlers are the worker's (inherited), so is the log.
         logger.exception("forseti: keyed process %r (name %r) crashed", key, name)
-        box.send({"t": "exit", "reason": f"crash: {_describe(exc)}"})
+        box.send(Exit(f"crash: {_describe(exc)}").to_wire())
         os._exit(1)
-    box.send({"t": "exit", "reason": box.stop_reason or "normal"})
+    box.send(Exit(box.stop_reason or "normal").to_wire())
 
 
 def _serve(box: Mailbox, cls: type[KeyedProcess], name: str, key: str, args: list[Any]) -> None:
@@ -288,18 +290,18 @@ def _serve(box: Mailbox, cls: type[KeyedProcess], name: str, key: str, args: lis
     except BaseException as exc:
         logger.exception("forseti: init of keyed process %r (name %r) raised; the caller gets StartError",
                          key, name)
-        box.send({"t": "init_error", "type": _qualname(exc), "msg": str(exc)})
+        box.send(InitError(_qualname(exc), str(exc)).to_wire())
         os._exit(1)
-    box.send({"t": "started"})
+    box.send(Started().to_wire())
     handlers: dict[str, Callable[[dict[str, Any]], None]] = {
-        "cast": lambda m: obj.handle_cast(m["m"]),
-        "call": lambda m: box.reply(m, v=obj.handle_call(m["m"])),
+        CAST: lambda m: obj.handle_cast(m["m"]),
+        CALL: lambda m: box.reply(m, v=obj.handle_call(m["m"])),
     }
     while True:
         msg = box.get()
         assert msg is not None
         kind = msg["t"]
-        if kind == "stop":
+        if kind == STOP:
             box.stop_reason = msg.get("reason", "stop")
             obj.terminate(box.stop_reason)
             return
@@ -310,7 +312,7 @@ def _serve(box: Mailbox, cls: type[KeyedProcess], name: str, key: str, args: lis
         except BaseException as exc:
             # KeyboardInterrupt, GeneratorExit, ... crash it as any exception does: the caller
             # gets RemoteError with the type, not a bare ProcessGone.
-            if kind == "call":
+            if kind == CALL:
                 box.reply(msg, error="crash", type=_qualname(exc), msg=str(exc))
             raise
 

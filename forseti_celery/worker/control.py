@@ -13,8 +13,8 @@ from typing import Any
 
 from celery.worker.control import nok, ok
 
-from ..core import protocol as p
 from ..core.errors import BrokerUnavailable
+from ..core.messages import Stop
 from .node import Node
 from .pool.children import Child
 
@@ -49,7 +49,7 @@ def stop_key(node: Node, key: str, name: str) -> dict[str, Any]:
         return nok(f"not found: no keyed process {key!r} ({name}) on {node.hostname}")  # type: ignore[no-any-return]
     # Only the registry's consumer thread writes to a child's pipe: hand the stop to it through
     # this worker's own queue. The pid fences it to this very process; its exit frees the key.
-    stop = {"t": p.STOP, "n": name, "k": key, "p": child.pid, "reason": "stop"}
+    stop = Stop(name, key, child.pid, "stop").to_wire()
     try:
         node.publisher.publish(node.names.exchange, node.names.node_routing_key(node.hostname), [stop])
     except BrokerUnavailable as exc:

@@ -27,6 +27,8 @@ from typing import Any
 from ...child import runtime as child_main
 from ...core import protocol as p
 from ...core.conf import MAX_TIMEOUT, ChildConfig
+from ...core.messages import Reply
+from ...core.pipe import StopChild
 from .outbox import refuse
 from .reports import Publish, Reports
 from .spawner import Spawner
@@ -124,8 +126,8 @@ class Children:
 
     def _not_there(self, k: Key, m: dict[str, Any]) -> None:
         if m["t"] == p.CALL:
-            self._reports.reply(m["r"], {"t": p.REPLY, "c": m["c"], "error": "gone",
-                                         "msg": f"keyed process {k[1]!r} ({k[0]}) has exited"})
+            text = f"keyed process {k[1]!r} ({k[0]}) has exited"
+            self._reports.reply(m["r"], Reply.fail(m["c"], "gone", text).to_wire())
         elif m["t"] == p.STOP and "r" in m:
             self._reports.not_there(k[0], k[1], [m["r"], m["c"]])
 
@@ -133,7 +135,7 @@ class Children:
         """Stop every keyed process (``terminate`` runs); True if all exits reached the broker."""
         with self._table.lock:
             keys = list(self._table.by_key)
-        self.deliver({k: [{"t": p.STOP, "reason": reason, "grace": grace}] for k in keys})
+        self.deliver({k: [StopChild(reason, grace).to_wire()] for k in keys})
         deadline = time.monotonic() + grace + 3.0
         while time.monotonic() < deadline:
             with self._table.lock:

@@ -25,6 +25,7 @@ from typing import Any
 from celery.utils.log import get_logger
 
 from ...core import protocol as p
+from ...core.messages import Reply
 
 logger = get_logger(__name__)
 
@@ -155,9 +156,9 @@ def refuse(box: Outbox, key: str, name: str, pid: int, refused: list[dict[str, A
     waiting = box.unsent_bytes
     for m in refused:
         if m["t"] == p.CALL:
-            reply(m["r"], {"t": p.REPLY, "c": m["c"], "error": "mailbox_full", "msg": (
+            reply(m["r"], Reply.fail(m["c"], "mailbox_full", (
                 f"keyed process {key!r} ({name}, pid {pid}) has not taken the {waiting} bytes "
-                f"waiting for it (forseti_mailbox_limit = {box.limit}); call not delivered")})
+                f"waiting for it (forseti_mailbox_limit = {box.limit}); call not delivered")).to_wire())
         else:
             box.dropped += 1
     now = time.monotonic()

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from ...core import protocol as p
 from ...core.errors import BrokerUnavailable
+from ...core.messages import Reply
+from ...core.worker_messages import Exited, SpawnFailed
 
 if TYPE_CHECKING:
     from .table import Child
@@ -74,14 +76,13 @@ class Reports:
     def not_there(self, name: str, key: str, stopper: list[str]) -> None:
         """A stop found no process: the leader answers ``stopper`` once its table has caught up
         (same queue, in order)."""
-        self._outbox.append({"t": p.EXITED, "n": name, "k": key, "node": self.hostname, "pid": None,
-                             "stoppers": [stopper]})
+        self._outbox.append(Exited(name, key, self.hostname, None, [stopper]).to_wire())
 
     def spawn_failed(self, name: str, key: str, sid: str, error: str, **fields: str) -> None:
         """Tell the leader that the start ordered as ``sid`` did not happen (retried until the
         broker takes it). ``unavailable`` has the key placed elsewhere."""
-        self._outbox.append({"t": p.SPAWN_FAILED, "n": name, "k": key, "node": self.hostname, "sid": sid,
-                             "error": error, **fields})
+        self._outbox.append(SpawnFailed(name, key, self.hostname, sid, error, fields.get("type"),
+                                        fields.get("msg")).to_wire())
         self._wake()
 
     def reply(self, reply_to: str, msg: dict[str, Any]) -> None:
@@ -92,7 +93,7 @@ class Reports:
     def answer_started(self, c: Child, waiters: list[list[str]]) -> None:
         """Tell ``waiters`` that ``c`` runs: its worker and pid."""
         for reply_to, corr in waiters:
-            self.reply(reply_to, {"t": p.REPLY, "c": corr, "v": [self.hostname, c.pid]})
+            self.reply(reply_to, Reply.ok(corr, [self.hostname, c.pid]).to_wire())
 
     def flush(self) -> None:
         """Publish what waits, reports first, in one go (on Redis, one round trip); everything is

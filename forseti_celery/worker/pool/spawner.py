@@ -34,6 +34,7 @@ from celery.utils.log import get_logger
 from ...child import runtime as child_main
 from ...core import protocol as p
 from ...core.conf import ChildConfig
+from ...core.pipe import Assign
 from . import zygote as zygote_mod
 from .fork import KeyedChild
 from .outbox import Outbox
@@ -125,7 +126,7 @@ class Spawner:
     def _give(c: Child, name: str, key: str, args: list[Any], sid: str, waiters: list[list[str]]) -> bool:
         """Send a spare its key; False if it has died meanwhile (the watcher reaps it)."""
         try:
-            c.outbox.send([{"t": "assign", "n": name, "k": key, "a": args}])
+            c.outbox.send([Assign(name, key, args).to_wire()])
         except OSError:
             return False
         c.name, c.key, c.sid, c.args, c.waiters, c.spare = name, key, sid, args, waiters, False

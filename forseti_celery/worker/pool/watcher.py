@@ -28,6 +28,8 @@ from celery.utils.log import get_logger
 
 from ...child import runtime as child_main
 from ...core import protocol as p
+from ...core.messages import Reply
+from ...core.pipe import EXIT, INIT_ERROR, REPLY, STARTED
 from . import zygote as zygote_mod
 from .outbox import HEADER, Outbox
 from .reports import Reports
@@ -207,7 +209,7 @@ class Watcher:
 
     def _from_child(self, c: Child, msg: dict[str, Any]) -> None:
         kind = msg["t"]
-        if kind == "reply":
+        if kind == REPLY:
             with self._table.lock:
                 c.calls.pop(msg["c"], None)
             if msg.get("error") == "crash":
@@ -215,7 +217,7 @@ class Watcher:
                 c.last_words.append((msg.pop("r"), msg))
             else:
                 self._reports.reply(msg.pop("r"), msg)
-        elif kind == "started":
+        elif kind == STARTED:
             with self._table.lock:
                 c.started = True
                 waiters, c.waiters = c.waiters, []
@@ -225,9 +227,9 @@ class Watcher:
             self._refill_due = self._want_spares
             self._event_later(p.EVENT_STARTED, key=c.key, name=c.name, child_pid=c.pid,
                               startup_ms=round((time.time() - c.started_at) * 1000, 3))
-        elif kind == "init_error":
+        elif kind == INIT_ERROR:
             c.init_error = (msg["type"], msg["msg"])
-        elif kind == "exit":
+        elif kind == EXIT:
             c.reason = msg["reason"]
 
     def _reap(self, c: Child) -> None:
@@ -259,8 +261,8 @@ class Watcher:
             return
         reason = c.reason or (f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}")
         for corr, reply_to in calls.items():
-            self._reports.reply(reply_to, {"t": p.REPLY, "c": corr, "error": "gone",
-                                           "msg": f"keyed process {c.key!r} exited: {reason}"})
+            text = f"keyed process {c.key!r} exited: {reason}"
+            self._reports.reply(reply_to, Reply.fail(corr, "gone", text).to_wire())
         if not started:
             if code == child_main.FENCED and c.init_error is None:
                 # Ended itself before init: its worker had stopped hearing the broker. Not the key's fault.
