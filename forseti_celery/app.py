@@ -13,7 +13,7 @@ from kombu.utils.imports import symbol_by_name
 
 from . import control as _control  # noqa: F401  (registers the inspect/control commands)
 from .client.client import Client
-from .core import installs
+from .core import installs, transport
 from .core.conf import Settings
 from .core.errors import InvalidArgument
 from .core.keyref import KeyRef
@@ -65,7 +65,7 @@ class Forseti:
     def names(self) -> Names:
         """Queue and exchange names of this cluster."""
         with self.app.connection_for_write() as conn:
-            amqp = conn.transport.driver_type == "amqp"
+            amqp = transport.for_connection(conn).single_active_consumer
         return Names(self.settings.namespace, single_active_consumer=amqp)
 
     # -- registrations ------------------------------------------------------------------------

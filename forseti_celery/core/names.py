@@ -12,6 +12,8 @@ from typing import Any
 from celery.events.event import get_exchange
 from kombu import Exchange, Queue, binding
 
+from .transport import amqp, redis
+
 # -- event types (sent with the worker's hostname; see docs/monitoring.rst) ---------
 EVENT_STARTED = "forseti-process-started"
 EVENT_EXITED = "forseti-process-exited"
@@ -46,8 +48,8 @@ class Names:
         # skips kombu's binding-table lookup, one round trip per publish.
         self.exchange = Exchange("")
         self.bcast_exchange = Exchange(f"{namespace}.bcast", type="fanout", durable=False, auto_delete=False)
-        # Every declarer must use identical arguments (RabbitMQ answers 406 otherwise).
-        args = {"x-single-active-consumer": True} if single_active_consumer else None
+        self._transport = amqp if single_active_consumer else redis  # queue arguments: the broker's
+        args = self._transport.queue_arguments(single_active_consumer=True)
         #: Routing key (= queue name) of the leader queue.
         self.leader = f"{namespace}.leader"
         self.leader_queue = Queue(
@@ -69,7 +71,7 @@ class Names:
     def node_queue(self, hostname: str) -> Queue:
         """The queue a worker consumes for spawn orders, casts, calls and stops to its processes."""
         # A dead worker's queue expires instead of collecting messages forever (Redis: queue_ttl).
-        args = {"x-expires": int(NODE_QUEUE_EXPIRES * 1000)} if self._amqp else None
+        args = self._transport.queue_arguments(expires=NODE_QUEUE_EXPIRES)
         return Queue(
             self.node_routing_key(hostname), self.exchange,
             routing_key=self.node_routing_key(hostname),
@@ -93,12 +95,12 @@ class Names:
         return Queue(
             f"{self.namespace}.exits.{client_id}",
             bindings=[binding(exchange, routing_key=k) for k in keys],
-            durable=False, auto_delete=True, queue_arguments={"x-expires": 60_000} if self._amqp else None,
+            durable=False, auto_delete=True, queue_arguments=self._transport.queue_arguments(expires=60),
         )
 
     def reply_queue(self, client_id: str) -> Queue:
         """A client's private queue for answers."""
-        args = {"x-expires": 60_000} if self._amqp else None
+        args = self._transport.queue_arguments(expires=60)
         name = f"{self.namespace}.reply.{client_id}"
         return Queue(
             name, self.exchange, routing_key=name,

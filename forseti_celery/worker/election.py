@@ -26,6 +26,8 @@ import redis.exceptions
 from celery.utils.log import get_logger
 from kombu import Connection
 
+from ..core import compat, transport
+
 logger = get_logger(__name__)
 
 __all__ = ["Election", "RedisLease", "SingleActiveConsumer", "election_for"]
@@ -90,7 +92,7 @@ class RedisLease(Election):
     def poll(self) -> bool:
         try:
             lock = self._get_lock()
-            if lock.local.token is not None:
+            if compat.redis_lock_held(lock):
                 now = time.monotonic()
                 if now < self._renew_at:
                     return True  # renewed less than a quarter lease ago
@@ -99,7 +101,8 @@ class RedisLease(Election):
                     self._renew_at = now + self._lease / 4
                     return True
                 except redis.exceptions.LockError:
-                    lock.local.token = self.token = None
+                    compat.redis_lock_forget(lock)
+                    self.token = None
                     logger.warning("forseti: leader lease %s was lost", self._key)
                     return False
             if not lock.acquire(blocking=False):
@@ -124,7 +127,7 @@ class RedisLease(Election):
         return int(epoch), hostname
 
     def release(self) -> None:
-        if self._lock is not None and self._lock.local.token is not None:
+        if self._lock is not None and compat.redis_lock_held(self._lock):
             self.token = None
             try:
                 self._lock.release()
@@ -134,7 +137,7 @@ class RedisLease(Election):
     def _reset(self) -> None:
         self.token = None
         if self._lock is not None:
-            self._lock.local.token = None
+            compat.redis_lock_forget(self._lock)
         self._lock = None
         try:
             self._conn.collect()
@@ -147,6 +150,6 @@ class RedisLease(Election):
 
 def election_for(driver_type: str, connection: Connection, key: str, lease: float, hostname: str) -> Election:
     """The election matching the broker's transport."""
-    if driver_type == "redis":
+    if not transport.named(driver_type).single_active_consumer:
         return RedisLease(connection, key, lease, hostname)
     return SingleActiveConsumer()

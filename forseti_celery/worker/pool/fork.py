@@ -14,6 +14,7 @@ import billiard
 import billiard.popen_fork
 
 from ...child import runtime as child_main
+from ...core import compat
 
 __all__ = ["KeyedChild"]
 
@@ -28,17 +29,13 @@ class KeyedChild(billiard.Process):  # type: ignore[misc]
     """
 
     def _bootstrap(self) -> int:
-        from billiard import process as bp
-        from billiard import util
-
-        bp._children = set()
-        bp._set_current_process(self)
-        util._finalizer_registry.clear()
-        return child_main.become_keyed(self.run, self.name, at_exit=util._exit_function)
+        if not compat.billiard_child_start(self):
+            return int(super()._bootstrap())  # billiard's own: runs the worker's after-fork hooks
+        return child_main.become_keyed(self.run, self.name, at_exit=compat.billiard_child_exit)
 
     @staticmethod
     def _Popen(process_obj: Any) -> Any:
-        return _ForkPopen(process_obj)
+        return (_ForkPopen if compat.BILLIARD_BOOTSTRAP.ok() else billiard.popen_fork.Popen)(process_obj)
 
     def kill(self) -> None:
         """SIGKILL it (billiard 4's Process has no ``kill``)."""

@@ -24,7 +24,6 @@ import select
 import signal
 import socket
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -33,6 +32,7 @@ import billiard
 import billiard.connection
 
 from ...child import runtime as child_main
+from ...core import compat
 from ...core.conf import ChildConfig
 
 __all__ = ["Grandchild", "Zygote", "available"]
@@ -186,7 +186,7 @@ def _main(requests: socket.socket, exits: socket.socket, config: ChildConfig, li
     child_main.detach(worker_pid, close_fds)
     # The worker's Thread objects are dead copies here; os.fork() would reset their locks again in
     # every spare (copying the pages they sit on).
-    threading._dangling.clear()  # type: ignore[attr-defined]
+    compat.forget_dead_threads()
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)
