@@ -164,7 +164,7 @@ class Client:
         """``ref.send(msg)``: queued and published in batches by the sender thread, in order."""
         self._check_ref(ref)
         self._sender.put(self._node_rk(ref), encode_message(
-            Cast(ref.name, ref.key, ref.pid).to_wire(), "message", self._max_size, payload=msg))
+            Cast.envelope(ref.name, ref.key, ref.pid), "message", self._max_size, payload=msg))
 
     def stop(self, ref: KeyRef, timeout: float | None) -> None:
         """``ref.stop()``: returns once the process has exited and the leader has freed its key."""

@@ -189,7 +189,13 @@ class Cast:
     payload: Any = NO_VALUE  #: not in the envelope (decoded: the codec's undecoded ``Raw``)
 
     def to_wire(self) -> Wire:
-        return {"n": self.name, "k": self.key, "p": self.pid, "t": CAST}
+        return Cast.envelope(self.name, self.key, self.pid)
+
+    @staticmethod
+    def envelope(name: str, key: str, pid: int) -> Wire:
+        """The wire form of ``Cast(name, key, pid)`` without building it: a client's sends are
+        its hot path, where a frozen dataclass's construction would be a tenth of the cost."""
+        return {"n": name, "k": key, "p": pid, "t": CAST}
 
     @classmethod
     def from_wire(cls, d: Mapping[str, Any]) -> Cast:
