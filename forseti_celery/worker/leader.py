@@ -18,8 +18,9 @@ from typing import Any
 from celery.utils.log import get_logger
 
 from ..core import protocol as p
-from ..core.messages import Reply, Stop, StopKey
-from ..core.worker_messages import ReportRequest, Spawn
+from ..core.errors import InvalidMessage
+from ..core.messages import Get, Metrics, Reply, Search, Stop, StopKey
+from ..core.worker_messages import WIRE_KINDS, Exited, Heartbeat, Report, ReportRequest, Spawn, Spawned, SpawnFailed
 from .membership import Members
 
 logger = get_logger(__name__)
@@ -30,7 +31,9 @@ Key = tuple[str, str]
 Waiter = tuple[str, str]  # (reply routing key, correlation id)
 Waiters = dict[Waiter, float]  # -> when its caller gives up (``time.time()``; inf: never said)
 Send = Callable[[str, dict[str, Any]], None]  # (routing key, message)
-_NODE_MESSAGES = frozenset({p.SPAWNED, p.SPAWN_FAILED, p.EXITED})
+#: What the leader queue carries for the leader: clients' requests and workers' start and exit reports.
+Request = Get | Search | Metrics | StopKey | Spawned | SpawnFailed | Exited
+_NODE_MESSAGES = (Spawned, SpawnFailed, Exited)
 
 
 @dataclass
@@ -75,10 +78,10 @@ class Leader:
         self._asked: dict[str, float] = {}
         self._seq = 0
         self._starting: dict[Key, Entry] = {}
-        self._deferred: list[dict[str, Any]] = []
+        self._deferred: list[Request] = []
         self._deferred_exits: set[Key] = set()
         self._next_expiry = 0.0
-        self._handlers: dict[str, Callable[[dict[str, Any]], None]] = {
+        self._handlers: dict[str, Callable[[Any], None]] = {
             p.GET: self._get, p.SEARCH: self._search, p.METRICS: self._metrics, p.STOP_KEY: self._stop,
             p.SPAWNED: self._spawned, p.SPAWN_FAILED: self._spawn_failed, p.EXITED: self._exited,
         }
@@ -114,31 +117,33 @@ class Leader:
         self._asked.clear()
         self._starting.clear()
 
-    def report(self, msg: dict[str, Any]) -> None:
+    def report(self, wire: dict[str, Any]) -> None:
         """A worker's registry: during the rebuild, or asked for to reconcile (see :meth:`heartbeat`)."""
-        host = msg["node"]
+        msg = Report.from_wire(wire)
+        host = msg.node
         if not self.active:
             return
         if self.ready:
-            self._reconcile(host, msg["procs"], _reported_args(msg), int(msg.get("q", 0)))
+            self._reconcile(host, msg.procs, _reported_args(msg), msg.q)
             return
         if host not in self._awaiting:
             return
         self._awaiting.discard(host)
         self._asked.pop(host, None)
         if self._token is None:
-            self.epoch = max(self.epoch, int(msg["epoch"]))
+            self.epoch = max(self.epoch, msg.epoch)
         self._counts.setdefault(host, 0)
-        for (name, key, pid, sid), args in zip(msg["procs"], _reported_args(msg), strict=True):
+        for (name, key, pid, sid), args in zip(msg.procs, _reported_args(msg), strict=True):
             self._record(host, (name, key), Entry(host, sid, args, pid))
         self._maybe_ready()
 
-    def heartbeat(self, hb: dict[str, Any]) -> None:
+    def heartbeat(self, wire: dict[str, Any]) -> None:
         """Compare a worker's own count with the table; ask for its registry when they disagree
         twice in a row, when the worker is new to the table (joined, or came back), or when a
         process placed there has not reported its start for a while (its order or its start
         report may have been lost)."""
-        host = hb["node"]
+        hb = Heartbeat.from_wire(wire)
+        host = hb.node
         if self.active and not self.ready and host in self._awaiting and host != self.hostname:
             # Our request may have been lost (its queue did not exist yet after a broker restart).
             self._ask_again(host, self.epoch + 1, self.members.node_timeout / 4)
@@ -149,7 +154,7 @@ class Leader:
         if any(e.node == host and e.since < late for e in self._starting.values()):
             self._ask_again(host, self.epoch, 2 * self.members.node_timeout / 3)
             return
-        if host in self._counts and hb["count"] == self._counts[host]:
+        if host in self._counts and hb.count == self._counts[host]:
             self._suspects.discard(host)
             return
         if host in self._counts and host not in self._suspects:
@@ -224,27 +229,34 @@ class Leader:
         self._deferred_exits.clear()
         for msg in deferred:
             try:
-                self.handle(msg)
+                self._handle(msg)
             except Exception:  # a malformed request (clients write to the leader queue) costs only itself
-                logger.exception("forseti: %s skipped a malformed deferred %r message", self.hostname, msg.get("t"))
+                logger.exception("forseti: %s skipped a malformed deferred %r message", self.hostname, msg.T)
 
     # -- messages ---------------------------------------------------------------------
     def handle(self, msg: dict[str, Any]) -> None:
         """A message from the leader queue; during the rebuild, only what :meth:`_settled` allows."""
         kind = msg.get("t")
-        handler = self._handlers.get(kind) if type(kind) is str else None
-        if handler is None:
+        if type(kind) is not str or kind not in self._handlers:
             return
+        try:
+            typed = WIRE_KINDS[kind].from_wire(msg)
+        except InvalidMessage as exc:  # lacks a field its kind needs: it costs only itself
+            logger.warning("forseti: %s skipped a malformed %r message: %s", self.hostname, kind, exc)
+            return
+        self._handle(typed)
+
+    def _handle(self, msg: Request) -> None:
         if not self.ready and not self._settled(msg):
             self._deferred.append(msg)
-            if kind == p.EXITED:
-                self._deferred_exits.add((msg["n"], msg["k"]))
+            if isinstance(msg, Exited):
+                self._deferred_exits.add((msg.name, msg.key))
             return
-        if kind not in _NODE_MESSAGES and _deadline(msg) < time.time():
+        if not isinstance(msg, _NODE_MESSAGES) and _deadline(msg) < time.time():
             return  # the caller has given up already
-        handler(msg)
+        self._handlers[msg.T](msg)
 
-    def _settled(self, msg: dict[str, Any]) -> bool:
+    def _settled(self, msg: Request) -> bool:
         """Whether the rebuilding table already answers ``msg`` as the complete one will.
 
         A key the table has as live was reported by its worker, and no other worker runs it
@@ -252,21 +264,20 @@ class Leader:
         of it, nor its freeing by an exit report naming that very process. Every other message
         waits, in order, for the complete table.
         """
-        kind = msg["t"]
-        if kind not in (p.GET, p.SEARCH, p.EXITED):
+        if not isinstance(msg, (Get, Search, Exited)):
             return False
-        k = (msg["n"], msg["k"])
+        k = (msg.name, msg.key)
         entry = self._table.get(k)
         if entry is None or entry.pid is None or k in self._deferred_exits:
             return False  # (an exit report that came before its worker's registry may name it)
-        return kind != p.EXITED or (entry.node, entry.pid, entry.sid) == (msg["node"], msg["pid"], msg.get("sid"))
+        return not isinstance(msg, Exited) or (entry.node, entry.pid, entry.sid) == (msg.node, msg.pid, msg.sid)
 
-    def _get(self, msg: dict[str, Any]) -> None:
-        k = (msg["n"], msg["k"])
-        waiter = (msg["r"], msg["c"])
+    def _get(self, msg: Get) -> None:
+        k = (msg.name, msg.key)
+        waiter = (msg.reply_to, msg.corr)
         entry = self._table.get(k)
         if entry is None:
-            self._start(k, msg.get("a", []), {waiter: _deadline(msg)})
+            self._start(k, msg.args, {waiter: _deadline(msg)})
         elif entry.pid is not None:
             self._answer(waiter, k, entry)
         else:
@@ -284,55 +295,55 @@ class Leader:
             for w in gone:
                 del entry.waiters[w]
 
-    def _search(self, msg: dict[str, Any]) -> None:
-        entry = self._table.get((msg["n"], msg["k"]))
+    def _search(self, msg: Search) -> None:
+        entry = self._table.get((msg.name, msg.key))
         live = entry is not None and entry.pid is not None
-        self._reply(msg["r"], Reply.ok(msg["c"], [entry.node, entry.pid] if live else None).to_wire())  # type: ignore[union-attr]
+        self._reply(msg.reply_to, Reply.ok(msg.corr, [entry.node, entry.pid] if live else None).to_wire())  # type: ignore[union-attr]
 
-    def _metrics(self, msg: dict[str, Any]) -> None:
+    def _metrics(self, msg: Metrics) -> None:
         counts = {m.hostname: self._counts.get(m.hostname, 0) for m in self.members if m.eligible}
-        self._reply(msg["r"], Reply.ok(msg["c"], counts).to_wire())
+        self._reply(msg.reply_to, Reply.ok(msg.corr, counts).to_wire())
 
-    def _stop(self, msg: dict[str, Any]) -> None:
-        entry = self._table.get((msg["n"], msg["k"]))
-        if entry is None or entry.node != msg["node"] or entry.pid != msg["p"]:
-            self._reply(msg["r"], Reply.ok(msg["c"], True).to_wire())  # gone already: its key is free
+    def _stop(self, msg: StopKey) -> None:
+        entry = self._table.get((msg.name, msg.key))
+        if entry is None or entry.node != msg.node or entry.pid != msg.pid:
+            self._reply(msg.reply_to, Reply.ok(msg.corr, True).to_wire())  # gone already: its key is free
             return
         # The worker stops it; its exit report names the stopper, answered once the key is free.
-        self._send_node(entry.node, StopKey.from_wire(msg).forwarded().to_wire())
+        self._send_node(entry.node, msg.forwarded().to_wire())
 
-    def _spawned(self, msg: dict[str, Any]) -> None:
+    def _spawned(self, msg: Spawned) -> None:
         """A start report counts only for the process this leader placed on that very worker (its
         sid): another process of the key is stopped, a process it knows nothing of is asked about."""
-        k = (msg["n"], msg["k"])
+        k = (msg.name, msg.key)
         entry = self._table.get(k)
-        if entry is not None and (entry.node, entry.sid) == (msg["node"], msg["sid"]):
+        if entry is not None and (entry.node, entry.sid) == (msg.node, msg.sid):
             if entry.pid is None:
-                self._started(k, entry, msg["pid"])
+                self._started(k, entry, msg.pid)
         elif entry is None:
             # Started on an order this leader did not give (a deposed leader's), or never: its
             # worker's registry says which, and the process is recorded from there.
-            if msg["node"] in self.members:
-                self._ask_again(msg["node"], self.epoch, self.members.node_timeout / 4)
-        elif (entry.node, entry.pid) != (msg["node"], msg["pid"]):  # never the process the table holds
-            logger.warning("forseti: duplicate process for %r on %s; stopping it", k, msg["node"])
-            self._send_node(msg["node"], Stop(k[0], k[1], msg["pid"], "duplicate").to_wire())
+            if msg.node in self.members:
+                self._ask_again(msg.node, self.epoch, self.members.node_timeout / 4)
+        elif (entry.node, entry.pid) != (msg.node, msg.pid):  # never the process the table holds
+            logger.warning("forseti: duplicate process for %r on %s; stopping it", k, msg.node)
+            self._send_node(msg.node, Stop(k[0], k[1], msg.pid, "duplicate").to_wire())
 
-    def _spawn_failed(self, msg: dict[str, Any]) -> None:
-        k = (msg["n"], msg["k"])
+    def _spawn_failed(self, msg: SpawnFailed) -> None:
+        k = (msg.name, msg.key)
         entry = self._table.get(k)
-        if entry is None or entry.sid != msg["sid"]:
+        if entry is None or entry.sid != msg.sid:
             return
         self._forget(k, entry)
-        if msg["error"] == "unavailable":
+        if msg.error == "unavailable":
             # The worker is stopping or cut off: not a failure of the key. Elsewhere, then; with
             # nowhere else to go, its callers ask again (every forseti_retry_interval) meanwhile.
-            self.members.exclude(msg["node"])
+            self.members.exclude(msg.node)
             if self.least_used(k[0]) is not None:
                 self._start(k, entry.args, entry.waiters)
             return
         for reply_to, corr in entry.waiters:
-            self._reply(reply_to, Reply.fail(corr, msg["error"], msg.get("msg", ""), msg.get("type", "")).to_wire())
+            self._reply(reply_to, Reply.fail(corr, msg.error, msg.text or "", msg.exc_type or "").to_wire())
 
     def _started(self, k: Key, entry: Entry, pid: int, answer_all: bool = False) -> None:
         entry.pid = pid
@@ -342,13 +353,13 @@ class Leader:
                 self._answer(waiter, k, entry)
         entry.waiters.clear()
 
-    def _exited(self, msg: dict[str, Any]) -> None:
-        k = (msg["n"], msg["k"])
+    def _exited(self, msg: Exited) -> None:
+        k = (msg.name, msg.key)
         entry = self._table.get(k)
         if entry is not None and entry.pid is not None and (
-                (entry.node, entry.pid, entry.sid) == (msg["node"], msg["pid"], msg.get("sid"))):
+                (entry.node, entry.pid, entry.sid) == (msg.node, msg.pid, msg.sid)):
             self._forget(k, entry)
-        for reply_to, corr in msg.get("stoppers", ()):
+        for reply_to, corr in msg.stoppers:
             self._reply(reply_to, Reply.ok(corr, True).to_wire())
 
     # -- table ------------------------------------------------------------------------
@@ -416,17 +427,16 @@ class Leader:
                 "with_args": sum(e.args is not None for e in self._table.values())}
 
 
-def _reported_args(msg: dict[str, Any]) -> list[list[Any] | None]:
+def _reported_args(msg: Report) -> list[list[Any] | None]:
     """The init args of each entry of a report's ``procs``: its ``a`` (parallel to ``procs``), each
     a list or None; all None when the report has none (a worker older than the field) or one that
     does not match ``procs`` (a broken or forged report costs only the args, not the registry)."""
-    procs, args = msg["procs"], msg.get("a")
+    procs, args = msg.procs, msg.args
     if type(args) is not list or len(args) != len(procs):
         return [None] * len(procs)
     return [a if type(a) is list else None for a in args]
 
 
-def _deadline(msg: dict[str, Any]) -> float:
-    """When the sender of a request gives up (its ``d``, ``time.time()``); inf when it says not."""
-    d = msg.get("d")
-    return float(d) if isinstance(d, (int, float)) and not isinstance(d, bool) else float("inf")
+def _deadline(msg: Get | Search | Metrics | StopKey) -> float:
+    """When the sender of a request gives up (``time.time()``); inf when it says not."""
+    return float("inf") if msg.deadline is None else msg.deadline
