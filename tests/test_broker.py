@@ -12,7 +12,8 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from forseti_celery import Forseti, ForsetiTimeout
-from forseti_celery.core.broker import ConsumerLoop, Publisher, RestartIntensity
+from forseti_celery.core.broker import Publisher, RestartIntensity
+from forseti_celery.core.consumer import ConsumerLoop
 from forseti_celery.testing import wait_for
 
 

@@ -26,7 +26,8 @@ from celery import Celery
 from kombu import Connection, Exchange, Producer, Queue
 
 from forseti_celery.core import compat
-from forseti_celery.core.broker import ConsumerLoop, Publisher, RestartIntensity
+from forseti_celery.core.broker import Publisher, RestartIntensity
+from forseti_celery.core.consumer import ConsumerLoop
 from forseti_celery.testing import wait_for
 
 

@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any
 from celery.utils.log import get_logger
 from kombu import Queue
 
-from ..core.broker import Batcher, ConsumerLoop, Publisher, RestartIntensity
+from ..core.broker import Batcher, Publisher, RestartIntensity
 from ..core.codec import NO_PAYLOAD, Encoded, Message, check_json, decode_payload, encode_message
 from ..core.conf import checked_timeout
+from ..core.consumer import ConsumerLoop
 from ..core.errors import (
     BrokerUnavailable,
     ForsetiTimeout,

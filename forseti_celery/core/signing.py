@@ -10,7 +10,7 @@ keeps only what a client may send anyway (``get``, ``call``, ``stop`` ...), and 
 dropped. A client never holds the secret and signs nothing. See docs/security.rst.
 
 :meth:`Signer.headers` is the one hook on publish (:class:`~forseti_celery.core.broker.Publisher`),
-:meth:`Signer.admit` the one on receive (:class:`~forseti_celery.core.broker.ConsumerLoop`).
+:meth:`Signer.admit` the one on receive (:class:`~forseti_celery.core.consumer.ConsumerLoop`).
 """
 
 from __future__ import annotations

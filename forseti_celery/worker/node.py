@@ -31,8 +31,9 @@ from celery.worker import state as worker_state
 
 from ..core import protocol as p
 from ..core import transport
-from ..core.broker import ConsumerLoop, RestartIntensity
+from ..core.broker import RestartIntensity
 from ..core.conf import ChildConfig
+from ..core.consumer import ConsumerLoop
 from ..core.errors import BrokerUnavailable, DuplicateWorker
 from ..core.signing import signer_for
 from ..core.worker_messages import Bye, Heartbeat, Leads, Ping, Report

@@ -17,7 +17,7 @@ from typing import Any
 from celery.utils.log import get_logger
 
 from ..core import protocol as p
-from ..core.broker import ConsumerLoop
+from ..core.consumer import ConsumerLoop
 from .election import Election
 from .events import EventSender
 from .leader import Leader

@@ -1,0 +1,235 @@
+"""The consumer thread of clients and workers: consumes queues on a connection of its own and
+reconnects by itself, within a restart intensity.
+
+A connection of its own, from the Celery app's broker settings, so forseti traffic never shares
+(or blocks) Celery's consumer connection, and a task blocked on ``get_key`` in a solo worker
+cannot stall the leader or the registry living in the same process.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import amqp.exceptions
+import redis.exceptions
+from celery.utils.log import get_logger
+from kombu import Connection, Consumer, Queue
+from kombu.exceptions import OperationalError
+
+from . import transport
+from .broker import RestartIntensity
+from .errors import BrokerUnavailable
+from .protocol import Message, decode
+
+logger = get_logger(__name__)
+
+__all__ = ["ConsumerLoop"]
+
+
+Handler = Callable[[list[Message]], None]
+
+
+class ConsumerLoop(threading.Thread):
+    """A daemon thread consuming queues with ``no_ack`` (but see ``windowed``); reconnects with backoff.
+
+    ``handler`` gets each batch (the protocol messages of one broker message). ``tick`` runs at least
+    every ``interval`` seconds (also while disconnected). Every failure, a lost or unreachable broker
+    included, is counted against ``intensity`` (the backoff grows to 2 s, so a broker away for
+    long trips only a tight budget); past it the loop ends, keeps the last error in
+    :attr:`failure` and calls ``on_give_up`` with it: the owner decides what a dead loop means.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        connection_factory: Callable[[], Connection],
+        queues: Callable[[], list[Queue]],
+        handler: Handler,
+        *,
+        intensity: RestartIntensity,
+        tick: Callable[[], None] | None = None,
+        interval: float = 0.25,
+        on_connect: Callable[[], None] | None = None,
+        on_disconnect: Callable[[], None] | None = None,
+        on_give_up: Callable[[BaseException], None] | None = None,
+        admit: Callable[[Any, list[Message]], list[Message]] | None = None,
+        windowed: Callable[[], list[Queue]] = lambda: [],
+    ) -> None:
+        """``admit(message, batch)``: what of the batch decoded from a kombu message to handle (a
+        worker's :meth:`~forseti_celery.core.signing.Signer.admit`); all of it without one.
+
+        ``windowed()``: queues (among ``queues()``) a flood may come through. On RabbitMQ they are
+        consumed with acks and a prefetch of :attr:`window` broker messages, so a backlog of theirs
+        waits in the broker, not in this connection, ahead of the other queues' messages (a
+        worker's own heartbeat echo among them). Each is acknowledged as it arrives, before it is
+        handled, and one the broker delivers again after a lost connection is dropped: a message is
+        handled at most once, as with ``no_ack``. Redis needs none of this: kombu fetches a list's
+        messages one BRPOP at a time, and a fanout comes on a connection of its own.
+        """
+        super().__init__(name=name, daemon=True)
+        self._windowed = windowed
+        self._admit = admit
+        self._on_give_up = on_give_up
+        self._connection_factory = connection_factory
+        self._queues = queues
+        self._handler = handler
+        self._tick = tick
+        self._interval = interval
+        self._on_connect = on_connect
+        self._on_disconnect = on_disconnect
+        self._intensity = intensity
+        self._stopping = threading.Event()
+        self._consumer: Consumer | None = None
+        self.connected = threading.Event()
+        #: Why the loop gave up (restart intensity reached), if it did.
+        self.failure: BaseException | None = None
+
+    #: Broker messages of the ``windowed`` queues on their way to this thread at most (RabbitMQ):
+    #: each holds up to 500 protocol messages (a client's batch), a few ms of work, so what else
+    #: arrives waits behind some 0.1 s of them at worst, where a whole backlog fenced a worker.
+    window = 8
+
+    # -- control (from any thread) --------------------------------------------------
+    def stop(self, timeout: float = 5.0, wake: Callable[[], None] | None = None) -> None:
+        """Ask the loop to end and wait for it.
+
+        ``wake`` (e.g. a message to one of its queues) ends the broker read the loop may be
+        blocked in: on Redis, closing a connection with a BRPOP pending waits for its answer,
+        up to kombu's ``brpop_timeout`` (1 s).
+        """
+        self._stopping.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            if wake is not None and self.connected.is_set():
+                self._safe(wake)
+            self.join(timeout)
+
+    # -- called from the loop thread only ----------------------------------------------
+    def add_queue(self, queue: Queue) -> None:
+        """Start consuming ``queue`` on the live consumer (no-op while disconnected)."""
+        if self._consumer is not None and not self._consumer.consuming_from(queue):
+            self._consumer.add_queue(queue)
+            self._consumer.consume()
+
+    def cancel_queue(self, queue: Queue) -> None:
+        """Stop consuming ``queue``."""
+        if self._consumer is not None and self._consumer.consuming_from(queue):
+            self._consumer.cancel_by_queue(queue.name)
+
+    def run(self) -> None:
+        backoff = 0.1
+        while not self._stopping.is_set():
+            try:
+                self._serve()
+                backoff = 0.1
+            except Exception as exc:
+                self.connected.clear()
+                self._consumer = None
+                if self._on_disconnect is not None:
+                    self._safe(self._on_disconnect)
+                if _is_connection_error(exc):
+                    logger.warning("forseti: %s lost the broker (%r); reconnecting", self.name, exc)
+                else:
+                    logger.exception("forseti: %s failed", self.name)
+                if not self._intensity.failed():
+                    self.failure = exc
+                    logger.error(
+                        "forseti: %s gave up: more than %d failures in %g s (forseti_max_retries/"
+                        "forseti_max_time); last: %r", self.name, self._intensity.max_retries,
+                        self._intensity.max_time, exc,
+                    )
+                    if self._on_give_up is not None:
+                        self._safe(functools.partial(self._on_give_up, exc))
+                    return
+                deadline = time.monotonic() + backoff
+                while not self._stopping.is_set() and time.monotonic() < deadline:
+                    if self._tick is not None:
+                        self._safe(self._tick)
+                    self._stopping.wait(min(self._interval, max(0.0, deadline - time.monotonic())))
+                backoff = min(backoff * 2, 2.0)
+
+    def _serve(self) -> None:
+        with self._connection_factory() as conn:
+            conn.ensure_connection(max_retries=1)
+            channel = conn.channel()
+            windowed = self._windowed() if transport.for_connection(conn).prefetch_windows else []
+            names = {q.name for q in windowed}
+            consumer = Consumer(channel, [q for q in self._queues() if q.name not in names], no_ack=True,
+                                on_message=self._on_message)
+            consumer.consume()
+            if windowed:
+                channel.basic_qos(0, self.window, False)  # per consumer; no_ack consumers ignore it
+                Consumer(channel, windowed, no_ack=False, on_message=self._on_windowed).consume()
+            self._consumer = consumer
+            # A first round of the event loop subscribes fanout queues (Redis pub/sub) for real.
+            try:
+                conn.drain_events(timeout=0.001)
+            except TimeoutError:
+                pass
+            self.connected.set()
+            if self._on_connect is not None:
+                self._on_connect()
+            next_tick = time.monotonic()
+            while not self._stopping.is_set():
+                now = time.monotonic()
+                if now >= next_tick:
+                    if self._tick is not None:
+                        self._run_tick(self._tick)
+                    next_tick = now + self._interval
+                try:
+                    conn.drain_events(timeout=max(0.001, next_tick - time.monotonic()))
+                except TimeoutError:
+                    pass
+                conn.heartbeat_check()
+            self._consumer = None
+            self.connected.clear()
+            try:
+                consumer.cancel()
+            except Exception:  # closing anyway
+                pass
+
+    def _on_windowed(self, message: Any) -> None:
+        message.ack()  # before handling: a connection lost meanwhile cannot deliver it twice
+        if message.delivery_info.get("redelivered"):
+            # Delivered before, on a connection lost since: perhaps handled already.
+            logger.info("forseti: %s dropped a message delivered again after a reconnection", self.name)
+            return
+        self._on_message(message)
+
+    def _on_message(self, message: Any) -> None:
+        try:
+            batch = decode(message.body)
+            self._handler(batch if self._admit is None else self._admit(message, batch))
+        except BrokerUnavailable as exc:
+            logger.warning("forseti: %s could not answer: %r", self.name, exc)
+        except Exception:
+            logger.exception("forseti: %s could not handle a message", self.name)
+
+    def _run_tick(self, tick: Callable[[], None]) -> None:
+        """Run the tick on a live connection: a lost broker ends the connection (to reconnect),
+        any other failure is logged and costs neither the connection nor the restart intensity."""
+        try:
+            tick()
+        except Exception as exc:
+            if _is_connection_error(exc):
+                raise
+            logger.exception("forseti: %s tick failed", self.name)
+
+    def _safe(self, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except Exception:
+            logger.exception("forseti: %s callback failed", self.name)
+
+
+_CONNECTION_ERRORS = (
+    OSError, EOFError, OperationalError, BrokerUnavailable, amqp.exceptions.ConnectionError,
+    amqp.exceptions.ChannelError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+)
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    return isinstance(exc, _CONNECTION_ERRORS)
