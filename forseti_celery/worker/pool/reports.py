@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from ...core import protocol as p
 from ...core.errors import BrokerUnavailable
 from ...core.messages import Reply
-from ...core.worker_messages import Exited, SpawnFailed
+from ...core.worker_messages import Exited, Spawned, SpawnFailed
 
 if TYPE_CHECKING:
     from .table import Child
@@ -69,9 +69,13 @@ class Reports:
         """No report waits (every exit has reached the broker)."""
         return not self._outbox
 
-    def report(self, kind: str, c: Child, **fields: Any) -> None:
-        """A report about ``c`` to the leader (published with the watcher's next round)."""
-        self._outbox.append({"t": kind, "n": c.name, "k": c.key, "node": self.hostname, "sid": c.sid, **fields})
+    def spawned(self, c: Child, pid: int) -> None:
+        """``c`` runs as ``pid``, its ``init`` returned: to the leader (with the watcher's next round)."""
+        self._outbox.append(Spawned(c.name, c.key, self.hostname, c.sid, pid).to_wire())
+
+    def exited(self, c: Child, pid: int, reason: str, code: int | None, stoppers: list[list[str]]) -> None:
+        """``c`` (``pid``) ended: to the leader, which answers ``stoppers`` once the key is free."""
+        self._outbox.append(Exited(c.name, c.key, self.hostname, pid, stoppers, c.sid, reason, code).to_wire())
 
     def not_there(self, name: str, key: str, stopper: list[str]) -> None:
         """A stop found no process: the leader answers ``stopper`` once its table has caught up

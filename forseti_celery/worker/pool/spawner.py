@@ -32,7 +32,6 @@ import billiard.connection
 from celery.utils.log import get_logger
 
 from ...child import runtime as child_main
-from ...core import protocol as p
 from ...core.conf import ChildConfig
 from ...core.pipe import Assign
 from . import zygote as zygote_mod
@@ -252,7 +251,7 @@ class Spawner:
                 return
         if existing is not None:
             if started:
-                self._reports.report(p.SPAWNED, existing, pid=existing.pid)
+                self._reports.spawned(existing, existing.pid)
                 self._reports.answer_started(existing, waiters)
                 self._wake()
             return

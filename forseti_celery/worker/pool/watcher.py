@@ -222,7 +222,7 @@ class Watcher:
                 c.started = True
                 waiters, c.waiters = c.waiters, []
             self.starts += 1
-            self._reports.report(p.SPAWNED, c, pid=c.pid)  # published before the answers (see Reports)
+            self._reports.spawned(c, c.pid)  # published before the answers (see Reports)
             self._reports.answer_started(c, waiters)
             self._refill_due = self._want_spares
             self._event_later(p.EVENT_STARTED, key=c.key, name=c.name, child_pid=c.pid,
@@ -272,7 +272,7 @@ class Watcher:
             self._spawn_failed(c.name, c.key, c.sid, "start", type=etype, msg=emsg)
             return
         self.exits += 1
-        self._reports.report(p.EXITED, c, pid=c.pid, reason=reason, code=code, stoppers=stoppers)
+        self._reports.exited(c, c.pid, reason, code, stoppers)
         for reply_to, msg in c.last_words:
             self._reports.reply(reply_to, msg)
         self._event_later(p.EVENT_EXITED, key=c.key, name=c.name, child_pid=c.pid, reason=reason, exitcode=code,
