@@ -113,7 +113,7 @@ def reuse_redis_client(channel: Any) -> bool:
     the pipeline of a :func:`redis_publish_pipeline` block while one is open. True if it does.
 
     kombu's Redis channel builds a new ``redis.Redis`` object for every message it publishes
-    (``conn_or_acquire``), which is half the cost of a publish (260 -> 130 µs measured here). The
+    (``conn_or_acquire``), a third of the cost of a small publish (185 -> 120 µs, kombu 5.7). The
     client object holds no connection of its own (it borrows one from the channel's pool per
     command), so one per channel is as safe across reconnections as one per message. Any other
     channel (RabbitMQ), or the guard off: left alone, False.
