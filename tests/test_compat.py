@@ -44,6 +44,16 @@ def test_every_guard_accepts_the_installed_libraries() -> None:
         assert guard._check() is None, f"{guard.name}: {guard._check()}"
 
 
+def test_a_failed_check_is_logged_once_and_keeps_the_plain_path(caplog: pytest.LogCaptureFixture) -> None:
+    checks: list[int] = []
+    guard = compat.Guard("some internal", "taking the plain path", lambda: checks.append(1) or "kombu 9.0 is newer")
+    with caplog.at_level("WARNING", logger="forseti_celery.core.compat"):
+        assert not guard.ok() and not guard.ok()
+    assert checks == [1]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "forseti_celery.core.compat"]
+    assert warnings == ["forseti: some internal: kombu 9.0 is newer; taking the plain path"]
+
+
 # -- kombu's Redis channel ---------------------------------------------------------------------
 
 def test_kombus_redis_channel_publishes_through_conn_or_acquire(redis_url: str) -> None:
