@@ -112,6 +112,8 @@ def test_a_reply_read_back_says_what_it_carries() -> None:
     (answer,) = p.decode(b'{"t":"reply","r":"rq","c":"c1"}\t[1,2]')
     reply = m.Reply.from_wire(answer)
     assert reply.value is m.NO_VALUE and p.payload({"m": reply.payload}) == [1, 2]
+    (call,) = p.decode(b'{"n":"n1","k":"k1","p":42,"t":"call","r":"rq","c":"c1","d":12.5}\t1')
+    assert m.Call.caller(call) == ("rq", "c1") and m.Reply.corr_of(answer) == "c1"
     (failed,) = p.decode(b'{"t":"reply","c":"c1","error":"start","type":"ValueError","msg":"no"}')
     assert m.Reply.from_wire(failed) == m.Reply.fail("c1", "start", "no", "ValueError")
 

@@ -29,7 +29,7 @@ from celery.utils.log import get_logger
 from ..core import process
 from ..core.conf import ChildConfig
 from ..core.errors import InvalidMessage
-from ..core.messages import Reply
+from ..core.messages import TYPE, Call, Reply
 from ..core.pipe import ASSIGN, STOP, Assign, Exit, InitError, Started
 from ..core.process import KeyedProcess
 from ..core.protocol import CALL, CAST, PAYLOAD, decode, decode_payloads, encode, encode_message
@@ -141,7 +141,7 @@ class Mailbox:
                     timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 return None
-            kind = msg.get("t")
+            kind = msg.get(TYPE)
             if kind != CAST and kind != CALL:
                 if type(kind) is str and kind in _OTHERS:
                     return msg
@@ -161,27 +161,29 @@ class Mailbox:
                 return msg
             logger.warning("forseti: keyed process %r (pid %d) dropped a %s: %s", self.key, os.getpid(), kind, error)
             if kind == CALL:
-                self.reply(msg, error="invalid", type="InvalidMessage", msg=error)
+                self.reply(msg, error="invalid", exc_type="InvalidMessage", text=error)
 
     def send(self, msg: dict[str, Any]) -> None:
         """Report to the worker."""
         self._conn.send_bytes(encode([msg]))
 
-    def reply(self, request: dict[str, Any], **fields: Any) -> None:
-        """Answer a call (the worker forwards it to the caller's reply queue). An answer that cannot
-        be sent (not JSON, nested too deep, larger than forseti_max_message_size) is logged and the
-        caller gets :class:`InvalidMessage` saying why; the process lives on."""
-        answer = Reply(request["c"], reply_to=request["r"]).to_wire()
+    def reply(self, request: dict[str, Any], value: Any = None, error: str | None = None, exc_type: str = "",
+              text: str = "") -> None:
+        """Answer a call with ``value``, or with the ``error`` kind (the remote exception's
+        ``exc_type`` and ``text``); the worker forwards it to the caller's reply queue. An answer
+        that cannot be sent (not JSON, nested too deep, larger than forseti_max_message_size) is
+        logged and the caller gets :class:`InvalidMessage` saying why; the process lives on."""
+        to, corr = Call.caller(request)
         try:
-            if "v" in fields:  # the value travels as a payload: the worker forwards it undecoded
-                value = fields.pop("v")
-                data = encode_message({**answer, **fields}, "reply", self.max_size, payload=value).data
+            if error is None:  # the value travels as a payload: the worker forwards it undecoded
+                data = encode_message(Reply(corr, reply_to=to).to_wire(), "reply", self.max_size, payload=value).data
             else:
-                data = encode_message({**answer, **fields}, "reply", self.max_size).data
+                data = encode_message(Reply(corr, error=error, text=text, exc_type=exc_type, reply_to=to).to_wire(),
+                                      "reply", self.max_size).data
         except InvalidMessage as exc:
             logger.warning("forseti: keyed process %r (pid %d) could not answer a call: %s", self.key, os.getpid(), exc)
-            data = encode_message({**answer, "error": "invalid", "type": "InvalidMessage", "msg": str(exc)},
-                                  "reply", self.max_size).data
+            invalid = Reply(corr, error="invalid", text=str(exc), exc_type="InvalidMessage", reply_to=to)
+            data = encode_message(invalid.to_wire(), "reply", self.max_size).data
         self._conn.send_bytes(data)
 
     def receive(self, timeout: float | None) -> Any:
@@ -190,15 +192,15 @@ class Mailbox:
             msg = self.get(timeout)
             if msg is None:
                 return None
-            kind = msg["t"]
+            kind = msg[TYPE]
             if kind == CAST:
-                return msg["m"]
+                return msg[PAYLOAD]
             if kind == STOP:
                 self.stop_reason = msg.get("reason", "stop")
                 raise SystemExit(0)
             if kind == CALL:
-                self.reply(msg, error="invalid", type="TypeError",
-                           msg="function-form keyed processes take no calls; use send()")
+                self.reply(msg, error="invalid", exc_type="TypeError",
+                           text="function-form keyed processes take no calls; use send()")
 
 
 def mailbox() -> Mailbox:
@@ -257,9 +259,10 @@ def run(conn: Any, config: ChildConfig, lifeline: Lifeline, resolve: Callable[[s
     else:
         box.rehearse()
         order = box.get()
-        assert order is not None and order["t"] == ASSIGN, order
-        key, args, target = order["k"], order["a"], resolve(order["n"])
-        billiard.current_process().name = f"forseti:{order['n']}"
+        assert order is not None and order[TYPE] == ASSIGN, order
+        assign = Assign.from_wire(order)
+        key, args, target = assign.key, assign.args, resolve(assign.name)
+        billiard.current_process().name = f"forseti:{assign.name}"
         if lifeline.cut_off():
             os._exit(FENCED)
     name = billiard.current_process().name.removeprefix("forseti:")  # as its forker named it
@@ -294,13 +297,13 @@ def _serve(box: Mailbox, cls: type[KeyedProcess], name: str, key: str, args: lis
         os._exit(1)
     box.send(Started().to_wire())
     handlers: dict[str, Callable[[dict[str, Any]], None]] = {
-        CAST: lambda m: obj.handle_cast(m["m"]),
-        CALL: lambda m: box.reply(m, v=obj.handle_call(m["m"])),
+        CAST: lambda m: obj.handle_cast(m[PAYLOAD]),
+        CALL: lambda m: box.reply(m, obj.handle_call(m[PAYLOAD])),
     }
     while True:
         msg = box.get()
         assert msg is not None
-        kind = msg["t"]
+        kind = msg[TYPE]
         if kind == STOP:
             box.stop_reason = msg.get("reason", "stop")
             obj.terminate(box.stop_reason)
@@ -313,7 +316,7 @@ def _serve(box: Mailbox, cls: type[KeyedProcess], name: str, key: str, args: lis
             # KeyboardInterrupt, GeneratorExit, ... crash it as any exception does: the caller
             # gets RemoteError with the type, not a bare ProcessGone.
             if kind == CALL:
-                box.reply(msg, error="crash", type=_qualname(exc), msg=str(exc))
+                box.reply(msg, error="crash", exc_type=_qualname(exc), text=str(exc))
             raise
 
 

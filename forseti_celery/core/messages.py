@@ -219,6 +219,12 @@ class Call:
         return {"n": self.name, "k": self.key, "p": self.pid, "t": CALL, "r": self.reply_to, "c": self.corr,
                 "d": self.deadline}
 
+    @staticmethod
+    def caller(d: Mapping[str, Any]) -> tuple[Any, Any]:
+        """``(reply_to, corr)`` of the decoded call ``d``, read without building the call: a keyed
+        process answers every call with them (its hot path)."""
+        return d["r"], d["c"]
+
     @classmethod
     def from_wire(cls, d: Mapping[str, Any]) -> Call:
         return cls(need(d, "n"), need(d, "k"), need(d, "p"), need(d, "r"), need(d, "c"), deadline_of(d),
