@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 import threading
 import time
 import uuid
@@ -29,6 +30,7 @@ from forseti_celery.core import compat
 from forseti_celery.core.broker import Publisher, RestartIntensity
 from forseti_celery.core.consumer import ConsumerLoop
 from forseti_celery.testing import wait_for
+from forseti_celery.worker.pool.fork import KeyedChild
 
 
 def _queue(tag: str, expires_ms: int | None = None) -> Queue:
@@ -216,24 +218,13 @@ def test_a_redis_lock_token_is_the_one_attribute_that_says_it_is_held(redis_url:
 
 # -- billiard ----------------------------------------------------------------------------------
 
-class _Child(billiard.Process):  # type: ignore[misc]
-    def _bootstrap(self) -> int:
-        if not compat.billiard_child_start(self):
-            return int(super()._bootstrap())
-        try:
-            self.run()
-            return 0
-        finally:
-            compat.billiard_child_exit()
-
-
 def _report(w: int) -> None:
     me = billiard.current_process()
     os.write(w, f"{me.name} {len(billiard.active_children())}".encode())
 
 
 @pytest.mark.parametrize("guarded", [True, False], ids=["skip-hooks", "fallback"])
-def test_a_billiard_child_started_by_compat_is_the_current_process_and_has_no_children(guarded: bool) -> None:
+def test_a_keyed_child_is_the_current_billiard_process_with_no_children_and_its_exit_code(guarded: bool) -> None:
     assert "_bootstrap" in vars(billiard.process.BaseProcess)
     assert "_launch" in vars(billiard.popen_fork.Popen)
     assert "_bootstrap" in inspect.getsource(billiard.popen_fork.Popen._launch)
@@ -241,12 +232,15 @@ def test_a_billiard_child_started_by_compat_is_the_current_process_and_has_no_ch
     sibling = billiard.Process(target=time.sleep, args=(30,))  # a child the parent has, not the new one
     with compat.BILLIARD_BOOTSTRAP.forced(guarded):
         sibling.start()
-        child = _Child(target=_report, args=(w,), name=f"compat-{guarded}")
+        child = KeyedChild(target=_report, args=(w,), name=f"compat-{guarded}")
         child.start()
         child.join(10)
+        failing = KeyedChild(target=sys.exit, args=(3,))
+        failing.start()
+        failing.join(10)
     os.close(w)
     try:
-        assert child.exitcode == 0
+        assert child.exitcode == 0 and failing.exitcode == 3
         assert os.read(r, 100).decode() == f"compat-{guarded} 0"
     finally:
         sibling.terminate()
