@@ -14,8 +14,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import amqp.exceptions
-import redis.exceptions
 from celery.utils.log import get_logger
 from kombu import Connection, Consumer, Queue
 from kombu.exceptions import OperationalError
@@ -226,8 +224,7 @@ class ConsumerLoop(threading.Thread):
 
 
 _CONNECTION_ERRORS = (
-    OSError, EOFError, OperationalError, BrokerUnavailable, amqp.exceptions.ConnectionError,
-    amqp.exceptions.ChannelError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+    OSError, EOFError, OperationalError, BrokerUnavailable, *transport.CONNECTION_ERRORS,
 )
 
 

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from ..errors import ConfigurationError
 from . import amqp, redis
 
-__all__ = ["SUPPORTED", "Batch", "Transport", "for_connection", "named", "require"]
+__all__ = ["CONNECTION_ERRORS", "SUPPORTED", "Batch", "Transport", "for_connection", "named", "require"]
 
 
 class Batch(Protocol):
@@ -36,6 +36,8 @@ class Transport(Protocol):
     prefetch_windows: bool
     #: ``publish_many`` sends its messages in one round trip (a :meth:`batch`).
     pipelines: bool
+    #: What the client library raises for a lost connection (besides ``OSError``).
+    connection_errors: tuple[type[BaseException], ...]
 
     def queue_arguments(self, *, single_active_consumer: bool = False,
                         expires: float | None = None) -> dict[str, Any] | None:
@@ -57,6 +59,7 @@ class _Other:
     """A transport forseti does not support: publish and consume with nothing broker-specific."""
 
     single_active_consumer = prefetch_windows = pipelines = False
+    connection_errors: tuple[type[BaseException], ...] = ()
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -83,6 +86,8 @@ class _NoBatch:
 _SUPPORTED: dict[str, Transport] = {amqp.name: amqp, redis.name: redis}
 #: kombu ``driver_type`` of every transport a worker runs on.
 SUPPORTED = tuple(_SUPPORTED)
+#: What the client library of any supported transport raises for a lost connection.
+CONNECTION_ERRORS = tuple(e for t in _SUPPORTED.values() for e in t.connection_errors)
 
 
 def named(driver_type: str) -> Transport:

@@ -12,14 +12,19 @@ from __future__ import annotations
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
-__all__ = ["batch", "list_ttl", "name", "pipelines", "prefetch_windows", "prepare", "queue_arguments",
-           "single_active_consumer"]
+import amqp.exceptions
+
+__all__ = ["batch", "connection_errors", "list_ttl", "name", "pipelines", "prefetch_windows", "prepare",
+           "queue_arguments", "single_active_consumer"]
 
 name = "amqp"
 single_active_consumer = True
 prefetch_windows = True
 #: Publishes are not answered one by one (no publisher confirms): a pipeline would save nothing.
 pipelines = False
+#: What py-amqp raises for a lost connection or channel (besides ``OSError``).
+connection_errors: tuple[type[BaseException], ...] = (amqp.exceptions.ConnectionError,
+                                                      amqp.exceptions.ChannelError)
 
 
 def queue_arguments(*, single_active_consumer: bool = False, expires: float | None = None) -> dict[str, Any] | None:

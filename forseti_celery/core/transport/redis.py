@@ -16,10 +16,12 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
+import redis.exceptions
+
 from .. import compat
 
-__all__ = ["KEEP_AT_LEAST", "batch", "list_ttl", "name", "pipelines", "prefetch_windows", "prepare",
-           "queue_arguments", "single_active_consumer"]
+__all__ = ["KEEP_AT_LEAST", "batch", "connection_errors", "list_ttl", "name", "pipelines", "prefetch_windows",
+           "prepare", "queue_arguments", "single_active_consumer"]
 
 name = "redis"
 #: Several consumers of one list compete: the leader queue needs a lease.
@@ -27,6 +29,9 @@ single_active_consumer = False
 #: kombu fetches a list's messages one BRPOP at a time, and a fanout comes on a connection of its own.
 prefetch_windows = False
 pipelines = True
+#: What redis-py raises for a lost or unanswered connection (besides ``OSError``).
+connection_errors: tuple[type[BaseException], ...] = (redis.exceptions.ConnectionError,
+                                                      redis.exceptions.TimeoutError)
 
 #: Raise a key's TTL to ARGV[1] ms unless it already lives longer (-1: no TTL yet).
 KEEP_AT_LEAST = """
