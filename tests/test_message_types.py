@@ -27,6 +27,12 @@ GOLDEN: list[tuple[Any, bytes]] = [
      b'"d":12.5}'),
     (m.Cast("n1", "k1", 42), b'{"n":"n1","k":"k1","p":42,"t":"cast"}'),
     (m.Call("n1", "k1", 42, "rq", "c1", 12.5), b'{"n":"n1","k":"k1","p":42,"t":"call","r":"rq","c":"c1","d":12.5}'),
+    (m.Cast("n1", "k1", 42, key_addressed=True, args=[1], seq=7, reply_to="rq"),
+     b'{"n":"n1","k":"k1","p":42,"t":"cast","ka":1,"a":[1],"q":7,"r":"rq"}'),  # forseti_celery.send: issue 12
+    (m.Call("n1", "k1", 42, "rq", "c1", 12.5, key_addressed=True, args=[], seq=8),
+     b'{"n":"n1","k":"k1","p":42,"t":"call","r":"rq","c":"c1","d":12.5,"ka":1,"a":[],"q":8}'),
+    (m.Moved("n1", "k1", "w1", 42, "w2", 43, 8),
+     b'{"t":"moved","n":"n1","k":"k1","node":"w1","p":42,"to":["w2",43],"q":8}'),
     (m.Stop("n1", "k1", 42, "duplicate"), b'{"t":"stop","n":"n1","k":"k1","p":42,"reason":"duplicate"}'),
     (m.StopKey("n1", "k1", 42, "w1", "stop", 4.0, "rq", "c1", 12.5).forwarded(),
      b'{"n":"n1","k":"k1","p":42,"t":"stop","node":"w1","reason":"stop","grace":4.0,"r":"rq","c":"c1","d":12.5}'),
@@ -79,8 +85,11 @@ def test_each_kind_writes_the_bytes_its_senders_always_wrote_and_reads_them_back
     assert back.to_wire() == msg.to_wire()
 
 
+_FIELDS = ("PAYLOAD", "TYPE", "NAME", "KEY", "PID", "REPLY_TO", "CORR", "KEY_ADDRESSED", "ARGS", "SEQ")  # field names
+
+
 def test_every_message_type_of_the_protocol_has_exactly_one_kind() -> None:
-    types = {v for k, v in vars(m).items() if k.isupper() and isinstance(v, str) and k not in ("PAYLOAD", "TYPE")}
+    types = {v for k, v in vars(m).items() if k.isupper() and isinstance(v, str) and k not in _FIELDS}
     assert set(w.WIRE_KINDS) == types
     assert {p.GET, p.CAST, p.REPLY, p.HEARTBEAT} <= set(w.WIRE_KINDS)
     assert set(pipe.PIPE_KINDS) == {pipe.ASSIGN, pipe.STOP, pipe.STARTED, pipe.INIT_ERROR, pipe.EXIT}
@@ -125,3 +134,16 @@ def test_messages_are_frozen_values_with_slots() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         msg.pid = 43
     assert msg == m.Cast("n1", "k1", 42) and hash(msg) == hash(m.Cast("n1", "k1", 42))
+
+
+def test_a_key_addressed_cast_or_call_is_a_plain_one_to_a_reader_that_ignores_its_optional_fields() -> None:
+    ka = m.Cast("n1", "k1", 42, key_addressed=True, args=[1], seq=7, reply_to="rq").to_wire()
+    plain = {f: v for f, v in ka.items() if f in ("n", "k", "p", "t")}
+    assert plain == m.Cast("n1", "k1", 42).to_wire() and list(ka)[:4] == list(plain)
+    assert m.Cast.envelope("n1", "k1", 42, [1], 7, "rq") == ka
+    call = m.Call("n1", "k1", 42, "rq", "c1", None, key_addressed=True, args=[], seq=3).to_wire()
+    assert (call[m.KEY_ADDRESSED], call[m.SEQ], call[m.ARGS], call[m.REPLY_TO], call[m.CORR]) == (1, 3, [], "rq", "c1")
+    with pytest.raises(InvalidMessage, match="'cast' message without 'q'"):
+        m.Cast.from_wire({"t": "cast", "n": "n1", "k": "k1", "p": 42, "ka": 1})
+    with pytest.raises(InvalidMessage, match="bad 'to'"):
+        m.Moved.from_wire({"t": "moved", "n": "n1", "k": "k1", "node": "w1", "p": 1, "to": "w2", "q": 1})

@@ -28,9 +28,10 @@ from typing import Any, ClassVar
 from .errors import InvalidMessage
 
 __all__ = [
-    "BYE", "CALL", "CAST", "EXITED", "GET", "HEARTBEAT", "LEADS", "METRICS", "NO_VALUE", "PAYLOAD", "PING",
-    "REPLY", "REPORT", "REPORT_REQUEST", "SEARCH", "SPAWN", "SPAWNED", "SPAWN_FAILED", "STOP", "STOP_KEY", "TYPE",
-    "Call", "Cast", "Get", "Metrics", "Reply", "Search", "Stop", "StopKey", "Wire",
+    "ARGS", "BYE", "CALL", "CAST", "CORR", "EXITED", "GET", "HEARTBEAT", "KEY", "KEY_ADDRESSED", "LEADS", "METRICS",
+    "MOVED", "NAME", "NO_VALUE", "PAYLOAD", "PID", "PING", "REPLY", "REPLY_TO", "REPORT", "REPORT_REQUEST", "SEARCH",
+    "SEQ", "SPAWN", "SPAWNED", "SPAWN_FAILED", "STOP", "STOP_KEY", "TYPE",
+    "Call", "Cast", "Get", "Metrics", "Moved", "Reply", "Search", "Stop", "StopKey", "Wire",
 ]
 
 #: A message as the codec reads and writes it: its envelope's fields by wire name.
@@ -59,6 +60,8 @@ CALL = "call"
 STOP = "stop"
 # anyone -> client (its reply queue)
 REPLY = "reply"
+# worker -> client (its reply queue): key-addressed messages of that client now go to a new incarnation
+MOVED = "moved"
 # worker -> every worker (broadcast)
 HEARTBEAT = "hb"
 BYE = "bye"
@@ -68,6 +71,19 @@ BYE = "bye"
 TYPE = "t"
 #: The field carried as the payload, after its envelope (see :mod:`.codec`).
 PAYLOAD = "m"
+#: Fields of a cast or call that the worker's hot paths read by name (no dataclass per message
+#: there): the keyed-process name, key and pid it is for, the caller's reply routing key and
+#: correlation id; and the optional fields of a key-addressed one (``forseti_celery.call/send``):
+#: the flag itself, the init args of its key (for its next incarnation) and the sender's sequence
+#: number (per client, increasing).
+NAME = "n"
+KEY = "k"
+PID = "p"
+REPLY_TO = "r"
+CORR = "c"
+KEY_ADDRESSED = "ka"
+ARGS = "a"
+SEQ = "q"
 #: ``payload`` of a message that has none; ``value`` of a :class:`Reply` that carries none.
 NO_VALUE: Any = type("NoValue", (), {"__repr__": lambda self: "NO_VALUE", "__slots__": ()})()
 
@@ -187,19 +203,36 @@ class Cast:
     key: str
     pid: int
     payload: Any = NO_VALUE  #: not in the envelope (decoded: the codec's undecoded ``Raw``)
+    #: Key-addressed (``forseti_celery.send``): never lost to an exit its sender did not cause,
+    #: delivered to the key's next incarnation (started with ``args``) if ``pid`` is gone. Wire ``ka``.
+    key_addressed: bool = False
+    args: list[Any] | None = None  #: wire ``a`` (key-addressed only)
+    seq: int | None = None  #: wire ``q``: the sender's sequence number (key-addressed only)
+    reply_to: str | None = None  #: wire ``r``: where the sender hears ``moved`` (key-addressed only)
 
     def to_wire(self) -> Wire:
+        if self.key_addressed:
+            return Cast.envelope(self.name, self.key, self.pid, self.args, self.seq, self.reply_to)
         return Cast.envelope(self.name, self.key, self.pid)
 
     @staticmethod
-    def envelope(name: str, key: str, pid: int) -> Wire:
+    def envelope(name: str, key: str, pid: int, args: list[Any] | None = None, seq: int | None = None,
+                 reply_to: str | None = None) -> Wire:
         """The wire form of ``Cast(name, key, pid)`` without building it: a client's sends are
-        its hot path, where a frozen dataclass's construction would be a tenth of the cost."""
-        return {"n": name, "k": key, "p": pid, "t": CAST}
+        its hot path, where a frozen dataclass's construction would be a tenth of the cost.
+        With ``seq``, a key-addressed cast (its optional fields after the old ones: an older
+        worker reads it as a plain cast)."""
+        if seq is None:
+            return {"n": name, "k": key, "p": pid, "t": CAST}
+        return {"n": name, "k": key, "p": pid, "t": CAST, "ka": 1, "a": [] if args is None else args, "q": seq,
+                "r": reply_to}
 
     @classmethod
     def from_wire(cls, d: Mapping[str, Any]) -> Cast:
-        return cls(need(d, "n"), need(d, "k"), need(d, "p"), d.get(PAYLOAD, NO_VALUE))
+        if not d.get(KEY_ADDRESSED):
+            return cls(need(d, "n"), need(d, "k"), need(d, "p"), d.get(PAYLOAD, NO_VALUE))
+        return cls(need(d, "n"), need(d, "k"), need(d, "p"), d.get(PAYLOAD, NO_VALUE), True, d.get("a", []),
+                   need(d, "q"), d.get("r"))
 
 
 @dataclass(**FROZEN)
@@ -214,10 +247,18 @@ class Call:
     corr: str
     deadline: float | None = None
     payload: Any = NO_VALUE
+    #: Key-addressed (``forseti_celery.call``): see :class:`Cast`; the answer still comes from
+    #: the process that takes it, to ``reply_to``.
+    key_addressed: bool = False
+    args: list[Any] | None = None  #: wire ``a`` (key-addressed only)
+    seq: int | None = None  #: wire ``q`` (key-addressed only)
 
     def to_wire(self) -> Wire:
-        return {"n": self.name, "k": self.key, "p": self.pid, "t": CALL, "r": self.reply_to, "c": self.corr,
-                "d": self.deadline}
+        d: Wire = {"n": self.name, "k": self.key, "p": self.pid, "t": CALL, "r": self.reply_to, "c": self.corr,
+                   "d": self.deadline}
+        if self.key_addressed:
+            d.update(ka=1, a=[] if self.args is None else self.args, q=self.seq)
+        return d
 
     @staticmethod
     def caller(d: Mapping[str, Any]) -> tuple[Any, Any]:
@@ -227,8 +268,11 @@ class Call:
 
     @classmethod
     def from_wire(cls, d: Mapping[str, Any]) -> Call:
+        if not d.get(KEY_ADDRESSED):
+            return cls(need(d, "n"), need(d, "k"), need(d, "p"), need(d, "r"), need(d, "c"), deadline_of(d),
+                       d.get(PAYLOAD, NO_VALUE))
         return cls(need(d, "n"), need(d, "k"), need(d, "p"), need(d, "r"), need(d, "c"), deadline_of(d),
-                   d.get(PAYLOAD, NO_VALUE))
+                   d.get(PAYLOAD, NO_VALUE), True, d.get("a", []), need(d, "q"))
 
 
 @dataclass(**FROZEN)
@@ -315,3 +359,31 @@ class Reply:
                    d.get(PAYLOAD, NO_VALUE))
 
 
+# -- worker -> client ---------------------------------------------------------------------
+@dataclass(**FROZEN)
+class Moved:
+    """The key-addressed messages of one sender for ``(name, key)`` that reached process ``pid``
+    on ``node`` after it had gone are with its next incarnation, ``new_pid`` on ``new_node``, up
+    to (and including) the sender's sequence number ``seq``. Sent by the old worker to the
+    sender's reply queue after it forwarded them: once ``seq`` covers all it sent on the old
+    route, the sender may send to the new ref directly without overtaking anything."""
+
+    T: ClassVar[str] = MOVED
+    name: str
+    key: str
+    node: str
+    pid: int
+    new_node: str
+    new_pid: int
+    seq: int
+
+    def to_wire(self) -> Wire:
+        return {"t": MOVED, "n": self.name, "k": self.key, "node": self.node, "p": self.pid,
+                "to": [self.new_node, self.new_pid], "q": self.seq}
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> Moved:
+        to = need(d, "to")
+        if not isinstance(to, list) or len(to) != 2:
+            raise InvalidMessage(f"'moved' message with a bad 'to': {to!r}")
+        return cls(need(d, "n"), need(d, "k"), need(d, "node"), need(d, "p"), to[0], to[1], need(d, "q"))
