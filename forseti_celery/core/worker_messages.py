@@ -28,6 +28,7 @@ from .messages import (
     Cast,
     Get,
     Metrics,
+    Moved,
     Reply,
     Search,
     Stop,
@@ -276,12 +277,12 @@ class Bye:
 
 
 Message = (Get | Search | Metrics | StopKey | Spawned | SpawnFailed | Exited | Ping | Report | Spawn
-           | ReportRequest | Leads | Cast | Call | Stop | Reply | Heartbeat | Bye)
+           | ReportRequest | Leads | Cast | Call | Stop | Reply | Heartbeat | Bye | Moved)
 
 #: Every kind of the broker's messages, by type name.
 WIRE_KINDS: dict[str, Any] = {cls.T: cls for cls in (
     Get, Search, Metrics, StopKey, Spawned, SpawnFailed, Exited, Ping, Report, Spawn, ReportRequest, Leads,
-    Cast, Call, Stop, Reply, Heartbeat, Bye)}
+    Cast, Call, Stop, Reply, Heartbeat, Bye, Moved)}
 
 
 def from_wire(d: Mapping[str, Any]) -> Message:
