@@ -6,6 +6,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from functools import cached_property
+from types import EllipsisType
 from typing import Any, TypeVar, cast, overload
 
 from celery import Celery
@@ -14,7 +15,7 @@ from kombu.utils.imports import symbol_by_name
 from . import control as _control  # noqa: F401  (registers the inspect/control commands)
 from .client.client import Client
 from .core import installs, transport
-from .core.conf import Settings
+from .core.conf import KeyPolicy, Settings, checked_policy
 from .core.errors import InvalidArgument
 from .core.keyref import KeyRef
 from .core.protocol import Names
@@ -40,6 +41,8 @@ class Forseti:
         self._explicit = settings
         Settings.check(**settings)  # refuse unknown or invalid settings now
         self._targets: dict[str, Any] = {}
+        #: The policy keywords given to :meth:`keyed`, per name (checked; conf fills in the rest).
+        self._policies: dict[str, dict[str, Any]] = {}
         self._client: Client | None = None
         self._client_pid = 0
         self._client_lock = threading.Lock()
@@ -72,22 +75,43 @@ class Forseti:
     @overload
     def keyed(self, target: T) -> T: ...
     @overload
-    def keyed(self, target: None = None, *, name: str = "default") -> Callable[[T], T]: ...
+    def keyed(self, target: None = None, *, name: str = "default",
+              idle_timeout: float | EllipsisType | None = ..., restart: str | EllipsisType = ...,
+              max_restarts: int | EllipsisType = ...,
+              restart_window: float | EllipsisType = ...) -> Callable[[T], T]: ...
 
-    def keyed(self, target: Any = None, *, name: str = "default") -> Any:
+    def keyed(self, target: Any = None, *, name: str = "default",
+              idle_timeout: float | EllipsisType | None = ..., restart: str | EllipsisType = ...,
+              max_restarts: int | EllipsisType = ..., restart_window: float | EllipsisType = ...) -> Any:
         """Register a keyed process: a :class:`~forseti_celery.KeyedProcess` subclass or a function
         whose first argument is the key. ``@forseti.keyed`` registers it as ``"default"``,
-        ``@forseti.keyed(name="poller")`` under a name of its own."""
+        ``@forseti.keyed(name="poller")`` under a name of its own.
+
+        ``idle_timeout``, ``restart``, ``max_restarts`` and ``restart_window`` set this name's
+        lifecycle (:meth:`policy`) and win over the ``forseti_*`` settings of the same name; one
+        left out is the setting's; ``idle_timeout=None`` is never, whatever the conf says. A bad
+        value raises :class:`~forseti_celery.ConfigurationError` here, naming the keyword."""
         if not isinstance(name, str) or not name:
             raise InvalidArgument(f"name must be a non-empty str, not {name!r}")
+        given = {"idle_timeout": idle_timeout, "restart": restart, "max_restarts": max_restarts,
+                 "restart_window": restart_window}
+        policy = {k: checked_policy(k, v) for k, v in given.items() if v is not ...}
 
         def register(obj: T) -> T:
             if not callable(obj):
                 raise InvalidArgument(f"a keyed process must be a KeyedProcess subclass or a function: {obj!r}")
             self._targets[name] = obj
+            self._policies[name] = policy
             return obj
 
         return register(target) if target is not None else register
+
+    def policy(self, name: str) -> KeyPolicy:
+        """The lifecycle policy of keyed-process name ``name``: the keywords it was registered
+        with (:meth:`keyed`) over the ``forseti_idle_timeout``, ``forseti_restart``,
+        ``forseti_max_restarts`` and ``forseti_restart_window`` settings (the settings alone for
+        a name registered without them, or served through ``forseti_call``)."""
+        return self.settings.policy(**self._policies.get(name, {}))
 
     def resolve(self, name: str) -> Any:
         """The registered target for ``name``, or ``None``; ``forseti_call`` serves ``"default"``."""

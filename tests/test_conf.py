@@ -12,7 +12,7 @@ import pytest
 from celery import Celery
 
 from forseti_celery import ConfigurationError, Forseti
-from forseti_celery.core.conf import Settings
+from forseti_celery.core.conf import KeyPolicy, Settings
 from forseti_celery.testing import ClusterError, WorkerProcess, short_hostname
 
 BAD_VALUES: list[tuple[str, Any]] = [
@@ -35,6 +35,19 @@ BAD_VALUES: list[tuple[str, Any]] = [
     ("namespace", 42),
     ("call", ""),
     ("call", print),
+    ("idle_timeout", 0),
+    ("idle_timeout", -1),
+    ("idle_timeout", "300"),
+    ("idle_timeout", True),
+    ("idle_timeout", float("nan")),
+    ("restart", "always"),
+    ("restart", "Transient"),
+    ("restart", 1),
+    ("max_restarts", -1),
+    ("max_restarts", 1.5),
+    ("max_restarts", True),
+    ("restart_window", 0),
+    ("restart_window", "60"),
 ]
 
 
@@ -79,6 +92,71 @@ def test_good_values_are_kept_in_the_fields_types() -> None:
     assert isinstance(s.heartbeat, float)
 
 
+def test_the_lifecycle_settings_default_to_todays_behaviour() -> None:
+    s = Settings.from_app(Celery("defaults", set_as_current=False).conf)
+    assert (s.idle_timeout, s.restart, s.max_restarts, s.restart_window) == (None, "temporary", 3, 60.0)
+    assert s.policy() == KeyPolicy(None, "temporary", 3, 60.0)
+
+
+POLICY_BAD_VALUES = [(name, value) for name, value in BAD_VALUES
+                     if name in ("idle_timeout", "restart", "max_restarts", "restart_window")]
+
+
+@pytest.mark.parametrize(("name", "value"), POLICY_BAD_VALUES)
+def test_a_bad_keyed_keyword_is_refused_at_decoration_naming_the_keyword_and_the_value(name: str, value: Any) -> None:
+    forseti = Forseti(Celery("bad", set_as_current=False))
+    with pytest.raises(ConfigurationError) as info:
+        forseti.keyed(name="session", **{name: value})
+    assert f"keyword {name}:" in str(info.value) and repr(value) in str(info.value)
+    assert "session" not in forseti.known_names()
+
+
+def test_an_unknown_keyed_keyword_is_a_type_error_as_for_any_function() -> None:
+    with pytest.raises(TypeError, match="idle_timout"):
+        Forseti(Celery("typo", set_as_current=False)).keyed(name="s", idle_timout=3)  # type: ignore[call-overload]
+
+
+def test_each_name_has_its_own_policy_its_keywords_winning_over_app_conf() -> None:
+    app = Celery("policy", set_as_current=False)
+    app.conf.update(forseti_idle_timeout=30, forseti_restart="transient", forseti_max_restarts=5,
+                    forseti_restart_window=120, forseti_call="tests.app:Counter")
+    forseti = Forseti(app)
+
+    @forseti.keyed(name="session", idle_timeout=2.5, restart="permanent")
+    def session(key: str) -> None: ...
+
+    @forseti.keyed(name="forever", idle_timeout=None, max_restarts=0, restart_window=1)
+    def forever(key: str) -> None: ...
+
+    @forseti.keyed(name="plain")
+    def plain(key: str) -> None: ...
+
+    assert forseti.policy("session") == KeyPolicy(2.5, "permanent", 5, 120.0)
+    # None is a value: never passivate, whatever forseti_idle_timeout says.
+    assert forseti.policy("forever") == KeyPolicy(None, "transient", 0, 1.0)
+    assert forseti.policy("plain") == KeyPolicy(30.0, "transient", 5, 120.0)
+    # "default" served through forseti_call, and a name never registered: the settings alone.
+    assert forseti.policy("default") == forseti.policy("nobody") == KeyPolicy(30.0, "transient", 5, 120.0)
+    assert isinstance(forseti.policy("session").idle_timeout, float)
+
+
+def test_conf_read_after_decoration_still_fills_in_a_names_policy() -> None:
+    app = Celery("late", set_as_current=False)
+    forseti = Forseti(app)
+
+    @forseti.keyed(name="session", restart="transient")
+    def session(key: str) -> None: ...
+
+    app.conf.forseti_idle_timeout = 9  # configured after the module registered its names
+    assert forseti.policy("session") == KeyPolicy(9.0, "transient", 3, 60.0)
+
+
+def test_a_policy_is_frozen() -> None:
+    policy = Settings().policy(idle_timeout=1)
+    with pytest.raises(AttributeError):
+        policy.idle_timeout = 2  # type: ignore[misc]
+
+
 def test_keyword_arguments_are_checked_alone_and_against_app_conf_once_read() -> None:
     app = Celery("both", set_as_current=False)
     app.conf.forseti_node_timeout = 20.0
@@ -107,7 +185,8 @@ def test_a_client_warns_once_per_app_about_each_unknown_key_of_app_conf(caplog: 
                             "forseti_cache, forseti_retry_interval, forseti_heartbeat, forseti_node_timeout, "
                             "forseti_lease, forseti_spares, forseti_stop_timeout, forseti_namespace, "
                             "forseti_max_key_length, forseti_mailbox_limit, forseti_max_message_size, "
-                            "forseti_worker_secret)"]
+                            "forseti_worker_secret, forseti_idle_timeout, forseti_restart, "
+                            "forseti_max_restarts, forseti_restart_window)"]
     assert warnings[2:] == ["forseti: unknown setting forseti_namspace (did you mean forseti_namespace?)"]
 
 

@@ -17,7 +17,13 @@ from .errors import ConfigurationError, InvalidArgument
 
 logger = get_logger(__name__)
 
-__all__ = ["MAX_TIMEOUT", "ChildConfig", "Settings", "checked_timeout"]
+__all__ = ["MAX_TIMEOUT", "RESTART_POLICIES", "ChildConfig", "KeyPolicy", "Settings", "checked_timeout"]
+
+#: The restart policies, in OTP's words: ``temporary`` never restarted, ``transient`` after an
+#: abnormal end, ``permanent`` after any end but ``stop()``.
+RESTART_POLICIES = ("temporary", "transient", "permanent")
+#: The settings a keyed-process name may set for itself (``@forseti.keyed(name=..., idle_timeout=...)``).
+POLICY_FIELDS = ("idle_timeout", "restart", "max_restarts", "restart_window")
 
 #: Longest timeout or duration accepted, in seconds (30 days). Past it the waits overflow
 #: (``threading.TIMEOUT_MAX``, ~292 years here, is where ``OverflowError`` starts) or the broker
@@ -98,6 +104,18 @@ class Settings:
     #: unset, nothing is signed or checked. Clients need it not: never give it to them (see
     #: docs/security.rst). Kept out of ``repr``; Celery masks ``*SECRET*`` keys in ``inspect conf``.
     worker_secret: tuple[str, ...] = field(default=(), repr=False)
+    #: Seconds a keyed process may go without a ``call``/``send`` (or a ``keep_alive`` timer)
+    #: before it is passivated: ``terminate("idle")``, its key freed. ``None``: never. Per name:
+    #: ``@forseti.keyed(name=..., idle_timeout=...)``.
+    idle_timeout: float | None = None
+    #: What the leader does when a keyed process ends: ``"temporary"`` (never restart it),
+    #: ``"transient"`` (restart it after an abnormal end) or ``"permanent"`` (after any end but
+    #: ``stop()``). Per name: ``@forseti.keyed(name=..., restart=...)``.
+    restart: str = "temporary"
+    #: Restarts of one key allowed within :attr:`restart_window` seconds; past it the key stays down.
+    max_restarts: int = 3
+    #: Window, in seconds, for :attr:`max_restarts`.
+    restart_window: float = 60.0
 
     @classmethod
     def from_app(cls, conf: Any, **explicit: Any) -> Settings:
@@ -136,11 +154,51 @@ class Settings:
             if value is not None:
                 _checked(name, value)
 
+    def policy(self, **overrides: Any) -> KeyPolicy:
+        """The lifecycle policy of a keyed-process name: these settings, with ``overrides``
+        (``idle_timeout``, ``restart``, ``max_restarts``, ``restart_window``; an
+        ``idle_timeout=None`` override means never) winning. Raises :class:`ConfigurationError`
+        naming the keyword and the value for an unknown keyword or a bad value."""
+        values = {name: getattr(self, name) for name in POLICY_FIELDS}
+        for name, value in overrides.items():
+            values[name] = checked_policy(name, value)
+        return KeyPolicy(**values)
+
     @property
     def fence_after(self) -> float:
         """Seconds without broker contact after which a worker kills its keyed processes: two
         heartbeats before the leader may declare it dead (so a key never has two processes)."""
         return self.node_timeout - 2 * self.heartbeat
+
+
+@dataclass(frozen=True)
+class KeyPolicy:
+    """The lifecycle of one keyed-process name: passivation and restarts (:meth:`Settings.policy`).
+    The pool reads :attr:`idle_timeout`, the leader the rest, through ``forseti.policy(name)``."""
+
+    #: Seconds without a ``call``/``send`` (or ``keep_alive`` timer) before passivation; None: never.
+    idle_timeout: float | None = Settings.idle_timeout
+    #: ``"temporary"``, ``"transient"`` or ``"permanent"`` (:data:`RESTART_POLICIES`).
+    restart: str = Settings.restart
+    #: Restarts allowed within :attr:`restart_window` seconds.
+    max_restarts: int = Settings.max_restarts
+    #: Window, in seconds, for :attr:`max_restarts`.
+    restart_window: float = Settings.restart_window
+
+
+def checked_policy(name: str, value: Any) -> Any:
+    """``value`` of the per-name keyword ``name`` (``idle_timeout``, ``restart``, ``max_restarts``,
+    ``restart_window``) as :class:`KeyPolicy` holds it, or :class:`ConfigurationError` naming the
+    keyword and the value. ``idle_timeout=None`` is a value here: never passivate."""
+    if name not in POLICY_FIELDS:
+        raise ConfigurationError(f"unknown keyed-process policy keyword {name!r} (known: {', '.join(POLICY_FIELDS)})")
+    if value is None and name == "idle_timeout":
+        return None
+    try:
+        return _checked(name, value)
+    except ConfigurationError as exc:
+        # The keyword's own name, as the user wrote it: the message of the conf key names forseti_<name>.
+        raise ConfigurationError(f"keyword {name}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -172,13 +230,16 @@ class ChildConfig:
 
 _HINTS: dict[str, Any] = get_type_hints(Settings)
 #: The least value of each integer setting.
-_LEAST = {"max_retries": 0, "spares": 0, "max_key_length": 1, "mailbox_limit": 1, "max_message_size": 1024}
+_LEAST = {"max_retries": 0, "max_restarts": 0, "spares": 0, "max_key_length": 1, "mailbox_limit": 1,
+          "max_message_size": 1024}
 _WORD = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def _checked(name: str, value: Any) -> Any:
     """``value`` of setting ``name`` as its field holds it, or :class:`ConfigurationError`."""
     key, hint = f"forseti_{name}", _HINTS[name]
+    if name == "idle_timeout":
+        hint = float  # None (never) is the default, and no value to check
     if hint is float:
         # bool is an int to Python, never a duration to a user.
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_TIMEOUT:
@@ -206,6 +267,10 @@ def _checked(name: str, value: Any) -> Any:
             raise ConfigurationError(f"{key} must be a non-empty str, or a non-empty list of them (rotation); got a "
                                      f"{type(value).__name__}")
         return tuple(secrets)
+    if name == "restart":
+        if value not in RESTART_POLICIES:
+            raise ConfigurationError(f"{key} must be one of {', '.join(map(repr, RESTART_POLICIES))}, not {value!r}")
+        return value
     if name == "namespace":
         if not isinstance(value, str) or not _WORD.fullmatch(value):
             raise ConfigurationError(f"{key} must be a non-empty word of [A-Za-z0-9_-], not {value!r}")

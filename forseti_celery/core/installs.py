@@ -18,7 +18,7 @@ from .errors import ConfigurationError, InvalidArgument
 if TYPE_CHECKING:
     from celery import Celery
 
-    from .conf import Settings
+    from .conf import KeyPolicy, Settings
     from .protocol import Names
 
 __all__ = ["Caller", "Installed", "install", "of"]
@@ -45,6 +45,7 @@ class Installed(Protocol):
     def client(self) -> Caller: ...
     def resolve(self, name: str) -> Any: ...
     def known_names(self) -> set[str]: ...
+    def policy(self, name: str) -> KeyPolicy: ...
 
 
 #: Every install of this process, oldest first (refs decoded outside any app look here).
