@@ -266,3 +266,127 @@ def test_a_report_without_args_or_with_args_of_another_shape_still_rebuilds_the_
     # Reconciliation learns the args of a key it had without (its worker was upgraded meanwhile).
     leader.report(report("a", procs, q=10, a=[[1], [2]]))
     assert [leader.args_of("default", k) for k in ("k1", "k2")] == [[1], [2]]
+
+
+# -- restart policies (issue 12) ------------------------------------------------------------
+class Events:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict[str, Any]]] = []
+
+    def __call__(self, type_: str, **fields: Any) -> None:
+        self.sent.append((type_, fields))
+
+    def of(self, type_: str) -> list[dict[str, Any]]:
+        return [f for t, f in self.sent if t == type_]
+
+
+def restarting(restart: str, max_restarts: int = 3) -> tuple[Leader, Members, Wire, Events]:
+    """A ready leader on "a" of three workers whose "default" keys have the policy ``restart``."""
+    from forseti_celery.core.conf import KeyPolicy
+    members = Members(node_timeout=8.0)
+    for host in ("a", "b", "c"):
+        beat(members, host)
+    wire, events = Wire(), Events()
+    policy = KeyPolicy(restart=restart, max_restarts=max_restarts, restart_window=60.0)
+    leader = Leader("a", members, wire.node, wire.reply, lambda name: policy if name == "default" else None, events)
+    leader.activate(0)
+    for host in ("a", "b", "c"):
+        leader.report(report(host, []))
+    return leader, members, wire, events
+
+
+def live(leader: Leader, wire: Wire, key: str, pid: int, args: list[Any] | None = None) -> tuple[str, str]:
+    """Place ``key`` (with ``args``) and report it started as ``pid``: its worker and sid."""
+    leader.handle({**get(key, f"get-{key}-{pid}"), "a": args or [key]})
+    host, spawn = wire.spawns()[-1]
+    leader.handle({"t": p.SPAWNED, "n": "default", "k": key, "node": host, "sid": spawn["sid"], "pid": pid})
+    return host, spawn["sid"]
+
+
+def exited(key: str, host: str, pid: int, sid: str, reason: str) -> dict[str, Any]:
+    return {"t": p.EXITED, "n": "default", "k": key, "node": host, "pid": pid, "sid": sid, "reason": reason,
+            "code": 0, "stoppers": []}
+
+
+@pytest.mark.parametrize(("restart", "reason", "restarted"), [
+    ("temporary", "crash: ValueError: x", False), ("temporary", "killed by signal 9", False),
+    ("transient", "crash: ValueError: x", True), ("transient", "killed by signal 9", True),
+    ("transient", "exit code 1", True), ("transient", "shutdown", True),
+    ("transient", "stop", False), ("transient", "normal", False), ("transient", "idle", False),
+    ("transient", "duplicate", False),
+    ("permanent", "normal", True), ("permanent", "idle", True), ("permanent", "crash: E: x", True),
+    ("permanent", "stop", False), ("permanent", "duplicate", False),
+])
+def test_a_key_is_restarted_with_its_args_after_an_end_its_policy_restarts(restart: str, reason: str,
+                                                                         restarted: bool) -> None:
+    leader, _, wire, events = restarting(restart)
+    host, sid = live(leader, wire, "k", 10, [1, {"x": 2}])
+    before = len(wire.spawns())
+    leader.handle(exited("k", host, 10, sid, reason))
+    spawns = wire.spawns()[before:]
+    if not restarted:
+        assert spawns == [] and leader.info()["keys"] == 0
+        return
+    ((to, spawn),) = spawns
+    assert to != "a"  # never held by the leader's own worker: it would die with it, unknown to the next
+    assert (spawn["a"], spawn["w"], spawn["after"], spawn["restarts"]) == ([1, {"x": 2}], [], 0.1, 1)
+    # During the back-off the key is starting: a get_key waits for the restart, never makes a second one.
+    leader.handle(get("k", "during"))
+    assert len(wire.spawns()) == before + 1 and wire.answer("during") is None
+    leader.handle({"t": p.SPAWNED, "n": "default", "k": "k", "node": to, "sid": spawn["sid"], "pid": 11})
+    assert wire.answer("during")["v"] == [to, 11]
+    assert events.of("forseti-process-restarted") == [
+        {"name": "default", "key": "k", "node": to, "child_pid": 11, "restarts": 1, "reason": reason}]
+
+
+def test_restarts_back_off_doubling_and_past_max_restarts_the_key_stays_down_with_a_given_up_event() -> None:
+    leader, _, wire, events = restarting("transient", max_restarts=3)
+    host, sid = live(leader, wire, "k", 10)
+    pid = 10
+    for n, backoff in enumerate([0.1, 0.2, 0.4], start=1):
+        leader.handle(exited("k", host, pid, sid, "crash: E: x"))
+        host, spawn = wire.spawns()[-1]
+        assert (spawn["after"], spawn["restarts"]) == (backoff, n)
+        pid, sid = pid + 1, spawn["sid"]
+        leader.handle({"t": p.SPAWNED, "n": "default", "k": "k", "node": host, "sid": sid, "pid": pid})
+    before = len(wire.spawns())
+    leader.handle(exited("k", host, pid, sid, "crash: E: x"))
+    assert len(wire.spawns()) == before and leader.info()["keys"] == 0
+    assert events.of("forseti-process-given-up") == [
+        {"name": "default", "key": "k", "restarts": 3, "reason": "crash: E: x"}]
+    assert (leader.info()["restarted"], leader.info()["given_up"]) == (3, 1)
+
+
+def test_a_dead_worker_s_keys_are_restarted_elsewhere_and_a_restart_it_held_is_placed_again() -> None:
+    leader, members, wire, events = restarting("transient")
+    host, sid = live(leader, wire, "k", 10)
+    assert host == "a"  # the least-used worker, ties by hostname: the leader's own
+    leader.handle(exited("k", host, 10, sid, "crash: E: x"))
+    held_on, spawn = wire.spawns()[-1]
+    assert held_on == "b"
+    members.remove("b")
+    leader.node_lost("b")  # the restart's holder dies during its back-off: placed again (on c)
+    to, again = wire.spawns()[-1]
+    assert to == "c" and again["restarts"] == 1 and again["sid"] != spawn["sid"]
+    leader.handle({"t": p.SPAWNED, "n": "default", "k": "k", "node": "c", "sid": again["sid"], "pid": 12})
+    members.remove("c")
+    leader.node_lost("c")  # a live transient key's worker dies: restarted
+    to, third = wire.spawns()[-1]
+    assert to == "a" and third["restarts"] == 2  # only the leader's own worker is left
+    assert [e["reason"] for e in events.of("forseti-process-restarted")] == ["crash: E: x"]
+
+
+def test_a_new_leader_rebuilds_a_held_restart_from_its_workers_report_with_its_count() -> None:
+    leader, _, wire, events = restarting("transient")
+    leader.deactivate()
+    leader.activate(0)
+    leader.report(report("a", []))
+    leader.report(report("b", [["default", "k", None, "s9"]], a=[["x"]], restarts=[2]))
+    leader.report(report("c", []))
+    assert leader.args_of("default", "k") == ["x"]
+    leader.handle(get("k", "1"))
+    assert wire.spawns() == []  # starting: its caller waits for the held restart
+    leader.handle({"t": p.SPAWNED, "n": "default", "k": "k", "node": "b", "sid": "s9", "pid": 5})
+    assert wire.answer("1")["v"] == ["b", 5]
+    assert events.of("forseti-process-restarted") == [
+        {"name": "default", "key": "k", "node": "b", "child_pid": 5, "restarts": 2, "reason": "unknown"}]

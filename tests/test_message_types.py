@@ -62,6 +62,11 @@ GOLDEN: list[tuple[Any, bytes]] = [
      b'"a":[[1,"x"],null]}'),
     (w.Spawn("n1", "k1", [], "s1", 3, "w0", [["rq", "c1"]]),
      b'{"t":"spawn","n":"n1","k":"k1","a":[],"sid":"s1","epoch":3,"leader":"w0","w":[["rq","c1"]]}'),
+    (w.Spawn("n1", "k1", [1], "s1", 3, "w0", [], 0.4, 2),  # a restart held for its back-off: issue 12
+     b'{"t":"spawn","n":"n1","k":"k1","a":[1],"sid":"s1","epoch":3,"leader":"w0","w":[],"after":0.4,"restarts":2}'),
+    (w.Report("w1", 3, [["n1", "k1", 42, "s1"], ["n1", "k2", None, "s2"]], 7, [[1], [2]], [0, 2]),
+     b'{"t":"report","node":"w1","epoch":3,"procs":[["n1","k1",42,"s1"],["n1","k2",null,"s2"]],"q":7,'
+     b'"a":[[1],[2]],"restarts":[0,2]}'),
     (w.ReportRequest("w0", 3, 7), b'{"t":"report?","leader":"w0","epoch":3,"q":7}'),
     (w.Leads("w0", 3, "x1"), b'{"t":"leads","leader":"w0","epoch":3,"nonce":"x1"}'),
     (w.Heartbeat("w1", "i1", 5, True, ["n1"], 2, False, 3, 99, "box"),

@@ -19,14 +19,20 @@ EVENT_STARTED = "forseti-process-started"
 EVENT_EXITED = "forseti-process-exited"
 EVENT_LEADER = "forseti-leader-elected"
 EVENT_NODE_LOST = "forseti-node-lost"  # the leader freed every key of a worker (field ``node``)
+#: The leader restarted a key (its restart policy): ``name``, ``key``, ``node``, ``child_pid``,
+#: ``restarts`` and ``reason``, why its previous process ended.
+EVENT_RESTARTED = "forseti-process-restarted"
+#: The leader gave a key up (more than ``max_restarts`` within ``restart_window``): it stays down.
+EVENT_GIVEN_UP = "forseti-process-given-up"
 
 #: What a client's cache of refs listens to.
 CACHE_EVENTS = (EVENT_EXITED, EVENT_NODE_LOST, EVENT_LEADER)
 #: The same as one Redis pub/sub glob (kombu binds a fanout queue on Redis to a single pattern):
-#: every ``forseti.*`` routing key but ``forseti.process.started``, which, alone of them, has an
-#: ``s`` for its 17th character. A client then never receives a start event (one per new key).
+#: every ``forseti.*`` routing key but ``forseti.process.started``, ``forseti.process.restarted``
+#: and ``forseti.process.given.up``, which, alone of them, have an ``s``, ``r`` or ``g`` for their
+#: 17th character. A client then never receives a start event (one per new key), nor a restart's.
 #: ``tests/test_protocol.py`` checks it against every event type.
-REDIS_CACHE_EVENTS_PATTERN = "forseti.????????[^s]*"
+REDIS_CACHE_EVENTS_PATTERN = "forseti.????????[^srg]*"
 
 
 def event_routing_key(event_type: str) -> str:

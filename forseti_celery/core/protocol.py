@@ -58,8 +58,10 @@ from .messages import (
 from .names import (
     CACHE_EVENTS,
     EVENT_EXITED,
+    EVENT_GIVEN_UP,
     EVENT_LEADER,
     EVENT_NODE_LOST,
+    EVENT_RESTARTED,
     EVENT_STARTED,
     NODE_QUEUE_EXPIRES,
     REDIS_CACHE_EVENTS_PATTERN,
@@ -68,8 +70,8 @@ from .names import (
 )
 
 __all__ = [
-    "BYE", "CACHE_EVENTS", "CALL", "CAST", "CONTENT_ENCODING", "CONTENT_TYPE", "EVENT_EXITED", "EVENT_LEADER",
-    "EVENT_NODE_LOST", "EVENT_STARTED", "EXITED", "GET", "HEARTBEAT", "LEADS", "MAX_DEPTH", "METRICS",
+    "BYE", "CACHE_EVENTS", "CALL", "CAST", "CONTENT_ENCODING", "CONTENT_TYPE", "EVENT_EXITED", "EVENT_GIVEN_UP",
+    "EVENT_LEADER", "EVENT_NODE_LOST", "EVENT_RESTARTED", "EVENT_STARTED", "EXITED", "GET", "HEARTBEAT", "LEADS", "MAX_DEPTH", "METRICS",
     "NODE_QUEUE_EXPIRES", "NO_PAYLOAD", "PAYLOAD", "PING", "REDIS_CACHE_EVENTS_PATTERN", "REPLY", "REPORT",
     "REPORT_REQUEST", "SEARCH", "SPAWN", "SPAWNED", "SPAWN_FAILED", "STOP", "STOP_KEY", "Chunk", "Encoded",
     "Message", "Names", "Raw", "check_json", "decode", "decode_payload", "decode_payloads", "encode",

@@ -152,7 +152,9 @@ class Ping:
 class Report:
     """A worker's registry, asked for by ``leader`` (:class:`ReportRequest`): ``procs`` is a list
     of ``[name, key, pid, sid]`` (pid None while starting); ``q`` echoes the request's; ``args``
-    (wire ``a``, optional: older workers send none) each entry's init args, parallel to ``procs``."""
+    (wire ``a``, optional: older workers send none) each entry's init args, parallel to ``procs``;
+    ``restarts`` (wire ``restarts``, optional, written when one is not 0) each entry's restart
+    count (:attr:`Spawn.restarts`), parallel to ``procs``."""
 
     T: ClassVar[str] = REPORT
     node: str
@@ -160,23 +162,31 @@ class Report:
     procs: list[list[Any]]
     q: int = 0
     args: list[list[Any] | None] | None = None
+    restarts: list[int] | None = None
 
     def to_wire(self) -> Wire:
         d = {"t": REPORT, "node": self.node, "epoch": self.epoch, "procs": self.procs, "q": self.q}
         if self.args is not None:
             d["a"] = self.args
+        if self.restarts is not None and any(self.restarts):
+            d["restarts"] = self.restarts
         return d
 
     @classmethod
     def from_wire(cls, d: Mapping[str, Any]) -> Report:
-        return cls(need(d, "node"), int(need(d, "epoch")), need(d, "procs"), int(d.get("q", 0)), d.get("a"))
+        return cls(need(d, "node"), int(need(d, "epoch")), need(d, "procs"), int(d.get("q", 0)), d.get("a"),
+                   d.get("restarts"))
 
 
 # -- leader -> worker ---------------------------------------------------------------------
 @dataclass(**FROZEN)
 class Spawn:
     """Start ``(name, key)`` with ``args``, ordered as ``sid`` by ``leader`` in ``epoch``; the
-    worker answers the callers ``waiters`` (``[reply queue, correlation id]`` each) itself."""
+    worker answers the callers ``waiters`` (``[reply queue, correlation id]`` each) itself.
+    Optional, written only when set (a restart, issue 12): ``after``, seconds the worker holds the
+    order before it starts the key (the restart's back-off: held by the worker, not the leader, it
+    survives a failover in the worker's registry); ``restarts``, the key's restart count, kept by
+    the worker with the process and reported back (:attr:`Report.restarts`)."""
 
     T: ClassVar[str] = SPAWN
     name: str
@@ -186,15 +196,35 @@ class Spawn:
     epoch: int
     leader: str
     waiters: list[list[str]]
+    after: float | None = None
+    restarts: int | None = None
 
     def to_wire(self) -> Wire:
-        return {"t": SPAWN, "n": self.name, "k": self.key, "a": self.args, "sid": self.sid, "epoch": self.epoch,
-                "leader": self.leader, "w": self.waiters}
+        d = {"t": SPAWN, "n": self.name, "k": self.key, "a": self.args, "sid": self.sid, "epoch": self.epoch,
+             "leader": self.leader, "w": self.waiters}
+        if self.after is not None:
+            d["after"] = self.after
+        if self.restarts is not None:
+            d["restarts"] = self.restarts
+        return d
 
     @classmethod
     def from_wire(cls, d: Mapping[str, Any]) -> Spawn:
         return cls(need(d, "n"), need(d, "k"), d.get("a", []), need(d, "sid"), int(d.get("epoch", 0)),
-                   d.get("leader", ""), d.get("w", []))
+                   d.get("leader", ""), d.get("w", []), d.get("after"), d.get("restarts"))
+
+    @property
+    def hold(self) -> float:
+        """Seconds to hold the order: :attr:`after` if it is a number of seconds from 0 to 60 (a
+        back-off is 10 s at most: a broken order holds nothing for long), else 0."""
+        a: Any = self.after
+        return float(a) if type(a) in (int, float) and 0 < a <= 60.0 else 0.0
+
+    @property
+    def restart_count(self) -> int:
+        """:attr:`restarts` if it is a count, else 0."""
+        r = self.restarts
+        return r if type(r) is int and r > 0 else 0
 
 
 @dataclass(**FROZEN)

@@ -1,10 +1,8 @@
-"""The leader: owner of the table ``(name, key) -> (node, pid)`` and of placement.
-
-Runs in the consumer thread of the worker that holds the role, so its state needs
-no lock. On taking the role it first asks every live worker for its registry and
-answers nothing those registries could change until all have reported (or been
-declared dead): requests that arrive meanwhile wait in order. Every request costs O(1) in the number of keys
-(placement is O(workers)).
+"""The leader: owner of the table ``(name, key) -> (node, pid)`` (:mod:`.keytable`), placement,
+and restarts (:mod:`.restarts`). Runs in the consumer thread of the worker that holds the role:
+no lock. On taking the role it first asks every live worker for its registry and answers nothing
+those registries could change until all have reported (or been declared dead): requests that
+arrive meanwhile wait in order. Each request is O(1) in the number of keys (placement O(workers)).
 """
 
 from __future__ import annotations
@@ -12,8 +10,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery.utils.log import get_logger
 
@@ -21,45 +18,29 @@ from ..core import protocol as p
 from ..core.errors import InvalidMessage
 from ..core.messages import Get, Metrics, Reply, Search, Stop, StopKey
 from ..core.worker_messages import WIRE_KINDS, Exited, Heartbeat, Report, ReportRequest, Spawn, Spawned, SpawnFailed
+from .keytable import Entry, Key, KeyTable, Waiter, Waiters, reported_entries, unplaceable
 from .membership import Members
+from .restarts import WORKER_LOST, Restarts
+
+if TYPE_CHECKING:
+    from ..core.conf import KeyPolicy
 
 logger = get_logger(__name__)
 
 __all__ = ["Leader"]
 
-Key = tuple[str, str]
-Waiter = tuple[str, str]  # (reply routing key, correlation id)
-Waiters = dict[Waiter, float]  # -> when its caller gives up (``time.time()``; inf: never said)
 Send = Callable[[str, dict[str, Any]], None]  # (routing key, message)
 #: What the leader queue carries for the leader: clients' requests and workers' start and exit reports.
 Request = Get | Search | Metrics | StopKey | Spawned | SpawnFailed | Exited
 _NODE_MESSAGES = (Spawned, SpawnFailed, Exited)
 
 
-@dataclass
-class Entry:
-    """One key's process: starting (``pid is None``) or live."""
-
-    node: str
-    sid: str
-    #: The key's init args, for as long as the key lives (a rebuilt leader gets them back from the
-    #: worker's report); None where unknown (reported by a worker older than that field).
-    args: list[Any] | None
-    pid: int | None = None
-    #: Callers of ``get_key`` waiting for it to start, until their deadline (see :meth:`Leader.expire`).
-    waiters: Waiters = field(default_factory=dict)
-    #: When the leader recorded it, in its own count of records: a worker's report answers
-    #: for the entries recorded before it was asked for, never for later ones.
-    seq: int = 0
-    since: float = field(default_factory=time.monotonic)
-    #: The waiters the worker answers itself when the process has started (sent with its order).
-    told: frozenset[Waiter] = frozenset()
-
-
 class Leader:
     """Arbitration state; every method is called from the owning worker's consumer thread."""
 
-    def __init__(self, hostname: str, members: Members, send_node: Send, reply: Send) -> None:
+    def __init__(self, hostname: str, members: Members, send_node: Send, reply: Send,
+                 policy: Callable[[str], KeyPolicy | None] = lambda name: None,
+                 event: Callable[..., None] = lambda type_, **fields: None) -> None:
         self.hostname = hostname
         self.members = members
         self._send_node = send_node
@@ -70,14 +51,12 @@ class Leader:
         #: The election's fencing token (Redis), fixed for the whole term; None: the epoch is the
         #: highest any worker has seen, plus one (RabbitMQ, whose broker decides who leads).
         self._token: int | None = None
-        self._table: dict[Key, Entry] = {}
-        self._by_node: dict[str, set[Key]] = {}
-        self._counts: dict[str, int] = {}
+        self._keys = KeyTable()
+        self._table, self._counts, self._starting = self._keys.entries, self._keys.counts, self._keys.starting
+        self.restarts = Restarts(policy, event)
         self._awaiting: set[str] = set()
         self._suspects: set[str] = set()
         self._asked: dict[str, float] = {}
-        self._seq = 0
-        self._starting: dict[Key, Entry] = {}
         self._deferred: list[Request] = []
         self._deferred_exits: set[Key] = set()
         self._next_expiry = 0.0
@@ -107,15 +86,13 @@ class Leader:
         if self.active:
             logger.info("forseti: %s no longer leads", self.hostname)
         self.active = self.ready = False
-        self._table.clear()
-        self._by_node.clear()
-        self._counts.clear()
+        self._keys.clear()
+        self.restarts.clear()
         self._awaiting.clear()
         self._deferred.clear()
         self._deferred_exits.clear()
         self._suspects.clear()
         self._asked.clear()
-        self._starting.clear()
 
     def report(self, wire: dict[str, Any]) -> None:
         """A worker's registry: during the rebuild, or asked for to reconcile (see :meth:`heartbeat`)."""
@@ -124,7 +101,7 @@ class Leader:
         if not self.active:
             return
         if self.ready:
-            self._reconcile(host, msg.procs, _reported_args(msg), msg.q)
+            self._reconcile(host, msg)
             return
         if host not in self._awaiting:
             return
@@ -133,8 +110,8 @@ class Leader:
         if self._token is None:
             self.epoch = max(self.epoch, msg.epoch)
         self._counts.setdefault(host, 0)
-        for (name, key, pid, sid), args in zip(msg.procs, _reported_args(msg), strict=True):
-            self._record(host, (name, key), Entry(host, sid, args, pid))
+        for k, entry in reported_entries(msg):
+            self._record(host, k, entry)
         self._maybe_ready()
 
     def heartbeat(self, wire: dict[str, Any]) -> None:
@@ -169,18 +146,18 @@ class Leader:
 
     def _ask(self, host: str, epoch: int) -> None:
         self._asked[host] = time.monotonic()
-        self._send_node(host, ReportRequest(self.hostname, epoch, self._seq).to_wire())
+        self._send_node(host, ReportRequest(self.hostname, epoch, self._keys.seq).to_wire())
 
-    def _reconcile(self, host: str, procs: list[list[Any]], args: list[list[Any] | None], asked_at: int) -> None:
+    def _reconcile(self, host: str, msg: Report) -> None:
         self._asked.pop(host, None)
         if host not in self.members:
             return
         self._counts.setdefault(host, 0)
-        reported = {(name, key): (pid, sid) for name, key, pid, sid in procs}
-        known = {(name, key): a for (name, key, _, _), a in zip(procs, args, strict=True)}
-        for k in list(self._by_node.get(host, ())):
+        reported = {(name, key): (pid, sid) for name, key, pid, sid in msg.procs}
+        known = dict(reported_entries(msg))
+        for k in list(self._keys.by_node.get(host, ())):
             entry = self._table[k]
-            if entry.seq >= asked_at:
+            if entry.seq >= msg.q:
                 continue  # recorded after the question: the answer cannot know it yet
             pid, sid = reported.get(k, (None, None))
             if entry.pid is None:
@@ -190,31 +167,28 @@ class Leader:
                 elif sid != entry.sid:
                     # Its order was lost, or refused: place it again, for whoever still waits.
                     logger.info("forseti: %r never started on %s; placed again", k, host)
-                    self._forget(k, entry)
-                    if entry.waiters:
-                        self._start(k, entry.args, entry.waiters)
+                    self._keys.forget(k, entry)
+                    if entry.waiters or entry.restarting is not None:
+                        self._start(k, entry.args, entry.waiters, entry)
             elif pid != entry.pid:
                 logger.info("forseti: %r is no longer on %s; freed", k, host)
-                self._forget(k, entry)  # its exit report was lost
-        for k, (pid, sid) in reported.items():
+                self._keys.forget(k, entry)  # its exit report was lost
+        for k, (pid, _) in reported.items():
             if pid is not None:
-                self._record(host, k, Entry(host, sid, known[k], pid))
+                self._record(host, k, known[k])
 
     def node_lost(self, hostname: str) -> None:
-        """A worker died or left: its keys are free; keys it was starting are placed again."""
+        """A worker died or left: its keys are free; keys it was starting (a restart included) are
+        placed again, and live ones restarted as their policy says."""
         self._awaiting.discard(hostname)
-        keys = self._by_node.pop(hostname, set())
-        self._counts.pop(hostname, None)
-        restart: list[tuple[Key, Entry]] = []
-        for k in keys:
-            entry = self._table.pop(k)
-            self._starting.pop(k, None)
-            if entry.pid is None and entry.waiters:
-                restart.append((k, entry))
-        if keys:
-            logger.info("forseti: worker %s lost; %d keys freed", hostname, len(keys))
-        for k, entry in restart:
-            self._start(k, entry.args, entry.waiters)
+        dropped = self._keys.drop_node(hostname)
+        if dropped:
+            logger.info("forseti: worker %s lost; %d keys freed", hostname, len(dropped))
+        for k, entry in dropped:
+            if entry.pid is None and (entry.waiters or entry.restarting is not None):
+                self._start(k, entry.args, entry.waiters, entry)
+            elif entry.pid is not None:
+                self._ended(k, entry, WORKER_LOST)
         if self.active:
             self._maybe_ready()
 
@@ -290,10 +264,8 @@ class Leader:
         if now < self._next_expiry:
             return
         self._next_expiry = now + 1.0
-        for entry in self._starting.values():
-            gone = [w for w, deadline in entry.waiters.items() if deadline < now]
-            for w in gone:
-                del entry.waiters[w]
+        self.restarts.sweep(time.monotonic())
+        self._keys.expire_waiters(now)
 
     def _search(self, msg: Search) -> None:
         entry = self._table.get((msg.name, msg.key))
@@ -334,20 +306,25 @@ class Leader:
         entry = self._table.get(k)
         if entry is None or entry.sid != msg.sid:
             return
-        self._forget(k, entry)
+        self._keys.forget(k, entry)
         if msg.error == "unavailable":
             # The worker is stopping or cut off: not a failure of the key. Elsewhere, then; with
             # nowhere else to go, its callers ask again (every forseti_retry_interval) meanwhile.
             self.members.exclude(msg.node)
-            if self.least_used(k[0]) is not None:
-                self._start(k, entry.args, entry.waiters)
+            if self._keys.least_used(self.members, k[0]) is not None:
+                self._start(k, entry.args, entry.waiters, entry)
             return
+        if entry.restarting is not None:
+            logger.warning("forseti: restart of %r failed (%s: %s); the key stays down", k, msg.error, msg.text)
+            self.restarts.give_up(k, entry.restarts, f"restart failed: {msg.error}")
         for reply_to, corr in entry.waiters:
             self._reply(reply_to, Reply.fail(corr, msg.error, msg.text or "", msg.exc_type or "").to_wire())
 
     def _started(self, k: Key, entry: Entry, pid: int, answer_all: bool = False) -> None:
         entry.pid = pid
         self._starting.pop(k, None)
+        if entry.restarting is not None:
+            self.restarts.started(k, entry)
         for waiter in entry.waiters:
             if answer_all or waiter not in entry.told:
                 self._answer(waiter, k, entry)
@@ -358,60 +335,48 @@ class Leader:
         entry = self._table.get(k)
         if entry is not None and entry.pid is not None and (
                 (entry.node, entry.pid, entry.sid) == (msg.node, msg.pid, msg.sid)):
-            self._forget(k, entry)
+            self._keys.forget(k, entry)
+            self._ended(k, entry, msg.reason or "")
         for reply_to, corr in msg.stoppers:
             self._reply(reply_to, Reply.ok(corr, True).to_wire())
 
     # -- table ------------------------------------------------------------------------
-    def _start(self, k: Key, args: list[Any] | None, waiters: Waiters) -> None:
-        node = self.least_used(k[0])
+    def _start(self, k: Key, args: list[Any] | None, waiters: Waiters, prior: Entry | None = None,
+               after: float = 0.0) -> None:
+        """Place ``k``; ``prior``: the entry of a restart (its count, why the previous process ended)
+        placed again, else a new start. A restart is held ``after`` seconds by its worker."""
+        restarting = None if prior is None else prior.restarting
+        # A restart held by the leader's own worker would die with it, unknown to the next leader.
+        node = self._keys.least_used(self.members, k[0], avoid=self.hostname if restarting is not None else None)
         if node is None:
-            known = any(k[0] in m.names for m in self.members)
-            error = "unknown_name" if not known else "timeout"
-            text = (f"no worker knows the keyed-process name {k[0]!r}" if not known
-                    else f"no eligible live worker for {k[0]!r}")
+            error, text = unplaceable(self.members, k[0])
             for reply_to, corr in waiters:
                 self._reply(reply_to, Reply.fail(corr, error, text).to_wire())
+            if restarting is not None:
+                logger.warning("forseti: %r not restarted: %s", k, text)
+                self.restarts.give_up(k, prior.restarts if prior else 0, restarting)
             return
-        entry = Entry(node, uuid.uuid4().hex, args, waiters=dict(waiters), told=frozenset(waiters))
+        restarts = 0 if prior is None else prior.restarts
+        entry = Entry(node, uuid.uuid4().hex, args, waiters=dict(waiters), told=frozenset(waiters),
+                      since=time.monotonic() + after, restarts=restarts, restarting=restarting)
         self._record(node, k, entry)
         # The worker answers these callers itself once the process has started: one hop less.
         self._send_node(node, Spawn(k[0], k[1], [] if args is None else args, entry.sid, self.epoch, self.hostname,
-                                    [list(w) for w in waiters]).to_wire())
+                                    [list(w) for w in waiters], after or None, restarts or None).to_wire())
 
-    def least_used(self, name: str | None) -> str | None:
-        """The eligible live worker (knowing ``name``) with the fewest processes; ties by hostname."""
-        best: tuple[int, str] | None = None
-        for m in self.members:
-            if m.eligible and (name is None or name in m.names):
-                cand = (self._counts.get(m.hostname, 0), m.hostname)
-                if best is None or cand < best:
-                    best = cand
-        return None if best is None else best[1]
+    def _ended(self, k: Key, entry: Entry, reason: str) -> None:
+        """``k``'s live process ended for ``reason`` (its entry forgotten): restarted after its
+        back-off if its policy says so (and the restart intensity allows)."""
+        backoff = self.restarts.after(k, entry, reason)
+        if backoff is not None:
+            prior = Entry(entry.node, entry.sid, entry.args, restarts=entry.restarts + 1, restarting=reason)
+            self._start(k, entry.args, {}, prior, backoff)
 
     def _record(self, node: str, k: Key, entry: Entry) -> None:
-        old = self._table.get(k)
-        if old is not None:
-            if old.node == node and old.pid in (entry.pid, None):
-                if old.args is None:
-                    old.args = entry.args  # first known from this report (the worker runs a newer version)
-                return  # known (or starting there: its start report is on the way)
+        if not self._keys.record(node, k, entry):
             # Two workers report one key (only after a split brain): keep the first, stop the other.
-            logger.warning("forseti: %r reported by %s and %s; stopping the latter", k, old.node, node)
+            logger.warning("forseti: %r reported by %s and %s; stopping the latter", k, self._table[k].node, node)
             self._send_node(node, Stop(k[0], k[1], entry.pid, "duplicate").to_wire())
-            return
-        entry.seq, self._seq = self._seq, self._seq + 1
-        self._table[k] = entry
-        if entry.pid is None:
-            self._starting[k] = entry
-        self._by_node.setdefault(node, set()).add(k)
-        self._counts[node] = self._counts.get(node, 0) + 1
-
-    def _forget(self, k: Key, entry: Entry) -> None:
-        del self._table[k]
-        self._starting.pop(k, None)
-        self._by_node.get(entry.node, set()).discard(k)
-        self._counts[entry.node] = max(0, self._counts.get(entry.node, 1) - 1)
 
     def _answer(self, waiter: Waiter, k: Key, entry: Entry) -> None:
         self._reply(waiter[0], Reply.ok(waiter[1], [entry.node, entry.pid]).to_wire())
@@ -424,17 +389,8 @@ class Leader:
     def info(self) -> dict[str, Any]:
         """Summary for ``celery inspect stats``: ``with_args``, the keys whose init args it knows."""
         return {"keys": len(self._table), "epoch": self.epoch, "ready": self.ready,
-                "with_args": sum(e.args is not None for e in self._table.values())}
-
-
-def _reported_args(msg: Report) -> list[list[Any] | None]:
-    """The init args of each entry of a report's ``procs``: its ``a`` (parallel to ``procs``), each
-    a list or None; all None when the report has none (a worker older than the field) or one that
-    does not match ``procs`` (a broken or forged report costs only the args, not the registry)."""
-    procs, args = msg.procs, msg.args
-    if type(args) is not list or len(args) != len(procs):
-        return [None] * len(procs)
-    return [a if type(a) is list else None for a in args]
+                "with_args": sum(e.args is not None for e in self._table.values()),
+                "restarted": self.restarts.restarted, "given_up": self.restarts.given_up}
 
 
 def _deadline(msg: Get | Search | Metrics | StopKey) -> float:
