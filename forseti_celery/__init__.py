@@ -52,11 +52,13 @@ __all__ = [
     "ResourceExhausted",
     "StartError",
     "UnknownName",
+    "call",
     "get_key",
     "get_less_used_node",
     "get_metrics",
     "receive",
     "search_key",
+    "send",
 ]
 
 
@@ -72,6 +74,35 @@ def get_key(key: str, args: Sequence[Any] = (), *, name: str = "default", timeou
     ``forseti_timeout``), :class:`InvalidKey`/:class:`InvalidMessage` for bad input.
     """
     return Forseti.of(app).get_key(key, args, name=name, timeout=timeout)
+
+
+def call(key: str, msg: Any, *, name: str = "default", args: Sequence[Any] = (), timeout: float | None = None,
+         app: Celery | None = None) -> Any:
+    """Send ``msg`` to the ``handle_call`` of ``(name, key)``'s process and return its answer,
+    creating the process with ``args`` if there is none (as :func:`get_key`).
+
+    Addressed by key, not by :class:`KeyRef`: a message is never lost to an exit the
+    caller did not cause (the process passivated, returned, crashed before taking it, or
+    its worker left: the key's next incarnation, created on demand, takes it), and the
+    messages one client sends to one key are handled in order, across incarnations. A
+    call the process had taken when it crashed is not replayed: :class:`RemoteError`.
+    ``timeout`` (default ``forseti_call_timeout``) covers the whole call, creating the
+    process included. Raises as :meth:`KeyRef.call` and :func:`get_key` do. See the
+    Lifecycle page of the docs.
+    """
+    return Forseti.of(app).call(key, msg, name=name, args=args, timeout=timeout)
+
+
+def send(key: str, msg: Any, *, name: str = "default", args: Sequence[Any] = (), app: Celery | None = None) -> None:
+    """Deliver ``msg`` to the ``handle_cast`` (or ``receive()``) of ``(name, key)``'s process
+    without waiting, creating the process with ``args`` if there is none (this waits for it,
+    as :func:`get_key` does, up to ``forseti_timeout``).
+
+    Never lost to an exit the sender did not cause, in order per client across the key's
+    incarnations, as :func:`call`; a message the process had taken when it ended is not
+    delivered again.
+    """
+    Forseti.of(app).send(key, msg, name=name, args=args)
 
 
 def search_key(key: str, *, name: str = "default", timeout: float | None = None,

@@ -148,6 +148,15 @@ class Forseti:
         """See :func:`forseti_celery.get_key`."""
         return self.client.get_key(key, args, name, timeout)
 
+    def call(self, key: str, msg: Any, *, name: str = "default", args: Sequence[Any] = (),
+             timeout: float | None = None) -> Any:
+        """See :func:`forseti_celery.call`."""
+        return self.client.call_key(key, msg, args, name, timeout)
+
+    def send(self, key: str, msg: Any, *, name: str = "default", args: Sequence[Any] = ()) -> None:
+        """See :func:`forseti_celery.send`."""
+        self.client.cast_key(key, msg, args, name)
+
     def search_key(self, key: str, *, name: str = "default", timeout: float | None = None) -> KeyRef | None:
         """See :func:`forseti_celery.search_key`."""
         return self.client.search_key(key, name, timeout)

@@ -1,4 +1,5 @@
-"""The client: ``get_key``, ``search_key``, metrics, and a KeyRef's ``call``/``send``/``stop``.
+"""The client: ``get_key``, ``search_key``, metrics, a KeyRef's ``call``/``send``/``stop``, and
+the key-addressed ``forseti_celery.call``/``send`` (their routes: :mod:`.routes`).
 
 One :class:`Client` per process and app (made again after a fork), safe to use
 from many threads. It publishes on a connection of its own and receives every
@@ -13,7 +14,7 @@ import atexit
 import threading
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from celery.utils.log import get_logger
 from kombu import Queue
@@ -24,17 +25,20 @@ from ..core.conf import checked_timeout
 from ..core.consumer import ConsumerLoop
 from ..core.errors import (
     BrokerUnavailable,
+    ForsetiError,
     ForsetiTimeout,
     InvalidArgument,
     InvalidKey,
+    InvalidMessage,
     ProcessGone,
     RemoteError,
     remote_error,
 )
 from ..core.keyref import KeyRef
-from ..core.messages import NO_VALUE, REPLY, TYPE, Call, Cast, Get, Metrics, Reply, Search, StopKey
+from ..core.messages import MOVED, NO_VALUE, REPLY, TYPE, Call, Cast, Get, Metrics, Moved, Reply, Search, StopKey
 from ..core.names import EVENT_EXITED, EVENT_LEADER, EVENT_NODE_LOST
 from .cache import RefCache
+from .routes import Route, RouteTable
 
 if TYPE_CHECKING:
     from ..core.installs import Installed
@@ -86,6 +90,7 @@ class Client:
         self._pending: dict[str, _Pending] = {}
         self._start_lock = threading.Lock()
         self._cache = RefCache(self.settings.cache)
+        self._routes = RouteTable()
         self._exits_queue = self.names.exits_queue(self.id, forseti.app) if self.settings.cache else None
         self._loop = self._new_loop()
         self._closed = False
@@ -94,8 +99,13 @@ class Client:
         return ConsumerLoop(
             "forseti-client", self.forseti.app.connection_for_read, self._queues, self._on_replies,
             intensity=RestartIntensity(self.settings.max_retries, self.settings.max_time),
-            on_connect=lambda: self._cache.subscribed(True), on_disconnect=lambda: self._cache.subscribed(False),
+            on_connect=lambda: self._subscribed(True), on_disconnect=lambda: self._subscribed(False),
         )
+
+    def _subscribed(self, ready: bool) -> None:
+        # Exit and node-lost events were (or will be) unheard: a route may lead to a dead worker.
+        self._cache.subscribed(ready)
+        self._routes.clear()
 
     def _queues(self) -> list[Queue]:
         return [self._reply_queue] + ([self._exits_queue] if self._exits_queue is not None else [])
@@ -148,24 +158,97 @@ class Client:
         try:
             return self._request(self._node_rk(ref), Call(ref.name, ref.key, ref.pid, *self._ticket(t)), t,
                                  resend=False, what="message", payload=msg)
-        except (ProcessGone, RemoteError):
-            self._cache.forget(ref)
-            raise
-        except ForsetiTimeout:
+        except (ProcessGone, RemoteError, ForsetiTimeout) as exc:
+            self._call_failed(ref, exc, t)
+
+    def _call_failed(self, ref: KeyRef, exc: ForsetiError, timeout: float) -> NoReturn:
+        """Raise ``exc`` of a call to ``ref``: a timeout is :class:`ProcessGone` if the leader
+        no longer lists ``ref`` (it ended meanwhile); an ended process leaves the cache."""
+        if isinstance(exc, ForsetiTimeout):
             try:
-                current = self.search_key(ref.key, ref.name, min(t, 2.0))
+                current = self.search_key(ref.key, ref.name, min(timeout, 2.0))
             except ForsetiTimeout:
                 current = ref  # cannot tell: report the timeout
-            if current != ref:
-                self._cache.forget(ref)
-                raise ProcessGone(f"keyed process {ref.key!r} on {ref.node} has exited") from None
-            raise
+            if current == ref:
+                raise exc
+            exc = ProcessGone(f"keyed process {ref.key!r} on {ref.node} has exited")
+        self._cache.forget(ref)
+        raise exc from None
 
     def cast(self, ref: KeyRef, msg: Any) -> None:
         """``ref.send(msg)``: queued and published in batches by the sender thread, in order."""
         self._check_ref(ref)
         self._sender.put(self._node_rk(ref), encode_message(
             Cast.envelope(ref.name, ref.key, ref.pid), "message", self._max_size, payload=msg))
+
+    # -- key-addressed messages (forseti_celery.call/send) -------------------------------------
+    def call_key(self, key: str, msg: Any, args: Any, name: str, timeout: float | None) -> Any:
+        """``forseti_celery.call``: ``msg`` to ``(name, key)``'s process, created with ``args`` if
+        there is none, within ``timeout`` seconds (default forseti_call_timeout), creation included."""
+        args = self._key_args(key, name, args)
+        t = self._timeout(timeout, self.settings.call_timeout)
+        deadline = time.monotonic() + t
+        while True:
+            route = self._route(key, args, name, t)
+            ref = route.ref
+            t = max(deadline - time.monotonic(), 0.001)  # what creating the process left
+            reply_to, corr, wall = self._ticket(t)
+            call = Call(ref.name, ref.key, ref.pid, reply_to, corr, wall, NO_VALUE, True, args,
+                        self._routes.sent(route, cast=False))
+            ended = False
+            try:
+                return self._request(self._node_rk(ref), call, t, resend=False, what="message", payload=msg)
+            except ProcessGone:
+                # Answered "gone" by a worker that does not hold key-addressed messages (an older
+                # version): it never wrote the call to a process, so sending it again is safe.
+                self._cache.forget(ref)
+                self._routes.drop(ref)
+                t = deadline - time.monotonic()
+                if t <= 0:
+                    raise
+            except (RemoteError, ForsetiTimeout) as exc:
+                ended = isinstance(exc, RemoteError)
+                self._call_failed(ref, exc, t)
+            finally:
+                # A crash ends the route at once if nothing else is on it: no detour for the next.
+                self._routes.answered(route, ended)
+
+    def cast_key(self, key: str, msg: Any, args: Any, name: str) -> None:
+        """``forseti_celery.send``: ``msg`` to ``(name, key)``'s process, created with ``args``
+        if there is none (waiting for that as ``get_key`` does), without waiting for it."""
+        args = self._key_args(key, name, args)
+        route = self._route(key, args, name, self.settings.timeout)
+        ref = route.ref
+        envelope = Cast.envelope(ref.name, ref.key, ref.pid, args, self._routes.sent(route, cast=True), self._reply_rk)
+        self._sender.put(self._node_rk(ref), encode_message(envelope, "message", self._max_size, payload=msg))
+
+    def _key_args(self, key: Any, name: Any, args: Any) -> list[Any]:
+        """``args`` as the list a key-addressed message carries, checked with its key and name."""
+        self._check(key, name)
+        if not args:
+            return []
+        checked = list(args)
+        check_json(checked, "args", self._max_size)
+        return checked
+
+    def _route(self, key: str, args: list[Any], name: str, timeout: float) -> Route:
+        """Where this client's next message to ``(name, key)`` goes: its route, or the ref
+        ``get_key`` gives (created on demand)."""
+        route = self._routes.get(name, key)
+        if route is None:
+            route = self._routes.open(self.get_key(key, args, name, timeout))
+        return route
+
+    def _moved(self, notice: Message) -> None:
+        """A worker forwarded this client's messages for a key to its next incarnation."""
+        try:
+            m = Moved.from_wire(notice)
+        except InvalidMessage as exc:
+            logger.debug("forseti: a malformed moved notice skipped: %s", exc)
+            return
+        ref = KeyRef(m.new_node, m.new_pid, m.key, m.name, self.names.namespace, self.forseti.app)
+        if self._routes.moved(m.name, m.key, m.node, m.pid, ref, m.seq):
+            self._cache.put(ref)
 
     def stop(self, ref: KeyRef, timeout: float | None) -> None:
         """``ref.stop()``: returns once the process has exited and the leader has freed its key."""
@@ -241,10 +324,16 @@ class Client:
                     continue
                 if kind == EVENT_EXITED:
                     self._cache.exited(reply["name"], reply["key"], reply["hostname"], reply["child_pid"])
+                    self._routes.exited(reply["name"], reply["key"], reply["hostname"], reply["child_pid"])
                 elif kind == EVENT_NODE_LOST:
                     self._cache.node_lost(reply["node"])
+                    self._routes.node_lost(reply["node"])
                 elif kind == EVENT_LEADER:
                     self._cache.clear()
+                    self._routes.clear()
+                continue
+            if reply[TYPE] == MOVED:
+                self._moved(reply)
                 continue
             pending = self._pending.get(Reply.corr_of(reply))
             if pending is not None:

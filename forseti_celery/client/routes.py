@@ -1,0 +1,123 @@
+"""The client's route table of key-addressed messages: where its next message to a key goes.
+
+``forseti_celery.call/send`` address a key. The first message to a key goes to the
+ref ``get_key`` gives (the cache's, or the leader's); later ones follow the key's
+*route*: that ref, and the sequence number of the last message sent on it. A
+route changes only when that cannot reorder this client's messages to the key:
+
+* a ``moved`` notice from the route's worker whose ``q`` covers the last message
+  sent on the route (the worker has forwarded everything this client sent there
+  for the key, so nothing is left behind in the funnel to be overtaken);
+* the route's worker declared dead (the cache's node-lost event), a new leader or
+  a lost subscription to exit events (a dead worker may have gone unannounced):
+  the next message resolves the key again;
+* the exit of the route's process when nothing on the route is outstanding: every
+  message sent on it was a call, already answered.
+
+One lock guards the table; the caller's threads and the client's consumer thread
+(notices, exit events) take it briefly and never block under it.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from ..core.keyref import KeyRef
+
+__all__ = ["Route", "RouteTable"]
+
+_Key = tuple[str, str]
+
+
+class Route:
+    """Where a key's messages go: ``ref``, with the seq of the last message sent on it."""
+
+    __slots__ = ("calls", "casts", "last", "ref")
+
+    def __init__(self, ref: KeyRef) -> None:
+        self.ref = ref
+        self.last = 0  #: seq of the last message sent on this route (0: none yet)
+        self.casts = False  #: a send went this way: its order must be kept until a notice covers it
+        self.calls = 0  #: calls sent on this route and not answered yet
+
+
+class RouteTable:
+    """``(name, key) -> Route``, and this client's sequence numbers; safe from many threads."""
+
+    def __init__(self) -> None:
+        self._routes: dict[_Key, Route] = {}
+        self._seq = 0
+        self._lock = threading.Lock()
+
+    def get(self, name: str, key: str) -> Route | None:
+        """The key's route, if it has one."""
+        return self._routes.get((name, key))
+
+    def open(self, ref: KeyRef) -> Route:
+        """The route of ``ref``'s key: the one another thread opened meanwhile, else ``ref``'s."""
+        with self._lock:
+            return self._routes.setdefault((ref.name, ref.key), Route(ref))
+
+    def sent(self, route: Route, cast: bool) -> int:
+        """A new sequence number for a message about to go along ``route`` (a cast, or a call,
+        which :meth:`answered` settles)."""
+        with self._lock:
+            self._seq += 1
+            route.last = self._seq
+            if cast:
+                route.casts = True
+            else:
+                route.calls += 1
+            return self._seq
+
+    def answered(self, route: Route, ended: bool = False) -> None:
+        """A call sent along ``route`` has its answer (or its caller gave up); ``ended``: the
+        answer says its process has ended (it crashed), as its exit event will (:meth:`exited`)."""
+        with self._lock:
+            route.calls -= 1
+            k = (route.ref.name, route.ref.key)
+            if ended and not route.casts and not route.calls and self._routes.get(k) is route:
+                del self._routes[k]
+
+    def moved(self, name: str, key: str, old_node: str, old_pid: int, new: KeyRef, seq: int) -> bool:
+        """A ``moved`` notice: the worker of ``old_pid`` forwarded this client's messages up to
+        ``seq`` to ``new``. Switch to ``new`` if that covers the route; return whether it did."""
+        with self._lock:
+            route = self._routes.get((name, key))
+            if route is None or (route.ref.node, route.ref.pid) != (old_node, old_pid) or seq < route.last:
+                # No route, already elsewhere (an older notice), or messages still on their way to
+                # the old worker: it forwards them too and sends another notice.
+                return False
+            fresh = Route(new)
+            fresh.last = route.last
+            self._routes[(name, key)] = fresh
+            return True
+
+    def drop(self, ref: KeyRef) -> None:
+        """Forget the route of ``ref``'s key if it still goes to ``ref`` (a call found it gone)."""
+        with self._lock:
+            route = self._routes.get((ref.name, ref.key))
+            if route is not None and route.ref == ref:
+                del self._routes[(ref.name, ref.key)]
+
+    def exited(self, name: str, key: str, node: str, pid: int) -> None:
+        """Process ``pid`` on ``node`` ended: its route goes if nothing on it is outstanding."""
+        with self._lock:
+            route = self._routes.get((name, key))
+            if (route is not None and (route.ref.node, route.ref.pid) == (node, pid)
+                    and not route.casts and not route.calls):
+                del self._routes[(name, key)]
+
+    def node_lost(self, node: str) -> None:
+        """Every process on ``node`` has ended and nothing there will forward: forget its routes."""
+        with self._lock:
+            for k in [k for k, route in self._routes.items() if route.ref.node == node]:
+                del self._routes[k]
+
+    def clear(self) -> None:
+        """Forget every route (a new leader, or exit events unheard for a while)."""
+        with self._lock:
+            self._routes.clear()
+
+    def __len__(self) -> int:
+        return len(self._routes)
