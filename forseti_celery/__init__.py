@@ -30,7 +30,7 @@ from .core.errors import (
     UnknownName,
 )
 from .core.keyref import KeyRef
-from .core.process import KeyedProcess, receive
+from .core.process import KeyedProcess, Timer, receive, send_after, send_every
 
 __version__ = "0.1.0"
 
@@ -51,6 +51,7 @@ __all__ = [
     "RemoteError",
     "ResourceExhausted",
     "StartError",
+    "Timer",
     "UnknownName",
     "call",
     "get_key",
@@ -59,6 +60,8 @@ __all__ = [
     "receive",
     "search_key",
     "send",
+    "send_after",
+    "send_every",
 ]
 
 

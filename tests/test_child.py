@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
@@ -30,7 +31,7 @@ class Sink(KeyedProcess):
         return msg
 
 
-def _fork_spare(lifeline: child_main.Lifeline) -> tuple[int, Any]:
+def _fork_spare(lifeline: child_main.Lifeline, target: type[KeyedProcess] = Sink) -> tuple[int, Any]:
     """A spare keyed process (as a zygote forks them) and the parent's end of its pipe."""
     ours, theirs = billiard.Pipe(duplex=True)
     parent = os.getpid()
@@ -39,7 +40,7 @@ def _fork_spare(lifeline: child_main.Lifeline) -> tuple[int, Any]:
         code = 1
         try:
             ours.close()
-            child_main.run(theirs, ChildConfig(), lifeline, lambda name: Sink, parent, [])
+            child_main.run(theirs, ChildConfig(), lifeline, lambda name: target, parent, [])
             code = 0
         finally:
             os._exit(code)
@@ -212,7 +213,7 @@ def test_the_pool_keeps_each_keys_init_args_parallel_to_its_registry(spares: int
         for key, args in given.items():
             children.spawn("sink", key, args, f"sid-{key}", [["reply", key]])
             assert answers.get(timeout=10)["c"] == key
-        procs, args_of = children.registry_report()
+        procs, args_of, _ = children.registry_report()
         assert children.registry() == procs and children.registry_args() == args_of
         assert len(args_of) == len(procs) == 3
         assert {entry[1]: a for entry, a in zip(procs, args_of, strict=True)} == given
@@ -235,3 +236,34 @@ def test_child_config_carries_every_per_process_setting_from_the_settings() -> N
     # Each field is a setting of that name (fence_after: Settings' property), defaults included.
     assert all(getattr(s, f.name) == getattr(config, f.name) for f in fields(ChildConfig))
     assert ChildConfig.from_settings(Settings()) == ChildConfig()
+
+
+class Ticking(KeyedProcess):
+    """A repeating timer from init, every 0.05 s, ``keep_alive`` as its args say."""
+
+    def init(self, key: str, keep_alive: bool = True, *args: Any) -> None:
+        self.send_every(0.05, "tick", keep_alive=keep_alive)
+
+
+@pytest.mark.parametrize("keep_alive", [True, False], ids=["keep-alive", "plain"])
+def test_a_keep_alive_timer_tells_the_worker_touch_at_most_once_a_second_and_a_plain_one_never(
+        keep_alive: bool) -> None:
+    pid, conn = _fork_spare(child_main.Lifeline(fence_after=60.0, check_every=0.1), Ticking)
+    try:
+        conn.send_bytes(p.encode([{"t": "assign", "n": "ticking", "k": "k", "a": [keep_alive]}]))
+        assert conn.poll(5) and p.decode(conn.recv_bytes()) == [{"t": "started"}]
+        touches: list[float] = []
+        end = time.monotonic() + 2.6
+        while time.monotonic() < end:
+            if conn.poll(0.05):
+                for msg in p.decode(conn.recv_bytes()):
+                    assert msg == {"t": "touch"}, msg
+                    touches.append(time.monotonic())
+        # Fired every 0.05 s for 2.6 s: one touch at the first, then one a second.
+        assert len(touches) == (3 if keep_alive else 0), touches
+        assert all(b - a >= 0.95 for a, b in itertools.pairwise(touches)), touches
+        conn.send_bytes(p.encode([{"t": "stop", "reason": "test"}]))
+        assert _wait_exit(pid, 5.0) == 0
+    finally:
+        _kill(pid)
+        conn.close()

@@ -13,66 +13,43 @@ worker: ``PR_SET_PDEATHSIG`` and end-of-file on the pipe both end it.
 from __future__ import annotations
 
 import _thread
-import ctypes
+import collections
 import gc
 import os
 import queue
-import signal
 import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import billiard.sharedctypes
+import billiard
 from celery.utils.log import get_logger
 
 from ..core import process
 from ..core.conf import ChildConfig
 from ..core.errors import InvalidMessage
 from ..core.messages import TYPE, Call, Reply
-from ..core.pipe import ASSIGN, STOP, Assign, Exit, InitError, Started
-from ..core.process import KeyedProcess
+from ..core.pipe import ASSIGN, STOP, Assign, Exit, InitError, Started, Touch
+from ..core.process import KeyedProcess, Timer
 from ..core.protocol import CALL, CAST, PAYLOAD, decode, decode_payloads, encode, encode_message
+from .lifeline import FENCED, Lifeline, detach
+from .timers import Timers
 
 logger = get_logger(__name__)
 
-__all__ = ["FENCED", "Lifeline", "Mailbox", "become_keyed", "detach", "mailbox", "run"]
+__all__ = ["FENCED", "INFO", "Lifeline", "Mailbox", "become_keyed", "detach", "mailbox", "run"]
 
-_PR_SET_PDEATHSIG = 1
-try:  # resolved once in the worker, so a new child does not load libc again
-    _prctl: Any = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):  # not Linux: the pipe's end-of-file still ends a child
-    _prctl = None
 _STOP = object()
 _OTHERS = frozenset({ASSIGN, STOP})  # what else a worker sends a keyed process: a malformed rest is dropped
-#: Exit code of a keyed process that ended itself because its worker stopped hearing the broker.
-FENCED = 2
-
-
-class Lifeline:
-    """When the worker last heard the broker (``time.monotonic()``), in memory shared with its
-    children: a keyed process whose worker is cut off, hung or stopped (SIGSTOP) for longer
-    than ``fence_after`` ends before the leader may start its key elsewhere. The worker's zygote
-    looks every ``check_every`` seconds (half a heartbeat: well inside the two heartbeats between
-    ``fence_after`` and the leader's ``node_timeout``) and kills its children when it is cut off;
-    a keyed process the worker forked itself looks as often on its own."""
-
-    def __init__(self, fence_after: float, check_every: float) -> None:
-        self.fence_after = fence_after
-        self.check_every = min(check_every, fence_after / 4)
-        self._heard = billiard.sharedctypes.RawValue("d", time.monotonic())
-
-    def heard(self, when: float) -> None:
-        """The worker heard the broker at ``when`` (called in the worker)."""
-        self._heard.value = when
-
-    def cut_off(self) -> bool:
-        """Whether the worker has not heard the broker for too long (asked in the child)."""
-        return time.monotonic() - float(self._heard.value) > self.fence_after
+#: The kind of a timer's message in the mailbox. Never on the pipe: one that came from it is dropped.
+INFO = "info"
+#: Seconds between two ``touch`` messages at most (keep_alive timers firing faster say nothing new).
+TOUCH_EVERY = 1.0
 
 
 class Mailbox:
-    """The child's end of the pipe: incoming messages queued in order, answers sent back."""
+    """The child's end of the pipe: incoming messages queued in order, answers sent back; and the
+    process's timers, whose messages join that order as they come due."""
 
     def __init__(self, conn: Any, lifeline: Lifeline, watch_lifeline: bool = True,
                  max_size: int = ChildConfig.max_message_size) -> None:
@@ -80,6 +57,10 @@ class Mailbox:
         self._lifeline = lifeline
         self._watch = watch_lifeline
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        #: Messages taken off the queue ahead of their turn, with the timer messages due after them.
+        self._ready: collections.deque[dict[str, Any]] = collections.deque()
+        self.timers = Timers()
+        self._touched = -TOUCH_EVERY  # when the last touch went to the worker (time.monotonic())
         self.stop_reason: str | None = None
         #: forseti_max_message_size: the largest reply sent (see :meth:`reply`).
         self.max_size = max_size
@@ -129,20 +110,70 @@ class Mailbox:
             ours.close()
             theirs.close()
 
+    def start_timer(self, delay: float, msg: Any, interval: float | None, keep_alive: bool) -> Timer:
+        """A timer whose ``msg`` joins the mailbox in ``delay`` seconds (then every ``interval``)."""
+        return self.timers.add(time.monotonic() + delay, msg, interval, keep_alive)
+
+    def _next(self, deadline: float | None) -> dict[str, Any] | None:
+        """The next message in order, a timer's included, or ``None`` at ``deadline``. A timer due
+        goes after every message already queued (they came first); with no timer set, the wait
+        is the queue's alone: an idle process without timers never wakes up."""
+        while True:
+            if self._ready:
+                return self._ready.popleft()
+            wait = None
+            if self.timers:
+                now = time.monotonic()
+                fired = self.timers.due(now)
+                if fired:
+                    self._fire(fired, now)
+                    continue
+                wait = self.timers.wait(now)
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    try:
+                        return self._queue.get_nowait()  # type: ignore[no-any-return]
+                    except queue.Empty:
+                        return None
+                wait = left if wait is None else min(wait, left)
+            try:
+                return self._queue.get(timeout=wait)  # type: ignore[no-any-return]
+            except queue.Empty:
+                continue  # a timer is due, or the deadline has come: the loop says which
+
+    def _fire(self, fired: list[Timer], now: float) -> None:
+        while True:  # what the reader queued before these came due goes first
+            try:
+                self._ready.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        for timer in fired:
+            self._ready.append({TYPE: INFO, "timer": timer})
+        if now - self._touched >= TOUCH_EVERY and any(t.keep_alive for t in fired):
+            self._touched = now
+            self.send(Touch().to_wire())
+
     def get(self, timeout: float | None = None) -> dict[str, Any] | None:
         """Next protocol message, its payload decoded (by the reader thread), or ``None`` after
-        ``timeout``. A cast or call whose payload is no JSON (forged: the worker forwards payloads
-        undecoded) or that has none is dropped and logged; a call is answered :class:`InvalidMessage`
-        (if it says where to). A message of another type is dropped and logged too."""
+        ``timeout``; a timer's message as ``{TYPE: INFO, PAYLOAD: msg}``. A cast or call whose
+        payload is no JSON (forged: the worker forwards payloads undecoded) or that has none is
+        dropped and logged; a call is answered :class:`InvalidMessage` (if it says where to). A
+        message of another type is dropped and logged too."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            try:
-                msg: dict[str, Any] = self._queue.get(
-                    timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
+            msg = self._next(deadline)
+            if msg is None:
                 return None
             kind = msg.get(TYPE)
             if kind != CAST and kind != CALL:
+                timer = msg.get("timer") if kind == INFO else None
+                if isinstance(timer, Timer):
+                    if not timer.active:
+                        continue  # cancelled after it came due, before its turn
+                    if timer.interval is None:
+                        timer.cancel()  # a one-shot is handled once: cancelling it now does nothing
+                    return {TYPE: INFO, PAYLOAD: timer.msg}
                 if type(kind) is str and kind in _OTHERS:
                     return msg
                 logger.warning("forseti: keyed process %r (pid %d) dropped a message of type %r", self.key,
@@ -187,13 +218,13 @@ class Mailbox:
         self._conn.send_bytes(data)
 
     def receive(self, timeout: float | None) -> Any:
-        """Function form: the next cast's payload, or ``None``; calls are refused."""
+        """Function form: the next cast's (or timer's) payload, or ``None``; calls are refused."""
         while True:
             msg = self.get(timeout)
             if msg is None:
                 return None
             kind = msg[TYPE]
-            if kind == CAST:
+            if kind == CAST or kind == INFO:
                 return msg[PAYLOAD]
             if kind == STOP:
                 self.stop_reason = msg.get("reason", "stop")
@@ -298,6 +329,7 @@ def _serve(box: Mailbox, cls: type[KeyedProcess], name: str, key: str, args: lis
     box.send(Started().to_wire())
     handlers: dict[str, Callable[[dict[str, Any]], None]] = {
         CAST: lambda m: obj.handle_cast(m[PAYLOAD]),
+        INFO: lambda m: obj.handle_info(m[PAYLOAD]),
         CALL: lambda m: box.reply(m, obj.handle_call(m[PAYLOAD])),
     }
     while True:
@@ -318,29 +350,6 @@ def _serve(box: Mailbox, cls: type[KeyedProcess], name: str, key: str, args: lis
             if kind == CALL:
                 box.reply(msg, error="crash", exc_type=_qualname(exc), text=str(exc))
             raise
-
-
-def detach(parent_pid: int, close_fds: Iterable[int], signals: bool = True) -> None:
-    """Right after a fork from ``parent_pid``: default signal handling (unless ``signals`` is
-    False: inherited from a parent that has it already), die with the parent, close ``close_fds``
-    (the parent's ends of pipes and sockets)."""
-    # Celery's handlers were inherited and do nothing outside the worker's main
-    # process; a keyed process must die on SIGTERM. SIGINT (a terminal's ^C) goes
-    # to the whole process group: the worker stops its children itself.
-    if signals:
-        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
-                    signal.SIGCHLD):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if _prctl is not None:
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent_pid:
-        os._exit(1)
-    for fd in close_fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
 def _qualname(exc: BaseException) -> str:

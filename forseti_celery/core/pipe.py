@@ -17,8 +17,8 @@ from .errors import InvalidMessage
 from .messages import CALL, CAST, FROZEN, REPLY, STOP, Wire, need
 
 __all__ = [
-    "ASSIGN", "CALL", "CAST", "EXIT", "INIT_ERROR", "PIPE_KINDS", "REPLY", "STARTED", "STOP", "Assign", "Exit",
-    "InitError", "PipeMessage", "Started", "StopChild", "from_pipe",
+    "ASSIGN", "CALL", "CAST", "EXIT", "INIT_ERROR", "PIPE_KINDS", "REPLY", "STARTED", "STOP", "TOUCH", "Assign",
+    "Exit", "InitError", "PipeMessage", "Started", "StopChild", "Touch", "from_pipe",
 ]
 
 # worker -> keyed process (besides the cast, call and stop it routes)
@@ -27,6 +27,7 @@ ASSIGN = "assign"
 STARTED = "started"
 INIT_ERROR = "init_error"
 EXIT = "exit"
+TOUCH = "touch"
 
 
 @dataclass(**FROZEN)
@@ -108,10 +109,26 @@ class Exit:
         return cls(need(d, "reason"))
 
 
-PipeMessage = Assign | StopChild | Started | InitError | Exit
+@dataclass(**FROZEN)
+class Touch:
+    """From a keyed process: a timer set with ``keep_alive`` fired, which counts as activity for
+    passivation (``forseti_idle_timeout``) as a message written to it does. Sent at most once a
+    second; a worker that does not know it ignores it."""
+
+    T: ClassVar[str] = TOUCH
+
+    def to_wire(self) -> Wire:
+        return {"t": TOUCH}
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> Touch:
+        return cls()
+
+
+PipeMessage = Assign | StopChild | Started | InitError | Exit | Touch
 
 #: The pipe's own kinds, by type name (a ``stop`` read here is a :class:`StopChild`).
-PIPE_KINDS: dict[str, Any] = {cls.T: cls for cls in (Assign, StopChild, Started, InitError, Exit)}
+PIPE_KINDS: dict[str, Any] = {cls.T: cls for cls in (Assign, StopChild, Started, InitError, Exit, Touch)}
 
 
 def from_pipe(d: Mapping[str, Any]) -> PipeMessage:

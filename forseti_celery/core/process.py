@@ -1,13 +1,15 @@
-"""What users write: :class:`KeyedProcess` (the gen_server form) and :func:`receive`
-(for the function form)."""
+"""What users write: :class:`KeyedProcess` (the gen_server form), :func:`receive` (for the
+function form), and the timers a keyed process sends itself (:func:`send_after`,
+:func:`send_every`, :class:`Timer`)."""
 
 from __future__ import annotations
 
 from typing import Any, Protocol
 
-from .conf import checked_timeout
+from .conf import MAX_TIMEOUT, checked_timeout
+from .errors import InvalidArgument
 
-__all__ = ["KeyedProcess", "receive"]
+__all__ = ["KeyedProcess", "Timer", "receive", "send_after", "send_every"]
 
 
 class KeyedProcess:
@@ -15,8 +17,8 @@ class KeyedProcess:
 
     One instance lives in its own child process for as long as the key's process
     lives. Its attributes belong to your code. Callbacks run one at a time, in the
-    order messages arrive. An exception in ``handle_call``/``handle_cast`` crashes
-    the process (as in OTP): its key is freed and a waiting caller gets a
+    order messages arrive. An exception in ``handle_call``/``handle_cast``/``handle_info``
+    crashes the process (as in OTP): its key is freed and a waiting caller gets a
     :class:`~forseti_celery.RemoteError`; so does any ``BaseException``
     (``KeyboardInterrupt``, ``GeneratorExit``) but :class:`SystemExit`, which ends the
     process normally (as ``exit(normal)``): a waiting caller gets
@@ -37,27 +39,124 @@ class KeyedProcess:
     def handle_cast(self, msg: Any) -> None:
         """Receives ``ref.send(msg)``; nothing is answered."""
 
+    def handle_info(self, msg: Any) -> None:
+        """Receives the messages of this process's timers (:meth:`send_after`, :meth:`send_every`),
+        in order with its other messages. The default passes ``msg`` to :meth:`handle_cast`."""
+        self.handle_cast(msg)
+
     def terminate(self, reason: str) -> None:
-        """Runs when the process is stopped (``ref.stop()``, warm shutdown); ``reason`` says why."""
+        """Runs when the process is stopped (``ref.stop()``, warm shutdown, ``"idle"`` after
+        passivation); ``reason`` says why."""
+
+    def send_after(self, delay: float, msg: Any, keep_alive: bool = False) -> Timer:
+        """See :func:`forseti_celery.send_after`: ``msg`` to :meth:`handle_info` in ``delay`` seconds."""
+        return send_after(delay, msg, keep_alive)
+
+    def send_every(self, interval: float, msg: Any, keep_alive: bool = False) -> Timer:
+        """See :func:`forseti_celery.send_every`: ``msg`` to :meth:`handle_info` every ``interval``
+        seconds, until cancelled."""
+        return send_every(interval, msg, keep_alive)
+
+
+class Timer:
+    """A timer of the running keyed process (:func:`send_after`, :func:`send_every`). It lives in
+    the process's mailbox loop (no thread, no broker) and dies with the process."""
+
+    __slots__ = ("_live", "_on_cancel", "due", "interval", "keep_alive", "msg")
+
+    def __init__(self, due: float, msg: Any, interval: float | None, keep_alive: bool,
+                 on_cancel: Any = None) -> None:
+        #: When it is next due, in ``time.monotonic()`` seconds.
+        self.due = due
+        #: What it sends: the object given, not a copy (it never leaves the process).
+        self.msg = msg
+        #: Seconds between two messages of :func:`send_every`; ``None`` for :func:`send_after`.
+        self.interval = interval
+        #: Whether its messages count as activity for passivation (``forseti_idle_timeout``).
+        self.keep_alive = keep_alive
+        self._live = True
+        self._on_cancel = on_cancel
+
+    @property
+    def active(self) -> bool:
+        """Whether a message of it may still be handled: not cancelled, and a one-shot not handled yet."""
+        return self._live
+
+    def cancel(self) -> bool:
+        """No message of this timer is handled after this returns, not even one already due and
+        waiting behind other messages. Idempotent: True if it was active, else (cancelled
+        before, or a one-shot already handled) False, and nothing happens."""
+        if not self._live:
+            return False
+        self._live = False
+        if self._on_cancel is not None:
+            self._on_cancel(self)
+        return True
+
+    def __repr__(self) -> str:
+        kind = "once" if self.interval is None else f"every {self.interval:g}s"
+        return f"<Timer {kind} {self.msg!r}{'' if self._live else ' (inactive)'}>"
 
 
 def receive(timeout: float | None = None) -> Any:
-    """In a function-form keyed process: the next message sent to it, or ``None`` after ``timeout``.
+    """In a function-form keyed process: the next message sent to it (or a message of one of its
+    timers: :func:`send_after`, :func:`send_every`), or ``None`` after ``timeout``.
 
-    When the process is asked to stop (``ref.stop()``, warm shutdown), this raises
-    :class:`SystemExit` so the function unwinds (``finally`` blocks run). ``timeout`` is ``None``
+    When the process is asked to stop (``ref.stop()``, warm shutdown, and passivation after
+    ``idle_timeout``: the same stop with the reason ``"idle"``), this raises :class:`SystemExit`
+    so the function unwinds (``finally`` blocks run). ``timeout`` is ``None``
     (wait as long as it takes) or a number of seconds from 0 to
     :data:`~forseti_celery.core.conf.MAX_TIMEOUT`, else :class:`~forseti_celery.InvalidArgument`.
     """
-    if _mailbox is None:
-        raise RuntimeError("forseti_celery.receive() is only available inside a keyed process")
-    return _mailbox.receive(checked_timeout(timeout, None, zero=True))
+    return _running("receive").receive(checked_timeout(timeout, None, zero=True))
+
+
+def send_after(delay: float, msg: Any, keep_alive: bool = False) -> Timer:
+    """In a keyed process: send itself ``msg`` once, ``delay`` seconds from now (a number from 0
+    to :data:`~forseti_celery.core.conf.MAX_TIMEOUT`, else :class:`~forseti_celery.InvalidArgument`).
+
+    It arrives as ``handle_info(msg)`` (``receive()`` returns it in the function form), in order
+    with the other messages: one due while messages wait is handled after them. ``msg`` may be any
+    object (it is not copied, and never leaves the process). With ``keep_alive`` its arrival counts
+    as activity for passivation (``forseti_idle_timeout``), as a ``send`` does. Call it from the
+    process's own thread (its handlers, its function); the timer dies with the process.
+    """
+    return _running("send_after").start_timer(_checked("delay", delay, zero=True), msg, None, bool(keep_alive))
+
+
+def send_every(interval: float, msg: Any, keep_alive: bool = False) -> Timer:
+    """In a keyed process: send itself ``msg`` every ``interval`` seconds (``> 0``, at most
+    :data:`~forseti_celery.core.conf.MAX_TIMEOUT`) until :meth:`Timer.cancel` or the end of the
+    process; the first one ``interval`` seconds from now. Ticks missed while the process was busy
+    for longer than ``interval`` are skipped, not made up. Otherwise as :func:`send_after`."""
+    seconds = _checked("interval", interval, zero=False)
+    return _running("send_every").start_timer(seconds, msg, seconds, bool(keep_alive))
+
+
+def _checked(what: str, seconds: Any, *, zero: bool) -> float:
+    if seconds is None:
+        raise InvalidArgument(f"{what} must be a number of seconds, not None")
+    try:
+        value = checked_timeout(seconds, None, zero=zero)
+    except InvalidArgument:
+        least = ">= 0" if zero else "> 0"
+        raise InvalidArgument(f"{what} must be a number of seconds {least} and at most {MAX_TIMEOUT:g} "
+                              f"(forseti_celery.core.conf.MAX_TIMEOUT), not {seconds!r}") from None
+    assert value is not None
+    return value
 
 
 class Mailbox(Protocol):
-    """What :func:`receive` asks of the running keyed process's mailbox."""
+    """What :func:`receive` and the timers ask of the running keyed process's mailbox."""
 
     def receive(self, timeout: float | None) -> Any: ...
+    def start_timer(self, delay: float, msg: Any, interval: float | None, keep_alive: bool) -> Timer: ...
+
+
+def _running(what: str) -> Mailbox:
+    if _mailbox is None:
+        raise RuntimeError(f"forseti_celery.{what}() is only available inside a keyed process")
+    return _mailbox
 
 
 #: The running keyed process's mailbox: set once, by its runtime (``forseti_celery.child.runtime``)

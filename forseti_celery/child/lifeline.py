@@ -1,0 +1,71 @@
+"""What ties a keyed process to its worker's life: the :class:`Lifeline` (when the worker last
+heard the broker, in shared memory) and :func:`detach` (right after the fork: signals, death
+with the parent, the parent's descriptors closed). A keyed process never outlives its worker,
+nor keeps its key once the worker may have lost it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import billiard.sharedctypes
+
+__all__ = ["FENCED", "Lifeline", "detach"]
+
+_PR_SET_PDEATHSIG = 1
+try:  # resolved once in the worker, so a new child does not load libc again
+    _prctl: Any = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux: the pipe's end-of-file still ends a child
+    _prctl = None
+#: Exit code of a keyed process that ended itself because its worker stopped hearing the broker.
+FENCED = 2
+
+
+class Lifeline:
+    """When the worker last heard the broker (``time.monotonic()``), in memory shared with its
+    children: a keyed process whose worker is cut off, hung or stopped (SIGSTOP) for longer
+    than ``fence_after`` ends before the leader may start its key elsewhere. The worker's zygote
+    looks every ``check_every`` seconds (half a heartbeat: well inside the two heartbeats between
+    ``fence_after`` and the leader's ``node_timeout``) and kills its children when it is cut off;
+    a keyed process the worker forked itself looks as often on its own."""
+
+    def __init__(self, fence_after: float, check_every: float) -> None:
+        self.fence_after = fence_after
+        self.check_every = min(check_every, fence_after / 4)
+        self._heard = billiard.sharedctypes.RawValue("d", time.monotonic())
+
+    def heard(self, when: float) -> None:
+        """The worker heard the broker at ``when`` (called in the worker)."""
+        self._heard.value = when
+
+    def cut_off(self) -> bool:
+        """Whether the worker has not heard the broker for too long (asked in the child)."""
+        return time.monotonic() - float(self._heard.value) > self.fence_after
+
+
+def detach(parent_pid: int, close_fds: Iterable[int], signals: bool = True) -> None:
+    """Right after a fork from ``parent_pid``: default signal handling (unless ``signals`` is
+    False: inherited from a parent that has it already), die with the parent, close ``close_fds``
+    (the parent's ends of pipes and sockets)."""
+    # Celery's handlers were inherited and do nothing outside the worker's main
+    # process; a keyed process must die on SIGTERM. SIGINT (a terminal's ^C) goes
+    # to the whole process group: the worker stops its children itself.
+    if signals:
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
+                    signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+    for fd in close_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
