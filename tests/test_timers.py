@@ -220,8 +220,8 @@ def test_the_timer_heap_fires_in_due_order_skips_missed_ticks_and_forgets_cancel
     assert c.due == 3.7 and timers.wait(3.2) == pytest.approx(0.5)
     assert a.active and b.active  # fired, not handled yet: the mailbox makes a one-shot inactive once handled
     c.cancel()
-    assert timers.wait(3.2) is None and not timers
+    assert timers.wait(3.2) is None and not timers.heap
     # A process that keeps re-arming a far timeout holds only its live timers.
     for i in range(1000):
         timers.add(100.0 + i, i, None, False).cancel()
-    assert len(timers._heap) <= 130
+    assert len(timers.heap) <= 130

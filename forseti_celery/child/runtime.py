@@ -122,7 +122,7 @@ class Mailbox:
             if self._ready:
                 return self._ready.popleft()
             wait = None
-            if self.timers:
+            if self.timers.heap:
                 now = time.monotonic()
                 fired = self.timers.due(now)
                 if fired:
@@ -162,9 +162,15 @@ class Mailbox:
         message of another type is dropped and logged too."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            msg = self._next(deadline)
-            if msg is None:
-                return None
+            if self._ready or self.timers.heap:
+                msg = self._next(deadline)
+                if msg is None:
+                    return None
+            else:  # no timer: the queue alone, as before timers (through _next a get cost +0.25 us)
+                try:
+                    msg = self._queue.get(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    return None
             kind = msg.get(TYPE)
             if kind != CAST and kind != CALL:
                 timer = msg.get("timer") if kind == INFO else None

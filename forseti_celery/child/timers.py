@@ -26,14 +26,11 @@ class Timers:
     runs its handlers): the heap has no lock, :meth:`add` refuses any other thread."""
 
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, Timer]] = []
+        #: ``(due, order, timer)``, a heap; empty means no timer (read by the mailbox, written here only).
+        self.heap: list[tuple[float, int, Timer]] = []
         self._order = itertools.count()  # timers due at one instant fire in the order they were set
         self._stale = 0  # cancelled timers still in the heap
         self._thread = threading.get_ident()
-
-    def __bool__(self) -> bool:
-        """Whether any timer is in the heap (live or not yet discarded)."""
-        return bool(self._heap)
 
     def add(self, due: float, msg: object, interval: float | None, keep_alive: bool) -> Timer:
         """A new timer, first due at ``due`` (``time.monotonic()`` seconds)."""
@@ -41,12 +38,12 @@ class Timers:
             # The main thread may be waiting with no timeout; a timer set elsewhere would never wake it.
             raise RuntimeError("a keyed process's timers are set from its own thread (its handlers, its function)")
         timer = Timer(due, msg, interval, keep_alive, self._cancelled)
-        heapq.heappush(self._heap, (due, next(self._order), timer))
+        heapq.heappush(self.heap, (due, next(self._order), timer))
         return timer
 
     def wait(self, now: float) -> float | None:
         """Seconds until the next live timer is due (0 if one is), ``None`` without one."""
-        heap = self._heap
+        heap = self.heap
         while heap and not heap[0][2].active:
             heapq.heappop(heap)
             self._stale -= 1
@@ -55,7 +52,7 @@ class Timers:
     def due(self, now: float) -> list[Timer]:
         """The live timers due at ``now``, in due order; a repeating one is set again for its next
         tick (the one after ``now``: ticks missed by a busy process are skipped)."""
-        heap, fired = self._heap, []
+        heap, fired = self.heap, []
         while heap and heap[0][0] <= now:
             _, _, timer = heapq.heappop(heap)
             if not timer.active:
@@ -72,7 +69,7 @@ class Timers:
         # Counted as if still in the heap: a one-shot cancelled after it fired but before it was
         # handled is not, which only makes the next rebuild come a little early (it recounts).
         self._stale += 1
-        if self._stale > _COMPACT_FROM and self._stale * 2 > len(self._heap):
-            self._heap = [entry for entry in self._heap if entry[2].active]
-            heapq.heapify(self._heap)
+        if self._stale > _COMPACT_FROM and self._stale * 2 > len(self.heap):
+            self.heap = [entry for entry in self.heap if entry[2].active]
+            heapq.heapify(self.heap)
             self._stale = 0
