@@ -48,7 +48,7 @@ class KeyedCluster:
             hostnames=[f"k{i}-{tag}@{short_hostname()}" for i in range(1, n + 1)])
         self.app = client_app(broker_url, self.namespace)
         self.forseti = Forseti.of(self.app)
-        self.db = redis.Redis.from_url(record_url)
+        self.db = redis.Redis.from_url(record_url, decode_responses=True)
 
     def start(self) -> KeyedCluster:
         self.cluster.start()
@@ -70,7 +70,7 @@ class KeyedCluster:
         return int(self.db.get(record_key("inc", key, self.namespace)) or 0)
 
     def ends(self, key: str) -> list[str]:
-        return [r.decode() for r in self.db.lrange(record_key("end", key, self.namespace), 0, -1)]
+        return [str(r) for r in self.db.lrange(record_key("end", key, self.namespace), 0, -1)]
 
     def stop(self) -> list[int]:
         self.forseti.close()
