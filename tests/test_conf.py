@@ -229,3 +229,15 @@ def test_a_worker_with_a_bad_setting_stops_with_a_configuration_error_naming_it(
         assert "forseti_heartbeat must be a positive number of seconds, not 'fast'" in worker.log_text()
     finally:
         worker.stop()
+
+
+def test_the_lifecycle_settings_given_to_forseti_are_every_names_defaults() -> None:
+    app = Celery("explicit", set_as_current=False)
+    app.conf.update(forseti_restart="permanent", forseti_idle_timeout=5)
+    forseti = Forseti(app, restart="transient", max_restarts=0)
+
+    @forseti.keyed(name="own", restart="temporary")
+    def own(key: str) -> None: ...
+
+    assert forseti.policy("other") == KeyPolicy(5.0, "transient", 0, 60.0)
+    assert forseti.policy("own") == KeyPolicy(5.0, "temporary", 0, 60.0)
