@@ -84,8 +84,8 @@ def test_keys_lists_every_process_with_node_and_pid_and_filters_by_node_and_name
     assert {k["node"] for k in on_node} == {counter.node} and counter.key in {k["key"] for k in on_node}
 
     table = rows(cli(h, "keys", "--node", hostnames(h), "--name", "default", "--timeout", "10").stdout)
-    assert table == [["NODE", "NAME", "KEY", "PID", "UPTIME", "MESSAGES"],
-                     [counter.node, "default", counter.key, str(counter.pid), table[1][4], "0"],
+    assert table == [["NODE", "NAME", "KEY", "PID", "UPTIME", "MESSAGES", "RESTARTS"],
+                     [counter.node, "default", counter.key, str(counter.pid), table[1][4], "0", "0"],
                      ["1 keyed process on 2 workers"]]
     assert table[1][4].endswith(("seconds", "minutes"))
     counter.stop()

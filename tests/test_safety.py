@@ -323,7 +323,7 @@ def test_an_order_a_leader_gives_its_own_worker_is_handled_after_the_leader_retu
         seen.append(("report", None, in_leader()))
         return registry_report()
 
-    def spawn(name: str, key: str, args: list[Any], sid: str, waiters: Any = None) -> None:
+    def spawn(name: str, key: str, args: list[Any], sid: str, waiters: Any = None, *held: Any) -> None:
         seen.append((key, args, in_leader()))
 
     node.children.registry_report = reported  # type: ignore[method-assign]

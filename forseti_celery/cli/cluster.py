@@ -89,7 +89,7 @@ def status(obj: Any, as_json: bool, timeout: float) -> None:
 @options(1.0, "Seconds to wait for the workers' answers.")
 @click.pass_obj
 def keys(obj: Any, nodes: list[str] | None, name: str | None, as_json: bool, timeout: float) -> None:
-    """List keyed processes: node, name, key, pid, uptime, messages.
+    """List keyed processes: node, name, key, pid, uptime, messages, restarts.
 
     Asks every worker on the broker (or only the --node ones) and keeps those of
     the app's namespace. Exits 3 when no worker of the app's namespace (or not every --node) answers.
@@ -119,9 +119,10 @@ def keys(obj: Any, nodes: list[str] | None, name: str | None, as_json: bool, tim
         if as_json:
             print_json(obj, rows)
         else:
-            table(obj, ["NODE", "NAME", "KEY", "PID", "UPTIME", "MESSAGES"],
+            table(obj, ["NODE", "NAME", "KEY", "PID", "UPTIME", "MESSAGES", "RESTARTS"],
                    [[r["node"], r["name"], r["key"], r["pid"] if r["started"] else f"{r['pid']} (starting)",
-                     humanize_seconds(r["uptime"], microseconds=True), r["messages"]] for r in rows])
+                     humanize_seconds(r["uptime"], microseconds=True), r["messages"],
+                     r.get("restarts", 0)] for r in rows])  # (0: a worker older than restarts)
             obj.echo(f"\n{count(len(rows), 'keyed process')} on {count(len(answered), 'worker')}")
         return
     if not missing:

@@ -22,7 +22,8 @@ __all__ = ["describe", "keys", "stop_key"]
 
 
 def describe(child: Child, now: float) -> dict[str, Any]:
-    """One keyed process as ``forseti_keys`` lists it (``uptime`` in seconds since it was given its key)."""
+    """One keyed process as ``forseti_keys`` lists it (``uptime`` in seconds since it was given its
+    key; ``restarts``, times the leader restarted its key)."""
     return {
         "key": child.key,
         "name": child.name,
@@ -30,6 +31,7 @@ def describe(child: Child, now: float) -> dict[str, Any]:
         "uptime": round(max(0.0, now - child.started_at), 3),
         "messages": child.messages,
         "started": child.started,  # False while its init runs
+        "restarts": child.restarts,  # times the leader restarted its key (its restart policy)
     }
 
 

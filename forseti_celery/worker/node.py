@@ -36,13 +36,14 @@ from ..core.conf import ChildConfig
 from ..core.consumer import ConsumerLoop
 from ..core.errors import BrokerUnavailable, DuplicateWorker
 from ..core.signing import signer_for
-from ..core.worker_messages import Bye, Heartbeat, Leads, Ping, Report
+from ..core.worker_messages import Bye, Heartbeat, Leads, Ping, Report, Spawn
 from .election import election_for
 from .events import EventSender
 from .leader import Leader
 from .liveness import Liveness, check_alone
 from .membership import Members
 from .pool.children import Children
+from .restarts import policy_of
 from .role import Role
 from .sending import Sender
 
@@ -83,7 +84,8 @@ class Node:
         self.sender = Sender(app.connection_for_write(), self.names, self.signer)
         self.publisher = self.sender.publisher  # remote control publishes a stop with it
         self.election = election_for(driver, app.connection_for_write(), f"{s.namespace}:leader", s.lease, hostname)
-        self.leader = Leader(hostname, self.members, self._send_node, self.sender.to_queue)
+        self.leader = Leader(hostname, self.members, self._send_node, self.sender.to_queue, policy_of(forseti),
+                             self.events.send)
         self.children = Children(hostname, forseti.resolve, self.sender.publish_many, self.names.leader,
                                  self.events.send, ChildConfig.from_settings(s))
         self.liveness = Liveness(hostname, s, self.members, self.children)
@@ -293,8 +295,9 @@ class Node:
         parallel to ``procs``, which a leader older than this field ignores)."""
         if int(msg["epoch"]) != self.epoch:
             self.role.backed(int(msg["epoch"]), msg["leader"])
-        procs, args = self.children.registry_report()
-        self._send_node(msg["leader"], Report(self.hostname, self.epoch, procs, msg.get("q", 0), args).to_wire())
+        procs, args, restarts = self.children.registry_report()
+        self._send_node(msg["leader"], Report(self.hostname, self.epoch, procs, msg.get("q", 0), args,
+                                              restarts).to_wire())
 
     def _spawn(self, msg: Message) -> None:
         epoch = int(msg["epoch"])
@@ -310,7 +313,9 @@ class Node:
             # Stopping, cut off, or not sure we are heard: the leader places it elsewhere.
             self.children.spawn_failed(msg["n"], msg["k"], msg["sid"], "unavailable")
             return
-        self.children.spawn(msg["n"], msg["k"], msg.get("a", []), msg["sid"], msg.get("w"))
+        order = Spawn.from_wire(msg)  # a restart is held for its back-off (after) by the pool
+        self.children.spawn(msg["n"], msg["k"], msg.get("a", []), msg["sid"], msg.get("w"), order.hold,
+                            order.restart_count)
 
     def _heard(self, hb: Message) -> None:
         ours = hb["node"] == self.hostname and hb["inc"] == self.incarnation

@@ -78,6 +78,8 @@ def stats(node: Node) -> dict[str, Any]:
         "spares": node.children.spares,
         "starts": node.children.starts,
         "exits": node.children.exits,
+        # Restarts (restart policies) of the keys running here, by the count each carries.
+        "restarts": sum(c.restarts for c in procs),
         "epoch": node.epoch,
         "members": sorted(m.hostname for m in node.members),
         # Worker messages without a valid signature, per reason (None: no worker secret set).
@@ -106,5 +108,6 @@ def _readable(section: dict[str, Any]) -> dict[str, str]:
         "forseti keys": f"{section['total']}: {by_name}" if by_name else "0",
         "forseti spares": str(section["spares"]),
         "forseti starts": f"{section['starts']} started, {section['exits']} exited",
+        "forseti restarts": f"{section['restarts']} (of the keys running here)",
         "forseti members": f"{len(section['members'])}: {', '.join(section['members'])}",
     }

@@ -63,21 +63,26 @@ class Children:
         self._spawner.start()
 
     # -- from the consumer thread ---------------------------------------------------------
-    def spawn(self, name: str, key: str, args: list[Any], sid: str, waiters: list[list[str]] | None = None) -> None:
+    def spawn(self, name: str, key: str, args: list[Any], sid: str, waiters: list[list[str]] | None = None,
+              after: float = 0.0, restarts: int = 0) -> None:
         """Start a keyed process for ``(name, key)`` unless one runs here already; ``waiters``
-        are answered directly once it has started.
+        are answered directly once it has started. A restart (its ``restarts`` count) is held
+        ``after`` seconds first, a pending order meanwhile (in the registry report).
 
         A spare takes the key at once (a pipe write); otherwise the fork happens on the
         spawner thread, so the consumer thread (and the leader living on it) never waits for one.
         """
         k = (name, key)
         waiters = list(waiters or ())
-        self._spawner.busy_at = time.monotonic()
+        now = self._spawner.busy_at = time.monotonic()
         with self._table.lock:
-            if k not in self._table.by_key and self._spawner.assign_spare(name, key, args, sid, waiters):
+            if not after and k not in self._table.by_key and self._spawner.assign_spare(name, key, args, sid, waiters):
+                self._table.by_key[k].restarts = restarts
                 return  # the watcher has the next spare forked once this one's answers are out
             self._table.pending[k] = (sid, args)
-        self._spawner.order(name, key, args, sid, waiters)
+            if restarts:
+                self._table.restarts[k] = restarts
+        self._spawner.order(name, key, args, sid, waiters, restarts, now + after if after else 0.0)
 
     def deliver(self, batches: dict[Key, list[dict[str, Any]]]) -> None:
         """Forward casts/calls/stops, grouped per key, each group in one frame; never waits for a
@@ -132,9 +137,13 @@ class Children:
             self._reports.not_there(k[0], k[1], [m["r"], m["c"]])
 
     def stop_all(self, reason: str, grace: float) -> bool:
-        """Stop every keyed process (``terminate`` runs); True if all exits reached the broker."""
+        """Stop every keyed process (``terminate`` runs); True if all exits reached the broker.
+        Restarts held for their back-off are dropped: the leader places them again once this
+        worker has left."""
         with self._table.lock:
             keys = list(self._table.by_key)
+            for k in self._table.restarts:
+                self._table.pending.pop(k, None)
         self.deliver({k: [StopChild(reason, grace).to_wire()] for k in keys})
         deadline = time.monotonic() + grace + 3.0
         while time.monotonic() < deadline:
@@ -182,8 +191,9 @@ class Children:
         Two calls see two moments: :meth:`registry_report` has both lists of one moment."""
         return self.registry_report()[1]
 
-    def registry_report(self) -> tuple[list[list[Any]], list[list[Any] | None]]:
-        """:meth:`registry` and :meth:`registry_args` of one moment (parallel lists)."""
+    def registry_report(self) -> tuple[list[list[Any]], list[list[Any] | None], list[int]]:
+        """:meth:`registry`, :meth:`registry_args` and each entry's restart count, of one moment
+        (parallel lists)."""
         with self._table.lock:
             return self._table.report()
 

@@ -20,6 +20,8 @@ a fork or a read that finds it ended). What the threads share is in the
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import os
 import queue
 import threading
@@ -44,8 +46,9 @@ logger = get_logger(__name__)
 
 __all__ = ["Spawner"]
 
-_Order = tuple[str, str, list[Any], str, list[list[str]]]  # name, key, args, sid, waiters
-_REFILL: _Order = ("", "", [], "", [])  # the spawner's cue to fork spares up to the target
+#: name, key, args, sid, waiters, restarts, and when it is due (``time.monotonic()``; 0: now)
+_Order = tuple[str, str, list[Any], str, list[list[str]], int, float]
+_REFILL: _Order = ("", "", [], "", [], 0, 0.0)  # the spawner's cue to fork spares up to the target
 _QUIET = 0.01  # seconds without spawns or deliveries before the worker forks a spare itself (one left)
 _RETRY_FIRST, _RETRY_MAX = 0.25, 8.0  # seconds before a spare is forked again after a failed fork (doubling)
 
@@ -99,9 +102,11 @@ class Spawner:
         if self.zygote is not None:
             self.zygote.stop()
 
-    def order(self, name: str, key: str, args: list[Any], sid: str, waiters: list[list[str]]) -> None:
-        """Start a keyed process for the key (the spawner thread forks it)."""
-        self._orders.put((name, key, args, sid, waiters))
+    def order(self, name: str, key: str, args: list[Any], sid: str, waiters: list[list[str]], restarts: int = 0,
+              due: float = 0.0) -> None:
+        """Start a keyed process for the key (the spawner thread forks it), at ``due`` if given
+        (a restart's back-off: held by the spawner thread, no thread or wake-up of its own)."""
+        self._orders.put((name, key, args, sid, waiters, restarts, due))
 
     def refill(self) -> None:
         """Fork spares up to the target (any thread)."""
@@ -137,12 +142,19 @@ class Spawner:
         # Long-lived on purpose: PR_SET_PDEATHSIG fires when the thread that forked exits.
         refill = False
         backoff = _RETRY_FIRST
+        held: list[tuple[float, int, _Order]] = []  # restarts held for their back-off, soonest first
+        tie = itertools.count()
         while True:
+            now = time.monotonic()
+            waits = ([self._refill_wait()] if refill else []) + ([held[0][0] - now] if held else [])
             try:
-                order = self._orders.get(timeout=self._refill_wait() if refill else None)
+                if held and held[0][0] <= now:
+                    order: _Order | None = heapq.heappop(held)[2]
+                else:
+                    order = self._orders.get(timeout=max(0.0, min(waits)) if waits else None)
             except queue.Empty:  # time to fork a spare, unless the worker got busy meanwhile
-                if self._refill_wait() > 0:
-                    continue
+                if not refill or self._refill_wait() > 0:
+                    continue  # (or a held order is due)
                 try:
                     refill = self._fork_spare()
                 except Exception as exc:
@@ -161,7 +173,16 @@ class Spawner:
             if order is _REFILL:
                 refill = True
                 continue
-            name, key, args, sid, waiters = order
+            name, key, args, sid, waiters, restarts, due = order
+            if due > time.monotonic():
+                heapq.heappush(held, (due, next(tie), order))
+                continue
+            if due:
+                with self._table.lock:  # dropped (its worker stops) or superseded meanwhile?
+                    if self._table.pending.get((name, key), ("",))[0] != sid:
+                        if (name, key) not in self._table.pending:
+                            self._table.restarts.pop((name, key), None)
+                        continue
             try:
                 self._spawn(name, key, args, sid, waiters)
             except Exception as exc:
@@ -171,6 +192,10 @@ class Spawner:
                 with self._table.lock:
                     if self._table.pending.get((name, key), ("",))[0] == sid:
                         del self._table.pending[(name, key)]
+                        self._table.restarts.pop((name, key), None)
+                        c = self._table.by_key.get((name, key))
+                        if c is not None and c.sid == sid and restarts:
+                            c.restarts = restarts
 
     def _refill_wait(self) -> float:
         # Forking here, with a spare still at hand, waits until the worker has been quiet for a

@@ -59,6 +59,8 @@ class Child:
     #: (table) When it is killed if it has not ended by then (asked to stop).
     kill_at: float | None = None
     gone: bool = False  # (table): reaped
+    #: (table) Times the leader restarted its key (the spawn order's ``restarts``), reported back.
+    restarts: int = 0
     #: (table) Callers to answer directly when it has started (``[reply queue, correlation id]``).
     waiters: list[list[str]] = field(default_factory=list)
     #: (table) Forked ahead, waiting for a key.
@@ -88,6 +90,8 @@ class Table:
         self.by_key: dict[Key, Child] = {}
         #: Ordered, not forked yet: ``(name, key)`` -> ``(sid, args)``.
         self.pending: dict[Key, tuple[str, list[Any]]] = {}
+        #: The restart count of each pending order of a restarted key (see :attr:`Child.restarts`).
+        self.restarts: dict[Key, int] = {}
         #: Spares forked and waiting for a key, oldest first.
         self.spares: deque[Child] = deque()
         #: Forked, not polled by the watcher yet (it takes them on its next round).
@@ -95,17 +99,19 @@ class Table:
         #: Asked to stop, with a kill deadline (:attr:`Child.kill_at`).
         self.dying: set[Child] = set()
 
-    def report(self) -> tuple[list[list[Any]], list[list[Any] | None]]:
+    def report(self) -> tuple[list[list[Any]], list[list[Any] | None], list[int]]:
         """``[name, key, pid or None while starting, sid]`` of every process here, ordered ones
-        not forked yet included, and each one's init args (a parallel list, ``None`` where
-        unknown). Under :attr:`lock`."""
+        not forked yet included (a restart held for its back-off too), each one's init args (a
+        parallel list, ``None`` where unknown) and restart count (parallel). Under :attr:`lock`."""
         procs = [[c.name, c.key, c.pid if c.started else None, c.sid] for c in self.by_key.values()]
         args: list[list[Any] | None] = [c.args for c in self.by_key.values()]
+        restarts = [c.restarts or self.restarts.get((c.name, c.key), 0) for c in self.by_key.values()]
         for (name, key), (sid, a) in self.pending.items():
             if (name, key) not in self.by_key:
                 procs.append([name, key, None, sid])
                 args.append(a)
-        return procs, args
+                restarts.append(self.restarts.get((name, key), 0))
+        return procs, args, restarts
 
     def inherited_fds(self) -> list[int]:
         """The worker's ends of every child's pipe (a new fork must close them). Under :attr:`lock`."""
