@@ -1,7 +1,9 @@
 """The Celery app the benchmark's workers run (``celery -A benchmarks.app worker``).
 
 A keyed process that echoes and counts, and a task that echoes, so the benchmark
-measures forseti_celery's own overhead and Celery's, not user code. The broker
+measures forseti_celery's own overhead and Celery's, not user code. The keyed process
+is also registered as ``"idle"`` (passivates after :data:`IDLE_TIMEOUT`) and as
+``"transient"`` (restarted after an abnormal end) for the lifecycle rows. The broker
 comes from ``FORSETI_BROKER_URL`` and the namespace from ``FORSETI_NAMESPACE``;
 every ``forseti_*`` setting keeps its library default unless ``FORSETI_HEARTBEAT``,
 ``FORSETI_NODE_TIMEOUT`` or ``FORSETI_LEASE`` says otherwise; ``FORSETI_WORKER_SECRET`` (set
@@ -18,6 +20,8 @@ from celery.app.backends import by_url
 
 from forseti_celery import Forseti, KeyedProcess
 
+#: ``idle_timeout`` of the name ``"idle"`` (rows 11, 11a: a key brought back after passivation).
+IDLE_TIMEOUT = 0.2
 #: Extra result backend (a Redis URL) for :data:`echo_redis`, so one run can time both backends.
 REDIS_BACKEND_ENV = "FORSETI_BENCH_REDIS_BACKEND"
 
@@ -58,7 +62,11 @@ def make_app(broker_url: str | None, namespace: str, redis_backend: str | None =
         if value:
             app.conf[f"forseti_{setting}"] = float(value)
     app.conf.forseti_worker_secret = os.environ.get("FORSETI_WORKER_SECRET") or None
-    Forseti(app).keyed(Echo)
+    forseti = Forseti(app)
+    forseti.keyed(Echo)
+    # The lifecycle rows (issue 12): a name that passivates at once, and one restarted after a crash.
+    forseti.keyed(name="idle", idle_timeout=IDLE_TIMEOUT)(Echo)
+    forseti.keyed(name="transient", restart="transient")(Echo)
 
     @app.task(name="benchmarks.echo", shared=False)  # type: ignore[untyped-decorator]
     def echo(x: Any) -> Any:

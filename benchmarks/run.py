@@ -92,6 +92,8 @@ class Row:
     #: Which result of the Celery/Ray columns this row is compared with.
     celery: str | None = None
     ray: str | None = None
+    #: Another forseti row this one is checked against (the check's second argument).
+    versus: str | None = None
 
 
 def _half_of_task(value: float, task: float | None) -> bool:
@@ -125,6 +127,14 @@ ROWS = [
     Row("failover_new", "8c   role passed -> new key created", "s"),
     Row("cli_get", "9  `celery forseti get`, whole command", "ms"),
     Row("cli_help", "9a   start-up alone (`forseti --help`)", "ms"),
+    Row("ka_call", "10 key-addressed call, live key", "ms", target="<= 1.1x row 4",
+        check=lambda v, base: base is not None and v <= 1.1 * base, versus="call"),
+    Row("ka_revive", "11 passivated key, key-addressed call", "ms", target="<= 2x row 1",
+        check=lambda v, base: base is not None and v <= 2 * base, versus="cold"),
+    Row("ka_revive_held", "11a   same, sends were on its route", "ms", target="<= 2x row 1",
+        check=lambda v, base: base is not None and v <= 2 * base, versus="cold"),
+    Row("restart", "12 restart after kill -9, transient", "ms", target="<= 100 ms + 0.1 s",
+        check=lambda v, _: v <= 200),
 ]
 
 
@@ -207,16 +217,17 @@ class Sizes:
     ray_batch: int
     ray_fresh: int
     ray_sends: int
+    lifecycle: int
 
     @classmethod
     def pick(cls, quick: bool, many: int | None) -> Sizes:
         if quick:
             return cls(cold=5, batches=1, thread_batches=1, fresh=1, warm=50, rtt=50, tasks=50, sends=1000,
                        send_reps=1, task_tput=100, many=many or 150, many_lookups=30, many_budget=10, ray_cold=2,
-                       ray_batch=5, ray_fresh=1, ray_sends=500)
+                       ray_batch=5, ray_fresh=1, ray_sends=500, lifecycle=5)
         return cls(cold=30, batches=5, thread_batches=5, fresh=9, warm=500, rtt=500, tasks=300, sends=5000,
                    send_reps=3, task_tput=250, many=many or 1000, many_lookups=200, many_budget=75, ray_cold=6,
-                   ray_batch=50, ray_fresh=3, ray_sends=5000)
+                   ray_batch=50, ray_fresh=3, ray_sends=5000, lifecycle=20)
 
 
 # --- forseti_celery and Celery --------------------------------------------------------------
@@ -384,6 +395,11 @@ class ForsetiBench:
         measure(r, "lookup_fresh", self.fresh_lookups)
         measure(r, "cli_get", self.cli_commands)
         self.round_trips()
+        measure(r, "ka_revive", lambda: [1000 * timed(self._revive(f"revive-{i}", sends=False))
+                                         for i in range(s.lifecycle)])
+        measure(r, "ka_revive_held", lambda: [1000 * timed(self._revive(f"held-{i}", sends=True))
+                                              for i in range(s.lifecycle)])
+        measure(r, "restart", self.restarts)
         measure(r, "task_tput", self.task_throughput)
         measure(r, "send", self.send_throughput)
         measure(r, "uss", lambda: [uss_mib(x.pid) for x in self.refs[:20]])
@@ -415,6 +431,7 @@ class ForsetiBench:
         samplers: dict[str, tuple[Callable[[int], Any], int]] = {
             "call": (lambda i: ref.call(i), s.rtt),
             "lookup_warm": (lambda _: self.forseti.get_key(key), s.warm),
+            "ka_call": (lambda i: self.forseti.call(key, i), s.rtt),
         }
         for backend, name in self.task_names.items():
             samplers[f"task {backend}"] = (self._task_call(name), s.tasks)
@@ -435,10 +452,10 @@ class ForsetiBench:
                                   f"the table uses {best}, the faster")
             self.task_backend = best
             r["task_rt"] = Stat(tasks[best], note=best)
-        for name in ("call", "lookup_warm"):
+        for name in ("call", "lookup_warm", "ka_call"):
             if name not in r:
                 r[name] = Stat(samples[name])
-        for name in ("task_rt", "call", "lookup_warm"):
+        for name in ("task_rt", "call", "lookup_warm", "ka_call"):
             stat = r.get(name, Stat(note="failed"))
             log(f"  {name}: " + (f"median {stat.median:.4g} p90 {stat.p90:.4g}" if stat.ok else stat.note))
         log(f"  (round trips: {time.monotonic() - t0:.1f} s)")
@@ -475,6 +492,45 @@ class ForsetiBench:
         rate = len(keys) / (time.perf_counter() - t0)
         self.refs.extend(refs)
         return rate
+
+    def _revive(self, key: str, sends: bool) -> Callable[[], Any]:
+        """Create ``key`` of the name "idle" with a key-addressed call (after sends on its route
+        if ``sends``), wait until it has passivated and the leader freed it; return the timed
+        part: the key-addressed call that brings it back (through the old worker if ``sends``)."""
+        if sends:
+            self.forseti.send(key, "x", name="idle")
+        self.forseti.call(key, 0, name="idle")
+        if not wait_until(lambda: self.forseti.search_key(key, name="idle") is None, 10):
+            raise RuntimeError(f"{key!r} never passivated")
+        if not sends:  # its exit event ends the route, as it ends the cached ref
+            wait_until(lambda: self.forseti.client._routes.get("idle", key) is None, 2)
+        return lambda: self.forseti.call(key, 1, name="idle")
+
+    def restarts(self) -> Stat:
+        """kill -9 of a transient key's process: ms until the leader lists its restarted process
+        (the restart's back-off included: 0.1 s, the first restart of a key)."""
+        import signal
+
+        out = []
+        for i in range(self.sizes.lifecycle):
+            key = f"restart-{i}"
+            ref = self.forseti.get_key(key, name="transient")
+            pid = ref.call("pid")
+            t0 = time.perf_counter()
+            os.kill(pid, signal.SIGKILL)
+            restarted = None
+            deadline = t0 + 3
+            while restarted is None and time.perf_counter() < deadline:
+                found = self.forseti.search_key(key, name="transient", timeout=2)
+                if found is not None and found.pid != pid:
+                    restarted = found
+                else:
+                    time.sleep(0.005)
+            if restarted is None:
+                return Stat(note="n/a (not restarted within 3 s)")
+            out.append((time.perf_counter() - t0) * 1000)
+            restarted.stop()
+        return Stat(out)
 
     def fresh_lookups(self) -> Stat:
         """A new Python process builds the client and looks up two existing keys (times sent back)."""
@@ -829,9 +885,10 @@ def render(run: ForsetiRun, ray_results: Results, ray_status: str, ray_notes: li
         task = r.get(row.celery) if row.celery else None
         ray = ray_results.get(row.ray) if row.ray else None
         ray_cell = cell(ray) if ray_results else (ray_status if row.ray else "-")
+        base = r.get(row.versus) if row.versus else task
         mark = ""
         if row.check is not None and mine is not None and mine.ok:
-            mark = "PASS" if row.check(mine.median, task.median if task and task.ok else None) else "FAIL"
+            mark = "PASS" if row.check(mine.median, base.median if base and base.ok else None) else "FAIL"
         lines.append([row.label.replace(" N ", f" {run.many:,} ") if run.many else row.label, row.unit,
                       cell(mine), cell(task), ray_cell, ratio(row, mine, task), ratio(row, mine, ray),
                       row.target, mark])
