@@ -28,7 +28,7 @@ from forseti_celery import (
     StartError,
     UnknownName,
 )
-from forseti_celery.client.routes import RouteTable
+from forseti_celery.client.routes import Route, RouteTable
 from forseti_celery.testing import Cluster, short_hostname, wait_for
 
 from .helpers import ROOT, client_app, fresh
@@ -203,12 +203,22 @@ def _ref(node: str, pid: int, key: str = "k") -> KeyRef:
     return KeyRef(node, pid, key, "n", "ns")
 
 
+def _open(routes: RouteTable, ref: KeyRef, cast: bool) -> tuple[Route, int]:
+    """Open a route to ``ref`` and take it for one message."""
+    routes.open(ref)
+    taken = routes.take(ref.name, ref.key, cast)
+    assert taken is not None
+    return taken
+
+
 def test_a_route_moves_only_on_a_notice_from_its_own_worker_that_covers_what_was_sent_on_it() -> None:
     routes = RouteTable()
-    route = routes.open(_ref("a", 1))
-    assert routes.open(_ref("b", 2)) is route  # another thread's resolution loses to the open route
-    routes.sent(route, cast=True)
-    last = routes.sent(route, cast=True)
+    route, first = _open(routes, _ref("a", 1), cast=True)
+    routes.open(_ref("b", 2))  # another thread's resolution loses to the open route
+    taken = routes.take("n", "k", cast=True)
+    assert taken is not None and taken[0] is route
+    last = taken[1]
+    assert last > first
     assert not routes.moved("n", "k", "a", 1, _ref("b", 2), last - 1)  # one still on its way to a
     assert not routes.moved("n", "k", "c", 9, _ref("b", 2), last)  # not this route's process
     assert routes.get("n", "k") is route
@@ -220,8 +230,8 @@ def test_a_route_moves_only_on_a_notice_from_its_own_worker_that_covers_what_was
 
 def test_an_exit_drops_a_route_only_when_nothing_sent_on_it_is_outstanding() -> None:
     routes = RouteTable()
-    route = routes.open(_ref("a", 1))
-    routes.sent(route, cast=False)
+    assert routes.take("n", "k", cast=False) is None
+    route, _ = _open(routes, _ref("a", 1), cast=False)
     routes.exited("n", "k", "a", 1)
     assert routes.get("n", "k") is route  # a call still waits for its answer
     routes.answered(route)
@@ -229,8 +239,7 @@ def test_an_exit_drops_a_route_only_when_nothing_sent_on_it_is_outstanding() -> 
     assert routes.get("n", "k") is route  # another process's exit
     routes.exited("n", "k", "a", 1)
     assert routes.get("n", "k") is None
-    route = routes.open(_ref("a", 3))
-    routes.sent(route, cast=True)
+    route, _ = _open(routes, _ref("a", 3), cast=True)
     routes.exited("n", "k", "a", 3)
     assert routes.get("n", "k") is route  # a send may wait at the old worker: its notice moves it
     routes.node_lost("b")
@@ -241,12 +250,10 @@ def test_an_exit_drops_a_route_only_when_nothing_sent_on_it_is_outstanding() -> 
 
 def test_a_crash_answered_to_a_call_ends_its_route_unless_a_send_may_wait_on_it() -> None:
     routes = RouteTable()
-    route = routes.open(_ref("a", 1))
-    routes.sent(route, cast=False)
+    route, _ = _open(routes, _ref("a", 1), cast=False)
     routes.answered(route, ended=True)
     assert routes.get("n", "k") is None
-    route = routes.open(_ref("a", 2))
-    routes.sent(route, cast=True)
-    routes.sent(route, cast=False)
+    route, _ = _open(routes, _ref("a", 2), cast=True)
+    assert routes.take("n", "k", cast=False) is not None
     routes.answered(route, ended=True)
     assert routes.get("n", "k") is route

@@ -189,12 +189,10 @@ class Client:
         t = self._timeout(timeout, self.settings.call_timeout)
         deadline = time.monotonic() + t
         while True:
-            route = self._route(key, args, name, t)
+            route, seq = self._route(key, args, name, t, cast=False)
             ref = route.ref
             t = max(deadline - time.monotonic(), 0.001)  # what creating the process left
-            reply_to, corr, wall = self._ticket(t)
-            call = Call(ref.name, ref.key, ref.pid, reply_to, corr, wall, NO_VALUE, True, args,
-                        self._routes.sent(route, cast=False))
+            call = Call(ref.name, ref.key, ref.pid, *self._ticket(t), NO_VALUE, True, args, seq)
             ended = False
             try:
                 return self._request(self._node_rk(ref), call, t, resend=False, what="message", payload=msg)
@@ -217,9 +215,9 @@ class Client:
         """``forseti_celery.send``: ``msg`` to ``(name, key)``'s process, created with ``args``
         if there is none (waiting for that as ``get_key`` does), without waiting for it."""
         args = self._key_args(key, name, args)
-        route = self._route(key, args, name, self.settings.timeout)
+        route, seq = self._route(key, args, name, self.settings.timeout, cast=True)
         ref = route.ref
-        envelope = Cast.envelope(ref.name, ref.key, ref.pid, args, self._routes.sent(route, cast=True), self._reply_rk)
+        envelope = Cast.envelope(ref.name, ref.key, ref.pid, args, seq, self._reply_rk)
         self._sender.put(self._node_rk(ref), encode_message(envelope, "message", self._max_size, payload=msg))
 
     def _key_args(self, key: Any, name: Any, args: Any) -> list[Any]:
@@ -231,13 +229,14 @@ class Client:
         check_json(checked, "args", self._max_size)
         return checked
 
-    def _route(self, key: str, args: list[Any], name: str, timeout: float) -> Route:
-        """Where this client's next message to ``(name, key)`` goes: its route, or the ref
-        ``get_key`` gives (created on demand)."""
-        route = self._routes.get(name, key)
-        if route is None:
-            route = self._routes.open(self.get_key(key, args, name, timeout))
-        return route
+    def _route(self, key: str, args: list[Any], name: str, timeout: float, cast: bool) -> tuple[Route, int]:
+        """Where this client's next message to ``(name, key)`` goes, and its sequence number:
+        the key's route, opened to the ref ``get_key`` gives (created on demand) if none."""
+        while True:
+            taken = self._routes.take(name, key, cast)
+            if taken is not None:
+                return taken
+            self._routes.open(self.get_key(key, args, name, timeout))
 
     def _moved(self, notice: Message) -> None:
         """A worker forwarded this client's messages for a key to its next incarnation."""

@@ -53,22 +53,29 @@ class RouteTable:
         """The key's route, if it has one."""
         return self._routes.get((name, key))
 
-    def open(self, ref: KeyRef) -> Route:
-        """The route of ``ref``'s key: the one another thread opened meanwhile, else ``ref``'s."""
+    def open(self, ref: KeyRef) -> None:
+        """Open a route to ``ref`` for its key, unless another thread opened one meanwhile."""
         with self._lock:
-            return self._routes.setdefault((ref.name, ref.key), Route(ref))
+            self._routes.setdefault((ref.name, ref.key), Route(ref))
 
-    def sent(self, route: Route, cast: bool) -> int:
-        """A new sequence number for a message about to go along ``route`` (a cast, or a call,
-        which :meth:`answered` settles)."""
+    def take(self, name: str, key: str, cast: bool) -> tuple[Route, int] | None:
+        """The key's route and a new sequence number for a message about to go along it (a
+        cast, or a call, which :meth:`answered` settles); None if the key has no route.
+
+        One step under the lock: a notice cannot move the route between the two, and once
+        the message's number is the route's last, no notice moves it before that message
+        has reached the old worker (it must cover the number)."""
         with self._lock:
+            route = self._routes.get((name, key))
+            if route is None:
+                return None
             self._seq += 1
             route.last = self._seq
             if cast:
                 route.casts = True
             else:
                 route.calls += 1
-            return self._seq
+            return route, self._seq
 
     def answered(self, route: Route, ended: bool = False) -> None:
         """A call sent along ``route`` has its answer (or its caller gave up); ``ended``: the
