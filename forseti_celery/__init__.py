@@ -90,8 +90,8 @@ def call(key: str, msg: Any, *, name: str = "default", args: Sequence[Any] = (),
     messages one client sends to one key are handled in order, across incarnations. A
     call the process had taken when it crashed is not replayed: :class:`RemoteError`.
     ``timeout`` (default ``forseti_call_timeout``) covers the whole call, creating the
-    process included. Raises as :meth:`KeyRef.call` and :func:`get_key` do. See the
-    Lifecycle page of the docs.
+    process included. Raises as :meth:`KeyRef.call` and :func:`get_key` do. See
+    :doc:`/lifecycle`.
     """
     return Forseti.of(app).call(key, msg, name=name, args=args, timeout=timeout)
 
