@@ -8,6 +8,7 @@ so a test can tell which messages every incarnation of a key took, and in which 
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -257,3 +258,15 @@ def test_a_crash_answered_to_a_call_ends_its_route_unless_a_send_may_wait_on_it(
     assert routes.take("n", "k", cast=False) is not None
     routes.answered(route, ended=True)
     assert routes.get("n", "k") is route
+
+
+def test_a_route_whose_process_ended_with_sends_on_it_goes_once_unused_for_the_linger() -> None:
+    routes = RouteTable(linger=0.2)
+    route, _ = _open(routes, _ref("a", 1), cast=True)
+    routes.exited("n", "k", "a", 1)
+    assert routes.get("n", "k") is route  # a send may still wait at the old worker
+    other, _ = _open(routes, _ref("a", 2, key="other"), cast=True)
+    time.sleep(0.25)
+    routes.exited("n", "other", "b", 9)  # any exit event sweeps
+    assert routes.get("n", "k") is None
+    assert routes.get("n", "other") is other  # its process has not ended

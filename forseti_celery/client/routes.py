@@ -12,7 +12,9 @@ route changes only when that cannot reorder this client's messages to the key:
   a lost subscription to exit events (a dead worker may have gone unannounced):
   the next message resolves the key again;
 * the exit of the route's process when nothing on the route is outstanding: every
-  message sent on it was a call, already answered.
+  message sent on it was a call, already answered; else, :data:`LINGER` seconds
+  after the last message sent on it (the old worker has long forwarded it), so
+  that a client does not keep a route for every key it ever sent to.
 
 One lock guards the table; the caller's threads and the client's consumer thread
 (notices, exit events) take it briefly and never block under it.
@@ -21,10 +23,16 @@ One lock guards the table; the caller's threads and the client's consumer thread
 from __future__ import annotations
 
 import threading
+import time
+from collections import deque
 
 from ..core.keyref import KeyRef
 
-__all__ = ["Route", "RouteTable"]
+__all__ = ["LINGER", "Route", "RouteTable"]
+
+#: Seconds a route whose process has ended is kept after the last message sent on it: as long as
+#: the old worker redirects what still reaches it (``worker.forwarding.REDIRECT_FOR``).
+LINGER = 60.0
 
 _Key = tuple[str, str]
 
@@ -32,22 +40,27 @@ _Key = tuple[str, str]
 class Route:
     """Where a key's messages go: ``ref``, with the seq of the last message sent on it."""
 
-    __slots__ = ("calls", "casts", "last", "ref")
+    __slots__ = ("at", "calls", "casts", "ended", "last", "ref")
 
     def __init__(self, ref: KeyRef) -> None:
         self.ref = ref
         self.last = 0  #: seq of the last message sent on this route (0: none yet)
+        self.at = 0.0  #: when (monotonic) that message was sent
         self.casts = False  #: a send went this way: its order must be kept until a notice covers it
         self.calls = 0  #: calls sent on this route and not answered yet
+        self.ended = False  #: its process has exited (the route lingers, see LINGER)
 
 
 class RouteTable:
     """``(name, key) -> Route``, and this client's sequence numbers; safe from many threads."""
 
-    def __init__(self) -> None:
+    def __init__(self, linger: float = LINGER) -> None:
         self._routes: dict[_Key, Route] = {}
         self._seq = 0
         self._lock = threading.Lock()
+        self._linger = linger
+        #: Routes whose process ended while something was outstanding on them, oldest first.
+        self._ended: deque[tuple[_Key, Route]] = deque()
 
     def get(self, name: str, key: str) -> Route | None:
         """The key's route, if it has one."""
@@ -71,6 +84,7 @@ class RouteTable:
                 return None
             self._seq += 1
             route.last = self._seq
+            route.at = time.monotonic()
             if cast:
                 route.casts = True
             else:
@@ -108,12 +122,29 @@ class RouteTable:
                 del self._routes[(ref.name, ref.key)]
 
     def exited(self, name: str, key: str, node: str, pid: int) -> None:
-        """Process ``pid`` on ``node`` ended: its route goes if nothing on it is outstanding."""
+        """Process ``pid`` on ``node`` ended: its route goes if nothing on it is outstanding,
+        else :data:`LINGER` seconds after the last message sent on it."""
         with self._lock:
             route = self._routes.get((name, key))
-            if (route is not None and (route.ref.node, route.ref.pid) == (node, pid)
-                    and not route.casts and not route.calls):
-                del self._routes[(name, key)]
+            if route is not None and (route.ref.node, route.ref.pid) == (node, pid):
+                if not route.casts and not route.calls:
+                    del self._routes[(name, key)]
+                elif not route.ended:
+                    route.ended = True
+                    self._ended.append(((name, key), route))
+            self._sweep()
+
+    def _sweep(self) -> None:
+        """Drop the ended routes unused for :data:`LINGER` seconds (with the lock held). Only the
+        oldest is looked at: one written to after its end is moved soon, by a notice."""
+        now = time.monotonic()
+        while self._ended:
+            k, route = self._ended[0]
+            if self._routes.get(k) is route:
+                if now - route.at < self._linger:
+                    return
+                del self._routes[k]
+            self._ended.popleft()
 
     def node_lost(self, node: str) -> None:
         """Every process on ``node`` has ended and nothing there will forward: forget its routes."""
