@@ -1,18 +1,18 @@
 """A worker's node: the ``forseti-node`` consumer thread that gives every worker its keyed
 processes, and the dispatcher of what it consumes (a table of handlers, one per message kind).
 
-Each worker runs one :class:`Node` (started by the bootstep, :mod:`~forseti_celery.worker.step`):
-a consumer thread with its own broker connection (its queue, the heartbeat fanout and, when it
-leads, the leader queue) beside the :class:`~forseti_celery.worker.pool.children.Children` pool.
-Running apart from Celery's consumer keeps children alive across Celery's consumer restarts and
-keeps a task blocked in ``get_key`` (solo pool) from stalling the leader. The node hands each
-concern to a collaborator of its own module: :class:`~.liveness.Liveness` (heartbeats, stalls,
-fencing), :class:`~.role.Role` (the leader role and the epoch), :class:`~.sending.Sender` (sends).
+Each worker runs one :class:`Node` (started by the bootstep, :mod:`~forseti_celery.worker.step`): a
+consumer thread with its own broker connection (its queue, the heartbeat fanout and, when it leads,
+the leader queue) beside the :class:`~forseti_celery.worker.pool.children.Children` pool, apart from
+Celery's consumer: children outlive its restarts, and a task blocked in ``get_key`` (solo pool)
+stalls no leader. Each concern is a collaborator's, in a module of its own: :class:`~.liveness.Liveness`
+(heartbeats, stalls, fencing), :class:`~.role.Role` (the leader role and the epoch), :class:`~.sending.Sender`
+(sends), :class:`~.forwarding.Forwarding` (key-addressed messages whose process has gone).
 
-Threads: every field is the consumer thread's (``_held``, ``_local``, the leader's table), except
-``_closing``, set once by the worker's main thread in :meth:`Node.stop`, and read by the consumer.
-What the node addresses to itself (the leader's orders to its own worker, the report it asks of
-it) waits in ``_local`` and is handled after the message that sent it, never inside it.
+Threads: every field is the consumer thread's (``_held``, ``_local``, the leader's table), but
+``_closing``, set once by the worker's main thread in :meth:`Node.stop`. What the node addresses to
+itself (the leader's orders to its own worker, the report it asks of it) waits in ``_local`` and is
+handled after the message that sent it, never inside it.
 """
 
 from __future__ import annotations
@@ -35,10 +35,12 @@ from ..core.broker import RestartIntensity
 from ..core.conf import ChildConfig
 from ..core.consumer import ConsumerLoop
 from ..core.errors import BrokerUnavailable, DuplicateWorker
+from ..core.messages import KEY, NAME, TYPE
 from ..core.signing import signer_for
 from ..core.worker_messages import Bye, Heartbeat, Leads, Ping, Report, Spawn
 from .election import election_for
 from .events import EventSender
+from .forwarding import Forwarding
 from .leader import Leader
 from .liveness import Liveness, check_alone
 from .membership import Members
@@ -87,10 +89,11 @@ class Node:
         self.leader = Leader(hostname, self.members, self._send_node, self.sender.to_queue, policy_of(forseti),
                              self.events.send)
         self.children = Children(hostname, forseti.resolve, self.sender.publish_many, self.names.leader,
-                                 self.events.send, ChildConfig.from_settings(s))
+                                 self.events.send, ChildConfig.from_settings(s),
+                                 lambda name: forseti.policy(name).idle_timeout)
+        self.forwarding = Forwarding(hostname, self.children, self.sender)
         self.liveness = Liveness(hostname, s, self.members, self.children)
-        self.role = Role(hostname, self.leader, self.election, self.events, self.names.leader_queue,
-                         self._forward_held)
+        self.role = Role(hostname, self.leader, self.election, self.events, self.names.leader_queue, self._forward_held)
         self._node_queue = self.names.node_queue(hostname)
         self._closing = False
         self._held: list[Message] = []  # while in doubt (see Liveness.stalled), in order
@@ -100,6 +103,7 @@ class Node:
             **{kind: self._for_leader for kind in _LEADER_TYPES},
             _LOST: lambda msg: self._lost(msg["node"]), p.HEARTBEAT: self._heard, p.BYE: self._bye,
             p.LEADS: self._leads, p.SPAWN: self._spawn, p.REPORT_REQUEST: self._report, p.REPORT: self.leader.report,
+            p.REPLY: self.forwarding.reply,
         }
         self.loop = self.role.loop = ConsumerLoop(
             # The broker's heartbeat ends a hung leader's connection, so a standby takes over.
@@ -152,9 +156,8 @@ class Node:
         self.election.close()
 
     def _give_up(self, exc: BaseException) -> None:
-        """The consumer thread failed past its restart intensity: without it this worker neither
-        hears nor serves the cluster, so it stops, as Celery's own signal handlers stop it (a
-        warm shutdown, exit code 1), for its supervisor to restart it."""
+        """The consumer thread failed past its restart intensity: without it this worker neither hears
+        nor serves the cluster, so it stops (a warm shutdown, exit code 1) for its supervisor to restart it."""
         logger.critical("forseti: stopping worker %s: its registry thread failed more than %d times in %g s "
                         "(forseti_max_retries, forseti_max_time); last: %r",
                         self.hostname, self.settings.max_retries, self.settings.max_time, exc)
@@ -181,17 +184,16 @@ class Node:
 
     # -- consumer thread: dispatch ------------------------------------------------------------
     def _admit(self, message: Any, batch: list[Message]) -> list[Message]:
-        """What of ``batch`` (decoded from the kombu ``message``) to act on: with a worker secret,
-        only what its signature allows (:meth:`~forseti_celery.core.signing.Signer.admit`); and leader
-        messages only from the leader queue. On RabbitMQ a leader message makes its receiver take
-        the role (only the queue's active consumer gets one): a client's request written to a
-        worker's own queue would make that worker lead beside the real leader."""
+        """What of ``batch`` (decoded from the kombu ``message``) to act on: what a worker secret's
+        signature allows (:meth:`~forseti_celery.core.signing.Signer.admit`), and leader messages only
+        from the leader queue (on RabbitMQ one makes its receiver take the role: a client's request
+        written to a worker's own queue would make that worker lead beside the real leader)."""
         if self.signer is not None:
             batch = self.signer.admit(message, batch)
         info = message.delivery_info or {}
         if not info.get("exchange") and info.get("routing_key") == self.names.leader:
             return batch
-        kept = [m for m in batch if m.get("t") not in _LEADER_TYPES]
+        kept = [m for m in batch if m.get(TYPE) not in _LEADER_TYPES]
         if len(kept) != len(batch):
             logger.warning("forseti: %s dropped %d leader messages that did not come through the leader queue",
                            self.hostname, len(batch) - len(kept))
@@ -200,22 +202,22 @@ class Node:
     def _on_batch(self, batch: list[Message]) -> None:
         self.liveness.stalled(time.monotonic())
         self._handle(batch)
+        self.forwarding.sent()
         self.sender.flush()
 
     def _handle(self, batch: list[Message]) -> None:
-        """Handle a batch in order, each message on its own: one malformed message (forged, or
-        from a broken client: clients may write to every queue) is logged and skipped, and costs
-        none of the others, the casts collected before it included."""
+        """Handle a batch in order, each message on its own: a malformed one (forged, or from a broken
+        client: clients may write to every queue) is logged and skipped, and costs none of the others."""
         to_children: dict[tuple[str, str], list[Message]] = {}
         for msg in batch:
-            kind = msg.get("t")
+            kind = msg.get(TYPE)
             if kind == _LOST or type(kind) is not str:  # _LOST: our own note, only ever held
                 if kind != _LOST:
                     logger.warning("forseti: %s skipped a message of no type", self.hostname)
                 continue
             if kind in _TO_CHILD:
-                if type(msg.get("n")) is str and type(msg.get("k")) is str:
-                    to_children.setdefault((msg["n"], msg["k"]), []).append(msg)
+                if type(msg.get(NAME)) is str and type(msg.get(KEY)) is str:
+                    to_children.setdefault((msg[NAME], msg[KEY]), []).append(msg)
                 else:
                     logger.warning("forseti: %s skipped a %r message naming no key", self.hostname, kind)
                 continue
@@ -237,9 +239,8 @@ class Node:
         self._settle()
 
     def _settle(self) -> None:
-        """Handle, in order, what we addressed to ourselves, each after the message that sent it:
-        flat, here, rather than inside the leader's handler (which would run our dispatch, and
-        maybe the leader again, before it returns). Messages they address to us join the queue."""
+        """Handle, in order, what we addressed to ourselves, each after the message that sent it: flat,
+        here, not inside the leader's handler (which would run our dispatch, and maybe the leader again)."""
         if self._settling:
             return  # the loop below, further up this very stack, takes them
         self._settling = True
@@ -253,8 +254,8 @@ class Node:
             self._settling = False
 
     def _deliver(self, to_children: dict[tuple[str, str], list[Message]]) -> None:
-        try:
-            self.children.deliver(to_children)
+        try:  # a key-addressed message whose process has gone is held for its next incarnation
+            self.forwarding.hold(self.children.deliver(self.forwarding.route(to_children)))
         except Exception:
             logger.exception("forseti: %s could not deliver %d messages", self.hostname,
                              sum(map(len, to_children.values())))
@@ -269,7 +270,7 @@ class Node:
 
     # -- consumer thread: handlers ------------------------------------------------------------
     def _for_leader(self, msg: Message) -> None:
-        kind = msg["t"]
+        kind = msg[TYPE]
         if not self.leader.active:
             if self._closing or not self.election.always_consume:
                 if kind != p.PING:
@@ -291,8 +292,7 @@ class Node:
             self.role.leads(msg)
 
     def _report(self, msg: Message) -> None:
-        """A leader asks for our registry: the processes here, and each one's init args (``a``,
-        parallel to ``procs``, which a leader older than this field ignores)."""
+        """A leader asks for our registry: the processes here, and their init args (``a``, parallel to ``procs``)."""
         if int(msg["epoch"]) != self.epoch:
             self.role.backed(int(msg["epoch"]), msg["leader"])
         procs, args, restarts = self.children.registry_report()
@@ -331,16 +331,14 @@ class Node:
 
     def _trust(self) -> None:
         """Heard again after a stall: handle what was held (its leader messages go to whoever leads)."""
-        # Say at once that we take keys again: the beats sent in doubt called us ineligible, and a
-        # leader (we, perhaps, once the held requests are replayed) would refuse new keys for a
-        # heartbeat with "no eligible live worker".
+        # Say at once that we take keys again: a leader told by the beats sent in doubt refuses us keys.
         self.liveness.trusted()
         self._beat()
         held, self._held = self._held, []
         if held:
             logger.info("forseti: %s is heard again; handling %d held messages", self.hostname, len(held))
         for msg in held:
-            self._dispatch_logged(msg["t"], msg, "held ")
+            self._dispatch_logged(msg[TYPE], msg, "held ")
 
     def _available(self) -> bool:
         """Whether this worker takes new keyed processes now."""
@@ -349,7 +347,7 @@ class Node:
     def _lost(self, hostname: str) -> None:
         """A worker died or left (or restarted): the leader frees its keys and tells clients."""
         if self.liveness.doubt is not None:
-            self._held.append({"t": _LOST, "node": hostname})
+            self._held.append({TYPE: _LOST, "node": hostname})
         elif self.leader.active:
             self.leader.node_lost(hostname)
             self.events.send(p.EVENT_NODE_LOST, node=hostname)
@@ -357,7 +355,7 @@ class Node:
     def _forward_held(self) -> None:
         """The role is left: messages held for it go back to the leader queue."""
         held, self._held = self._held, []
-        self.sender.forward([m for m in held if m["t"] in _LEADER_TYPES and m["t"] != p.PING])
+        self.sender.forward([m for m in held if m[TYPE] in _LEADER_TYPES and m[TYPE] != p.PING])
 
     # -- consumer thread: the clock -----------------------------------------------------------
     def _tick(self) -> None:
@@ -378,34 +376,23 @@ class Node:
         self.liveness.fence(now)
         if self.leader.ready:
             self.leader.expire()
+        self.forwarding.tick(now)
         if connected and self.liveness.beat_due(now):
             self._beat()
         self._settle()
         self.sender.flush()
 
     def _beat(self) -> None:
+        ready = self.leader.ready
         hb = Heartbeat(self.hostname, self.incarnation, self.liveness.next_seq(), self.eligible and self._available(),
-                       sorted(self.forseti.known_names()), len(self.children.snapshot()), self.leader.ready,
-                       self.leader.epoch if self.leader.ready else self.epoch, os.getpid(),
-                       socket.gethostname()).to_wire()
+                       sorted(self.forseti.known_names()), len(self.children.snapshot()), ready,
+                       self.leader.epoch if ready else self.epoch, os.getpid(), socket.gethostname()).to_wire()
         self.members.heard(hb)  # we are a member at once; the broker's echo proves we are heard
-        self.sender.broadcast(hb)
-        try:  # Redis: our queue outlives any backlog we drain, as each push makes it outlive us
-            self.publisher.keep_alive(self._node_queue.name)
-        except BrokerUnavailable:
-            pass
-        if self.election.always_consume:
-            # Lets the single active consumer learn that it leads, even when no client asks anything.
-            try:
-                self.publisher.publish(self.names.exchange, self.names.leader,
-                                       [Ping(self.hostname, self.liveness.nonce()).to_wire()],
-                                       expiration=self.settings.heartbeat * 2)
-            except BrokerUnavailable:
-                pass
+        ping = Ping(self.hostname, self.liveness.nonce()).to_wire() if self.election.always_consume else None
+        self.sender.beat(hb, self._node_queue.name, ping, self.settings.heartbeat * 2)
 
     def _send_node(self, hostname: str, msg: Message) -> None:
-        """The leader's (and our own) sends to a worker: to ourselves through ``_local``, handled
-        after the current message (see :meth:`_settle`)."""
+        """The leader's sends to a worker: to us through ``_local``, after the current message (:meth:`_settle`)."""
         if hostname == self.hostname:
             self._local.append(msg)
         else:

@@ -66,6 +66,22 @@ class Sender:
         except BrokerUnavailable:
             pass
 
+    def beat(self, hb: dict[str, Any], node_queue: str, ping: dict[str, Any] | None, ping_ttl: float) -> None:
+        """Send the heartbeat ``hb`` to every worker, keep ``node_queue`` alive (Redis: our queue
+        outlives any backlog we drain, as each push makes it outlive us) and, on RabbitMQ, send
+        ``ping`` to the leader queue (expiring after ``ping_ttl`` seconds: it lets the single active consumer
+        learn that it leads, even when no client asks anything); lost if the broker is away."""
+        self.broadcast(hb)
+        try:
+            self.publisher.keep_alive(node_queue)
+        except BrokerUnavailable:
+            pass
+        if ping is not None:
+            try:
+                self.publisher.publish(self.names.exchange, self.names.leader, [ping], expiration=ping_ttl)
+            except BrokerUnavailable:
+                pass
+
     def close(self) -> None:
         self.publisher.close()
 

@@ -9,6 +9,7 @@
   and keeps the spares;
 * :mod:`~forseti_celery.worker.pool.watcher`: the watcher thread, which polls, reads and reaps;
 * :mod:`~forseti_celery.worker.pool.outbox`: a child's mailbox, bounded by ``forseti_mailbox_limit``;
+* :mod:`~forseti_celery.worker.pool.idle`: passivation of children idle past their ``idle_timeout``;
 * :mod:`~forseti_celery.worker.pool.reports`: reports to the leader and answers to callers.
 
 The methods here run on the node's threads: :meth:`Children.spawn`, :meth:`Children.deliver`
@@ -25,10 +26,10 @@ from collections.abc import Callable
 from typing import Any
 
 from ...child import runtime as child_main
-from ...core import protocol as p
 from ...core.conf import MAX_TIMEOUT, ChildConfig
-from ...core.messages import Reply
+from ...core.messages import CALL, CORR, KEY_ADDRESSED, PID, REPLY_TO, STOP, TYPE, Reply
 from ...core.pipe import StopChild
+from .idle import Idle
 from .outbox import refuse
 from .reports import Publish, Reports
 from .spawner import Spawner
@@ -37,12 +38,15 @@ from .watcher import Waker, Watcher
 
 __all__ = ["Child", "Children"]
 
+Message = dict[str, Any]
+
 
 class Children:
     """Spawn, deliver to, stop and watch the keyed processes of one worker."""
 
     def __init__(self, hostname: str, resolve: Callable[[str], Any], publish: Publish, leader_rk: str,
-                 event: Callable[..., None], config: ChildConfig) -> None:
+                 event: Callable[..., None], config: ChildConfig,
+                 idle_of: Callable[[str], float | None] = lambda name: None) -> None:
         self.hostname = hostname
         self.config = config
         #: Shared with every child: see :class:`~forseti_celery.child.runtime.Lifeline`.
@@ -55,7 +59,7 @@ class Children:
         self._spawner = Spawner(self._table, self._reports, config, self.lifeline, resolve, wake,
                                 [wake.r, wake.w], lambda box: self._watcher.on_writing(box), self._stopping)
         self._watcher = Watcher(self._table, self._reports, wake, self._spawner.refill, self.spawn_failed, event,
-                                config.spares > 0, self._stopping)
+                                config.spares > 0, self._stopping, Idle(self._table, idle_of, config.stop_timeout))
 
     def start(self) -> None:
         """Start watching and spawning (and the zygote that forks the spares, where it can run)."""
@@ -84,17 +88,28 @@ class Children:
                 self._table.restarts[k] = restarts
         self._spawner.order(name, key, args, sid, waiters, restarts, now + after if after else 0.0)
 
-    def deliver(self, batches: dict[Key, list[dict[str, Any]]]) -> None:
+    def deliver(self, batches: dict[Key, list[Message]]) -> dict[Key, list[Message]]:
         """Forward casts/calls/stops, grouped per key, each group in one frame; never waits for a
         pipe (see :meth:`~forseti_celery.worker.pool.outbox.Outbox.post`). A call its process's
-        mailbox has no room for is answered with ``mailbox_full`` at once; a cast is dropped (and logged)."""
-        self._spawner.busy_at = time.monotonic()
+        mailbox has no room for is answered with ``mailbox_full`` at once; a cast is dropped (and logged).
+
+        A key-addressed cast or call whose process is not live here (gone, passivating, another
+        pid, never here) is returned, per key in order, for the node to hold: it goes to the
+        key's next incarnation (:mod:`~forseti_celery.worker.forwarding`). A written one moves its
+        process's idle clock."""
+        now = self._spawner.busy_at = time.monotonic()
         table = self._table
+        held: dict[Key, list[Message]] = {}
         for k, msgs in batches.items():
-            refused: list[dict[str, Any]] = []
+            refused: list[Message] = []
             with table.lock:
                 c = table.by_key.get(k)
-                live = [m for m in msgs if c is not None and not c.gone and m.get("p") in (None, c.pid)]
+                if c is None or c.gone:
+                    live = []
+                elif c.passivating:  # its stop is written: only what cannot go elsewhere follows it
+                    live = [m for m in msgs if not m.get(KEY_ADDRESSED) and m.get(PID) in (None, c.pid)]
+                else:
+                    live = [m for m in msgs if m.get(PID) in (None, c.pid)]
                 dead = [m for m in msgs if m not in live] if len(live) != len(msgs) else []
                 if c is not None and live:
                     try:
@@ -105,21 +120,49 @@ class Children:
                     if refused:
                         live = [m for m in live if not any(m is r for r in refused)]
                     for m in live:
-                        if m["t"] == p.CALL:
-                            c.calls[m["c"]] = m["r"]
-                        elif m["t"] == p.STOP:
-                            if "r" in m:
-                                c.stoppers.append((m["r"], m["c"]))
+                        kind = m[TYPE]
+                        if kind == CALL:
+                            c.calls[m[CORR]] = m[REPLY_TO]
+                        elif kind == STOP:
+                            if REPLY_TO in m:
+                                c.stoppers.append((m[REPLY_TO], m[CORR]))
                             if c.kill_at is None:
-                                c.kill_at = time.monotonic() + self._grace(m.get("grace"))
+                                c.kill_at = now + self._grace(m.get("grace"))
                                 table.dying.add(c)
+                            continue
+                        c.active_at = now
                     c.messages += len(live)
             for m in dead:
-                self._not_there(k, m)
+                if m.get(KEY_ADDRESSED) and m[TYPE] != STOP:
+                    held.setdefault(k, []).append(m)
+                else:
+                    self._not_there(k, m)
             if refused:
                 assert c is not None
                 refuse(c.outbox, c.key, c.name, c.pid, refused, self._reports.reply)
         self._wake()
+        return held
+
+    def incarnation(self, name: str, key: str) -> tuple[int, bool] | None:
+        """``(pid, started)`` of the process of ``(name, key)`` here that takes messages (not
+        passivating, not asked to stop), None if none does (consumer thread, for the node's
+        held messages)."""
+        with self._table.lock:
+            c = self._table.by_key.get((name, key))
+            if c is None or c.gone or c.passivating or c.kill_at is not None:
+                return None
+            return c.pid, c.started
+
+    def on_exit(self, name: str, key: str, waiter: tuple[str, str]) -> bool:
+        """Have ``waiter`` (``[reply queue, correlation id]``) answered once the process of
+        ``(name, key)`` here is reaped, after its exit report; False if there is none (the key is
+        free here already, or ordered and not forked yet)."""
+        with self._table.lock:
+            c = self._table.by_key.get((name, key))
+            if c is None or c.gone:
+                return False
+            c.exit_waiters.append(waiter)
+            return True
 
     def _grace(self, grace: Any) -> float:
         """Seconds a stopped process has to end: a stop's ``grace`` if it is one (a number of
@@ -129,12 +172,12 @@ class Children:
             return float(grace)
         return self.config.stop_timeout
 
-    def _not_there(self, k: Key, m: dict[str, Any]) -> None:
-        if m["t"] == p.CALL:
+    def _not_there(self, k: Key, m: Message) -> None:
+        if m[TYPE] == CALL:
             text = f"keyed process {k[1]!r} ({k[0]}) has exited"
-            self._reports.reply(m["r"], Reply.fail(m["c"], "gone", text).to_wire())
-        elif m["t"] == p.STOP and "r" in m:
-            self._reports.not_there(k[0], k[1], [m["r"], m["c"]])
+            self._reports.reply(m[REPLY_TO], Reply.fail(m[CORR], "gone", text).to_wire())
+        elif m[TYPE] == STOP and REPLY_TO in m:
+            self._reports.not_there(k[0], k[1], [m[REPLY_TO], m[CORR]])
 
     def stop_all(self, reason: str, grace: float) -> bool:
         """Stop every keyed process (``terminate`` runs); True if all exits reached the broker.

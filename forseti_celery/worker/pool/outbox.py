@@ -25,7 +25,7 @@ from typing import Any
 from celery.utils.log import get_logger
 
 from ...core import protocol as p
-from ...core.messages import Reply
+from ...core.messages import CALL, CORR, REPLY_TO, STOP, TYPE, Reply
 
 logger = get_logger(__name__)
 
@@ -85,7 +85,7 @@ class Outbox:
                 for m in msgs:
                     frame = p.encode_parts([m])
                     size = _size(frame)
-                    if self._fits(size) or (m["t"] == p.STOP and size <= _MAX_FRAME):
+                    if self._fits(size) or (m[TYPE] == STOP and size <= _MAX_FRAME):
                         self._queue(frame)
                         self._write()  # what the pipe takes is not waiting any more
                     else:
@@ -155,8 +155,8 @@ def refuse(box: Outbox, key: str, name: str, pid: int, refused: list[dict[str, A
     logged at most every ``_DROPS_LOGGED_EVERY`` seconds per process."""
     waiting = box.unsent_bytes
     for m in refused:
-        if m["t"] == p.CALL:
-            reply(m["r"], Reply.fail(m["c"], "mailbox_full", (
+        if m[TYPE] == CALL:
+            reply(m[REPLY_TO], Reply.fail(m[CORR], "mailbox_full", (
                 f"keyed process {key!r} ({name}, pid {pid}) has not taken the {waiting} bytes "
                 f"waiting for it (forseti_mailbox_limit = {box.limit}); call not delivered")).to_wire())
         else:

@@ -69,6 +69,11 @@ class Reports:
         """No report waits (every exit has reached the broker)."""
         return not self._outbox
 
+    @property
+    def pending(self) -> bool:
+        """Something waits for the next round: a report, or an answer the broker refused."""
+        return bool(self._outbox) or bool(self._replies)
+
     def spawned(self, c: Child, pid: int) -> None:
         """``c`` runs as ``pid``, its ``init`` returned: to the leader (with the watcher's next round)."""
         self._outbox.append(Spawned(c.name, c.key, self.hostname, c.sid, pid).to_wire())

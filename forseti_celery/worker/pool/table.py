@@ -61,6 +61,16 @@ class Child:
     gone: bool = False  # (table): reaped
     #: (table) Times the leader restarted its key (the spawn order's ``restarts``), reported back.
     restarts: int = 0
+    #: (table) Seconds it may go without a cast or call before it is passivated (set as it
+    #: starts, from its name's ``idle_timeout``; None: never), and when it last had one
+    #: (``time.monotonic()``): see :mod:`~forseti_celery.worker.pool.idle`.
+    idle_after: float | None = None
+    active_at: float = 0.0
+    #: (table) Stopped for being idle: a key-addressed message for it is held, not written.
+    passivating: bool = False
+    #: (table) Answered (``Reply.ok(corr, None)`` to ``[reply queue, correlation id]``) once it
+    #: is reaped, after its exit report: how the node learns that a key it holds messages for is free.
+    exit_waiters: list[Waiter] = field(default_factory=list)
     #: (table) Callers to answer directly when it has started (``[reply queue, correlation id]``).
     waiters: list[list[str]] = field(default_factory=list)
     #: (table) Forked ahead, waiting for a key.

@@ -5,7 +5,9 @@ It forwards answers to callers, reports starts and exits to the leader (through
 exits are never lost), writes the rest of a mailbox as its pipe drains, and kills children
 that overstay a stop. What a child writes is read as it comes, a frame at a time once whole,
 so a child stopped in the middle of a frame holds up no one else. No thread of the worker
-decodes a payload: a child's answer is forwarded as the child encoded it.
+decodes a payload: a child's answer is forwarded as the child encoded it. It passivates the
+children idle past their name's ``idle_timeout`` (:mod:`~forseti_celery.worker.pool.idle`), and
+sleeps until something is due: idle children wake no thread of the worker.
 
 Owners: the poller, the fd map, the events to send and the refill cue are the watcher
 thread's; the remask queue is appended to by any thread holding a child's mailbox lock and
@@ -27,10 +29,12 @@ from typing import Any
 from celery.utils.log import get_logger
 
 from ...child import runtime as child_main
+from ...core import pipe
 from ...core import protocol as p
-from ...core.messages import Reply
+from ...core.messages import CORR, REPLY_TO, TYPE, Reply
 from ...core.pipe import EXIT, INIT_ERROR, REPLY, STARTED
 from . import zygote as zygote_mod
+from .idle import Idle
 from .outbox import HEADER, Outbox
 from .reports import Reports
 from .table import Child, Table
@@ -42,6 +46,10 @@ __all__ = ["Waker", "Watcher"]
 _READ = select.POLLIN | select.POLLHUP | select.POLLERR
 _CHUNK = 65536  # bytes read from a child's pipe at once
 _READS = 16  # reads from one child per round at most: one chatty child does not starve the others
+_SOON = 0.25  # seconds to the next round while something waits for one (a report to retry, a new spare)
+_QUIET = 5.0  # seconds to the next round with nothing due: everything else wakes the watcher
+#: A keyed process tells its worker that a ``keep_alive`` timer fired (counts as activity).
+_TOUCH: str = getattr(pipe, "TOUCH", "touch")
 
 
 class Waker:
@@ -70,8 +78,9 @@ class Watcher:
 
     def __init__(self, table: Table, reports: Reports, wake: Waker, refill: Callable[[], None],
                  spawn_failed: Callable[..., None], event: Callable[..., None], want_spares: bool,
-                 stopping: threading.Event) -> None:
+                 stopping: threading.Event, idle: Idle) -> None:
         self._table = table
+        self._idle = idle
         self._reports = reports
         self._wake = wake
         self._refill = refill
@@ -121,7 +130,12 @@ class Watcher:
         now = time.monotonic()
         with self._table.lock:
             deadlines = [c.kill_at for c in self._table.dying if c.kill_at is not None]
-        timeout = min([0.25] + [max(0.0, d - now) for d in deadlines])
+        idle_due = self._idle.next_due()
+        if idle_due is not None:
+            deadlines.append(idle_due)
+        # (``new`` is a hint read without the lock; reports pending: the broker refused the last round)
+        longest = _SOON if self._table.new or self._reports.pending else _QUIET
+        timeout = min([longest] + [max(0.0, d - now) for d in deadlines])
         for fd, revents in self._poller.poll(timeout * 1000):
             if fd == self._wake.r:
                 self._wake.drain()
@@ -147,6 +161,8 @@ class Watcher:
             self._watch_new()
         if self._remask:
             self._update_masks()
+        if idle_due is not None:
+            self._idle.passivate_due(time.monotonic())
         self._kill_overdue()
         self._reports.flush()
         if self._events:
@@ -208,15 +224,18 @@ class Watcher:
             c.partial = buf[start:]
 
     def _from_child(self, c: Child, msg: dict[str, Any]) -> None:
-        kind = msg["t"]
+        kind = msg[TYPE]
         if kind == REPLY:
             with self._table.lock:
-                c.calls.pop(msg["c"], None)
+                c.calls.pop(msg[CORR], None)
             if msg.get("error") == "crash":
                 # Answered once the exit is reported: the caller may retry get_key at once.
-                c.last_words.append((msg.pop("r"), msg))
+                c.last_words.append((msg.pop(REPLY_TO), msg))
             else:
-                self._reports.reply(msg.pop("r"), msg)
+                self._reports.reply(msg.pop(REPLY_TO), msg)
+        elif kind == _TOUCH:
+            with self._table.lock:
+                c.active_at = time.monotonic()
         elif kind == STARTED:
             with self._table.lock:
                 c.started = True
@@ -224,6 +243,7 @@ class Watcher:
             self.starts += 1
             self._reports.spawned(c, c.pid)  # published before the answers (see Reports)
             self._reports.answer_started(c, waiters)
+            self._idle.started(c)
             self._refill_due = self._want_spares
             self._event_later(p.EVENT_STARTED, key=c.key, name=c.name, child_pid=c.pid,
                               startup_ms=round((time.time() - c.started_at) * 1000, 3))
@@ -255,10 +275,13 @@ class Watcher:
                 del table.by_key[(c.name, c.key)]
             calls, c.calls = c.calls, {}
             started, stoppers = c.started, [list(s) for s in c.stoppers]
+            exit_waiters, c.exit_waiters = c.exit_waiters, []
         c.outbox.discard()
         c.conn.close()
         if spare:
             return
+        for reply_to, corr in exit_waiters:  # published after this round's reports: its exit's among them
+            self._reports.reply(reply_to, Reply.ok(corr, None).to_wire())
         reason = c.reason or (f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}")
         for corr, reply_to in calls.items():
             text = f"keyed process {c.key!r} exited: {reason}"

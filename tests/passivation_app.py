@@ -1,0 +1,46 @@
+"""The test suite's worker app (``tests.app``) with keyed processes that passivate (issue 12)."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from forseti_celery import KeyedProcess
+from tests.app import app, forseti, journal
+
+__all__ = ["app", "forseti"]
+
+
+class Journaled(KeyedProcess):
+    """Records its start, each cast it takes and its end (with the reason) in the journal; a call
+    answers what it has taken, in order, and its pid."""
+
+    linger = 0.0
+
+    def init(self, key: str, *args: Any) -> None:
+        self.key, self.seen = key, []
+        journal("start", key, args=list(args))
+
+    def handle_cast(self, msg: Any) -> None:
+        self.seen.append(msg)
+        journal("cast", self.key, msg=msg)
+
+    def handle_call(self, msg: Any) -> Any:
+        if msg != "seen":
+            self.seen.append(msg)
+            journal("call", self.key, msg=msg)
+        return {"seen": self.seen, "pid": os.getpid()}
+
+    def terminate(self, reason: str) -> None:
+        journal("terminating", self.key, reason=reason)
+        time.sleep(self.linger)  # saving its state, say: messages for it arrive meanwhile
+        journal("terminate", self.key, reason=reason)
+
+
+#: Passivated after 0.5 s without a cast or call.
+forseti.keyed(type("Idle", (Journaled,), {}), name="idle", idle_timeout=0.5)
+#: Passivated after 0.3 s, and takes a second to end: messages arrive while it passivates.
+forseti.keyed(type("Lingering", (Journaled,), {"linger": 1.0}), name="lingering_idle", idle_timeout=0.3)
+#: Idle for an hour before passivation: a deadline the worker keeps, never due during a test.
+forseti.keyed(type("Sleepy", (Journaled,), {}), name="sleepy", idle_timeout=3600)
