@@ -390,3 +390,29 @@ def test_a_new_leader_rebuilds_a_held_restart_from_its_workers_report_with_its_c
     assert wire.answer("1")["v"] == ["b", 5]
     assert events.of("forseti-process-restarted") == [
         {"name": "default", "key": "k", "node": "b", "child_pid": 5, "restarts": 2, "reason": "unknown"}]
+
+
+def test_a_successor_restarts_the_keys_a_dead_leaders_heartbeats_listed_for_its_own_worker() -> None:
+    from forseti_celery.core.conf import KeyPolicy
+    members = Members(node_timeout=8.0)
+    for host in ("a", "b", "c"):
+        beat(members, host)
+    wire, events = Wire(), Events()
+    policy = KeyPolicy(restart="transient")
+    leader = Leader("b", members, wire.node, wire.reply, lambda name: policy, events)
+    # "a" led: its beats listed the restartable keys of its own worker (the latest beat counts).
+    leader.restarts.heard("a", True, [["default", "old", [0], 0]])
+    leader.restarts.heard("a", True, [["default", "k1", [1], 0], ["default", "k2", [2], 4], ["bad"]])
+    leader.activate(0)  # "a" is still a member: awaited
+    leader.report(report("b", []))
+    leader.report(report("c", [["default", "k2", 77, "s"]], a=[[2]]))  # someone runs k2 already
+    members.remove("a")
+    leader.node_lost("a")  # died before it reported to us
+    assert leader.ready
+    assert [(m["k"], m["a"], m["restarts"], h) for h, m in wire.spawns()] == [("k1", [1], 1, "c")]
+    # A leader that did report (it handed the role over and stopped) leaves only its exit reports.
+    leader.restarts.heard("c", True, [["default", "k3", [3], 0]])
+    members.remove("c")
+    leader.node_lost("c")
+    # k1's held restart is placed again, k2 (live on c) restarted; k3, known only from beats, not.
+    assert sorted((m["k"], h) for h, m in wire.spawns()) == [("k1", "b"), ("k1", "c"), ("k2", "b")]

@@ -72,6 +72,9 @@ GOLDEN: list[tuple[Any, bytes]] = [
     (w.Heartbeat("w1", "i1", 5, True, ["n1"], 2, False, 3, 99, "box"),
      b'{"t":"hb","node":"w1","inc":"i1","seq":5,"eligible":true,"names":["n1"],"count":2,"leader":false,'
      b'"epoch":3,"pid":99,"host":"box"}'),
+    (w.Heartbeat("w1", "i1", 5, True, ["n1"], 2, True, 3, 99, "box", [["n1", "k1", [1], 2]]),  # issue 12
+     b'{"t":"hb","node":"w1","inc":"i1","seq":5,"eligible":true,"names":["n1"],"count":2,"leader":true,'
+     b'"epoch":3,"pid":99,"host":"box","keep":[["n1","k1",[1],2]]}'),
     (w.Bye("w1", "i1"), b'{"t":"bye","node":"w1","inc":"i1"}'),
     (pipe.Assign("n1", "k1", [1]), b'{"t":"assign","n":"n1","k":"k1","a":[1]}'),
     (pipe.StopChild("shutdown", 4.0), b'{"t":"stop","reason":"shutdown","grace":4.0}'),

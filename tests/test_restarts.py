@@ -204,3 +204,26 @@ def test_a_restart_in_its_back_off_survives_a_leader_failover_and_never_runs_twi
         # that long after its exit): 0.1 s doubling.
         gaps = [b - a for a, b in itertools.pairwise(starts)]
         assert all(gap >= backoff for gap, backoff in zip(gaps, [0.1, 0.2, 0.4, 0.8, 1.6, 3.2], strict=True)), gaps
+
+
+@pytest.mark.chaos
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_a_killed_leaders_own_transient_keys_are_restarted_by_its_successor(
+        broker: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """No other worker's report lists them: the successor knows them from the leader's heartbeats."""
+    with restart_cluster(request.getfixturevalue(f"{broker}_url"), tmp_path, 2) as (h, monitor):
+        hosts = [w.hostname for w in h.cluster.workers]
+        leader = wait_one_leader(h, hosts)
+        refs = [h.forseti.get_key(fresh("transient"), name="transient", args=(i,), timeout=20) for i in range(4)]
+        temporary = [h.forseti.get_key(fresh("temporary"), name="temporary", timeout=20) for _ in range(2)]
+        doomed = [r for r in refs if r.node == leader]
+        assert doomed and any(r.node == leader for r in temporary), (leader, refs, temporary)
+        time.sleep(1.5)  # a few heartbeats: the leader's last ones list its keys
+        next(w for w in h.cluster.workers if w.hostname == leader).kill()
+        for ref in doomed:
+            new = next_process(h, "transient", ref.key, ref, timeout=40)
+            assert new.node != leader and new.call("args", timeout=10)["args"] == [refs.index(ref)]
+        for ref in temporary:
+            if ref.node == leader:
+                assert h.forseti.search_key(ref.key, name="temporary", timeout=5) is None
+                assert len(monitor.of_key(ref.key)) == 1

@@ -264,7 +264,9 @@ class Leads:
 # -- worker -> every worker ---------------------------------------------------------------
 @dataclass(**FROZEN)
 class Heartbeat:
-    """A worker's beat, every forseti_heartbeat seconds (``docs/design.rst``: Worker to worker)."""
+    """A worker's beat, every forseti_heartbeat seconds (``docs/design.rst``: Worker to worker).
+    ``keep`` (optional, the leader's only): ``[name, key, args, restarts]`` of each process of
+    its own worker that a restart policy would restart, for a successor to restart if it dies."""
 
     T: ClassVar[str] = HEARTBEAT
     node: str
@@ -277,17 +279,21 @@ class Heartbeat:
     epoch: int
     pid: int
     host: str
+    keep: list[list[Any]] | None = None
 
     def to_wire(self) -> Wire:
-        return {"t": HEARTBEAT, "node": self.node, "inc": self.inc, "seq": self.seq, "eligible": self.eligible,
-                "names": self.names, "count": self.count, "leader": self.leader, "epoch": self.epoch,
-                "pid": self.pid, "host": self.host}
+        d = {"t": HEARTBEAT, "node": self.node, "inc": self.inc, "seq": self.seq, "eligible": self.eligible,
+             "names": self.names, "count": self.count, "leader": self.leader, "epoch": self.epoch,
+             "pid": self.pid, "host": self.host}
+        if self.keep is not None:
+            d["keep"] = self.keep
+        return d
 
     @classmethod
     def from_wire(cls, d: Mapping[str, Any]) -> Heartbeat:
         return cls(need(d, "node"), d.get("inc", ""), d.get("seq", 0), bool(d.get("eligible", False)),
                    d.get("names", []), d.get("count", 0), bool(d.get("leader", False)), d.get("epoch", 0),
-                   d.get("pid", 0), d.get("host", ""))
+                   d.get("pid", 0), d.get("host", ""), d.get("keep"))
 
 
 @dataclass(**FROZEN)

@@ -80,6 +80,8 @@ class Leader:
                     self.hostname, len(self._awaiting))
         for host in sorted(self._awaiting):
             self._ask(host, self.epoch + 1)
+        for host in set(self.restarts.leaders()) - self._awaiting:
+            self.node_lost(host)  # a leader declared dead before we led: its own worker's keys
 
     def deactivate(self) -> None:
         """Drop the role and everything learnt with it."""
@@ -181,7 +183,10 @@ class Leader:
         """A worker died or left: its keys are free; keys it was starting (a restart included) are
         placed again, and live ones restarted as their policy says."""
         self._awaiting.discard(hostname)
+        unreported, orphans = hostname not in self._counts, self.restarts.orphans(hostname)
         dropped = self._keys.drop_node(hostname)
+        if unreported:  # it led, and died before reporting to us: only its heartbeats told its keys
+            dropped += [(k, e) for k, e in orphans if k not in self._table]
         if dropped:
             logger.info("forseti: worker %s lost; %d keys freed", hostname, len(dropped))
         for k, entry in dropped:
@@ -260,21 +265,19 @@ class Leader:
     def expire(self, now: float | None = None) -> None:
         """Forget the callers of keys still starting who have given up (their deadline passed): a
         key whose init hangs keeps no waiter per ``get_key`` forever. At most once a second."""
-        now = time.time() if now is None else now
-        if now < self._next_expiry:
+        if (now := time.time() if now is None else now) < self._next_expiry:
             return
         self._next_expiry = now + 1.0
         self.restarts.sweep(time.monotonic())
         self._keys.expire_waiters(now)
 
     def _search(self, msg: Search) -> None:
-        entry = self._table.get((msg.name, msg.key))
-        live = entry is not None and entry.pid is not None
-        self._reply(msg.reply_to, Reply.ok(msg.corr, [entry.node, entry.pid] if live else None).to_wire())  # type: ignore[union-attr]
+        e = self._table.get((msg.name, msg.key))
+        self._reply(msg.reply_to, Reply.ok(msg.corr, [e.node, e.pid] if e and e.pid is not None else None).to_wire())
 
     def _metrics(self, msg: Metrics) -> None:
-        counts = {m.hostname: self._counts.get(m.hostname, 0) for m in self.members if m.eligible}
-        self._reply(msg.reply_to, Reply.ok(msg.corr, counts).to_wire())
+        self._reply(msg.reply_to, Reply.ok(msg.corr, {m.hostname: self._counts.get(m.hostname, 0)
+                                                      for m in self.members if m.eligible}).to_wire())
 
     def _stop(self, msg: StopKey) -> None:
         entry = self._table.get((msg.name, msg.key))
@@ -343,8 +346,7 @@ class Leader:
     # -- table ------------------------------------------------------------------------
     def _start(self, k: Key, args: list[Any] | None, waiters: Waiters, prior: Entry | None = None,
                after: float = 0.0) -> None:
-        """Place ``k``; ``prior``: the entry of a restart (its count, why the previous process ended)
-        placed again, else a new start. A restart is held ``after`` seconds by its worker."""
+        """Place ``k``: a new start, or the restart ``prior`` (held ``after`` seconds by its worker)."""
         restarting = None if prior is None else prior.restarting
         # A restart held by the leader's own worker would die with it, unknown to the next leader.
         node = self._keys.least_used(self.members, k[0], avoid=self.hostname if restarting is not None else None)
@@ -383,8 +385,7 @@ class Leader:
 
     def args_of(self, name: str, key: str) -> list[Any] | None:
         """The init args the table has for a key (None: no such key, or its args are unknown)."""
-        entry = self._table.get((name, key))
-        return None if entry is None else entry.args
+        return getattr(self._table.get((name, key)), "args", None)
 
     def info(self) -> dict[str, Any]:
         """Summary for ``celery inspect stats``: ``with_args``, the keys whose init args it knows."""

@@ -45,7 +45,7 @@ from .leader import Leader
 from .liveness import Liveness, check_alone
 from .membership import Members
 from .pool.children import Children
-from .restarts import policy_of
+from .restarts import keep, policy_of
 from .role import Role
 from .sending import Sender
 
@@ -383,10 +383,12 @@ class Node:
         self.sender.flush()
 
     def _beat(self) -> None:
-        ready = self.leader.ready
+        ready, procs = self.leader.ready, self.children.snapshot()
         hb = Heartbeat(self.hostname, self.incarnation, self.liveness.next_seq(), self.eligible and self._available(),
-                       sorted(self.forseti.known_names()), len(self.children.snapshot()), ready,
-                       self.leader.epoch if ready else self.epoch, os.getpid(), socket.gethostname()).to_wire()
+                       sorted(self.forseti.known_names()), len(procs), ready,
+                       self.leader.epoch if ready else self.epoch, os.getpid(), socket.gethostname(),
+                       # the leader's own keys, for a successor to restart if it dies (Restarts.orphans)
+                       keep(procs, self.leader.restarts.policy) if ready else None).to_wire()
         self.members.heard(hb)  # we are a member at once; the broker's echo proves we are heard
         ping = Ping(self.hostname, self.liveness.nonce()).to_wire() if self.election.always_consume else None
         self.sender.beat(hb, self._node_queue.name, ping, self.settings.heartbeat * 2)

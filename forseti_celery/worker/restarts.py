@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from celery.utils.log import get_logger
 
@@ -26,10 +26,14 @@ from .keytable import Entry
 if TYPE_CHECKING:
     from ..core.conf import KeyPolicy
     from ..core.installs import Installed
+    from .pool.table import Child
 
 logger = get_logger(__name__)
 
-__all__ = ["BACKOFF_FIRST", "BACKOFF_MAX", "WORKER_LOST", "Intensity", "Restarts", "policy_of", "wants_restart"]
+__all__ = ["BACKOFF_FIRST", "BACKOFF_MAX", "WORKER_LOST", "Intensity", "Restarts", "keep", "policy_of",
+           "wants_restart"]
+
+Policy = Callable[[str], "KeyPolicy | None"]
 
 #: Seconds before the first restart within a window, doubled by each later one, at most :data:`BACKOFF_MAX`.
 BACKOFF_FIRST, BACKOFF_MAX = 0.1, 10.0
@@ -106,17 +110,20 @@ class Restarts:
     """The leader's restart decisions: a name's ``policy`` (None: never restarted), the intensity,
     and what it tells monitors (``event``: the worker's event sender)."""
 
-    def __init__(self, policy: Callable[[str], KeyPolicy | None], event: Callable[..., None]) -> None:
-        self._policy = policy
+    def __init__(self, policy: Policy, event: Callable[..., None]) -> None:
+        self.policy = policy
         self._event = event
         self._intensity = Intensity()
+        #: The keys the leader's worker last said it runs (its heartbeat's ``keep``), by hostname:
+        #: a successor restarts them if it dies before it reported them (no one else knew them).
+        self._leaders_keys: dict[str, list[list[Any]]] = {}
         #: Restarts ordered and keys given up in this term (``celery inspect stats``).
         self.restarted = self.given_up = 0
 
     def after(self, k: Key, entry: Entry, reason: str) -> float | None:
         """``k``'s process (``entry``, forgotten) ended for ``reason``: the back-off of its restart,
         or None when it is not restarted (its policy, or the intensity: it stays down)."""
-        policy = self._policy(k[0])
+        policy = self.policy(k[0])
         if policy is None or not wants_restart(policy.restart, reason):
             return None
         if entry.args is None:  # reported by a worker older than the args field
@@ -145,8 +152,43 @@ class Restarts:
         self.given_up += 1
         self._event(EVENT_GIVEN_UP, name=k[0], key=k[1], restarts=restarts, reason=reason)
 
+    def heard(self, node: str, leads: bool, keep: Any) -> None:
+        """A heartbeat of ``node``: while it leads, the keys its own worker runs (``keep``); only
+        the latest leader's are kept (an older one's would name keys restarted since)."""
+        if leads and type(keep) is list:
+            self._leaders_keys = {node: keep}
+        else:
+            self._leaders_keys.pop(node, None)
+
+    def orphans(self, node: str) -> list[tuple[Key, Entry]]:
+        """The keys leader ``node`` last said its own worker ran (forgotten here): what a successor
+        that never had its report restarts when it dies. A malformed entry is skipped."""
+        orphans = []
+        for item in self._leaders_keys.pop(node, ()):
+            if type(item) is list and len(item) == 4 and type(item[0]) is str and type(item[1]) is str \
+                    and type(item[2]) is list and type(item[3]) is int:
+                orphans.append(((item[0], item[1]), Entry(node, "", item[2], 0, restarts=item[3])))
+        return orphans
+
+    def leaders(self) -> list[str]:
+        """The workers whose latest heartbeat said they lead (with the keys of their own worker)."""
+        return list(self._leaders_keys)
+
     def sweep(self, now: float) -> None:
         self._intensity.sweep(now)
 
     def clear(self) -> None:
         self._intensity.clear()
+
+
+def keep(children: Iterable[Child], policy: Policy) -> list[list[Any]]:
+    """``[name, key, args, restarts]`` of each started process in ``children`` whose name's policy
+    restarts it after its worker's death: what a leader's heartbeat says its own worker runs."""
+    kept, restarted = [], {}
+    for c in children:
+        if c.name not in restarted:
+            p = policy(c.name)
+            restarted[c.name] = p is not None and wants_restart(p.restart, WORKER_LOST)
+        if restarted[c.name] and c.started and c.args is not None:
+            kept.append([c.name, c.key, c.args, c.restarts])
+    return kept

@@ -71,7 +71,10 @@ class Role:
             self.step_down()
 
     def heard_leader(self, hb: dict[str, Any]) -> None:
-        """Another worker's heartbeat says it leads: with a newer epoch the election backs, step down."""
+        """Another worker's heartbeat says it leads: with a newer epoch the election backs, step down.
+        Every worker keeps what the leader's says its own worker runs (see ``Restarts.orphans``)."""
+        self.leader.restarts.heard(hb["node"], bool(hb.get("leader")) and hb["node"] != self.hostname,
+                                   hb.get("keep"))
         epoch = int(hb.get("epoch", 0))
         if hb.get("leader") and hb["node"] != self.hostname and epoch > max(self.epoch, self.leader.epoch):
             if self.backed(epoch, hb["node"]) and self.leader.active and epoch > self.leader.epoch:
