@@ -38,9 +38,26 @@ class Journaled(KeyedProcess):
         journal("terminate", self.key, reason=reason)
 
 
+class Ticking(Journaled):
+    """Has a timer tick every 0.2 s, which keeps it alive (``keep_alive``) or not."""
+
+    keep_alive = True
+
+    def init(self, key: str, *args: Any) -> None:
+        super().init(key, *args)
+        self.send_every(0.2, "tick", keep_alive=self.keep_alive)
+
+    def handle_info(self, msg: Any) -> None:
+        pass  # a tick: not a cast
+
+
 #: Passivated after 0.5 s without a cast or call.
 forseti.keyed(type("Idle", (Journaled,), {}), name="idle", idle_timeout=0.5)
 #: Passivated after 0.3 s, and takes a second to end: messages arrive while it passivates.
 forseti.keyed(type("Lingering", (Journaled,), {"linger": 1.0}), name="lingering_idle", idle_timeout=0.3)
 #: Idle for an hour before passivation: a deadline the worker keeps, never due during a test.
 forseti.keyed(type("Sleepy", (Journaled,), {}), name="sleepy", idle_timeout=3600)
+#: Ticks with keep_alive: never idle (its worker hears of a tick at most once a second).
+forseti.keyed(type("KeptAlive", (Ticking,), {}), name="kept_alive", idle_timeout=1.5)
+#: Ticks without keep_alive: passivated after 1.5 s all the same.
+forseti.keyed(type("Polling", (Ticking,), {"keep_alive": False}), name="polling", idle_timeout=1.5)

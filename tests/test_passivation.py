@@ -149,6 +149,16 @@ def test_an_idle_process_is_passivated_terminate_idle_runs_its_key_is_freed_and_
     assert again.pid != ref.pid and again.call("seen") == {"seen": [], "pid": again.pid}
 
 
+def test_a_keep_alive_timer_keeps_its_process_from_passivating_and_another_timer_does_not(h: Harness) -> None:
+    kept = h.forseti.get_key(fresh("kept"), name="kept_alive")
+    polling = h.forseti.get_key(fresh("polling"), name="polling")
+    gone(h, polling)  # 1.5 s after its start, ticks every 0.2 s notwithstanding
+    time.sleep(2.0)  # more than its idle timeout again
+    assert alive(kept.pid) and h.forseti.search_key(kept.key, name="kept_alive") == kept
+    assert [e["reason"] for e in journal(h, polling.key, "terminate")] == ["idle"]
+    assert not journal(h, kept.key, "terminate")
+
+
 def test_a_key_addressed_message_to_a_passivated_pid_reaches_the_next_incarnation_and_its_sender_hears_moved(
     h: Harness,
 ) -> None:

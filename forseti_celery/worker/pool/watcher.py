@@ -29,10 +29,9 @@ from typing import Any
 from celery.utils.log import get_logger
 
 from ...child import runtime as child_main
-from ...core import pipe
 from ...core import protocol as p
 from ...core.messages import CORR, REPLY_TO, TYPE, Reply
-from ...core.pipe import EXIT, INIT_ERROR, REPLY, STARTED
+from ...core.pipe import EXIT, INIT_ERROR, REPLY, STARTED, TOUCH
 from . import zygote as zygote_mod
 from .idle import Idle
 from .outbox import HEADER, Outbox
@@ -48,8 +47,6 @@ _CHUNK = 65536  # bytes read from a child's pipe at once
 _READS = 16  # reads from one child per round at most: one chatty child does not starve the others
 _SOON = 0.25  # seconds to the next round while something waits for one (a report to retry, a new spare)
 _QUIET = 5.0  # seconds to the next round with nothing due: everything else wakes the watcher
-#: A keyed process tells its worker that a ``keep_alive`` timer fired (counts as activity).
-_TOUCH: str = getattr(pipe, "TOUCH", "touch")
 
 
 class Waker:
@@ -233,7 +230,7 @@ class Watcher:
                 c.last_words.append((msg.pop(REPLY_TO), msg))
             else:
                 self._reports.reply(msg.pop(REPLY_TO), msg)
-        elif kind == _TOUCH:
+        elif kind == TOUCH:  # a keep_alive timer fired: activity, for passivation
             with self._table.lock:
                 c.active_at = time.monotonic()
         elif kind == STARTED:
