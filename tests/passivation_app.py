@@ -61,3 +61,5 @@ forseti.keyed(type("Sleepy", (Journaled,), {}), name="sleepy", idle_timeout=3600
 forseti.keyed(type("KeptAlive", (Ticking,), {}), name="kept_alive", idle_timeout=1.5)
 #: Ticks without keep_alive: passivated after 1.5 s all the same.
 forseti.keyed(type("Polling", (Ticking,), {"keep_alive": False}), name="polling", idle_timeout=1.5)
+#: Never idle; takes a second to end when stopped.
+forseti.keyed(type("SlowStop", (Journaled,), {"linger": 1.0}), name="slow_stop")

@@ -205,6 +205,21 @@ def test_a_message_arriving_while_its_key_passivates_is_handled_by_the_next_inca
     assert ended["pid"] == old.pid and ended["t"] <= starts[1]["t"]
 
 
+def test_a_message_arriving_while_its_process_is_stopped_is_handled_by_the_next_incarnation(h: Harness) -> None:
+    key = fresh("stopping")
+    old = h.forseti.get_key(key, name="slow_stop")
+    stopper = threading.Thread(target=old.stop, kwargs={"timeout": 10})
+    stopper.start()
+    wait_for(lambda: journal(h, key, "terminating"), 10, 0.02, "never stopped")
+    with sender(h) as s:
+        corr = s.send(old, ["x"], call="y")
+        heard = s.receive(lambda got: any(m.get("c") == corr for m in got))
+    stopper.join(10)
+    (answer,) = [Reply.from_wire(m) for m in heard if m.get("c") == corr]
+    value = p.payload({p.PAYLOAD: answer.payload})
+    assert value["seen"] == ["x", "y"] and value["pid"] != old.pid and not alive(old.pid)
+
+
 def test_a_key_addressed_message_for_another_pid_goes_to_the_live_process_of_its_key(h: Harness) -> None:
     key = fresh("stale")
     ref = h.forseti.get_key(key, name="sleepy")

@@ -93,8 +93,8 @@ class Children:
         pipe (see :meth:`~forseti_celery.worker.pool.outbox.Outbox.post`). A call its process's
         mailbox has no room for is answered with ``mailbox_full`` at once; a cast is dropped (and logged).
 
-        A key-addressed cast or call whose process is not live here (gone, passivating, another
-        pid, never here) is returned, per key in order, for the node to hold: it goes to the
+        A key-addressed cast or call whose process is not live here (gone, passivating or stopping,
+        another pid, never here) is returned, per key in order, for the node to hold: it goes to the
         key's next incarnation (:mod:`~forseti_celery.worker.forwarding`). A written one moves its
         process's idle clock."""
         now = self._spawner.busy_at = time.monotonic()
@@ -106,7 +106,7 @@ class Children:
                 c = table.by_key.get(k)
                 if c is None or c.gone:
                     live = []
-                elif c.passivating:  # its stop is written: only what cannot go elsewhere follows it
+                elif c.passivating or c.kill_at is not None:  # stopping: only what cannot go elsewhere follows
                     live = [m for m in msgs if not m.get(KEY_ADDRESSED) and m.get(PID) in (None, c.pid)]
                 else:
                     live = [m for m in msgs if m.get(PID) in (None, c.pid)]
