@@ -313,9 +313,8 @@ class Node:
             # Stopping, cut off, or not sure we are heard: the leader places it elsewhere.
             self.children.spawn_failed(msg["n"], msg["k"], msg["sid"], "unavailable")
             return
-        order = Spawn.from_wire(msg)  # a restart is held for its back-off (after) by the pool
-        self.children.spawn(msg["n"], msg["k"], msg.get("a", []), msg["sid"], msg.get("w"), order.hold,
-                            order.restart_count)
+        o = Spawn.from_wire(msg)  # a restart is held for its back-off (after) by the pool
+        self.children.spawn(o.name, o.key, o.args, o.sid, o.waiters, o.hold, o.restart_count)
 
     def _heard(self, hb: Message) -> None:
         ours = hb["node"] == self.hostname and hb["inc"] == self.incarnation
@@ -387,8 +386,7 @@ class Node:
         hb = Heartbeat(self.hostname, self.incarnation, self.liveness.next_seq(), self.eligible and self._available(),
                        sorted(self.forseti.known_names()), len(procs), ready,
                        self.leader.epoch if ready else self.epoch, os.getpid(), socket.gethostname(),
-                       # the leader's own keys, for a successor to restart if it dies (Restarts.orphans)
-                       keep(procs, self.leader.restarts.policy) if ready else None).to_wire()
+                       keep(procs, self.leader.restarts.policy) if ready else None).to_wire()  # Restarts.orphans
         self.members.heard(hb)  # we are a member at once; the broker's echo proves we are heard
         ping = Ping(self.hostname, self.liveness.nonce()).to_wire() if self.election.always_consume else None
         self.sender.beat(hb, self._node_queue.name, ping, self.settings.heartbeat * 2)
