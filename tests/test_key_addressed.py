@@ -8,6 +8,7 @@ so a test can tell which messages every incarnation of a key took, and in which 
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -162,6 +163,28 @@ def test_a_passivated_key_whose_route_had_only_answered_calls_is_created_again_b
     new = kc.forseti.call(key, 2, name="ka_idle")
     assert new["incarnation"] == 2 and new["pid"] != old["pid"]
     assert kc.log(key) == [1, 2]
+
+
+def test_sends_while_their_worker_shuts_down_reach_the_next_incarnation_all_of_them_in_order(
+    broker_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    with keyed_cluster(broker_url, redis_url, tmp_path, n=2) as c:
+        key = fresh("left")
+        c.forseti.call(key, -1, name="ka")
+        node = c.forseti.get_key(key, name="ka").node
+        leaving = threading.Thread(target=c.cluster.worker(node).stop)  # a warm shutdown
+        leaving.start()
+        sent = 0
+        t0 = time.monotonic()
+        while leaving.is_alive() or time.monotonic() - t0 < 3:
+            c.forseti.send(key, sent, name="ka")
+            sent += 1
+            time.sleep(0.01)
+        leaving.join()
+        last = c.forseti.call(key, "last", name="ka", timeout=10)
+        assert last["incarnation"] == 2 and c.forseti.get_key(key, name="ka").node != node
+        assert c.log(key) == [-1, *range(sent), "last"]
+        assert c.ends(key) == ["shutdown"]
 
 
 def test_a_key_addressed_call_that_crashed_its_process_raises_remote_error_and_is_not_replayed(
