@@ -22,6 +22,9 @@ from forseti_celery.core import protocol as p
 from forseti_celery.core.broker import Publisher
 from forseti_celery.core.messages import MOVED, Call, Cast, Moved, Reply
 from forseti_celery.testing import Cluster, wait_for
+from forseti_celery.worker.pool.idle import Idle
+from forseti_celery.worker.pool.outbox import Outbox
+from forseti_celery.worker.pool.table import Child, Table
 from tests.helpers import ROOT, Harness, alive, fresh
 
 
@@ -232,6 +235,25 @@ def test_a_key_addressed_message_for_another_pid_goes_to_the_live_process_of_its
     assert p.payload({p.PAYLOAD: answer.payload}) == {"seen": ["x", "y"], "pid": ref.pid}
     (moved,) = [Moved.from_wire(m) for m in heard if m.get("t") == MOVED]
     assert (moved.pid, moved.new_node, moved.new_pid, moved.seq) == (1, ref.node, ref.pid, s.seq)
+
+
+def test_the_idle_heap_keeps_no_entry_of_reaped_processes_for_their_whole_idle_timeout() -> None:
+    table = Table()
+    r, w = os.pipe()
+    try:
+        idle = Idle(table, lambda name: 3600.0, 1.0)
+        kids = [Child("n", str(i), "s", None, None, w, Outbox(w, 1 << 20, lambda box: None)) for i in range(200)]
+        for c in kids:
+            idle.started(c)
+        for c in kids[:150]:  # keys that came and went, each with an hour left on its clock
+            c.gone = True
+            idle.reaped(c)
+        dead = sum(e[2].gone for e in idle._heap)  # swept once they were half of it
+        assert len(idle._heap) < 150 and 2 * dead <= len(idle._heap), (len(idle._heap), dead)
+        assert idle.next_due() is not None and idle.passivate_due(time.monotonic()) == 0
+    finally:
+        os.close(r)
+        os.close(w)
 
 
 def _switches(pid: int) -> int:

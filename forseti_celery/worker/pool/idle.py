@@ -47,6 +47,7 @@ class Idle:
         self._grace = grace
         self._heap: list[tuple[float, int, Child]] = []
         self._order = itertools.count()  # ties: never compare two children
+        self._reaped = 0  # entries of reaped children still in the heap (dropped at their deadline, or swept)
 
     def started(self, c: Child) -> None:
         """``c`` has started: its idle clock runs from now, if its name passivates."""
@@ -63,6 +64,18 @@ class Idle:
             c.active_at = now
         heapq.heappush(self._heap, (now + after, next(self._order), c))
 
+    def reaped(self, c: Child) -> None:
+        """``c`` has been reaped: its entry goes at its deadline, or sooner, once reaped children
+        make up half the heap (an hour's ``idle_timeout`` of keys that came and went keeps no
+        record of each of them for the hour)."""
+        if c.idle_after is None:
+            return
+        self._reaped += 1
+        if self._reaped > 64 and 2 * self._reaped > len(self._heap):
+            self._heap = [e for e in self._heap if not e[2].gone]
+            heapq.heapify(self._heap)
+            self._reaped = 0
+
     def next_due(self) -> float | None:
         """The nearest deadline (``time.monotonic()``), None if no process passivates."""
         return self._heap[0][0] if self._heap else None
@@ -74,6 +87,8 @@ class Idle:
             _, _, c = heapq.heappop(heap)
             with table.lock:
                 if c.gone or c.passivating or c.kill_at is not None or c.idle_after is None:
+                    if c.gone and self._reaped:
+                        self._reaped -= 1
                     continue  # ended, or already on its way out: nothing to schedule
                 due = c.active_at + c.idle_after
                 busy = bool(c.calls) or bool(c.outbox.unsent)

@@ -277,6 +277,7 @@ class Watcher:
         c.conn.close()
         if spare:
             return
+        self._idle.reaped(c)
         for reply_to, corr in exit_waiters:  # published after this round's reports: its exit's among them
             self._reports.reply(reply_to, Reply.ok(corr, None).to_wire())
         reason = c.reason or (f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}")
