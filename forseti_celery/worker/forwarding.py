@@ -223,6 +223,8 @@ class Forwarding:
 
     def _hand_over(self, k: Key, node: str, pid: int) -> None:
         h = self._held.pop(k)
+        logger.debug("forseti: %s hands %d held messages for %r (%s) to pid %d on %s", self.hostname, len(h.msgs),
+                     k[1], k[0], pid, node)
         for corr in h.corrs:
             self._asked.pop(corr, None)
         until = time.monotonic() + REDIRECT_FOR
