@@ -30,6 +30,8 @@ class Journaled(KeyedProcess):
         if msg != "seen":
             self.seen.append(msg)
             journal("call", self.key, msg=msg)
+        if isinstance(msg, dict) and "sleep" in msg:
+            time.sleep(msg["sleep"])
         return {"seen": self.seen, "pid": os.getpid()}
 
     def terminate(self, reason: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import threading
 import time
 import uuid
@@ -221,6 +222,22 @@ def test_a_message_arriving_while_its_process_is_stopped_is_handled_by_the_next_
     (answer,) = [Reply.from_wire(m) for m in heard if m.get("c") == corr]
     value = p.payload({p.PAYLOAD: answer.payload})
     assert value["seen"] == ["x", "y"] and value["pid"] != old.pid and not alive(old.pid)
+
+
+def test_a_key_addressed_call_its_process_had_taken_when_it_was_killed_is_answered_crash_and_never_replayed(
+    h: Harness,
+) -> None:
+    key = fresh("killed")
+    ref = h.forseti.get_key(key, name="sleepy")
+    with sender(h) as s:
+        corr = s.send(ref, [], call={"sleep": 30})
+        wait_for(lambda: journal(h, key, "call"), 10, 0.02, "the call never reached its process")
+        os.kill(ref.pid, signal.SIGKILL)
+        heard = s.receive(lambda got: any(m.get("c") == corr for m in got))
+    (answer,) = [Reply.from_wire(m) for m in heard if m.get("c") == corr]
+    assert (answer.error, answer.exc_type) == ("crash", "ProcessExited"), answer  # RemoteError, as a crash
+    time.sleep(1.0)
+    assert len(journal(h, key, "call")) == 1 and len(journal(h, key, "start")) == 1  # not replayed anywhere
 
 
 def test_a_key_addressed_message_for_another_pid_goes_to_the_live_process_of_its_key(h: Harness) -> None:

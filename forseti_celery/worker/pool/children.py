@@ -123,6 +123,8 @@ class Children:
                         kind = m[TYPE]
                         if kind == CALL:
                             c.calls[m[CORR]] = m[REPLY_TO]
+                            if m.get(KEY_ADDRESSED):
+                                c.ka_calls.add(m[CORR])
                         elif kind == STOP:
                             if REPLY_TO in m:
                                 c.stoppers.append((m[REPLY_TO], m[CORR]))

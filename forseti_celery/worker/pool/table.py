@@ -54,6 +54,9 @@ class Child:
     messages: int = 0  # (table)
     #: (table) Calls delivered and not answered yet: correlation id -> reply queue.
     calls: dict[str, str] = field(default_factory=dict)
+    #: (table) Of :attr:`calls`, the key-addressed ones: if it dies with one, it had taken it
+    #: (never answered "gone", which would have its caller send it again).
+    ka_calls: set[str] = field(default_factory=set)
     #: (table) Who asked it to stop (answered with its exit report).
     stoppers: list[Waiter] = field(default_factory=list)
     #: (table) When it is killed if it has not ended by then (asked to stop).

@@ -225,6 +225,7 @@ class Watcher:
         if kind == REPLY:
             with self._table.lock:
                 c.calls.pop(msg[CORR], None)
+                c.ka_calls.discard(msg[CORR])
             if msg.get("error") == "crash":
                 # Answered once the exit is reported: the caller may retry get_key at once.
                 c.last_words.append((msg.pop(REPLY_TO), msg))
@@ -271,6 +272,7 @@ class Watcher:
             elif table.by_key.get((c.name, c.key)) is c:
                 del table.by_key[(c.name, c.key)]
             calls, c.calls = c.calls, {}
+            ka_calls, c.ka_calls = c.ka_calls, set()
             started, stoppers = c.started, [list(s) for s in c.stoppers]
             exit_waiters, c.exit_waiters = c.exit_waiters, []
         c.outbox.discard()
@@ -282,8 +284,12 @@ class Watcher:
             self._reports.reply(reply_to, Reply.ok(corr, None).to_wire())
         reason = c.reason or (f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}")
         for corr, reply_to in calls.items():
-            text = f"keyed process {c.key!r} exited: {reason}"
-            self._reports.reply(reply_to, Reply.fail(corr, "gone", text).to_wire())
+            if corr in ka_calls and started:  # it had taken it: at most once, so never sent again
+                answer = Reply.fail(corr, "crash", f"keyed process {c.key!r} exited with the call: {reason}",
+                                    "ProcessExited")
+            else:
+                answer = Reply.fail(corr, "gone", f"keyed process {c.key!r} exited: {reason}")
+            self._reports.reply(reply_to, answer.to_wire())
         if not started:
             if code == child_main.FENCED and c.init_error is None:
                 # Ended itself before init: its worker had stopped hearing the broker. Not the key's fault.
