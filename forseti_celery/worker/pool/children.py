@@ -14,8 +14,9 @@
 
 The methods here run on the node's threads: :meth:`Children.spawn`, :meth:`Children.deliver`
 and :meth:`Children.stop_all` on its consumer thread, the rest on any. The node's consumer thread
-is the only one that puts messages in a child's mailbox; no thread of the worker ever waits on a
-child's pipe or for a fork.
+is the only one that puts messages in a child's mailbox, but for the stop of an idle child, which
+the watcher writes under the table's lock; no thread of the worker ever waits on a child's pipe or
+for a fork.
 """
 
 from __future__ import annotations

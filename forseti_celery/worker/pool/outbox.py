@@ -2,8 +2,9 @@
 
 No thread of the worker ever waits on a child's pipe: the worker's end is non-blocking. What a
 child has not taken yet waits here, bounded by ``forseti_mailbox_limit``: the consumer thread
-puts frames in (:meth:`Outbox.post`) and writes what the pipe takes at once; the watcher writes
-the rest as the pipe drains (:meth:`Outbox.drain`). A frame is made of the lines of the broker
+puts frames in (:meth:`Outbox.post`; the watcher only an idle process's stop, see
+:mod:`~forseti_celery.worker.pool.idle`) and writes what the pipe takes at once; the watcher
+writes the rest as the pipe drains (:meth:`Outbox.drain`). A frame is made of the lines of the broker
 message as they came, a large one as a view of its body, not copied (see
 :func:`~forseti_celery.core.protocol.encode_parts`).
 
