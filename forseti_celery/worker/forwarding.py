@@ -99,11 +99,6 @@ class Forwarding:
         self._moved: dict[tuple[str, str, str, int], tuple[str, int, int]] = {}
         self._expire_at = 0.0
 
-    @property
-    def holding(self) -> int:
-        """Messages held now."""
-        return sum(len(h.msgs) for h in self._held.values())
-
     # -- the node's deliveries -----------------------------------------------------------------
     def route(self, batches: Batches) -> Batches:
         """What of ``batches`` the pool is to deliver now: a key-addressed message for a key with
