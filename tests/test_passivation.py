@@ -273,6 +273,23 @@ def test_the_idle_heap_keeps_no_entry_of_reaped_processes_for_their_whole_idle_t
         os.close(w)
 
 
+def test_a_key_addressed_message_at_a_worker_that_never_ran_its_key_is_forwarded_to_the_worker_that_does(
+    h: Harness,
+) -> None:
+    key = fresh("elsewhere")
+    ref = h.forseti.get_key(key, name="sleepy")
+    (other,) = [w.hostname for w in h.cluster.workers if w.hostname != ref.node]
+    stray = KeyRef(other, 1, key, "sleepy")  # a ref no worker gave: the message reaches the wrong worker
+    with sender(h) as s:
+        corr = s.send(stray, [{"big": "x" * 20000}, "after"], call="last")  # a payload of its own chunk too
+        heard = s.receive(lambda got: any(m.get("c") == corr for m in got)
+                          and any(m.get("t") == MOVED for m in got))
+    (answer,) = [Reply.from_wire(m) for m in heard if m.get("c") == corr]
+    assert p.payload({p.PAYLOAD: answer.payload}) == {"seen": [{"big": "x" * 20000}, "after", "last"], "pid": ref.pid}
+    (moved,) = [Moved.from_wire(m) for m in heard if m.get("t") == MOVED]
+    assert (moved.node, moved.pid, moved.new_node, moved.new_pid, moved.seq) == (other, 1, ref.node, ref.pid, s.seq)
+
+
 def _switches(pid: int) -> int:
     """Voluntary context switches of every thread of ``pid`` so far (0 once it has gone)."""
     total = 0
