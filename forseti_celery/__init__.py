@@ -96,16 +96,17 @@ def call(key: str, msg: Any, *, name: str = "default", args: Sequence[Any] = (),
     return Forseti.of(app).call(key, msg, name=name, args=args, timeout=timeout)
 
 
-def send(key: str, msg: Any, *, name: str = "default", args: Sequence[Any] = (), app: Celery | None = None) -> None:
+def send(key: str, msg: Any, *, name: str = "default", args: Sequence[Any] = (), timeout: float | None = None,
+         app: Celery | None = None) -> None:
     """Deliver ``msg`` to the ``handle_cast`` (or ``receive()``) of ``(name, key)``'s process
     without waiting, creating the process with ``args`` if there is none (this waits for it,
-    as :func:`get_key` does, up to ``forseti_timeout``).
+    as :func:`get_key` does, up to ``timeout``: default ``forseti_timeout``).
 
     Never lost to an exit the sender did not cause, in order per client across the key's
     incarnations, as :func:`call`; a message the process had taken when it ended is not
     delivered again.
     """
-    Forseti.of(app).send(key, msg, name=name, args=args)
+    Forseti.of(app).send(key, msg, name=name, args=args, timeout=timeout)
 
 
 def search_key(key: str, *, name: str = "default", timeout: float | None = None,

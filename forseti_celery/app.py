@@ -153,9 +153,10 @@ class Forseti:
         """See :func:`forseti_celery.call`."""
         return self.client.call_key(key, msg, args, name, timeout)
 
-    def send(self, key: str, msg: Any, *, name: str = "default", args: Sequence[Any] = ()) -> None:
+    def send(self, key: str, msg: Any, *, name: str = "default", args: Sequence[Any] = (),
+             timeout: float | None = None) -> None:
         """See :func:`forseti_celery.send`."""
-        self.client.cast_key(key, msg, args, name)
+        self.client.cast_key(key, msg, args, name, timeout)
 
     def search_key(self, key: str, *, name: str = "default", timeout: float | None = None) -> KeyRef | None:
         """See :func:`forseti_celery.search_key`."""

@@ -37,7 +37,8 @@ def test_every_public_function_refuses_a_timeout_that_is_not_a_positive_finite_n
     for use in (lambda: ref.call("get", timeout=timeout), lambda: ref.stop(timeout=timeout),
                 lambda: warm.get_key("k", timeout=timeout), lambda: warm.get_key("other", timeout=timeout),
                 lambda: warm.search_key("k", timeout=timeout), lambda: warm.get_metrics(timeout=timeout),
-                lambda: warm.get_less_used_node(timeout=timeout)):
+                lambda: warm.get_less_used_node(timeout=timeout),
+                lambda: warm.call("k", "get", timeout=timeout), lambda: warm.send("k", "inc", timeout=timeout)):
         with pytest.raises(InvalidArgument, match="timeout"):
             use()
 

@@ -211,11 +211,11 @@ class Client:
                 # A crash ends the route at once if nothing else is on it: no detour for the next.
                 self._routes.answered(route, ended)
 
-    def cast_key(self, key: str, msg: Any, args: Any, name: str) -> None:
+    def cast_key(self, key: str, msg: Any, args: Any, name: str, timeout: float | None = None) -> None:
         """``forseti_celery.send``: ``msg`` to ``(name, key)``'s process, created with ``args``
         if there is none (waiting for that as ``get_key`` does), without waiting for it."""
         args = self._key_args(key, name, args)
-        route, seq = self._route(key, args, name, self.settings.timeout, cast=True)
+        route, seq = self._route(key, args, name, self._timeout(timeout, self.settings.timeout), cast=True)
         ref = route.ref
         envelope = Cast.envelope(ref.name, ref.key, ref.pid, args, seq, self._reply_rk)
         self._sender.put(self._node_rk(ref), encode_message(envelope, "message", self._max_size, payload=msg))
