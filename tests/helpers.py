@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import queue
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -107,3 +109,36 @@ def seen_once_continued(ref: KeyRef, timeout: float = 20.0) -> list[Any]:
         except MailboxFull:  # still taking what waited for it
             return None
     return wait_for(seen, timeout, 0.1, "the continued process never answered")
+
+
+@contextmanager
+def events(h: Harness) -> Iterator[list[dict[str, Any]]]:
+    """Every worker event of ``h``'s broker received while inside, in order, as Celery's event
+    receiver gives them (forseti's start, exit, restart and given-up events among them)."""
+    received: list[dict[str, Any]] = []
+    with h.app.connection_for_read() as conn:
+        recv = h.app.events.Receiver(conn, handlers={"*": received.append})
+        thread = threading.Thread(target=recv.capture, kwargs={"wakeup": False}, daemon=True)
+        thread.start()
+        wait_for(lambda: received, 10, message="no event at all reached the receiver")
+        try:
+            yield received
+        finally:
+            recv.should_stop = True
+            thread.join(5)
+
+
+def pool_with_answers(hostname: str, target: Any, config: Any) -> tuple[Any, queue.SimpleQueue[dict[str, Any]]]:
+    """A worker's pool of keyed processes in this process, running ``target`` for every name
+    (not started yet), and the queue its answers to callers go to (what it sends the leader is dropped)."""
+    from forseti_celery.worker.pool.children import Children
+
+    answers: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+
+    def publish(batches: list[tuple[str, list[dict[str, Any]]]]) -> None:
+        for routing_key, msgs in batches:
+            if routing_key == "reply":
+                for m in msgs:
+                    answers.put(m)
+
+    return Children(hostname, lambda name: target, publish, "leader", lambda *a, **kw: None, config), answers

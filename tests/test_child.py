@@ -20,6 +20,8 @@ from forseti_celery.testing import wait_for
 from forseti_celery.worker.pool import zygote as zygote_mod
 from forseti_celery.worker.pool.fork import KeyedChild
 
+from .helpers import pool_with_answers
+
 
 class Sink(KeyedProcess):
     """Takes casts and does nothing with them; answers a call with its message."""
@@ -191,20 +193,9 @@ def test_a_keyed_process_drops_a_message_it_cannot_act_on_and_lives_on() -> None
 def test_the_pool_keeps_each_keys_init_args_parallel_to_its_registry(spares: int) -> None:
     # What a node's REPORT carries for a rebuilt leader: each key's args, by a real fork (spares=0)
     # and by a spare given its key (spares=1: the zygote's, where it runs).
-    import queue
 
-    from forseti_celery.worker.pool.children import Children
 
-    answers: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
-
-    def publish(batches: list[tuple[str, list[dict[str, Any]]]]) -> None:
-        for routing_key, msgs in batches:
-            if routing_key == "reply":
-                for m in msgs:
-                    answers.put(m)
-
-    children = Children("args@test", lambda name: Sink, publish, "leader", lambda *a, **kw: None,
-                        ChildConfig(fence_after=3600.0, spares=spares))
+    children, answers = pool_with_answers("args@test", Sink, ChildConfig(fence_after=3600.0, spares=spares))
     children.start()
     try:
         if spares:

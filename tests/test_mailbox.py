@@ -4,7 +4,6 @@ one, costs the other keys of its worker nothing (real workers, both brokers)."""
 from __future__ import annotations
 
 import os
-import queue
 import signal
 import statistics
 import threading
@@ -20,9 +19,8 @@ from forseti_celery import ConfigurationError, KeyRef, MailboxFull
 from forseti_celery.core import protocol as p
 from forseti_celery.core.conf import ChildConfig, Settings
 from forseti_celery.testing import wait_for
-from forseti_celery.worker.pool.children import Children
 
-from .helpers import Harness, fresh, harness, seen_once_continued
+from .helpers import Harness, fresh, harness, pool_with_answers, seen_once_continued
 
 #: forseti_mailbox_limit of these workers: small, so a few sends fill it.
 MAILBOX = 1024 * 1024
@@ -159,16 +157,8 @@ def test_one_batch_of_many_sends_is_cut_at_the_limit_even_into_an_empty_mailbox(
     # messages in one broker message, all of one key delivered at once; "any one message when
     # the mailbox is empty" must not let a whole batch in.
     from tests.app import Recorder  # here: importing the workers' app makes it the current one
-    answers: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
-
-    def publish(batches: list[tuple[str, list[dict[str, Any]]]]) -> None:
-        for routing_key, msgs in batches:
-            if routing_key == "reply":
-                for m in msgs:
-                    answers.put(m)
-
-    children = Children("mbx@test", lambda name: Recorder, publish, "leader", lambda *a, **kw: None,
-                        ChildConfig(fence_after=3600.0, spares=0, mailbox_limit=MAILBOX))
+    config = ChildConfig(fence_after=3600.0, spares=0, mailbox_limit=MAILBOX)
+    children, answers = pool_with_answers("mbx@test", Recorder, config)
     children.start()
     try:
         children.spawn("recorder", "k", [], "sid", [["reply", "started"]])

@@ -26,7 +26,7 @@ from forseti_celery.testing import Cluster, wait_for
 from forseti_celery.worker.pool.idle import Idle
 from forseti_celery.worker.pool.outbox import Outbox
 from forseti_celery.worker.pool.table import Child, Table
-from tests.helpers import ROOT, Harness, alive, fresh
+from tests.helpers import ROOT, Harness, alive, events, fresh
 
 
 @contextlib.contextmanager
@@ -100,21 +100,6 @@ def sender(h: Harness) -> Iterator[Sender]:
         yield s
     finally:
         s.close()
-
-
-@contextlib.contextmanager
-def events(h: Harness) -> Iterator[list[dict[str, Any]]]:
-    received: list[dict[str, Any]] = []
-    with h.app.connection_for_read() as conn:
-        recv = h.app.events.Receiver(conn, handlers={"*": received.append})
-        thread = threading.Thread(target=recv.capture, kwargs={"wakeup": False}, daemon=True)
-        thread.start()
-        wait_for(lambda: received, 10, message="no event at all reached the receiver")
-        try:
-            yield received
-        finally:
-            recv.should_stop = True
-            thread.join(5)
 
 
 def journal(h: Harness, key: str, ev: str | None = None) -> list[dict[str, Any]]:

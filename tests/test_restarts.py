@@ -8,7 +8,6 @@ import contextlib
 import itertools
 import os
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 from forseti_celery import KeyRef
 from forseti_celery.testing import Cluster, wait_for
 from tests.chaos_support import Monitor, ask, wait_one_leader
-from tests.helpers import ROOT, Harness, alive, fresh
+from tests.helpers import ROOT, Harness, alive, events, fresh
 
 ENDS = ("stop", "normal", "crash", "kill")
 #: (policy, end) -> restarted?
@@ -46,22 +45,6 @@ def restart_cluster(broker_url: str, tmp: Path, n: int) -> Iterator[tuple[Harnes
         violations = monitor.finish()
         assert not orphans, f"orphan processes left: {orphans}"
         assert not violations, violations
-
-
-@contextlib.contextmanager
-def events(h: Harness) -> Iterator[list[dict[str, Any]]]:
-    """Every worker event sent while inside (forseti's restart events among them)."""
-    received: list[dict[str, Any]] = []
-    with h.app.connection_for_read() as conn:
-        recv = h.app.events.Receiver(conn, handlers={"*": received.append})
-        thread = threading.Thread(target=recv.capture, kwargs={"wakeup": False}, daemon=True)
-        thread.start()
-        wait_for(lambda: received, 10, message="no event at all reached the receiver")
-        try:
-            yield received
-        finally:
-            recv.should_stop = True
-            thread.join(5)
 
 
 def of(received: list[dict[str, Any]], kind: str, key: str) -> list[dict[str, Any]]:
