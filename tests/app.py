@@ -15,19 +15,10 @@ from celery import Celery
 import forseti_celery
 import forseti_celery.child.runtime
 from forseti_celery import Forseti, KeyedProcess
+from tests.cluster_conf import cluster_conf
 
 app = Celery("tests", broker=os.environ.get("FORSETI_BROKER_URL"), backend="rpc://", set_as_current=True)
-app.conf.update(
-    broker_connection_retry_on_startup=True,
-    worker_hijack_root_logger=False,
-    forseti_namespace=os.environ.get("FORSETI_NAMESPACE", "forseti"),
-    # Tasks of one test cluster stay among its own workers when runs share a broker.
-    task_default_queue=os.environ.get("FORSETI_NAMESPACE", "celery"),
-    forseti_heartbeat=float(os.environ.get("FORSETI_HEARTBEAT", "0.5")),
-    forseti_node_timeout=float(os.environ.get("FORSETI_NODE_TIMEOUT", "4")),
-    forseti_lease=float(os.environ.get("FORSETI_LEASE", "2")),
-    forseti_spares=int(os.environ.get("FORSETI_SPARES", "2")),
-)
+app.conf.update(cluster_conf(spares=2))
 if os.environ.get("FORSETI_FS_FOLDER"):  # the filesystem transport, which forseti must refuse
     folder = os.environ["FORSETI_FS_FOLDER"]
     app.conf.broker_transport_options = {"data_folder_in": folder, "data_folder_out": folder}

@@ -13,18 +13,10 @@ from celery import Celery
 
 import forseti_celery
 from forseti_celery import Forseti, KeyedProcess
+from tests.cluster_conf import cluster_conf
 
 app = Celery("mixed", broker=os.environ.get("FORSETI_BROKER_URL"), set_as_current=True)
-app.conf.update(
-    broker_connection_retry_on_startup=True,
-    worker_hijack_root_logger=False,
-    forseti_namespace=os.environ.get("FORSETI_NAMESPACE", "forseti"),
-    task_default_queue=os.environ.get("FORSETI_NAMESPACE", "celery"),
-    forseti_heartbeat=float(os.environ.get("FORSETI_HEARTBEAT", "0.5")),
-    forseti_node_timeout=float(os.environ.get("FORSETI_NODE_TIMEOUT", "4")),
-    forseti_lease=float(os.environ.get("FORSETI_LEASE", "2")),
-    forseti_spares=int(os.environ.get("FORSETI_SPARES", "1")),
-)
+app.conf.update(cluster_conf(spares=1))
 forseti = Forseti(app)
 print(f"mixed_app: forseti_celery from {os.path.dirname(forseti_celery.__file__ or '')}", flush=True)
 
