@@ -23,7 +23,8 @@ it sent on the old route, so this worker is the single funnel while it matters a
 overtakes. A message written to a process's pipe counts as taken: it is never replayed.
 
 Owner: the node's consumer thread (every field here); the pool's table is read through
-:class:`~forseti_celery.worker.pool.children.Children`.
+:class:`~forseti_celery.worker.pool.children.Children`. A leaving worker's main thread reads
+:attr:`Forwarding.arrived` and :attr:`Forwarding.holding` (:mod:`~forseti_celery.worker.leaving`).
 """
 
 from __future__ import annotations
@@ -98,11 +99,20 @@ class Forwarding:
         #: ``moved`` notices due once this batch's forwarded messages are out.
         self._moved: dict[tuple[str, str, str, int], tuple[str, int, int]] = {}
         self._expire_at = 0.0
+        #: When (monotonic) the node last had messages for its keyed processes: a leaving worker
+        #: says ``bye`` once they stop coming (read by its main thread, a float swapped whole).
+        self.arrived = 0.0
+
+    @property
+    def holding(self) -> int:
+        """How many keys have messages held (any thread: the length of a dict)."""
+        return len(self._held)
 
     # -- the node's deliveries -----------------------------------------------------------------
     def route(self, batches: Batches) -> Batches:
         """What of ``batches`` the pool is to deliver now: a key-addressed message for a key with
         held messages waits behind them; one for an old pid follows its redirect."""
+        self.arrived = time.monotonic()
         if not self._held and not self._redirects:
             return batches
         now = time.monotonic()

@@ -5,7 +5,8 @@ twins (other incarnations of a live member's name) already logged, and the check
 no live worker has our name (:func:`check_alone`).
 
 Threads: every field belongs to the ``forseti-node`` consumer thread, which alone calls these
-methods (tests drive them by hand on a node that was never started).
+methods (tests drive them by hand on a node that was never started), but :attr:`Liveness.left`,
+set once by a leaving worker's main thread after its ``bye`` (:mod:`~forseti_celery.worker.leaving`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ class Liveness:
         self.next_beat = 0.0
         self.last_echo = time.monotonic()
         self.fenced = False
+        #: Said ``bye``: no more heartbeats (the leader would take them for a new member).
+        self.left = False
         self.beats = 0  # heartbeats sent (their "seq"): an echo of a later one proves we are heard now
         self.doubt: int | None = None  # after a stall: the last beat sent before it
         self.last_run = time.monotonic()
@@ -91,7 +94,7 @@ class Liveness:
 
     def beat_due(self, now: float) -> bool:
         """Whether a heartbeat is due now (then the next one is a heartbeat from now)."""
-        if now < self.next_beat:
+        if now < self.next_beat or self.left:
             return False
         self.next_beat = now + self.settings.heartbeat
         return True

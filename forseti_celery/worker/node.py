@@ -42,6 +42,7 @@ from .election import election_for
 from .events import EventSender
 from .forwarding import Forwarding
 from .leader import Leader
+from .leaving import leave, quiet_for
 from .liveness import Liveness, check_alone
 from .membership import Members
 from .pool.children import Children
@@ -141,14 +142,13 @@ class Node:
         logger.info("forseti: registry of %s started (eligible: %s)", self.hostname, self.eligible)
 
     def stop(self, grace: float | None = None) -> None:
-        """Warm shutdown: hand the role over, stop every keyed process, report the exits."""
+        """Warm shutdown: hand the role over, stop every keyed process, report the exits, forward
+        what still reaches our queue, say ``bye`` (:func:`~.leaving.leave`)."""
         self._closing = True
         self._await_handover()
-        done = self.children.stop_all("shutdown", self.settings.stop_timeout if grace is None else grace)
-        if not done:
-            logger.warning("forseti: %s stopped before every exit reached the broker", self.hostname)
-        # Only now, with every process gone: the leader frees what is left of ours at once.
-        self.sender.broadcast(Bye(self.hostname, self.incarnation).to_wire())
+        leave(self.hostname, self.children, self.forwarding, self.liveness,
+              lambda: self.sender.broadcast(Bye(self.hostname, self.incarnation).to_wire()),
+              self.settings.stop_timeout if grace is None else grace, quiet_for(self.settings.heartbeat))
         self.loop.stop()
         self.children.stop()
         self.events.close()
