@@ -81,6 +81,7 @@ GOLDEN: list[tuple[Any, bytes]] = [
     (pipe.Started(), b'{"t":"started"}'),
     (pipe.InitError("ValueError", "no"), b'{"t":"init_error","type":"ValueError","msg":"no"}'),
     (pipe.Exit("normal"), b'{"t":"exit","reason":"normal"}'),
+    (pipe.Touch(), b'{"t":"touch"}'),
 ]
 
 
@@ -100,7 +101,7 @@ def test_every_message_type_of_the_protocol_has_exactly_one_kind() -> None:
     types = {v for k, v in vars(m).items() if k.isupper() and isinstance(v, str) and k not in _FIELDS}
     assert set(w.WIRE_KINDS) == types
     assert {p.GET, p.CAST, p.REPLY, p.HEARTBEAT} <= set(w.WIRE_KINDS)
-    assert set(pipe.PIPE_KINDS) == {pipe.ASSIGN, pipe.STOP, pipe.STARTED, pipe.INIT_ERROR, pipe.EXIT}
+    assert set(pipe.PIPE_KINDS) == {pipe.ASSIGN, pipe.STOP, pipe.STARTED, pipe.INIT_ERROR, pipe.EXIT, pipe.TOUCH}
     kinds = {type(g[0]) for g in GOLDEN}
     assert set(w.WIRE_KINDS.values()) | set(pipe.PIPE_KINDS.values()) == kinds  # each pinned above
 
