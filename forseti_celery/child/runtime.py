@@ -28,7 +28,7 @@ from celery.utils.log import get_logger
 from ..core import process
 from ..core.conf import ChildConfig
 from ..core.errors import InvalidMessage
-from ..core.messages import TYPE, Call, Reply
+from ..core.messages import CORR, REPLY_TO, TYPE, Call, Reply
 from ..core.pipe import ASSIGN, STOP, Assign, Exit, InitError, Started, Touch
 from ..core.process import KeyedProcess, Timer
 from ..core.protocol import CALL, CAST, PAYLOAD, decode, decode_payloads, encode, encode_message
@@ -186,7 +186,7 @@ class Mailbox:
                                os.getpid(), kind)
                 continue
             value = msg.get(PAYLOAD, _STOP)
-            if kind == CALL and not (type(msg.get("r")) is str and type(msg.get("c")) is str):
+            if kind == CALL and not (type(msg.get(REPLY_TO)) is str and type(msg.get(CORR)) is str):
                 logger.warning("forseti: keyed process %r (pid %d) dropped a call with no one to answer",
                                self.key, os.getpid())
                 continue

@@ -26,6 +26,7 @@ from typing import Any
 from celery.utils.log import get_logger
 
 from . import protocol as p
+from .messages import TYPE
 
 logger = get_logger(__name__)
 
@@ -96,7 +97,7 @@ class Signer:
         reason, sender = ("unsigned", "?") if value is None else self._check(str(value), message)
         if reason is None:
             return batch
-        kept = [m for m in batch if m.get("t") not in WORKER_TYPES]
+        kept = [m for m in batch if m.get(TYPE) not in WORKER_TYPES]
         if len(kept) != len(batch):
             self._dropped(reason, len(batch) - len(kept), sender)
         return kept

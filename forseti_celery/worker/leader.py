@@ -16,7 +16,7 @@ from celery.utils.log import get_logger
 
 from ..core import protocol as p
 from ..core.errors import InvalidMessage
-from ..core.messages import Get, Metrics, Reply, Search, Stop, StopKey
+from ..core.messages import TYPE, Get, Metrics, Reply, Search, Stop, StopKey
 from ..core.worker_messages import WIRE_KINDS, Exited, Heartbeat, Report, ReportRequest, Spawn, Spawned, SpawnFailed
 from .keytable import Entry, Key, KeyTable, Waiter, Waiters, reported_entries, unplaceable
 from .membership import Members
@@ -215,7 +215,7 @@ class Leader:
     # -- messages ---------------------------------------------------------------------
     def handle(self, msg: dict[str, Any]) -> None:
         """A message from the leader queue; during the rebuild, only what :meth:`_settled` allows."""
-        kind = msg.get("t")
+        kind = msg.get(TYPE)
         if type(kind) is not str or kind not in self._handlers:
             return
         try:

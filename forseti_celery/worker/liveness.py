@@ -24,6 +24,7 @@ from kombu.exceptions import OperationalError
 from ..core import protocol as p
 from ..core.conf import Settings
 from ..core.errors import DuplicateWorker
+from ..core.messages import TYPE
 from ..core.protocol import Names
 from ..core.signing import Signer
 from .membership import Members
@@ -156,7 +157,7 @@ def check_alone(app: Any, names: Names, hostname: str, incarnation: str, signer:
     def on_message(message: Any) -> None:
         batch = p.decode(message.body)
         twin.extend(hb for hb in (batch if signer is None else signer.admit(message, batch))
-                    if hb.get("t") == p.HEARTBEAT and hb.get("node") == hostname)
+                    if hb.get(TYPE) == p.HEARTBEAT and hb.get("node") == hostname)
 
     deadline = time.monotonic() + listen
     conn = app.connection_for_read()

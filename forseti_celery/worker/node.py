@@ -303,15 +303,15 @@ class Node:
         epoch = int(msg["epoch"])
         if epoch != self.epoch and self.role.backed(epoch, str(msg.get("leader"))) is False:
             logger.warning("forseti: refused spawn of %r from %s: the election granted no epoch %d to it "
-                           "(latest: %d)", msg["k"], msg.get("leader"), epoch, self.epoch)
+                           "(latest: %d)", msg[KEY], msg.get("leader"), epoch, self.epoch)
             return
         if epoch < self.epoch:
             logger.warning("forseti: refused spawn of %r from deposed leader %s (epoch %d < %d)",
-                           msg["k"], msg.get("leader"), epoch, self.epoch)
+                           msg[KEY], msg.get("leader"), epoch, self.epoch)
             return
         if not self._available():
             # Stopping, cut off, or not sure we are heard: the leader places it elsewhere.
-            self.children.spawn_failed(msg["n"], msg["k"], msg["sid"], "unavailable")
+            self.children.spawn_failed(msg[NAME], msg[KEY], msg["sid"], "unavailable")
             return
         o = Spawn.from_wire(msg)  # a restart is held for its back-off (after) by the pool
         self.children.spawn(o.name, o.key, o.args, o.sid, o.waiters, o.hold, o.restart_count)
