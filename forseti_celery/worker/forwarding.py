@@ -3,7 +3,10 @@
 A key-addressed ``cast`` or ``call`` (``forseti_celery.send``/``call``: the optional ``ka``,
 ``a``, ``q`` fields of :class:`~forseti_celery.core.messages.Cast`) that reaches this worker
 after its process has gone (passivated, exited, crashed before taking it, never here) is held
-here, per ``(name, key)`` in arrival order, while the node finds the key's next incarnation:
+here, per ``(name, key)`` in arrival order, while the node finds the key's next incarnation; so
+is one its process never took before it exited (left in its worker-side mailbox, see
+:mod:`~forseti_celery.worker.pool.outbox`), given back by the pool once it is reaped
+(:meth:`~forseti_celery.worker.pool.children.Children.untaken`), ahead of any held since:
 
 1. a live or starting process of the key on this worker takes the held messages at once;
 2. else, while the old process is still on its way out (passivating, stopping), the node waits
@@ -113,6 +116,7 @@ class Forwarding:
         """What of ``batches`` the pool is to deliver now: a key-addressed message for a key with
         held messages waits behind them; one for an old pid follows its redirect."""
         self.arrived = time.monotonic()
+        self._resume()
         if not self._held and not self._redirects:
             return batches
         now = time.monotonic()
@@ -151,12 +155,26 @@ class Forwarding:
         if live is not None and live[0] == pid:
             self._note_moved(k, m, node, pid)
             return _readdressed(m, pid)
-        self.hold({k: [m]})  # that one has gone too: the next incarnation
+        self._hold({k: [m]})  # that one has gone too: the next incarnation
         return None
 
     def hold(self, held: Batches) -> None:
         """Key-addressed messages whose process is not live here (returned by the pool's
         delivery): held, in order, while the key's next incarnation is found."""
+        self._resume()
+        self._hold(held)
+
+    def _resume(self) -> None:
+        """Hold what reaped processes never took ahead of what is held for their keys since (it
+        came first): the pool gives it back once it has reaped them."""
+        for k, msgs in self._children.untaken().items():
+            h = self._held.get(k)
+            if h is None:
+                self._hold({k: msgs})
+            else:
+                h.msgs[:0] = msgs
+
+    def _hold(self, held: Batches) -> None:
         for k, msgs in held.items():
             h = self._held.get(k)
             if h is None:
@@ -199,6 +217,7 @@ class Forwarding:
     def reply(self, msg: Message) -> None:
         """An answer on this node's queue: a reap it waited for, or the leader's (or the new
         process's worker's) ``[node, pid]`` for a key it holds messages for."""
+        self._resume()  # the reap answered here gave back what it never took: before any hand-over
         corr = Reply.corr_of(msg)
         k = self._asked.pop(corr, None) if type(corr) is str else None
         h = self._held.get(k) if k is not None else None
@@ -251,7 +270,7 @@ class Forwarding:
             else:
                 self._note_moved(k, orig, node, pid)
         if again:  # gone between the look and the write: the next one, then
-            self.hold({k: again})
+            self._hold({k: again})
 
     def _note_moved(self, k: Key, m: Message, node: str, pid: int) -> None:
         reply_to, seq, old = m.get(REPLY_TO), m.get(SEQ), m.get(PID)
@@ -282,6 +301,7 @@ class Forwarding:
     def tick(self, now: float) -> None:
         """Ask again for keys whose answer is overdue (then send what that sent, see :meth:`sent`);
         forget expired redirects (once a second)."""
+        self._resume()
         for k, h in list(self._held.items()):
             if now - h.asked_at >= _ASK_AGAIN:
                 self._advance(k, h)

@@ -31,10 +31,10 @@ from ...core.conf import MAX_TIMEOUT, ChildConfig
 from ...core.messages import CALL, CORR, KEY_ADDRESSED, PID, REPLY_TO, STOP, TYPE, Reply
 from ...core.pipe import StopChild
 from .idle import Idle
-from .outbox import refuse
+from .outbox import Closed, refuse
 from .reports import Publish, Reports
 from .spawner import Spawner
-from .table import Child, Key, Table
+from .table import Child, Key, Table, untaken_key_addressed
 from .watcher import Waker, Watcher
 
 __all__ = ["Child", "Children"]
@@ -115,9 +115,8 @@ class Children:
                 if c is not None and live:
                     try:
                         refused = c.outbox.post(live)
-                    except OSError:  # its end is closed: it has exited (the watcher reaps it)
-                        dead.extend(live)
-                        live = []
+                    except Closed as e:  # its end is closed: it has exited (the watcher reaps it)
+                        live, dead = self._exited(c, live, dead, e.refused)
                     if refused:
                         live = [m for m in live if not any(m is r for r in refused)]
                     for m in live:
@@ -145,6 +144,29 @@ class Children:
                 refuse(c.outbox, c.key, c.name, c.pid, refused, self._reports.reply)
         self._wake()
         return held
+
+    @staticmethod
+    def _exited(c: Child, live: list[Message], dead: list[Message],
+                refused: list[Message]) -> tuple[list[Message], list[Message]]:
+        """Delivering ``live`` found ``c`` exited (under the table lock): what of ``live`` is in
+        its pipe (taken), and what is not there: first the key-addressed messages of earlier
+        deliveries it never took (its next incarnation's, in order), then ``dead``, then the
+        rest of ``live`` (never written, or ``refused`` for want of room before its exit was seen)."""
+        untaken = c.outbox.close()
+        ours = {id(m) for m in live}
+        unwritten = {id(m) for m in untaken} | {id(m) for m in refused}
+        earlier = untaken_key_addressed(c, [m for m in untaken if id(m) not in ours])
+        return ([m for m in live if id(m) not in unwritten],
+                earlier + dead + [m for m in live if id(m) in unwritten])
+
+    def untaken(self) -> dict[Key, list[Message]]:
+        """The key-addressed messages reaped processes never took, per key in order (consumer
+        thread, for the node to hold ahead of anything held since: they came first)."""
+        if not self._table.untaken:  # a hint read without the lock: found on the next look
+            return {}
+        with self._table.lock:
+            untaken, self._table.untaken = self._table.untaken, {}
+        return untaken
 
     def incarnation(self, name: str, key: str) -> tuple[int, bool] | None:
         """``(pid, started)`` of the process of ``(name, key)`` here that takes messages (not

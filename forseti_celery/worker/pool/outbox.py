@@ -8,6 +8,12 @@ writes the rest as the pipe drains (:meth:`Outbox.drain`). A frame is made of th
 message as they came, a large one as a view of its body, not copied (see
 :func:`~forseti_celery.core.protocol.encode_parts`).
 
+A frame any byte of which is in the pipe counts as taken, with every message in it (the process
+reads a frame whole: it takes all of them or none, and the worker cannot tell which); the
+messages of the frames none of whose bytes were written are given back when the process has
+exited (:meth:`Outbox.close`): the key-addressed ones go to the key's next incarnation
+(:mod:`~forseti_celery.worker.forwarding`).
+
 Every field of an :class:`Outbox` but the drop count is read and written under its
 :attr:`~Outbox.lock` (taken after the pool's table lock where both are held); the drop count
 and when it was last logged belong to the consumer thread (:func:`refuse`).
@@ -30,7 +36,7 @@ from ...core.messages import CALL, CORR, REPLY_TO, STOP, TYPE, Reply
 
 logger = get_logger(__name__)
 
-__all__ = ["HEADER", "Outbox", "refuse"]
+__all__ = ["HEADER", "Closed", "Outbox", "refuse"]
 
 #: A frame on a child's pipe, as billiard's ``Connection.send_bytes`` writes it and ``recv_bytes``
 #: (in the child) reads it: a signed 4-byte big-endian length, then that many bytes.
@@ -41,6 +47,16 @@ _DROPS_LOGGED_EVERY = 10.0  # seconds between two warnings about casts dropped f
 
 def _size(frame: list[p.Chunk]) -> int:
     return sum(map(len, frame))  # a memoryview of bytes has one-byte items: its len is its size
+
+
+class Closed(BrokenPipeError):
+    """Raised when a message is put in the mailbox of a process that has exited; ``refused`` are
+    those of the delivery neither written nor kept (no room before that was found, or all of them
+    once it is closed)."""
+
+    def __init__(self, refused: list[dict[str, Any]]) -> None:
+        super().__init__("its keyed process has exited")
+        self.refused = refused
 
 
 class Outbox:
@@ -57,6 +73,13 @@ class Outbox:
         self._on_writing = on_writing
         self.lock = threading.Lock()
         self.unsent: deque[p.Chunk] = deque()
+        #: ``[bytes not written, its messages or None once part of it is written]`` of each frame
+        #: in :attr:`unsent`, oldest first.
+        self.frames: deque[list[Any]] = deque()
+        #: The messages of frames never written, taken out as it exited (see :meth:`close`).
+        self.untaken: list[dict[str, Any]] = []
+        #: It has exited: nothing is put in any more.
+        self.closed = False
         #: Bytes in :attr:`unsent`, which ``forseti_mailbox_limit`` bounds.
         self.unsent_bytes = 0
         #: The watcher polls the pipe for room to write (the rest of :attr:`unsent`).
@@ -70,28 +93,40 @@ class Outbox:
         """Put ``msgs`` in, in one frame whatever the limit, and write what the pipe takes now
         (a spare's key). Raises OSError if the pipe is closed."""
         with self.lock:
-            self._queue(p.encode_parts(msgs))
+            self._queue(p.encode_parts(msgs), msgs)
             self._write()
 
     def post(self, msgs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Put ``msgs`` in and write what the pipe takes now, without waiting; the messages there
-        is no room for are returned, in order. Raises OSError if the pipe is closed."""
+        is no room for are returned, in order. Raises :class:`Closed` if the pipe is closed."""
         refused: list[dict[str, Any]] = []
         frame = p.encode_parts(msgs)
         size = _size(frame)
         with self.lock:
+            if self.closed:
+                raise Closed(msgs)  # none of them put in
             if self.unsent_bytes + HEADER.size + size <= self.limit or (len(msgs) == 1 and self._fits(size)):
-                self._queue(frame)
+                self._queue(frame, msgs)
             else:  # one by one: a stop always gets in (a process stuck past its grace is killed)
+                broken = False
                 for m in msgs:
                     frame = p.encode_parts([m])
                     size = _size(frame)
-                    if self._fits(size) or (m[TYPE] == STOP and size <= _MAX_FRAME):
-                        self._queue(frame)
-                        self._write()  # what the pipe takes is not waiting any more
+                    if self._fits(size) or ((broken or m[TYPE] == STOP) and size <= _MAX_FRAME):
+                        self._queue(frame, [m])  # once it is broken: never written, given back by close
+                        if not broken:
+                            try:
+                                self._write()  # what the pipe takes is not waiting any more
+                            except OSError:
+                                broken = True
                     else:
                         refused.append(m)
-            self._write()
+                if broken:
+                    raise Closed(refused)
+            try:
+                self._write()
+            except OSError:
+                raise Closed(refused) from None
         return refused
 
     def drain(self) -> None:
@@ -100,14 +135,24 @@ class Outbox:
             try:
                 self._write()
             except OSError:  # it has exited: nothing will read the rest (its exit is reaped)
-                self._discard()
+                self._close()
 
-    def discard(self) -> None:
-        """Drop what is left (it has exited). Calls among it are answered "gone" by its reap."""
+    def close(self) -> list[dict[str, Any]]:
+        """It has exited: nothing is put in any more, what is left is dropped, and the messages of
+        the frames never written (not taken: see the module docstring) are returned, in order,
+        once. Under the table's lock where the caller holds it (the consumer thread's delivery,
+        the watcher's reap)."""
         with self.lock:
-            self._discard()
+            self._close()
+            untaken, self.untaken = self.untaken, []
+        return untaken
 
-    def _discard(self) -> None:
+    def _close(self) -> None:
+        self.closed = True
+        for _, msgs in self.frames:
+            if msgs is not None:
+                self.untaken.extend(msgs)
+        self.frames.clear()
         self.unsent.clear()
         self.unsent_bytes = 0
         if self.writing:
@@ -119,8 +164,9 @@ class Outbox:
         mailbox is empty: the limit bounds what piles up, not a message's size)."""
         return size <= _MAX_FRAME and (not self.unsent_bytes or self.unsent_bytes + HEADER.size + size <= self.limit)
 
-    def _queue(self, frame: list[p.Chunk]) -> None:
+    def _queue(self, frame: list[p.Chunk], msgs: list[dict[str, Any]]) -> None:
         size = _size(frame)
+        self.frames.append([HEADER.size + size, msgs])
         header = HEADER.pack(size)
         if len(frame) == 1 and size <= 16384:  # one write for a small frame, no copy of a large one
             self.unsent.append(header + frame[0])
@@ -140,6 +186,7 @@ class Outbox:
             except BlockingIOError:
                 break
             self.unsent_bytes -= n
+            self._written(n)
             if n < len(chunk):
                 unsent[0] = memoryview(chunk)[n:]
                 break
@@ -147,6 +194,18 @@ class Outbox:
         if bool(unsent) != self.writing:
             self.writing = bool(unsent)
             self._on_writing(self)
+
+    def _written(self, n: int) -> None:
+        """``n`` more bytes are in the pipe: the frames they end are gone, the one they start taken."""
+        frames = self.frames
+        while n:
+            f = frames[0]
+            if n < f[0]:
+                f[0] -= n
+                f[1] = None  # part of it is in the pipe: taken (see the module docstring)
+                return
+            n -= f[0]
+            frames.popleft()
 
 
 def refuse(box: Outbox, key: str, name: str, pid: int, refused: list[dict[str, Any]],

@@ -21,9 +21,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from ...core.messages import CALL, CAST, CORR, KEY_ADDRESSED, TYPE
 from .outbox import Outbox
 
-__all__ = ["Child", "Key", "Table", "Waiter"]
+__all__ = ["Child", "Key", "Table", "Waiter", "untaken_key_addressed"]
 
 Key = tuple[str, str]
 Waiter = tuple[str, str]
@@ -111,6 +112,9 @@ class Table:
         self.new: list[Child] = []
         #: Asked to stop, with a kill deadline (:attr:`Child.kill_at`).
         self.dying: set[Child] = set()
+        #: Key-addressed messages reaped processes had not taken, in order, for the node to
+        #: hold for their key's next incarnation (put by the watcher, taken by the consumer thread).
+        self.untaken: dict[Key, list[dict[str, Any]]] = {}
 
     def report(self) -> tuple[list[list[Any]], list[list[Any] | None], list[int]]:
         """``[name, key, pid or None while starting, sid]`` of every process here, ordered ones
@@ -129,3 +133,16 @@ class Table:
     def inherited_fds(self) -> list[int]:
         """The worker's ends of every child's pipe (a new fork must close them). Under :attr:`lock`."""
         return [c.conn_fd for c in (*self.by_key.values(), *self.spares)]
+
+
+def untaken_key_addressed(c: Child, msgs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Of ``msgs``, which ``c`` never took (:meth:`~forseti_celery.worker.pool.outbox.Outbox.close`),
+    the key-addressed ones, in order: their calls are no longer ``c``'s to answer, they go to the
+    key's next incarnation. The others stay as they were (a cast dropped, a call answered "gone").
+    Under :attr:`Table.lock`."""
+    kept = [m for m in msgs if m.get(KEY_ADDRESSED) and m[TYPE] in (CALL, CAST)]
+    for m in kept:
+        if m[TYPE] == CALL:
+            c.calls.pop(m[CORR], None)
+            c.ka_calls.discard(m[CORR])
+    return kept

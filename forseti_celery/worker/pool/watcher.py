@@ -36,7 +36,7 @@ from . import zygote as zygote_mod
 from .idle import Idle
 from .outbox import HEADER, Outbox
 from .reports import Reports
-from .table import Child, Table
+from .table import Child, Table, untaken_key_addressed
 
 logger = get_logger(__name__)
 
@@ -271,11 +271,14 @@ class Watcher:
                     self._refill()
             elif table.by_key.get((c.name, c.key)) is c:
                 del table.by_key[(c.name, c.key)]
+            # Under the lock with the removal: a delivery finds it either with these or gone after them.
+            untaken = untaken_key_addressed(c, c.outbox.close())
+            if untaken:  # the node holds them for the next incarnation, ahead of later arrivals
+                table.untaken.setdefault((c.name, c.key), []).extend(untaken)
             calls, c.calls = c.calls, {}
             ka_calls, c.ka_calls = c.ka_calls, set()
             started, stoppers = c.started, [list(s) for s in c.stoppers]
             exit_waiters, c.exit_waiters = c.exit_waiters, []
-        c.outbox.discard()
         c.conn.close()
         if spare:
             return
