@@ -3,7 +3,10 @@
 It forwards answers to callers, reports starts and exits to the leader (through
 :class:`~forseti_celery.worker.pool.reports.Reports`, retried until the broker takes them:
 exits are never lost), writes the rest of a mailbox as its pipe drains, and kills children
-that overstay a stop. What a child writes is read as it comes, a frame at a time once whole,
+that overstay a stop. A reaped child's mailbox is closed in the same step as its key is freed:
+the key-addressed messages it never took wait in :attr:`~forseti_celery.worker.pool.table.Table.untaken`
+for the node's consumer thread, which holds them for the key's next incarnation (no more work here).
+What a child writes is read as it comes, a frame at a time once whole,
 so a child stopped in the middle of a frame holds up no one else. No thread of the worker
 decodes a payload: a child's answer is forwarded as the child encoded it. It passivates the
 children idle past their name's ``idle_timeout`` (:mod:`~forseti_celery.worker.pool.idle`), and
