@@ -21,16 +21,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class Harness:
-    """Workers of ``tests.app`` (a namespace of their own) and a client app talking to them."""
+    """Workers of ``app`` (``tests.app`` unless given; a namespace of their own) and a client app talking to them."""
 
-    def __init__(self, broker_url: str, tmp: Path, n: int = 3, pool: str = "prefork", **env: str) -> None:
+    def __init__(self, broker_url: str, tmp: Path, n: int = 3, pool: str = "prefork", app: str = "tests.app",
+                 **env: str) -> None:
         self.namespace = f"forseti-t{uuid.uuid4().hex[:8]}"
         self.journal_dir = tmp / "journal"
         self.journal_dir.mkdir(parents=True, exist_ok=True)
         self.env = {"FORSETI_NAMESPACE": self.namespace, "FORSETI_JOURNAL": str(self.journal_dir), **env}
         # Hostnames of their own: Celery's pidbox queues are per hostname on the whole broker.
         tag = self.namespace.rsplit("-", 1)[-1][1:5]
-        self.cluster = Cluster("tests.app", n, broker_url=broker_url, pool=pool, log_dir=tmp / "logs",
+        self.cluster = Cluster(app, n, broker_url=broker_url, pool=pool, log_dir=tmp / "logs",
                                env=self.env, cwd=str(ROOT), hostnames=[f"w{i}-{tag}@{short_hostname()}"
                                                                       for i in range(1, n + 1)])
         self.app = client_app(broker_url, self.namespace)

@@ -14,8 +14,7 @@ import pytest
 
 from forseti_celery.core import protocol as p
 from forseti_celery.core.messages import Reply
-from forseti_celery.testing import Cluster
-from tests.helpers import ROOT, Harness, alive, fresh
+from tests.helpers import Harness, alive, fresh, harness
 from tests.test_passivation import sender
 
 _PAD = "x" * 10_000  # bytes per message: 250 of them are ten times what a child's socket buffers hold
@@ -27,14 +26,8 @@ _PIPE_AT_MOST = 1 << 20  # bytes a child's end of its pipe (an AF_UNIX socket pa
 @contextlib.contextmanager
 def recording(broker_url: str, tmp: Path) -> Iterator[Harness]:
     """Two workers of ``tests.crash_app`` and a client."""
-    h = Harness(broker_url, tmp, n=2)
-    h.cluster = Cluster("tests.crash_app", 2, broker_url=broker_url, log_dir=tmp / "logs", env=h.env,
-                        cwd=str(ROOT), hostnames=[w.hostname for w in h.cluster.workers])
-    try:
-        yield h.start()
-    finally:
-        orphans = h.stop()
-        assert not orphans, f"orphan processes left: {orphans}"
+    with harness(broker_url, tmp, n=2, app="tests.crash_app") as h:
+        yield h
 
 
 @pytest.fixture(params=["redis", "rabbitmq"])

@@ -22,24 +22,18 @@ from forseti_celery import KeyRef
 from forseti_celery.core import protocol as p
 from forseti_celery.core.broker import Publisher
 from forseti_celery.core.messages import MOVED, Call, Cast, Moved, Reply
-from forseti_celery.testing import Cluster, wait_for
+from forseti_celery.testing import wait_for
 from forseti_celery.worker.pool.idle import Idle
 from forseti_celery.worker.pool.outbox import Outbox
 from forseti_celery.worker.pool.table import Child, Table
-from tests.helpers import ROOT, Harness, alive, events, fresh
+from tests.helpers import Harness, alive, events, fresh, harness
 
 
 @contextlib.contextmanager
 def passivating(broker_url: str, tmp: Path, n: int = 2, **env: str) -> Iterator[Harness]:
     """``n`` workers of ``tests.passivation_app`` and a client."""
-    h = Harness(broker_url, tmp, n=n, **env)
-    h.cluster = Cluster("tests.passivation_app", n, broker_url=broker_url, log_dir=tmp / "logs", env=h.env,
-                        cwd=str(ROOT), hostnames=[w.hostname for w in h.cluster.workers])
-    try:
-        yield h.start()
-    finally:
-        orphans = h.stop()
-        assert not orphans, f"orphan processes left: {orphans}"
+    with harness(broker_url, tmp, n=n, app="tests.passivation_app", **env) as h:
+        yield h
 
 
 class Sender:

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 
 from forseti_celery import KeyRef
-from forseti_celery.testing import Cluster, wait_for
+from forseti_celery.testing import wait_for
 from tests.chaos_support import Monitor, ask, wait_one_leader
-from tests.helpers import ROOT, Harness, alive, events, fresh
+from tests.helpers import Harness, alive, events, fresh
 
 ENDS = ("stop", "normal", "crash", "kill")
 #: (policy, end) -> restarted?
@@ -33,9 +33,7 @@ RESTARTED = {("temporary", end): False for end in ENDS} | {
 @contextlib.contextmanager
 def restart_cluster(broker_url: str, tmp: Path, n: int) -> Iterator[tuple[Harness, Monitor]]:
     """``n`` workers of ``tests.restart_app``, a client, and a monitor of every keyed process."""
-    h = Harness(broker_url, tmp, n=n)
-    h.cluster = Cluster("tests.restart_app", n, broker_url=broker_url, log_dir=tmp / "logs", env=h.env,
-                        cwd=str(ROOT), hostnames=[w.hostname for w in h.cluster.workers])
+    h = Harness(broker_url, tmp, n=n, app="tests.restart_app")
     monitor = Monitor(h.journal_dir)
     monitor.start()
     try:
