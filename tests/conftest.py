@@ -13,6 +13,7 @@ import socket
 import subprocess
 from collections.abc import Iterator
 
+import kombu.pools
 import pytest
 import redis
 from kombu import Connection
@@ -133,3 +134,16 @@ def broker_url(request: pytest.FixtureRequest) -> str:
     url: str = request.getfixturevalue(f"{request.param}_url")
     return url
 
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_kombu_pools() -> Iterator[None]:
+    """Each test module starts with kombu's process-wide connection pools empty.
+
+    Celery's ``app.pool`` (what ``app.control`` uses) is kombu's global pool for the broker URL,
+    shared by every app of this process: a connection an earlier module left there, idle since, or on
+    a broker a chaos test disturbed, would otherwise be the next module's first control connection
+    (seen: ``ConnectionResetError`` on test_control's first RabbitMQ ``inspect`` after test_chaos).
+    """
+    kombu.pools.reset()
+    yield
