@@ -48,6 +48,18 @@ BAD_VALUES: list[tuple[str, Any]] = [
     ("max_restarts", True),
     ("restart_window", 0),
     ("restart_window", "60"),
+    ("handoff_timeout", 0),
+    ("handoff_timeout", "30"),
+    ("rebalance", "always"),
+    ("rebalance", True),
+    ("rebalance_batch", 0),
+    ("rebalance_batch", 2.5),
+    ("state_url", "http://localhost:6379"),
+    ("state_url", ""),
+    ("state_url", 6379),
+    ("checkpoint_every", 0),
+    ("checkpoint_every", "5"),
+    ("checkpoint_every", True),
 ]
 
 
@@ -96,6 +108,25 @@ def test_the_lifecycle_settings_default_to_todays_behaviour() -> None:
     s = Settings.from_app(Celery("defaults", set_as_current=False).conf)
     assert (s.idle_timeout, s.restart, s.max_restarts, s.restart_window) == (None, "temporary", 3, 60.0)
     assert s.policy() == KeyPolicy(None, "temporary", 3, 60.0)
+
+
+def test_the_state_settings_default_to_no_handoff_time_limit_change_no_rebalance_and_no_checkpoints() -> None:
+    s = Settings.from_app(Celery("defaults", set_as_current=False).conf)
+    assert (s.handoff_timeout, s.rebalance, s.rebalance_batch, s.state_url, s.checkpoint_every) == (
+        30.0, "off", 10, None, None)
+    app = Celery("state", set_as_current=False)
+    app.conf.update(forseti_handoff_timeout=5, forseti_rebalance="on_join", forseti_rebalance_batch=3,
+                    forseti_state_url="redis://127.0.0.1:6379/3", forseti_checkpoint_every=2)
+    s = Settings.from_app(app.conf)
+    assert (s.handoff_timeout, s.rebalance, s.rebalance_batch, s.state_url, s.checkpoint_every) == (
+        5.0, "on_join", 3, "redis://127.0.0.1:6379/3", 2.0)
+
+
+def test_automatic_checkpoints_without_a_state_url_are_a_configuration_error() -> None:
+    app = Celery("state", set_as_current=False)
+    app.conf.forseti_checkpoint_every = 5
+    with pytest.raises(ConfigurationError, match="forseti_state_url"):
+        Settings.from_app(app.conf)
 
 
 POLICY_BAD_VALUES = [(name, value) for name, value in BAD_VALUES
@@ -186,7 +217,9 @@ def test_a_client_warns_once_per_app_about_each_unknown_key_of_app_conf(caplog: 
                             "forseti_lease, forseti_spares, forseti_stop_timeout, forseti_namespace, "
                             "forseti_max_key_length, forseti_mailbox_limit, forseti_max_message_size, "
                             "forseti_worker_secret, forseti_idle_timeout, forseti_restart, "
-                            "forseti_max_restarts, forseti_restart_window)"]
+                            "forseti_max_restarts, forseti_restart_window, forseti_handoff_timeout, "
+                            "forseti_rebalance, forseti_rebalance_batch, forseti_state_url, "
+                            "forseti_checkpoint_every)"]
     assert warnings[2:] == ["forseti: unknown setting forseti_namspace (did you mean forseti_namespace?)"]
 
 

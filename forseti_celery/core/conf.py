@@ -17,11 +17,17 @@ from .errors import ConfigurationError, InvalidArgument
 
 logger = get_logger(__name__)
 
-__all__ = ["MAX_TIMEOUT", "RESTART_POLICIES", "ChildConfig", "KeyPolicy", "Settings", "checked_timeout"]
+__all__ = ["MAX_TIMEOUT", "REBALANCE_POLICIES", "RESTART_POLICIES", "ChildConfig", "KeyPolicy", "Settings",
+           "checked_timeout"]
 
 #: The restart policies, in OTP's words: ``temporary`` never restarted, ``transient`` after an
 #: abnormal end, ``permanent`` after any end but ``stop()``.
 RESTART_POLICIES = ("temporary", "transient", "permanent")
+#: The values of ``forseti_rebalance``: ``off`` (never move a key to a joining worker) or
+#: ``on_join`` (move movable keys to it until counts differ by at most one).
+REBALANCE_POLICIES = ("off", "on_join")
+#: The URL schemes of ``forseti_state_url`` (redis-py's ``Redis.from_url``).
+STATE_URL_SCHEMES = ("redis://", "rediss://", "unix://")
 #: The settings a keyed-process name may set for itself (``@forseti.keyed(name=..., idle_timeout=...)``).
 POLICY_FIELDS = ("idle_timeout", "restart", "max_restarts", "restart_window")
 
@@ -116,6 +122,20 @@ class Settings:
     max_restarts: int = 3
     #: Window, in seconds, for :attr:`max_restarts`.
     restart_window: float = 60.0
+    #: Seconds a warm shutdown may spend handing its movable keyed processes over to other
+    #: workers, in total for the worker; past it the rest end as before (``shutdown``).
+    handoff_timeout: float = 30.0
+    #: ``"off"``: keys stay where they are; ``"on_join"``: when a worker joins, the leader moves
+    #: movable keys to it until counts differ by at most one (:data:`REBALANCE_POLICIES`).
+    rebalance: str = "off"
+    #: Keys a rebalance moves at a time (each by a handoff), so a join never stalls the cluster.
+    rebalance_batch: int = 10
+    #: A Redis URL (``redis://``, ``rediss://``, ``unix://``) where keyed processes store their
+    #: checkpoints (``self.checkpoint()``); ``None``: checkpoints off.
+    state_url: str | None = None
+    #: Seconds: after a handled message, a movable keyed process checkpoints if its last
+    #: checkpoint is older than this (needs :attr:`state_url`). ``None``: only ``self.checkpoint()``.
+    checkpoint_every: float | None = None
 
     @classmethod
     def from_app(cls, conf: Any, **explicit: Any) -> Settings:
@@ -135,6 +155,10 @@ class Settings:
             if value is not None:
                 values[f.name] = _checked(f.name, value)
         settings = cls(**values)
+        if settings.checkpoint_every is not None and settings.state_url is None:
+            raise ConfigurationError(
+                f"forseti_checkpoint_every ({settings.checkpoint_every!r}) needs forseti_state_url "
+                "(where checkpoints are stored)")
         if settings.node_timeout <= 3 * settings.heartbeat:
             raise ConfigurationError(
                 f"forseti_node_timeout ({settings.node_timeout!r}) must exceed three heartbeats "
@@ -220,25 +244,32 @@ class ChildConfig:
     mailbox_limit: int = Settings.mailbox_limit
     #: Largest reply a keyed process sends, in bytes of encoded JSON.
     max_message_size: int = Settings.max_message_size
+    #: Where keyed processes store checkpoints (a Redis URL); ``None``: off.
+    state_url: str | None = Settings.state_url
+    #: Seconds between automatic checkpoints after a handled message; ``None``: off.
+    checkpoint_every: float | None = Settings.checkpoint_every
+    #: The namespace (prefix of the checkpoint keys in Redis).
+    namespace: str = Settings.namespace
 
     @classmethod
     def from_settings(cls, s: Settings) -> ChildConfig:
         """The per-process part of ``s``."""
         return cls(stop_timeout=s.stop_timeout, fence_after=s.fence_after, heartbeat=s.heartbeat,
-                   spares=s.spares, mailbox_limit=s.mailbox_limit, max_message_size=s.max_message_size)
+                   spares=s.spares, mailbox_limit=s.mailbox_limit, max_message_size=s.max_message_size,
+                   state_url=s.state_url, checkpoint_every=s.checkpoint_every, namespace=s.namespace)
 
 
 _HINTS: dict[str, Any] = get_type_hints(Settings)
 #: The least value of each integer setting.
 _LEAST = {"max_retries": 0, "max_restarts": 0, "spares": 0, "max_key_length": 1, "mailbox_limit": 1,
-          "max_message_size": 1024}
+          "max_message_size": 1024, "rebalance_batch": 1}
 _WORD = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def _checked(name: str, value: Any) -> Any:
     """``value`` of setting ``name`` as its field holds it, or :class:`ConfigurationError`."""
     key, hint = f"forseti_{name}", _HINTS[name]
-    if name == "idle_timeout":
+    if name in ("idle_timeout", "checkpoint_every"):
         hint = float  # None (never) is the default, and no value to check
     if hint is float:
         # bool is an int to Python, never a duration to a user.
@@ -270,6 +301,14 @@ def _checked(name: str, value: Any) -> Any:
     if name == "restart":
         if value not in RESTART_POLICIES:
             raise ConfigurationError(f"{key} must be one of {', '.join(map(repr, RESTART_POLICIES))}, not {value!r}")
+        return value
+    if name == "rebalance":
+        if value not in REBALANCE_POLICIES:
+            raise ConfigurationError(f"{key} must be one of {', '.join(map(repr, REBALANCE_POLICIES))}, not {value!r}")
+        return value
+    if name == "state_url":
+        if not isinstance(value, str) or not value.startswith(STATE_URL_SCHEMES):
+            raise ConfigurationError(f"{key} must be a Redis URL ({', '.join(STATE_URL_SCHEMES)}...), not {value!r}")
         return value
     if name == "namespace":
         if not isinstance(value, str) or not _WORD.fullmatch(value):
