@@ -10,6 +10,7 @@ given to ``celery -A``::
     celery -A proj forseti call KEY MSG [--name NAME]                # MSG and the answer in JSON
     celery -A proj forseti send KEY MSG [--name NAME]
     celery -A proj forseti stop KEY [--name NAME]
+    celery -A proj forseti rebalance [--timeout S]                   # movable keys, evenly
 
 Every subcommand takes ``--json`` and ``--timeout``. Exit codes, for scripts:
 0 ok; 1 not found (no such key, unknown name); 2 usage; 3 no answer in time
@@ -27,6 +28,7 @@ import click
 
 from .cluster import keys, status
 from .key import call, get, search, send, stop
+from .rebalance import rebalance
 from .support import EXIT_ERROR, EXIT_NOT_FOUND, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
 
 __all__ = ["EXIT_ERROR", "EXIT_NOT_FOUND", "EXIT_OK", "EXIT_UNAVAILABLE", "EXIT_USAGE", "forseti"]
@@ -34,7 +36,7 @@ __all__ = ["EXIT_ERROR", "EXIT_NOT_FOUND", "EXIT_OK", "EXIT_UNAVAILABLE", "EXIT_
 
 @click.group(name="forseti")
 def forseti(**kwargs: Any) -> None:
-    """Keyed processes of forseti_celery: status, keys, get, search, call, send, stop.
+    """Keyed processes of forseti_celery: status, keys, get, search, call, send, stop, rebalance.
 
     Exit codes: 0 ok, 1 not found, 2 usage, 3 no answer in time (no leader, no
     worker, broker unreachable), 4 other forseti error.
@@ -42,5 +44,5 @@ def forseti(**kwargs: Any) -> None:
 
 
 # Click lists a group's commands sorted by name, whatever the order they are added in.
-for _command in (status, keys, get, search, call, send, stop):
+for _command in (status, keys, get, search, call, send, stop, rebalance):
     forseti.add_command(_command)

@@ -26,7 +26,7 @@ from .support import (
     yes,
 )
 
-__all__ = ["keys", "status"]
+__all__ = ["cluster_of", "keys", "status"]
 
 
 @click.command(cls=CeleryCommand)
@@ -39,14 +39,7 @@ def status(obj: Any, as_json: bool, timeout: float) -> None:
     """
     with forseti_client(obj, as_json) as f:
         namespace = f.settings.namespace
-        metrics = f.get_metrics(timeout=timeout)  # no leader: the client's timeout names namespace and broker
-        # Ask only this namespace's workers (others may share the broker): the leader's eligible
-        # workers first, then any other member they know of (non-eligible workers).
-        stats = stats_of(obj.app, set(metrics), timeout)
-        hosts = set(metrics).union(*((s.get("forseti") or {}).get("members", ()) for s in stats.values()))
-        if hosts - set(stats):
-            stats.update(stats_of(obj.app, hosts - set(stats), timeout))
-    workers: dict[str, dict[str, Any] | None] = {h: (stats.get(h) or {}).get("forseti") for h in sorted(hosts)}
+        metrics, workers = cluster_of(obj, f, timeout)
     leaders = [h for h, s in workers.items() if s and s.get("leader")]
     processes: Counter[str] = Counter()
     for s in workers.values():
@@ -79,6 +72,19 @@ def status(obj: Any, as_json: bool, timeout: float) -> None:
     obj.echo()
     obj.echo(f"{count(len(workers), 'worker')}, {count(total, 'keyed process')} "
              f"({by_name(processes)})")
+
+
+def cluster_of(obj: Any, f: Forseti, timeout: float) -> tuple[dict[str, int], dict[str, dict[str, Any] | None]]:
+    """The leader's metrics, and the ``forseti`` stats section of every worker of the namespace
+    (``None``: no answer), by hostname, sorted."""
+    metrics = f.get_metrics(timeout=timeout)  # no leader: the client's timeout names namespace and broker
+    # Ask only this namespace's workers (others may share the broker): the leader's eligible
+    # workers first, then any other member they know of (non-eligible workers).
+    stats = stats_of(obj.app, set(metrics), timeout)
+    hosts = set(metrics).union(*((s.get("forseti") or {}).get("members", ()) for s in stats.values()))
+    if hosts - set(stats):
+        stats.update(stats_of(obj.app, hosts - set(stats), timeout))
+    return metrics, {h: (stats.get(h) or {}).get("forseti") for h in sorted(hosts)}
 
 
 @click.command(cls=CeleryCommand)
