@@ -30,7 +30,7 @@ from .core.errors import (
     UnknownName,
 )
 from .core.keyref import KeyRef
-from .core.process import KeyedProcess, Timer, receive, send_after, send_every
+from .core.process import KeyedProcess, Timer, areceive, receive, send_after, send_every
 
 __version__ = "0.1.0"
 
@@ -53,6 +53,7 @@ __all__ = [
     "StartError",
     "Timer",
     "UnknownName",
+    "areceive",
     "call",
     "get_key",
     "get_less_used_node",

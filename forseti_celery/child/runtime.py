@@ -20,7 +20,7 @@ import queue
 import sys
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NoReturn
 
 import billiard
 from celery.utils.log import get_logger
@@ -65,6 +65,9 @@ class Mailbox:
         #: forseti_max_message_size: the largest reply sent (see :meth:`reply`).
         self.max_size = max_size
         self.key = ""
+        #: Called by the reader thread after it queued a frame's messages (an async process's
+        #: loop, :mod:`.aio`, sets it to wake itself); ``None`` in a sync process.
+        self.notify: Callable[[], None] | None = None
         # A bare thread: ``threading.Thread`` costs a keyed process ~80 more page faults (copies of
         # pages it shares with its parent) for bookkeeping nothing here uses; it ends with the process.
         _thread.start_new_thread(self._read, ())
@@ -85,6 +88,8 @@ class Mailbox:
                     decode_payloads(batch)
                     for msg in batch:
                         self._queue.put(msg)
+                    if self.notify is not None:
+                        self.notify()
         except (EOFError, OSError):
             # The worker is gone: a keyed process never outlives its worker.
             os._exit(1)
@@ -229,15 +234,22 @@ class Mailbox:
             msg = self.get(timeout)
             if msg is None:
                 return None
-            kind = msg[TYPE]
-            if kind == CAST or kind == INFO:
+            if self.takes(msg):
                 return msg[PAYLOAD]
-            if kind == STOP:
-                self.stop_reason = msg.get("reason", "stop")
-                raise SystemExit(0)
-            if kind == CALL:
-                self.reply(msg, error="invalid", exc_type="TypeError",
-                           text="function-form keyed processes take no calls; use send()")
+
+    def takes(self, msg: dict[str, Any]) -> bool:
+        """Function form: whether ``msg`` (from :meth:`get`) is one for the function (a cast's or a
+        timer's); a stop raises :class:`SystemExit`, a call is refused."""
+        kind = msg[TYPE]
+        if kind == CAST or kind == INFO:
+            return True
+        if kind == STOP:
+            self.stop_reason = msg.get("reason", "stop")
+            raise SystemExit(0)
+        if kind == CALL:
+            self.reply(msg, error="invalid", exc_type="TypeError",
+                       text="function-form keyed processes take no calls; use send()")
+        return False
 
 
 def mailbox() -> Mailbox:
@@ -306,7 +318,9 @@ def run(conn: Any, config: ChildConfig, lifeline: Lifeline, resolve: Callable[[s
     box.key = key
     is_class = isinstance(target, type) and issubclass(target, KeyedProcess)
     try:
-        if is_class:
+        if serve_async is not None and process.is_async(target):
+            serve_async(box, target, name, key, args)  # child/aio.py: on an event loop
+        elif is_class:
             _serve(box, target, name, key, args)
         else:
             box.send(Started().to_wire())
@@ -328,10 +342,7 @@ def _serve(box: Mailbox, cls: type[KeyedProcess], name: str, key: str, args: lis
     try:
         obj.init(key, *args)
     except BaseException as exc:
-        logger.exception("forseti: init of keyed process %r (name %r) raised; the caller gets StartError",
-                         key, name)
-        box.send(InitError(_qualname(exc), str(exc)).to_wire())
-        os._exit(1)
+        init_failed(box, exc, name, key)
     box.send(Started().to_wire())
     handlers: dict[str, Callable[[dict[str, Any]], None]] = {
         CAST: lambda m: obj.handle_cast(m[PAYLOAD]),
@@ -354,8 +365,26 @@ def _serve(box: Mailbox, cls: type[KeyedProcess], name: str, key: str, args: lis
             # KeyboardInterrupt, GeneratorExit, ... crash it as any exception does: the caller
             # gets RemoteError with the type, not a bare ProcessGone.
             if kind == CALL:
-                box.reply(msg, error="crash", exc_type=_qualname(exc), text=str(exc))
+                crash_reply(box, msg, exc)
             raise
+
+
+def init_failed(box: Mailbox, exc: BaseException, name: str, key: str) -> NoReturn:
+    """``init`` raised ``exc``: logged, the worker told (its caller gets StartError), the process ends."""
+    logger.exception("forseti: init of keyed process %r (name %r) raised; the caller gets StartError", key, name,
+                     exc_info=exc)
+    box.send(InitError(_qualname(exc), str(exc)).to_wire())
+    os._exit(1)
+
+
+def crash_reply(box: Mailbox, request: dict[str, Any], exc: BaseException) -> None:
+    """Answer the call ``request`` whose handler crashed the process with ``exc`` (RemoteError)."""
+    box.reply(request, error="crash", exc_type=_qualname(exc), text=str(exc))
+
+
+#: Runs an ``async def`` keyed process (:func:`.aio.serve`, which sets it: :mod:`.aio` imports this
+#: module, and the package imports :mod:`.aio`); ``None`` until then.
+serve_async: Callable[[Mailbox, Any, str, str, list[Any]], None] | None = None
 
 
 def _qualname(exc: BaseException) -> str:

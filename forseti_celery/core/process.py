@@ -4,12 +4,19 @@ function form), and the timers a keyed process sends itself (:func:`send_after`,
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+import inspect
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from .conf import MAX_TIMEOUT, checked_timeout
 from .errors import InvalidArgument
 
-__all__ = ["KeyedProcess", "Timer", "receive", "send_after", "send_every"]
+if TYPE_CHECKING:
+    import asyncio
+
+T = TypeVar("T")
+
+__all__ = ["KeyedProcess", "Timer", "areceive", "is_async", "receive", "send_after", "send_every"]
 
 
 class KeyedProcess:
@@ -56,6 +63,18 @@ class KeyedProcess:
         """See :func:`forseti_celery.send_every`: ``msg`` to :meth:`handle_info` every ``interval``
         seconds, until cancelled."""
         return send_every(interval, msg, keep_alive)
+
+    def create_task(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """In an async keyed process (one with an ``async def`` hook): run ``coro`` as a background
+        task of this process, on its loop, while and between its handlers; it is cancelled when the
+        process ends (after :meth:`terminate`), and an exception it raises crashes the process.
+        :class:`RuntimeError` in a sync process (``coro`` is closed). See ``docs/asyncio.rst``."""
+        create = getattr(_running("create_task"), "create_task", None)
+        if create is None:
+            coro.close()
+            raise RuntimeError("create_task() needs an async keyed process: give it an async def hook")
+        return create(coro)  # type: ignore[no-any-return]
+
 
 
 class Timer:
@@ -109,6 +128,28 @@ def receive(timeout: float | None = None) -> Any:
     :data:`~forseti_celery.core.conf.MAX_TIMEOUT`, else :class:`~forseti_celery.InvalidArgument`.
     """
     return _running("receive").receive(checked_timeout(timeout, None, zero=True))
+
+
+async def areceive(timeout: float | None = None) -> Any:
+    """:func:`receive` for an ``async def`` function-form keyed process: awaits the next message
+    (the process's background tasks run meanwhile). :class:`RuntimeError` in a sync process. See
+    ``docs/asyncio.rst``."""
+    take = getattr(_running("areceive"), "areceive", None)
+    if take is None:
+        raise RuntimeError("forseti_celery.areceive() is for async def keyed processes; use receive()")
+    return await take(checked_timeout(timeout, None, zero=True))
+
+
+def is_async(target: Any) -> bool:
+    """Whether the keyed-process ``target`` runs on an event loop: an ``async def`` function, or
+    a :class:`KeyedProcess` with at least one ``async def`` hook."""
+    if isinstance(target, type):
+        return issubclass(target, KeyedProcess) and any(
+            inspect.iscoroutinefunction(getattr(target, hook, None)) for hook in _HOOKS)
+    return inspect.iscoroutinefunction(target)
+
+
+_HOOKS = ("init", "handle_call", "handle_cast", "handle_info", "terminate", "snapshot", "restore")
 
 
 def send_after(delay: float, msg: Any, keep_alive: bool = False) -> Timer:

@@ -1,0 +1,215 @@
+"""Keyed processes written with ``async def``: an asyncio event loop in the keyed process.
+
+A :class:`~forseti_celery.KeyedProcess` with any coroutine hook (``init``, ``handle_call``,
+``handle_cast``, ``handle_info``, ``terminate``, ``snapshot``, ``restore``; sync and async ones
+mixed as you like), or an ``async def`` function, runs here: :func:`serve` runs it on an event
+loop in the process's main thread, where its handlers run one at a time, in order, as in a sync
+process: a handler that awaits holds the next message back, while the process's background tasks
+(:meth:`~forseti_celery.KeyedProcess.create_task`) run. No thread is added: the mailbox's reader
+thread (:mod:`.runtime`) queues frames as for any keyed process and wakes the loop with
+``call_soon_threadsafe`` only while it waits for a message (a busy loop takes them off the queue
+with no system call). Timers (:func:`~forseti_celery.send_after`) come through the mailbox as
+in a sync process; one set while the loop waits wakes it. See ``docs/asyncio.rst``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from ..core import process
+from ..core.messages import CALL, CAST, TYPE
+from ..core.pipe import STOP, Started
+from ..core.process import KeyedProcess, Timer
+from ..core.protocol import PAYLOAD
+from . import runtime
+
+__all__ = ["AioMailbox", "serve"]
+
+
+class AioMailbox:
+    """An async keyed process's view of its :class:`~.runtime.Mailbox`: messages awaited on the
+    loop, background tasks, and (as ``core.process._mailbox``) what ``areceive``, ``create_task``
+    and the timers ask of the running process."""
+
+    def __init__(self, box: runtime.Mailbox, loop: asyncio.AbstractEventLoop) -> None:
+        self.box = box
+        self._loop = loop
+        #: Set while the loop waits for a message: the reader thread wakes it then only.
+        self._waiter: asyncio.Future[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()  # strong references: the loop keeps weak ones
+        #: The exception a background task ended with: it crashes the process (see :meth:`create_task`).
+        self.failure: BaseException | None = None
+        self.main: asyncio.Task[Any] | None = None
+
+    # -- waking the loop -------------------------------------------------------------------------
+    def notify(self) -> None:
+        """Called by the reader thread after it queued a frame's messages."""
+        if self._waiter is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._wake)
+            except RuntimeError:  # the loop has closed: the process is ending
+                pass
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self, timeout: float | None = None) -> dict[str, Any] | None:
+        """The mailbox's next message (as :meth:`~.runtime.Mailbox.get`), awaited; ``None`` after ``timeout``."""
+        box = self.box
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            msg = box.get(0.0)
+            if msg is not None:
+                return msg
+            self._waiter = waiter = self._loop.create_future()
+            msg = box.get(0.0)  # what the reader queued before it saw the waiter
+            if msg is not None:
+                self._waiter = None
+                return msg
+            now = time.monotonic()
+            wait = box.timers.wait(now) if box.timers.heap else None
+            if deadline is not None:
+                if deadline <= now:
+                    self._waiter = None
+                    return None
+                wait = deadline - now if wait is None else min(wait, deadline - now)
+            later = None if wait is None else self._loop.call_later(wait, self._wake)
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+                if later is not None:
+                    later.cancel()
+
+    # -- what the running process asks (core.process._mailbox) -----------------------------------
+    def start_timer(self, delay: float, msg: Any, interval: float | None, keep_alive: bool) -> Timer:
+        timer = self.box.start_timer(delay, msg, interval, keep_alive)
+        self._wake()  # set by a background task while the loop waits: its wait must count it
+        return timer
+
+    def receive(self, timeout: float | None) -> Any:
+        """The sync ``receive()`` in an async process: works, but blocks the loop while it waits."""
+        return self.box.receive(timeout)
+
+    async def areceive(self, timeout: float | None) -> Any:
+        """Function form: as :meth:`~.runtime.Mailbox.receive`, awaited."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            msg = await self.get(left)
+            if msg is None:
+                return None
+            if self.box.takes(msg):
+                return msg[PAYLOAD]
+
+    def create_task(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """A background task of the process: runs between and during its handlers' awaits until
+        it returns or the process ends (then it is cancelled, after ``terminate``). An exception
+        it ends with crashes the process, as one raised by a handler does."""
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled() or task.exception() is None or self.failure is not None:
+            return
+        self.failure = task.exception()
+        if self.main is not None:
+            self.main.cancel()  # also a handler awaiting what the task was to give it
+
+    def crashed(self, exc: BaseException) -> BaseException:
+        """What the process crashed of: a background task's exception if that is why ``exc`` came."""
+        return self.failure if self.failure is not None and isinstance(exc, asyncio.CancelledError) else exc
+
+
+def serve(box: runtime.Mailbox, target: Any, name: str, key: str, args: list[Any]) -> None:
+    """Run the async keyed process ``target`` (class or function) for ``key`` on a new event loop,
+    until it stops or returns; raises what crashes it, as :func:`.runtime.run` expects."""
+    loop = asyncio.new_event_loop()
+    aio = AioMailbox(box, loop)
+    process._mailbox = aio
+    box.notify = aio.notify
+    try:
+        body = _serve_class(aio, target, name, key, args) if isinstance(target, type) else _serve_function(
+            aio, target, key, args)
+        aio.main = loop.create_task(body)
+        loop.run_until_complete(aio.main)
+    finally:
+        box.notify = None
+        _close(loop)
+
+
+def _close(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel what still runs (background tasks, after ``terminate``) and let it unwind, then close."""
+    try:
+        tasks = asyncio.all_tasks(loop)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+        loop.close()
+
+
+async def _maybe(value: Any) -> Any:
+    """A hook's result, awaited if it is a coroutine (an ``async def`` hook's), else as it is."""
+    return await value if inspect.isawaitable(value) else value
+
+
+async def _serve_function(aio: AioMailbox, fn: Callable[..., Any], key: str, args: list[Any]) -> None:
+    aio.box.send(Started().to_wire())
+    try:
+        await fn(key, *args)
+    except asyncio.CancelledError as exc:
+        raise aio.crashed(exc) from None
+
+
+async def _serve_class(aio: AioMailbox, cls: type[KeyedProcess], name: str, key: str, args: list[Any]) -> None:
+    box, obj = aio.box, cls()
+    init: Callable[..., Any] = obj.init  # maybe async: a coroutine to await
+    terminate: Callable[[str], Any] = obj.terminate
+    try:
+        await _maybe(init(key, *args))
+    except BaseException as exc:
+        runtime.init_failed(box, exc, name, key)
+    box.send(Started().to_wire())
+    # The default handle_info passes its message to handle_cast: an async one must be awaited.
+    info = obj.handle_cast if type(obj).handle_info is KeyedProcess.handle_info else obj.handle_info
+    handlers: dict[str, Callable[[Any], Any]] = {CAST: obj.handle_cast, runtime.INFO: info, CALL: obj.handle_call}
+    try:
+        while True:
+            msg = await aio.get()
+            assert msg is not None
+            if msg[TYPE] == STOP:
+                box.stop_reason = msg.get("reason", "stop")
+                await _maybe(terminate(box.stop_reason))
+                return
+            await _handle(aio, handlers, msg)
+    except asyncio.CancelledError as exc:
+        raise aio.crashed(exc) from None
+
+
+async def _handle(aio: AioMailbox, handlers: dict[str, Callable[[Any], Any]], msg: dict[str, Any]) -> None:
+    kind = msg[TYPE]
+    try:
+        value = await _maybe(handlers[kind](msg[PAYLOAD]))
+    except SystemExit:
+        raise  # ends the process normally, as in a sync process
+    except BaseException as exc:
+        if kind == CALL:
+            runtime.crash_reply(aio.box, msg, aio.crashed(exc))
+        raise
+    if kind == CALL:
+        aio.box.reply(msg, value)
+
+
+runtime.serve_async = serve
