@@ -31,7 +31,9 @@ from benchmarks.common import (
     uss_mib,
     wait_until,
 )
+from benchmarks.floor import Floor
 from benchmarks.probe import probe as _probe
+from benchmarks.solo import Solo
 
 
 class ForsetiBench:
@@ -61,6 +63,9 @@ class ForsetiBench:
         self.forseti = Forseti.of(self.app)
         self._apps = [self.app]
         self.refs: list[Any] = []
+        #: The floor column (the relay of benchmarks.floor) and the solo-pool Celery task.
+        self.floor = Floor(kind, url)
+        self.solo = Solo(url, redis_backend, str(ROOT), tag)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def __enter__(self) -> ForsetiBench:
@@ -74,6 +79,10 @@ class ForsetiBench:
                 Forseti.of(app).client.close()
             with contextlib.suppress(Exception):
                 app.close()
+        with contextlib.suppress(Exception):
+            self.floor.stop()
+        with contextlib.suppress(Exception):
+            self.solo.stop()
         t0 = time.monotonic()
         orphans = self.cluster.stop()
         self.stop_seconds = time.monotonic() - t0
@@ -87,6 +96,8 @@ class ForsetiBench:
 
         t0 = time.monotonic()
         self.cluster.start()
+        self.floor.start()
+        self.solo.start()
 
         def three() -> bool:
             try:
@@ -181,6 +192,9 @@ class ForsetiBench:
         }
         for backend, name in self.task_names.items():
             samplers[f"task {backend}"] = (self._task_call(name), s.tasks)
+        for backend, name in self.solo.backends.items():
+            samplers[f"solo {backend}"] = (self.solo.caller(name), s.tasks)
+        samplers["floor_rt"] = (self.floor.call, s.rtt)
         samples: dict[str, list[float]] = {name: [] for name in samplers}
         blocks = 5
         t0 = time.monotonic()
@@ -198,10 +212,17 @@ class ForsetiBench:
                                   f"the table uses {best}, the faster")
             self.task_backend = best
             r["task_rt"] = Stat(tasks[best], note=best)
-        for name in ("call", "lookup_warm", "ka_call"):
+        solos = {name.split(" ", 1)[1]: v for name, v in samples.items() if name.startswith("solo ") and v}
+        if solos:
+            best = min(solos, key=lambda b: statistics.median(solos[b]))
+            shown = ", ".join(f"{b} {statistics.median(v):.2f} ms" for b, v in solos.items())
+            self.run.notes.append(f"the same task in a `celery worker -P solo` (median): {shown}; the table "
+                                  f"uses {best}")
+            r["task_rt_solo"] = Stat(solos[best], note=best)
+        for name in ("call", "lookup_warm", "ka_call", "floor_rt"):
             if name not in r:
                 r[name] = Stat(samples[name])
-        for name in ("task_rt", "call", "lookup_warm", "ka_call"):
+        for name in ("task_rt", "task_rt_solo", "floor_rt", "call", "lookup_warm", "ka_call"):
             stat = r.get(name, Stat(note="failed"))
             log(f"  {name}: " + (f"median {stat.median:.4g} p90 {stat.p90:.4g}" if stat.ok else stat.note))
         log(f"  (round trips: {time.monotonic() - t0:.1f} s)")
@@ -241,7 +262,7 @@ class ForsetiBench:
 
     def fresh_lookups(self) -> Stat:
         """A new Python process builds the client and looks up two existing keys (times sent back)."""
-        firsts, seconds, closes = [], [], []
+        firsts, seconds, closes, floors = [], [], [], []
         env = {**os.environ, "FORSETI_BROKER_URL": self.run.url, **self.env}
         for i in range(self.sizes.fresh):
             a, b = self.refs[2 * i].key, self.refs[2 * i + 1].key
@@ -249,7 +270,9 @@ class ForsetiBench:
             firsts.append(out["first_ms"])
             seconds.append(out["second_ms"])
             closes.append(out["close_ms"])
+            floors.append(self.floor.first_request())
         self.run.results["lookup_fresh_connect"] = Stat(firsts)
+        self.run.results["floor_first"] = Stat(floors)
         self.run.results["close_fresh"] = Stat(closes)
         return Stat(seconds)
 

@@ -69,6 +69,8 @@ class Row:
     ray: str | None = None
     #: Another forseti row this one is checked against (the check's second argument).
     versus: str | None = None
+    #: Which floor figure of the run (benchmarks.floor: "floor_rt", "floor_first") bounds this row.
+    floor: str | None = None
 
 
 

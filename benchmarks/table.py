@@ -43,14 +43,23 @@ def ratio(row: Row, mine: Stat | None, other: Stat | None) -> str:
     return f"{size:.1f}x {'better' if better else 'worse'}"
 
 
+def times_floor(mine: Stat | None, floor: Stat | None) -> str:
+    """forseti's median in floors: '2.3x' (how far from what the broker's client library alone does)."""
+    if mine is None or floor is None or not mine.ok or not floor.ok or floor.median == 0:
+        return "-"
+    return f"{mine.median / floor.median:.1f}x"
+
+
 def render(rows: list[Row], run: ForsetiRun, ray_results: Results, ray_status: str, ray_notes: list[str]) -> str:
     r = run.results
-    head = ["row", "unit", "forseti med (p90)", "celery task", "ray actors",
-            "vs task", "vs ray", "target", "ok"]
+    head = ["row", "unit", "forseti med (p90)", "floor", "celery task", "celery solo", "ray actors",
+            "vs floor", "vs task", "vs solo", "vs ray", "target", "ok"]
     lines = []
     for row in rows:
         mine = r.get(row.id)
+        floor = r.get(row.floor) if row.floor else None
         task = r.get(row.celery) if row.celery else None
+        solo = r.get(f"{row.celery}_solo") if row.celery else None
         ray = ray_results.get(row.ray) if row.ray else None
         ray_cell = cell(ray) if ray_results else (ray_status if row.ray else "-")
         base = r.get(row.versus) if row.versus else task
@@ -58,12 +67,12 @@ def render(rows: list[Row], run: ForsetiRun, ray_results: Results, ray_status: s
         if row.check is not None and mine is not None and mine.ok:
             mark = "PASS" if row.check(mine.median, base.median if base and base.ok else None) else "FAIL"
         lines.append([row.label.replace(" N ", f" {run.many:,} ") if run.many else row.label, row.unit,
-                      cell(mine), cell(task), ray_cell, ratio(row, mine, task), ratio(row, mine, ray),
-                      row.target, mark])
+                      cell(mine), cell(floor), cell(task), cell(solo), ray_cell, times_floor(mine, floor),
+                      ratio(row, mine, task), ratio(row, mine, solo), ratio(row, mine, ray), row.target, mark])
     widths = [max(len(str(x[i])) for x in [head, *lines]) for i in range(len(head))]
 
     def join(cols: list[str]) -> str:
-        return "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w) if i < 7 else str(c).ljust(w)
+        return "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w) if i < 11 else str(c).ljust(w)
                          for i, (c, w) in enumerate(zip(cols, widths, strict=True))).rstrip()
 
     sep = "  ".join("-" * w for w in widths)
@@ -71,7 +80,9 @@ def render(rows: list[Row], run: ForsetiRun, ray_results: Results, ray_status: s
     out = [f"== {run.kind}: {run.url.replace('guest:guest@', '')} ({signing}) ==", join(head), sep]
     out += [join(line) for line in lines]
     out.append("")
-    out.append("Medians with p90 in parentheses. vs task / vs ray: forseti's median against that column's.")
+    out.append("Medians with p90 in parentheses. vs floor: forseti's median in floors (benchmarks/floor.py: "
+               "a plain client library relay through a pipe to a child and back, same broker, same run). "
+               "vs task / vs solo / vs ray: forseti's median against that column's.")
     out += [f"- {note}" for note in run.notes + ray_notes]
     return "\n".join(out)
 
