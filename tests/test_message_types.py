@@ -82,6 +82,11 @@ GOLDEN: list[tuple[Any, bytes]] = [
     (pipe.InitError("ValueError", "no"), b'{"t":"init_error","type":"ValueError","msg":"no"}'),
     (pipe.Exit("normal"), b'{"t":"exit","reason":"normal"}'),
     (pipe.Touch(), b'{"t":"touch"}'),
+    (pipe.Assign("n1", "k1", [1], {"n": 2}, 3, "s1"),
+     b'{"t":"assign","n":"n1","k":"k1","a":[1],"state":{"n":2},"epoch":3,"sid":"s1"}'),
+    (pipe.Handoff(), b'{"t":"handoff"}'),
+    (pipe.HandedOff({"n": [1, 2]}), b'{"t":"handed_off","state":{"n":[1,2]}}'),
+    (pipe.HandoffFailed("ValueError", "no"), b'{"t":"handoff_failed","type":"ValueError","msg":"no"}'),
 ]
 
 
@@ -101,7 +106,8 @@ def test_every_message_type_of_the_protocol_has_exactly_one_kind() -> None:
     types = {v for k, v in vars(m).items() if k.isupper() and isinstance(v, str) and k not in _FIELDS}
     assert set(w.WIRE_KINDS) == types
     assert {p.GET, p.CAST, p.REPLY, p.HEARTBEAT} <= set(w.WIRE_KINDS)
-    assert set(pipe.PIPE_KINDS) == {pipe.ASSIGN, pipe.STOP, pipe.STARTED, pipe.INIT_ERROR, pipe.EXIT, pipe.TOUCH}
+    assert set(pipe.PIPE_KINDS) == {pipe.ASSIGN, pipe.STOP, pipe.STARTED, pipe.INIT_ERROR, pipe.EXIT, pipe.TOUCH,
+                                    pipe.HANDOFF, pipe.HANDED_OFF, pipe.HANDOFF_FAILED}
     kinds = {type(g[0]) for g in GOLDEN}
     assert set(w.WIRE_KINDS.values()) | set(pipe.PIPE_KINDS.values()) == kinds  # each pinned above
 

@@ -9,13 +9,17 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import billiard.sharedctypes
+from celery.utils.log import get_logger
 
-__all__ = ["FENCED", "Lifeline", "detach"]
+logger = get_logger(__name__)
+
+__all__ = ["FENCED", "Lifeline", "become_keyed", "detach"]
 
 _PR_SET_PDEATHSIG = 1
 try:  # resolved once in the worker, so a new child does not load libc again
@@ -69,3 +73,28 @@ def detach(parent_pid: int, close_fds: Iterable[int], signals: bool = True) -> N
             os.close(fd)
         except OSError:
             pass
+
+
+def become_keyed(body: Callable[[], None], name: str, at_exit: Callable[[], None] | None = None) -> int:
+    """A freshly forked process becomes a keyed process: runs ``body`` (:func:`~.runtime.run`, as the
+    worker or its zygote calls it) and returns the exit code the process ends with, for either
+    forker to ``os._exit`` with: ``body``'s ``sys.exit`` code, 1 for a failure (logged), else 0.
+    ``at_exit`` runs last (billiard's finalizers, for a fork of the worker); the standard streams
+    are flushed, as the process ends without the interpreter's own exit."""
+    code = 1
+    try:
+        body()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        logger.exception("keyed process %s failed", name)
+    finally:
+        if at_exit is not None:
+            at_exit()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (AttributeError, ValueError, OSError):
+                pass
+    return code

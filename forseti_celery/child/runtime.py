@@ -17,7 +17,6 @@ import collections
 import gc
 import os
 import queue
-import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, NoReturn
@@ -29,10 +28,12 @@ from ..core import process
 from ..core.conf import ChildConfig
 from ..core.errors import InvalidMessage
 from ..core.messages import CORR, REPLY_TO, TYPE, Call, Reply
-from ..core.pipe import ASSIGN, STOP, Assign, Exit, InitError, Started, Touch
+from ..core.pipe import ASSIGN, HANDOFF, STOP, Assign, Exit, InitError, Started, Touch
 from ..core.process import KeyedProcess, Timer
 from ..core.protocol import CALL, CAST, PAYLOAD, decode, decode_payloads, encode, encode_message
-from .lifeline import FENCED, Lifeline, detach
+from .lifeline import FENCED, Lifeline, become_keyed, detach
+from .state import KeyState
+from .state import qualname as _qualname
 from .timers import Timers
 
 logger = get_logger(__name__)
@@ -40,7 +41,8 @@ logger = get_logger(__name__)
 __all__ = ["FENCED", "INFO", "Lifeline", "Mailbox", "become_keyed", "detach", "mailbox", "run"]
 
 _STOP = object()
-_OTHERS = frozenset({ASSIGN, STOP})  # what else a worker sends a keyed process: a malformed rest is dropped
+#: What else a worker sends a keyed process: a malformed rest is dropped.
+_OTHERS = frozenset({ASSIGN, STOP, HANDOFF})
 #: The kind of a timer's message in the mailbox. Never on the pipe: one that came from it is dropped.
 INFO = "info"
 #: Seconds between two ``touch`` messages at most (keep_alive timers firing faster say nothing new).
@@ -260,39 +262,16 @@ def mailbox() -> Mailbox:
     return box
 
 
-def become_keyed(body: Callable[[], None], name: str, at_exit: Callable[[], None] | None = None) -> int:
-    """A freshly forked process becomes a keyed process: runs ``body`` (:func:`run`, as the
-    worker or its zygote calls it) and returns the exit code the process ends with, for either
-    forker to ``os._exit`` with: ``body``'s ``sys.exit`` code, 1 for a failure (logged), else 0.
-    ``at_exit`` runs last (billiard's finalizers, for a fork of the worker); the standard streams
-    are flushed, as the process ends without the interpreter's own exit."""
-    code = 1
-    try:
-        body()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    except BaseException:
-        logger.exception("keyed process %s failed", name)
-    finally:
-        if at_exit is not None:
-            at_exit()
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (AttributeError, ValueError, OSError):
-                pass
-    return code
-
-
 def run(conn: Any, config: ChildConfig, lifeline: Lifeline, resolve: Callable[[str], Any], parent_pid: int,
         close_fds: Iterable[int], start: tuple[Any, str, list[Any]] | None = None, *,
-        from_zygote: bool = False) -> None:
+        from_zygote: bool = False, assign: Assign | None = None) -> None:
     """Entry point of a keyed process (runs after the fork): ``start`` is its ``(target, key,
-    args)``; a spare (``start`` None) waits for its key first: an ``assign`` message naming the
-    keyed-process name, key and args. ``config`` is the worker's, inherited with the fork. With
-    a zygote for parent (``from_zygote``), its signal handling is already the keyed process's,
-    and the zygote looks at the lifeline for it."""
+    args)``, and ``assign`` (optional) the rest of its start order (a handoff's state, the
+    incarnation's epoch and sid); a spare (``start`` None) waits for its key first: an
+    :class:`~..core.pipe.Assign` message naming the keyed-process name, key and args (and the
+    same rest). ``config`` is the worker's, inherited with the fork. With a zygote for parent
+    (``from_zygote``), its signal handling is already the keyed process's, and the zygote looks
+    at the lifeline for it."""
     # Everything inherited from the worker stays out of this process's collections: a collection
     # would touch (and so copy) every inherited page. Collection itself stays on for what the keyed
     # process allocates (a zygote, the parent of spares, runs with it off).
@@ -316,12 +295,13 @@ def run(conn: Any, config: ChildConfig, lifeline: Lifeline, resolve: Callable[[s
             os._exit(FENCED)
     name = billiard.current_process().name.removeprefix("forseti:")  # as its forker named it
     box.key = key
+    state = KeyState(box, config, target, assign if assign is not None else Assign(name, key, args))
     is_class = isinstance(target, type) and issubclass(target, KeyedProcess)
     try:
         if serve_async is not None and process.is_async(target):
             serve_async(box, target, name, key, args)  # child/aio.py: on an event loop
         elif is_class:
-            _serve(box, target, name, key, args)
+            _serve(box, target, key, args, state)
         else:
             box.send(Started().to_wire())
             target(key, *args)
@@ -337,10 +317,12 @@ def run(conn: Any, config: ChildConfig, lifeline: Lifeline, resolve: Callable[[s
     box.send(Exit(box.stop_reason or "normal").to_wire())
 
 
-def _serve(box: Mailbox, cls: type[KeyedProcess], name: str, key: str, args: list[Any]) -> None:
+def _serve(box: Mailbox, cls: type[KeyedProcess], key: str, args: list[Any], state: KeyState) -> None:
     obj = cls()
+    name = state.name
     try:
         obj.init(key, *args)
+        state.start(obj)  # restore(state) after init: a handoff's state, or the key's checkpoint
     except BaseException as exc:
         init_failed(box, exc, name, key)
     box.send(Started().to_wire())
@@ -355,10 +337,19 @@ def _serve(box: Mailbox, cls: type[KeyedProcess], name: str, key: str, args: lis
         kind = msg[TYPE]
         if kind == STOP:
             box.stop_reason = msg.get("reason", "stop")
+            state.stopping(obj, box.stop_reason)
             obj.terminate(box.stop_reason)
+            state.stopped(box.stop_reason)
             return
+        if kind == HANDOFF:
+            box.stop_reason = state.hand_off(obj)
+            return
+        if kind == INFO and state.is_tick(msg[PAYLOAD]):
+            state.auto(obj)
+            continue
         try:
             handlers[kind](msg)
+            state.handled(obj)
         except SystemExit:
             raise  # ends the process normally (see run); the caller learns it exited
         except BaseException as exc:
@@ -385,11 +376,6 @@ def crash_reply(box: Mailbox, request: dict[str, Any], exc: BaseException) -> No
 #: Runs an ``async def`` keyed process (:func:`.aio.serve`, which sets it: :mod:`.aio` imports this
 #: module, and the package imports :mod:`.aio`); ``None`` until then.
 serve_async: Callable[[Mailbox, Any, str, str, list[Any]], None] | None = None
-
-
-def _qualname(exc: BaseException) -> str:
-    cls = type(exc)
-    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _describe(exc: BaseException) -> str:

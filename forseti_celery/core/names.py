@@ -7,6 +7,7 @@ exchanges).
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from celery.events.event import get_exchange
@@ -24,15 +25,18 @@ EVENT_NODE_LOST = "forseti-node-lost"  # the leader freed every key of a worker 
 EVENT_RESTARTED = "forseti-process-restarted"
 #: The leader gave a key up (more than ``max_restarts`` within ``restart_window``): it stays down.
 EVENT_GIVEN_UP = "forseti-process-given-up"
+#: A key handed off to another worker (issue 13): ``name``, ``key``, ``source``, ``target`` and
+#: ``pause_ms``, from its handoff's start to its next incarnation's start (sent by the target).
+EVENT_MOVED = "forseti-process-moved"
 
 #: What a client's cache of refs listens to.
 CACHE_EVENTS = (EVENT_EXITED, EVENT_NODE_LOST, EVENT_LEADER)
 #: The same as one Redis pub/sub glob (kombu binds a fanout queue on Redis to a single pattern):
-#: every ``forseti.*`` routing key but ``forseti.process.started``, ``forseti.process.restarted``
-#: and ``forseti.process.given.up``, which, alone of them, have an ``s``, ``r`` or ``g`` for their
-#: 17th character. A client then never receives a start event (one per new key), nor a restart's.
-#: ``tests/test_protocol.py`` checks it against every event type.
-REDIS_CACHE_EVENTS_PATTERN = "forseti.????????[^srg]*"
+#: every ``forseti.*`` routing key but ``forseti.process.started``, ``forseti.process.restarted``,
+#: ``forseti.process.given.up`` and ``forseti.process.moved``, which, alone of them, have an ``s``,
+#: ``r``, ``g`` or ``m`` for their 17th character. A client then never receives a start event (one
+#: per new key), nor a restart's or a move's. ``tests/test_protocol.py`` checks it against every event type.
+REDIS_CACHE_EVENTS_PATTERN = "forseti.????????[^srgm]*"
 
 
 def event_routing_key(event_type: str) -> str:
@@ -43,6 +47,12 @@ def event_routing_key(event_type: str) -> str:
 #: Seconds a worker's node queue outlives its last consumer (RabbitMQ's ``x-expires``) or, on
 #: Redis, its last push or its worker's last heartbeat (the list's TTL, raised by each).
 NODE_QUEUE_EXPIRES = 120.0
+
+
+def state_key(namespace: str, name: str, key: str) -> str:
+    """The Redis key (at ``forseti_state_url``) of the checkpoint of ``(name, key)``: the
+    namespace's prefix, then ``[name, key]`` as JSON, so no two pairs share one (issue 13)."""
+    return f"{namespace}.state." + json.dumps([name, key], ensure_ascii=False, separators=(",", ":"))
 
 
 class Names:

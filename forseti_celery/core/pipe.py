@@ -17,34 +17,106 @@ from .errors import InvalidMessage
 from .messages import CALL, CAST, FROZEN, REPLY, STOP, Wire, need
 
 __all__ = [
-    "ASSIGN", "CALL", "CAST", "EXIT", "INIT_ERROR", "PIPE_KINDS", "REPLY", "STARTED", "STOP", "TOUCH", "Assign",
-    "Exit", "InitError", "PipeMessage", "Started", "StopChild", "Touch", "from_pipe",
+    "ASSIGN", "CALL", "CAST", "EXIT", "HANDED_OFF", "HANDOFF", "HANDOFF_FAILED", "HANDOFF_REASON", "INIT_ERROR",
+    "PIPE_KINDS", "REPLY", "STARTED", "STOP", "TOUCH", "Assign", "Exit", "HandedOff", "Handoff", "HandoffFailed",
+    "InitError", "PipeMessage", "Started", "StopChild", "Touch", "from_pipe",
 ]
 
 # worker -> keyed process (besides the cast, call and stop it routes)
 ASSIGN = "assign"
+HANDOFF = "handoff"
 # keyed process -> worker (besides its replies, ``reply``)
 STARTED = "started"
 INIT_ERROR = "init_error"
 EXIT = "exit"
 TOUCH = "touch"
+HANDED_OFF = "handed_off"
+HANDOFF_FAILED = "handoff_failed"
+#: The exit reason (and ``terminate`` reason) of a keyed process that handed its state off.
+HANDOFF_REASON = "handoff"
 
 
 @dataclass(**FROZEN)
 class Assign:
-    """To a spare: become the keyed process ``(name, key)``, ``init`` with ``args``."""
+    """To a spare: become the keyed process ``(name, key)``, ``init`` with ``args``, then
+    ``restore(state)`` when ``state`` is not ``None`` (a handoff's snapshot). ``epoch`` and
+    ``sid`` (the leader's epoch and the spawn's id) are the incarnation's token, which fences its
+    checkpoints (:mod:`~forseti_celery.core.state`). Optional on the wire, written only when set:
+    ``state`` (wire ``state``), ``epoch`` and ``sid``. A worker forking the process for its key
+    hands it this same object (``forseti_celery.child.runtime.run``'s ``assign``)."""
 
     T: ClassVar[str] = ASSIGN
     name: str
     key: str
     args: list[Any]
+    state: Any = None
+    epoch: int = 0
+    sid: str = ""
 
     def to_wire(self) -> Wire:
-        return {"t": ASSIGN, "n": self.name, "k": self.key, "a": self.args}
+        d: Wire = {"t": ASSIGN, "n": self.name, "k": self.key, "a": self.args}
+        if self.state is not None:
+            d["state"] = self.state
+        if self.sid:
+            d["epoch"] = self.epoch
+            d["sid"] = self.sid
+        return d
 
     @classmethod
     def from_wire(cls, d: Mapping[str, Any]) -> Assign:
-        return cls(need(d, "n"), need(d, "k"), d.get("a", []))
+        epoch = d.get("epoch", 0)
+        return cls(need(d, "n"), need(d, "k"), d.get("a", []), d.get("state"),
+                   epoch if type(epoch) is int else 0, str(d.get("sid", "")))
+
+
+@dataclass(**FROZEN)
+class Handoff:
+    """To a movable keyed process: after the messages written before this one, take
+    ``snapshot()`` and answer :class:`HandedOff` (or :class:`HandoffFailed`), then end
+    (``terminate("handoff")``, exit reason ``handoff``; after a failure ``shutdown``)."""
+
+    T: ClassVar[str] = HANDOFF
+
+    def to_wire(self) -> Wire:
+        return {"t": HANDOFF}
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> Handoff:
+        return cls()
+
+
+@dataclass(**FROZEN)
+class HandedOff:
+    """From a keyed process answering :class:`Handoff`: its ``snapshot()`` (JSON-able, any size:
+    the pipe's frames have no limit). Its ``terminate("handoff")`` and exit follow."""
+
+    T: ClassVar[str] = HANDED_OFF
+    state: Any
+
+    def to_wire(self) -> Wire:
+        return {"t": HANDED_OFF, "state": self.state}
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> HandedOff:
+        return cls(d.get("state"))
+
+
+@dataclass(**FROZEN)
+class HandoffFailed:
+    """From a keyed process answering :class:`Handoff`: no snapshot (``snapshot`` raised
+    ``exc_type`` saying ``text``, its value is not JSON, or the process is not movable). It
+    ends as a warm shutdown ends it: ``terminate("shutdown")``, exit reason ``shutdown``."""
+
+    T: ClassVar[str] = HANDOFF_FAILED
+    exc_type: str  #: wire ``type``
+    text: str  #: wire ``msg``
+
+    def to_wire(self) -> Wire:
+        return {"t": HANDOFF_FAILED, "type": self.exc_type, "msg": self.text}
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> HandoffFailed:
+        return cls(need(d, "type"), need(d, "msg"))
 
 
 @dataclass(**FROZEN)
@@ -125,10 +197,11 @@ class Touch:
         return cls()
 
 
-PipeMessage = Assign | StopChild | Started | InitError | Exit | Touch
+PipeMessage = Assign | StopChild | Started | InitError | Exit | Touch | Handoff | HandedOff | HandoffFailed
 
 #: The pipe's own kinds, by type name (a ``stop`` read here is a :class:`StopChild`).
-PIPE_KINDS: dict[str, Any] = {cls.T: cls for cls in (Assign, StopChild, Started, InitError, Exit, Touch)}
+PIPE_KINDS: dict[str, Any] = {cls.T: cls for cls in (Assign, StopChild, Started, InitError, Exit, Touch, Handoff,
+                                                     HandedOff, HandoffFailed)}
 
 
 def from_pipe(d: Mapping[str, Any]) -> PipeMessage:

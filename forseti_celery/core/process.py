@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-__all__ = ["KeyedProcess", "Timer", "areceive", "is_async", "receive", "send_after", "send_every"]
+__all__ = ["KeyedProcess", "Timer", "areceive", "is_async", "is_movable", "receive", "send_after", "send_every"]
 
 
 class KeyedProcess:
@@ -55,6 +55,31 @@ class KeyedProcess:
         """Runs when the process is stopped (``ref.stop()``, warm shutdown, ``"idle"`` after
         passivation); ``reason`` says why."""
 
+    def snapshot(self) -> Any:
+        """The process's state, JSON-able (any size). A class that defines it is *movable*
+        (:func:`is_movable`): a warm shutdown hands its state to a new process of the key on another
+        worker, a rebalance moves it, and checkpoints (:meth:`checkpoint`, ``forseti_checkpoint_every``)
+        store it. Runs after the messages sent before the handoff was asked for. ``None`` means
+        nothing to restore. See :doc:`/state`."""
+        raise NotImplementedError(f"{type(self).__name__} defines no snapshot(): it is not movable")
+
+    def restore(self, state: Any) -> None:
+        """Runs after :meth:`init` (same key and args) when the process starts with a state: a
+        handoff's :meth:`snapshot`, else its key's last checkpoint (``forseti_state_url``). If it
+        raises, the start fails as if ``init`` had raised (:class:`~forseti_celery.StartError`).
+        The default raises: a movable class defines both."""
+        raise NotImplementedError(f"{type(self).__name__} defines snapshot() but no restore()")
+
+    def checkpoint(self) -> bool:
+        """Store :meth:`snapshot` now as this key's checkpoint (in Redis at ``forseti_state_url``):
+        True; False if refused because a newer process of this key exists (this one is stale:
+        it should end). Raises :class:`~forseti_celery.ConfigurationError` without
+        ``forseti_state_url`` or in a class that is not movable, and
+        :class:`~forseti_celery.core.state.StateUnavailable` when Redis fails. See :doc:`/state`."""
+        if _state is None:
+            raise RuntimeError("checkpoint() is only available inside a keyed process")
+        return _state.checkpoint(self)
+
     def send_after(self, delay: float, msg: Any, keep_alive: bool = False) -> Timer:
         """See :func:`forseti_celery.send_after`: ``msg`` to :meth:`handle_info` in ``delay`` seconds."""
         return send_after(delay, msg, keep_alive)
@@ -74,7 +99,6 @@ class KeyedProcess:
             coro.close()
             raise RuntimeError("create_task() needs an async keyed process: give it an async def hook")
         return create(coro)  # type: ignore[no-any-return]
-
 
 
 class Timer:
@@ -152,6 +176,14 @@ def is_async(target: Any) -> bool:
 _HOOKS = ("init", "handle_call", "handle_cast", "handle_info", "terminate", "snapshot", "restore")
 
 
+def is_movable(target: Any) -> bool:
+    """Whether the keyed-process ``target`` can move between workers with its state: a
+    :class:`KeyedProcess` subclass that defines :meth:`~KeyedProcess.snapshot`. A function-form
+    process never is."""
+    return (isinstance(target, type) and issubclass(target, KeyedProcess)
+            and getattr(target, "snapshot", None) is not KeyedProcess.snapshot)
+
+
 def send_after(delay: float, msg: Any, keep_alive: bool = False) -> Timer:
     """In a keyed process: send itself ``msg`` once, ``delay`` seconds from now (a number from 0
     to :data:`~forseti_celery.core.conf.MAX_TIMEOUT`, else :class:`~forseti_celery.InvalidArgument`).
@@ -199,6 +231,15 @@ def _running(what: str) -> Mailbox:
         raise RuntimeError(f"forseti_celery.{what}() is only available inside a keyed process")
     return _mailbox
 
+
+class StateHook(Protocol):
+    """What :meth:`KeyedProcess.checkpoint` asks of the running keyed process's state side."""
+
+    def checkpoint(self, obj: KeyedProcess) -> bool: ...
+
+
+#: The running keyed process's state side (``forseti_celery.child.state``), set as it starts.
+_state: StateHook | None = None
 
 #: The running keyed process's mailbox: set once, by its runtime (``forseti_celery.child.runtime``)
 #: as the process starts; ``None`` anywhere else.
