@@ -53,7 +53,13 @@ __all__ = [
     "StartError",
     "Timer",
     "UnknownName",
+    "acall",
+    "aget_key",
+    "aget_less_used_node",
+    "aget_metrics",
     "areceive",
+    "asearch_key",
+    "asend",
     "call",
     "get_key",
     "get_less_used_node",
@@ -124,3 +130,42 @@ def get_metrics(app: Celery | None = None, timeout: float | None = None) -> dict
 def get_less_used_node(app: Celery | None = None, timeout: float | None = None) -> str:
     """Hostname of the eligible worker with the fewest keyed processes (ties by hostname)."""
     return Forseti.of(app).get_less_used_node(timeout=timeout)
+
+
+# -- the same, awaited: any running event loop, no thread per request (docs/asyncio.rst) -------
+
+
+async def aget_key(key: str, args: Sequence[Any] = (), *, name: str = "default", timeout: float | None = None,
+                   app: Celery | None = None) -> KeyRef:
+    """:func:`get_key`, awaited: the same arguments, the same (equal) :class:`KeyRef`, the same errors."""
+    return await Forseti.of(app).aget_key(key, args, name=name, timeout=timeout)
+
+
+async def acall(key: str, msg: Any, *, name: str = "default", args: Sequence[Any] = (),
+                timeout: float | None = None, app: Celery | None = None) -> Any:
+    """:func:`call`, awaited: the same answer, order and errors; cancelling the awaiting task
+    gives the call up (its answer, if any comes, is dropped)."""
+    return await Forseti.of(app).acall(key, msg, name=name, args=args, timeout=timeout)
+
+
+async def asend(key: str, msg: Any, *, name: str = "default", args: Sequence[Any] = (),
+                timeout: float | None = None, app: Celery | None = None) -> None:
+    """:func:`send` from a coroutine: returns once queued (awaiting only the process's creation,
+    if it has none), in order with this client's other messages to the key."""
+    await Forseti.of(app).asend(key, msg, name=name, args=args, timeout=timeout)
+
+
+async def asearch_key(key: str, *, name: str = "default", timeout: float | None = None,
+                      app: Celery | None = None) -> KeyRef | None:
+    """:func:`search_key`, awaited."""
+    return await Forseti.of(app).asearch_key(key, name=name, timeout=timeout)
+
+
+async def aget_metrics(app: Celery | None = None, timeout: float | None = None) -> dict[str, int]:
+    """:func:`get_metrics`, awaited."""
+    return await Forseti.of(app).aget_metrics(timeout=timeout)
+
+
+async def aget_less_used_node(app: Celery | None = None, timeout: float | None = None) -> str:
+    """:func:`get_less_used_node`, awaited."""
+    return await Forseti.of(app).aget_less_used_node(timeout=timeout)

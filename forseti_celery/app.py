@@ -13,6 +13,7 @@ from celery import Celery
 from kombu.utils.imports import symbol_by_name
 
 from . import control as _control  # noqa: F401  (registers the inspect/control commands)
+from .client.aio import AsyncClient
 from .client.client import Client
 from .core import installs, transport
 from .core.conf import KeyPolicy, Settings, checked_policy
@@ -44,6 +45,7 @@ class Forseti:
         #: The policy keywords given to :meth:`keyed`, per name (checked; conf fills in the rest).
         self._policies: dict[str, dict[str, Any]] = {}
         self._client: Client | None = None
+        self._aio: AsyncClient | None = None
         self._client_pid = 0
         self._client_lock = threading.Lock()
         installs.install(self)
@@ -136,6 +138,15 @@ class Forseti:
                     self._client_pid = pid
         return self._client
 
+    @property
+    def aio(self) -> AsyncClient:
+        """The async side of :attr:`client` (a new one with each new client: after a fork)."""
+        client = self.client
+        aio = self._aio
+        if aio is None or aio.client is not client:
+            aio = self._aio = AsyncClient(client)
+        return aio
+
     def close(self) -> None:
         """Close this process's client (its connections and threads); the next use makes a new one."""
         with self._client_lock:
@@ -170,3 +181,30 @@ class Forseti:
         """See :func:`forseti_celery.get_less_used_node`."""
         return self.client.get_less_used_node(timeout)
 
+    # -- the same, awaited (docs/asyncio.rst) ----------------------------------------------------
+    async def aget_key(self, key: str, args: Sequence[Any] = (), *, name: str = "default",
+                       timeout: float | None = None) -> KeyRef:
+        """See :func:`forseti_celery.aget_key`."""
+        return await self.aio.get_key(key, args, name, timeout)
+
+    async def acall(self, key: str, msg: Any, *, name: str = "default", args: Sequence[Any] = (),
+                    timeout: float | None = None) -> Any:
+        """See :func:`forseti_celery.acall`."""
+        return await self.aio.call_key(key, msg, args, name, timeout)
+
+    async def asend(self, key: str, msg: Any, *, name: str = "default", args: Sequence[Any] = (),
+                    timeout: float | None = None) -> None:
+        """See :func:`forseti_celery.asend`."""
+        await self.aio.cast_key(key, msg, args, name, timeout)
+
+    async def asearch_key(self, key: str, *, name: str = "default", timeout: float | None = None) -> KeyRef | None:
+        """See :func:`forseti_celery.asearch_key`."""
+        return await self.aio.search_key(key, name, timeout)
+
+    async def aget_metrics(self, timeout: float | None = None) -> dict[str, int]:
+        """See :func:`forseti_celery.aget_metrics`."""
+        return await self.aio.get_metrics(timeout)
+
+    async def aget_less_used_node(self, timeout: float | None = None) -> str:
+        """See :func:`forseti_celery.aget_less_used_node`."""
+        return await self.aio.get_less_used_node(timeout)

@@ -14,30 +14,21 @@ import atexit
 import threading
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from celery.utils.log import get_logger
 from kombu import Queue
 
 from ..core.broker import Batcher, Publisher, RestartIntensity
-from ..core.codec import NO_PAYLOAD, Encoded, Message, check_json, decode_payload, encode_message
+from ..core.codec import Encoded, Message, check_json, encode_message
 from ..core.conf import checked_timeout
 from ..core.consumer import ConsumerLoop
-from ..core.errors import (
-    BrokerUnavailable,
-    ForsetiError,
-    ForsetiTimeout,
-    InvalidArgument,
-    InvalidKey,
-    InvalidMessage,
-    ProcessGone,
-    RemoteError,
-    remote_error,
-)
+from ..core.errors import BrokerUnavailable, ForsetiError, ForsetiTimeout, InvalidMessage, ProcessGone, RemoteError
 from ..core.keyref import KeyRef
-from ..core.messages import MOVED, NO_VALUE, REPLY, TYPE, Call, Cast, Get, Metrics, Moved, Reply, Search, StopKey
+from ..core.messages import MOVED, NO_VALUE, TYPE, Call, Cast, Get, Metrics, Moved, Reply, Search, StopKey
 from ..core.names import EVENT_EXITED, EVENT_LEADER, EVENT_NODE_LOST
 from .cache import RefCache
+from .requests import Ask, Pending, Steps, Waiter, answer_of, check_key, check_ref, drive
 from .routes import Route, RouteTable
 
 if TYPE_CHECKING:
@@ -47,28 +38,7 @@ __all__ = ["Client"]
 
 logger = get_logger(__name__)
 
-#: What a client asks and waits for an answer to (each carries its reply queue, correlation id
-#: and deadline).
-Request = Get | Search | Metrics | StopKey | Call
-
-
-def _utf8(text: str) -> bool:
-    """Whether the wire (UTF-8) can carry ``text``: not so for a lone surrogate such as "\udcff"."""
-    if text.isascii():
-        return True
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-class _Pending:
-    __slots__ = ("event", "reply")
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.reply: Message | None = None  # decoded (Reply.from_wire) on the caller's thread
+T = TypeVar("T")
 
 
 class Client:
@@ -87,7 +57,9 @@ class Client:
         self._max_size = self.settings.max_message_size
         self._sender = Batcher(self._publish, max_bytes=self._max_size)
         atexit.register(self._flush_quietly)
-        self._pending: dict[str, _Pending] = {}
+        #: Who waits for the answer to each request, by correlation id (sync callers'
+        #: :class:`Pending`, or the async side's): the consumer thread delivers it to them.
+        self.pending: dict[str, Waiter] = {}
         self._start_lock = threading.Lock()
         self._cache = RefCache(self.settings.cache)
         self._routes = RouteTable()
@@ -110,9 +82,18 @@ class Client:
     def _queues(self) -> list[Queue]:
         return [self._reply_queue] + ([self._exits_queue] if self._exits_queue is not None else [])
 
+    # -- each operation is written once, as steps (see .requests): run here, awaited by .aio ----
+    def run(self, steps: Steps[T]) -> T:
+        """Run one operation's steps, waiting on this thread for each answer."""
+        return drive(steps, self._request)
+
     # -- leader requests ----------------------------------------------------------------------
     def get_key(self, key: str, args: Any, name: str, timeout: float | None) -> KeyRef:
         """The live process for ``(name, key)``, created on the least-used worker if absent."""
+        return self.run(self.get_key_steps(key, args, name, timeout))
+
+    def get_key_steps(self, key: str, args: Any, name: str, timeout: float | None) -> Steps[KeyRef]:
+        """:meth:`get_key`'s steps."""
         # Checked before the cache is asked, so a hit refuses what a miss refuses (and an
         # unhashable key is InvalidKey, not a TypeError of the cache's dict).
         self._check(key, name)
@@ -123,29 +104,41 @@ class Client:
         cached = self._cache.get(name, key)
         if cached is not None:
             return cached
-        node, pid = self._request(self.names.leader, Get(name, key, list(args), *self._ticket(t)), t,
-                                  resend=True, what="args")
+        node, pid = yield Ask(self.names.leader, Get(name, key, list(args), *self._ticket(t)), t,
+                              resend=True, what="args")
         ref = KeyRef(node, pid, key, name, self.names.namespace, self.forseti.app)
         self._cache.put(ref)
         return ref
 
     def search_key(self, key: str, name: str, timeout: float | None) -> KeyRef | None:
         """The live process for ``(name, key)`` or ``None``; never creates one."""
+        return self.run(self.search_key_steps(key, name, timeout))
+
+    def search_key_steps(self, key: str, name: str, timeout: float | None) -> Steps[KeyRef | None]:
+        """:meth:`search_key`'s steps."""
         self._check(key, name)
         t = self._timeout(timeout, self.settings.timeout)
-        found = self._request(self.names.leader, Search(name, key, *self._ticket(t)), t, resend=True)
+        found = yield Ask(self.names.leader, Search(name, key, *self._ticket(t)), t, resend=True)
         ref = None if found is None else KeyRef(found[0], found[1], key, name, self.names.namespace, self.forseti.app)
         self._cache.found(name, key, ref)
         return ref
 
     def get_metrics(self, timeout: float | None) -> dict[str, int]:
         """Live keyed processes per eligible live worker."""
+        return self.run(self.get_metrics_steps(timeout))
+
+    def get_metrics_steps(self, timeout: float | None) -> Steps[dict[str, int]]:
+        """:meth:`get_metrics`'s steps."""
         t = self._timeout(timeout, self.settings.timeout)
-        return dict(self._request(self.names.leader, Metrics(*self._ticket(t)), t, resend=True))
+        return dict((yield Ask(self.names.leader, Metrics(*self._ticket(t)), t, resend=True)))
 
     def get_less_used_node(self, timeout: float | None) -> str:
         """The eligible worker the next new key would be placed on (names aside)."""
-        metrics = self.get_metrics(timeout)
+        return self.less_used(self.get_metrics(timeout))
+
+    @staticmethod
+    def less_used(metrics: dict[str, int]) -> str:
+        """The worker of ``metrics`` with the fewest processes (ties by hostname)."""
         if not metrics:
             raise ForsetiTimeout("no eligible live worker")
         return min(metrics, key=lambda host: (metrics[host], host))
@@ -153,20 +146,24 @@ class Client:
     # -- keyed processes ------------------------------------------------------------------------
     def call(self, ref: KeyRef, msg: Any, timeout: float | None) -> Any:
         """``ref.call(msg)``; a call unanswered because the worker died is :class:`ProcessGone`."""
+        return self.run(self.call_steps(ref, msg, timeout))
+
+    def call_steps(self, ref: KeyRef, msg: Any, timeout: float | None) -> Steps[Any]:
+        """:meth:`call`'s steps."""
         self._check_ref(ref)
         t = self._timeout(timeout, self.settings.call_timeout)
         try:
-            return self._request(self._node_rk(ref), Call(ref.name, ref.key, ref.pid, *self._ticket(t)), t,
-                                 resend=False, what="message", payload=msg)
+            return (yield Ask(self._node_rk(ref), Call(ref.name, ref.key, ref.pid, *self._ticket(t)), t,
+                              resend=False, what="message", payload=msg))
         except (ProcessGone, RemoteError, ForsetiTimeout) as exc:
-            self._call_failed(ref, exc, t)
+            yield from self._call_failed(ref, exc, t)
 
-    def _call_failed(self, ref: KeyRef, exc: ForsetiError, timeout: float) -> NoReturn:
+    def _call_failed(self, ref: KeyRef, exc: ForsetiError, timeout: float) -> Steps[NoReturn]:
         """Raise ``exc`` of a call to ``ref``: a timeout is :class:`ProcessGone` if the leader
         no longer lists ``ref`` (it ended meanwhile); an ended process leaves the cache."""
         if isinstance(exc, ForsetiTimeout):
             try:
-                current = self.search_key(ref.key, ref.name, min(timeout, 2.0))
+                current = yield from self.search_key_steps(ref.key, ref.name, min(timeout, 2.0))
             except ForsetiTimeout:
                 current = ref  # cannot tell: report the timeout
             if current == ref:
@@ -185,17 +182,21 @@ class Client:
     def call_key(self, key: str, msg: Any, args: Any, name: str, timeout: float | None) -> Any:
         """``forseti_celery.call``: ``msg`` to ``(name, key)``'s process, created with ``args`` if
         there is none, within ``timeout`` seconds (default forseti_call_timeout), creation included."""
+        return self.run(self.call_key_steps(key, msg, args, name, timeout))
+
+    def call_key_steps(self, key: str, msg: Any, args: Any, name: str, timeout: float | None) -> Steps[Any]:
+        """:meth:`call_key`'s steps."""
         args = self._key_args(key, name, args)
         t = self._timeout(timeout, self.settings.call_timeout)
         deadline = time.monotonic() + t
         while True:
-            route, seq = self._route(key, args, name, t, cast=False)
+            route, seq = yield from self._route(key, args, name, t, cast=False)
             ref = route.ref
             t = max(deadline - time.monotonic(), 0.001)  # what creating the process left
             call = Call(ref.name, ref.key, ref.pid, *self._ticket(t), NO_VALUE, True, args, seq)
             ended = False
             try:
-                return self._request(self._node_rk(ref), call, t, resend=False, what="message", payload=msg)
+                return (yield Ask(self._node_rk(ref), call, t, resend=False, what="message", payload=msg))
             except ProcessGone:
                 # Answered "gone" by a worker that does not hold key-addressed messages (an older
                 # version): it never wrote the call to a process, so sending it again is safe.
@@ -206,16 +207,21 @@ class Client:
                     raise
             except (RemoteError, ForsetiTimeout) as exc:
                 ended = isinstance(exc, RemoteError)
-                self._call_failed(ref, exc, t)
+                yield from self._call_failed(ref, exc, t)
             finally:
                 # A crash ends the route at once if nothing else is on it: no detour for the next.
+                # (Also when the caller gave up: a cancelled task, a KeyboardInterrupt.)
                 self._routes.answered(route, ended)
 
     def cast_key(self, key: str, msg: Any, args: Any, name: str, timeout: float | None = None) -> None:
         """``forseti_celery.send``: ``msg`` to ``(name, key)``'s process, created with ``args``
         if there is none (waiting for that as ``get_key`` does), without waiting for it."""
+        self.run(self.cast_key_steps(key, msg, args, name, timeout))
+
+    def cast_key_steps(self, key: str, msg: Any, args: Any, name: str, timeout: float | None = None) -> Steps[None]:
+        """:meth:`cast_key`'s steps."""
         args = self._key_args(key, name, args)
-        route, seq = self._route(key, args, name, self._timeout(timeout, self.settings.timeout), cast=True)
+        route, seq = yield from self._route(key, args, name, self._timeout(timeout, self.settings.timeout), cast=True)
         ref = route.ref
         envelope = Cast.envelope(ref.name, ref.key, ref.pid, args, seq, self._reply_rk)
         self._sender.put(self._node_rk(ref), encode_message(envelope, "message", self._max_size, payload=msg))
@@ -229,14 +235,14 @@ class Client:
         check_json(checked, "args", self._max_size)
         return checked
 
-    def _route(self, key: str, args: list[Any], name: str, timeout: float, cast: bool) -> tuple[Route, int]:
+    def _route(self, key: str, args: list[Any], name: str, timeout: float, cast: bool) -> Steps[tuple[Route, int]]:
         """Where this client's next message to ``(name, key)`` goes, and its sequence number:
         the key's route, opened to the ref ``get_key`` gives (created on demand) if none."""
         while True:
             taken = self._routes.take(name, key, cast)
             if taken is not None:
                 return taken
-            self._routes.open(self.get_key(key, args, name, timeout))
+            self._routes.open((yield from self.get_key_steps(key, args, name, timeout)))
 
     def _moved(self, notice: Message) -> None:
         """A worker forwarded this client's messages for a key to its next incarnation."""
@@ -251,55 +257,60 @@ class Client:
 
     def stop(self, ref: KeyRef, timeout: float | None) -> None:
         """``ref.stop()``: returns once the process has exited and the leader has freed its key."""
+        self.run(self.stop_steps(ref, timeout))
+
+    def stop_steps(self, ref: KeyRef, timeout: float | None) -> Steps[None]:
+        """:meth:`stop`'s steps."""
         self._check_ref(ref)
         t = self._timeout(timeout, self.settings.call_timeout)
         grace = min(self.settings.stop_timeout, t * 0.8)
         self._cache.forget(ref)
-        self._request(self.names.leader, StopKey(ref.name, ref.key, ref.pid, ref.node, "stop", grace,
-                                                 *self._ticket(t)), t, resend=True)
+        yield Ask(self.names.leader, StopKey(ref.name, ref.key, ref.pid, ref.node, "stop", grace,
+                                             *self._ticket(t)), t, resend=True)
 
     # -- plumbing -------------------------------------------------------------------------------
     def _ticket(self, timeout: float) -> tuple[str, str, float]:
         """A new request's reply queue, correlation id and deadline (``timeout`` from now)."""
         return self._reply_rk, uuid.uuid4().hex, time.time() + timeout
 
-    def _request(self, routing_key: str, msg: Request, timeout: float, resend: bool,
-                 what: str = "request", payload: Any = NO_PAYLOAD) -> Any:
-        """Send ``msg`` (and its ``payload``), encoded once and checked (:class:`InvalidMessage`
-        names ``what``), and wait for its answer, decoded here (on the caller's thread)."""
-        corr = msg.corr
-        encoded = encode_message(msg.to_wire(), what, self._max_size, deadline=msg.deadline, payload=payload)
-        self._ensure_started()
-        pending = self._pending[corr] = _Pending()
+    def encode(self, ask: Ask) -> Encoded:
+        """``ask``'s message and payload, encoded once and checked (:class:`InvalidMessage` names
+        ``ask.what``)."""
+        msg = ask.msg
+        return encode_message(msg.to_wire(), ask.what, self._max_size, deadline=msg.deadline, payload=ask.payload)
+
+    def _request(self, ask: Ask) -> Any:
+        """Send ``ask`` and wait for its answer, decoded here (on the caller's thread)."""
+        encoded = self.encode(ask)
+        self.ensure_started()
+        corr, routing_key, timeout, resend = ask.msg.corr, ask.routing_key, ask.timeout, ask.resend
+        pending = self.pending[corr] = Pending()
         deadline = time.monotonic() + timeout
         try:
             self._sender.send(routing_key, encoded)  # behind what this client queued before
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise self._timed_out(msg.T, timeout, leader=routing_key == self.names.leader)
+                    raise self.timed_out(ask)
                 if pending.event.wait(min(remaining, self.settings.retry_interval) if resend else remaining):
                     break
                 if resend:
                     self._sender.send(routing_key, encoded)
         finally:
-            del self._pending[corr]
+            del self.pending[corr]
         assert pending.reply is not None
-        reply = Reply.from_wire(pending.reply)
-        if reply.error is not None:
-            raise remote_error(reply.error, reply.exc_type or "", reply.text or "")
-        if reply.payload is not NO_VALUE:
-            return decode_payload(reply.payload, REPLY)
-        return None if reply.value is NO_VALUE else reply.value
+        return answer_of(pending.reply)
 
-    def _timed_out(self, kind: str, timeout: float, leader: bool) -> ForsetiTimeout:
-        if not leader:
+    def timed_out(self, ask: Ask) -> ForsetiTimeout:
+        """The error of ``ask`` unanswered within its timeout."""
+        kind, timeout = ask.msg.T, ask.timeout
+        if ask.routing_key != self.names.leader:
             return ForsetiTimeout(f"no answer to {kind!r} within {timeout:g} s")
         return ForsetiTimeout(f"no leader answered {kind!r} within {timeout:g} s in namespace "
                               f"{self.names.namespace!r} on {self._broker} (is a worker with forseti running there?)")
 
     def _publish(self, routing_key: str, msgs: list[Message | Encoded]) -> None:
-        self._ensure_started()
+        self.ensure_started()
         if routing_key != self.names.leader:
             self._publisher.publish(self.names.exchange, routing_key, msgs)
             return
@@ -334,12 +345,11 @@ class Client:
             if reply[TYPE] == MOVED:
                 self._moved(reply)
                 continue
-            pending = self._pending.get(Reply.corr_of(reply))
+            pending = self.pending.get(Reply.corr_of(reply))
             if pending is not None:
-                pending.reply = reply
-                pending.event.set()
+                pending.deliver(reply)
 
-    def _ensure_started(self) -> None:
+    def ensure_started(self) -> None:
         """Start the reply thread, or a new one after the last gave up (its broker gone for longer
         than forseti_max_retries/forseti_max_time): raises :class:`BrokerUnavailable` while the
         broker is still away."""
@@ -356,22 +366,10 @@ class Client:
                 self._loop.start()
 
     def _check(self, key: Any, name: Any) -> None:
-        if not isinstance(key, str):
-            raise InvalidKey(f"keys are str, not {type(key).__name__}")
-        if len(key) > self.settings.max_key_length:
-            raise InvalidKey(f"key of {len(key)} characters exceeds forseti_max_key_length")
-        if not _utf8(key):
-            raise InvalidKey(f"key {key!r} is not valid text (UTF-8 cannot carry it: a lone surrogate?)")
-        if not isinstance(name, str) or not name or not _utf8(name):
-            raise InvalidArgument(f"name must be a non-empty str of valid text, not {name!r}")
+        check_key(key, name, self.settings.max_key_length)
 
     def _check_ref(self, ref: Any) -> None:
-        if not isinstance(ref, KeyRef):
-            raise InvalidArgument(f"expected a KeyRef, not {type(ref).__name__}")
-        if ref.namespace != self.names.namespace:
-            # Served here, it would reach a worker of this cluster that happens to have its name.
-            raise InvalidArgument(f"the ref of {ref.key!r} belongs to namespace {ref.namespace!r}, "
-                                  f"not to this client's {self.names.namespace!r}")
+        check_ref(ref, self.names.namespace)
 
     @staticmethod
     def _timeout(timeout: float | None, default: float) -> float:

@@ -14,7 +14,7 @@ from .errors import InvalidArgument
 if TYPE_CHECKING:
     from celery import Celery
 
-    from .installs import Caller
+    from .installs import Caller, Installed
 
 __all__ = ["KeyRef"]
 
@@ -64,8 +64,23 @@ class KeyRef:
         """Stop the process (its ``terminate`` runs) and return once it has exited and its key is free."""
         self._client().stop(self, timeout)
 
+    async def acall(self, msg: Any, timeout: float | None = None) -> Any:
+        """:meth:`call`, awaited: the same answer and errors (:doc:`/asyncio`)."""
+        return await self._installed().aio.call(self, msg, timeout)
+
+    async def asend(self, msg: Any) -> None:
+        """:meth:`send` from a coroutine: returns once queued, in order with this client's other messages."""
+        await self._installed().aio.cast(self, msg)
+
+    async def astop(self, timeout: float | None = None) -> None:
+        """:meth:`stop`, awaited."""
+        await self._installed().aio.stop(self, timeout)
+
     def _client(self) -> Caller:
-        return installs.of(self._app, namespace=self.namespace).client
+        return self._installed().client
+
+    def _installed(self) -> Installed:
+        return installs.of(self._app, namespace=self.namespace)
 
     def to_json(self) -> dict[str, Any]:
         """The wire form (also what Celery's JSON serializer carries)."""
