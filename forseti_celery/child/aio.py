@@ -212,4 +212,32 @@ async def _handle(aio: AioMailbox, handlers: dict[str, Callable[[Any], Any]], ms
         aio.box.reply(msg, value)
 
 
+async def _rehearsal(loop: asyncio.AbstractEventLoop) -> None:
+    task = loop.create_task(asyncio.sleep(10))
+    waiter = loop.create_future()
+    loop.call_soon_threadsafe(waiter.set_result, None)
+    await waiter
+    later = loop.call_later(0.0001, waiter.done)
+    await asyncio.sleep(0)
+    later.cancel()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+def rehearse() -> None:
+    """Run a throwaway event loop once through what an async keyed process runs, in the process
+    that forks keyed processes (at import, in a worker): what asyncio creates and caches on first
+    use is then shared with every child rather than built in each (measured: an async child's
+    first loop copies ~1.6 MB without this, ~1.0 MB with it). Skipped under a running loop."""
+    if asyncio._get_running_loop() is not None:
+        return
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(_rehearsal(loop))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+        loop.close()
+
+
 runtime.serve_async = serve
+rehearse()
