@@ -11,7 +11,8 @@ its client to its handler, in seconds (the pause a handoff made it wait, at most
 
 ``fragile`` is a ``tally`` whose ``init`` args (``mode``, ...) make its handoff go wrong:
 ``snapshot-raises``, ``restore-raises``, ``big`` (a snapshot of ``size`` bytes), ``slow``
-(``snapshot`` takes ``seconds``).
+(``snapshot`` takes ``seconds``), ``slow-restore`` (``restore`` takes ``seconds``). It journals
+``snapshot`` and ``restoring`` as those begin.
 
 Settings from the environment besides the harness' (``tests.cluster_conf``):
 ``FORSETI_REBALANCE``, ``FORSETI_REBALANCE_BATCH``, ``FORSETI_HANDOFF_TIMEOUT``.
@@ -92,6 +93,7 @@ class Fragile(Tally):
         self.mode = args[0] if args else ""
 
     def snapshot(self) -> Any:
+        journal("snapshot", self.key)
         if self.mode == "snapshot-raises":
             raise RuntimeError("snapshot asked to raise")
         if self.mode == "slow":
@@ -102,6 +104,9 @@ class Fragile(Tally):
         return state
 
     def restore(self, state: Any) -> None:
+        journal("restoring", self.key)
+        if self.mode == "slow-restore":
+            time.sleep(float(self.args[1]))
         if self.mode == "restore-raises":
             raise RuntimeError("restore asked to raise")
         if self.mode == "big":
