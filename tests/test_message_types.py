@@ -67,6 +67,13 @@ GOLDEN: list[tuple[Any, bytes]] = [
     (w.Report("w1", 3, [["n1", "k1", 42, "s1"], ["n1", "k2", None, "s2"]], 7, [[1], [2]], [0, 2]),
      b'{"t":"report","node":"w1","epoch":3,"procs":[["n1","k1",42,"s1"],["n1","k2",null,"s2"]],"q":7,'
      b'"a":[[1],[2]],"restarts":[0,2]}'),
+    (w.Exited("n1", "k1", "w1", 42, [], "s1", "handoff", 0, b'{"n":[1,2]}', "w2", 12.5),  # a handoff: issue 13
+     b'{"t":"exited","n":"n1","k":"k1","node":"w1","sid":"s1","pid":42,"reason":"handoff","code":0,"stoppers":[],'
+     b'"to":"w2","ho":12.5}\t{"n":[1,2]}'),
+    (w.Spawn("n1", "k1", [1], "s1", 3, "w0", [], state=b'{"n":[1,2]}', source="w1", since=12.5),  # issue 13
+     b'{"t":"spawn","n":"n1","k":"k1","a":[1],"sid":"s1","epoch":3,"leader":"w0","w":[],"src":"w1","ho":12.5}'
+     b'\t{"n":[1,2]}'),
+    (w.Move("n1", "k1", 42, "w2", "w0", 3), b'{"t":"move","n":"n1","k":"k1","p":42,"to":"w2","leader":"w0","epoch":3}'),
     (w.ReportRequest("w0", 3, 7), b'{"t":"report?","leader":"w0","epoch":3,"q":7}'),
     (w.Leads("w0", 3, "x1"), b'{"t":"leads","leader":"w0","epoch":3,"nonce":"x1"}'),
     (w.Heartbeat("w1", "i1", 5, True, ["n1"], 2, False, 3, 99, "box"),

@@ -14,7 +14,7 @@ ALL_EVENTS = [getattr(p, name) for name in dir(p) if name.startswith("EVENT_")]
 def test_every_event_type_is_listed_here() -> None:
     assert sorted(ALL_EVENTS) == sorted(
         ["forseti-process-started", "forseti-process-exited", "forseti-leader-elected", "forseti-node-lost",
-         "forseti-process-restarted", "forseti-process-given-up"])
+         "forseti-process-restarted", "forseti-process-given-up", "forseti-process-moved"])
 
 
 def test_the_redis_pattern_of_a_clients_cache_matches_its_events_and_no_start(redis_url: str) -> None:

@@ -29,8 +29,8 @@ from .errors import InvalidMessage
 
 __all__ = [
     "ARGS", "BYE", "CALL", "CAST", "CORR", "EXITED", "GET", "HEARTBEAT", "KEY", "KEY_ADDRESSED", "LEADS", "METRICS",
-    "MOVED", "NAME", "NO_VALUE", "PAYLOAD", "PID", "PING", "REPLY", "REPLY_TO", "REPORT", "REPORT_REQUEST", "SEARCH",
-    "SEQ", "SPAWN", "SPAWNED", "SPAWN_FAILED", "STOP", "STOP_KEY", "TYPE",
+    "MOVE", "MOVED", "NAME", "NO_VALUE", "PAYLOAD", "PID", "PING", "REPLY", "REPLY_TO", "REPORT", "REPORT_REQUEST",
+    "SEARCH", "SEQ", "SPAWN", "SPAWNED", "SPAWN_FAILED", "STOP", "STOP_KEY", "TYPE",
     "Call", "Cast", "Get", "Metrics", "Moved", "Reply", "Search", "Stop", "StopKey", "Wire",
 ]
 
@@ -50,6 +50,7 @@ EXITED = "exited"
 PING = "ping"  # RabbitMQ: every worker, every heartbeat, so the leader queue's consumer learns it leads
 # leader -> worker (its node queue)
 SPAWN = "spawn"
+MOVE = "move"  # hand one key off to another worker (rebalancing, ``celery forseti rebalance``)
 REPORT_REQUEST = "report?"
 LEADS = "leads"  # the leader answers a ping: on RabbitMQ, how workers learn epochs
 # worker -> the leader's node queue

@@ -25,15 +25,18 @@ EVENT_NODE_LOST = "forseti-node-lost"  # the leader freed every key of a worker 
 EVENT_RESTARTED = "forseti-process-restarted"
 #: The leader gave a key up (more than ``max_restarts`` within ``restart_window``): it stays down.
 EVENT_GIVEN_UP = "forseti-process-given-up"
+#: A key handed off to another worker (issue 13): ``name``, ``key``, ``source``, ``target`` and
+#: ``pause_ms``, from its handoff's start to its next incarnation's start (sent by the target).
+EVENT_MOVED = "forseti-process-moved"
 
 #: What a client's cache of refs listens to.
 CACHE_EVENTS = (EVENT_EXITED, EVENT_NODE_LOST, EVENT_LEADER)
 #: The same as one Redis pub/sub glob (kombu binds a fanout queue on Redis to a single pattern):
-#: every ``forseti.*`` routing key but ``forseti.process.started``, ``forseti.process.restarted``
-#: and ``forseti.process.given.up``, which, alone of them, have an ``s``, ``r`` or ``g`` for their
-#: 17th character. A client then never receives a start event (one per new key), nor a restart's.
-#: ``tests/test_protocol.py`` checks it against every event type.
-REDIS_CACHE_EVENTS_PATTERN = "forseti.????????[^srg]*"
+#: every ``forseti.*`` routing key but ``forseti.process.started``, ``forseti.process.restarted``,
+#: ``forseti.process.given.up`` and ``forseti.process.moved``, which, alone of them, have an ``s``,
+#: ``r``, ``g`` or ``m`` for their 17th character. A client then never receives a start event (one
+#: per new key), nor a restart's or a move's. ``tests/test_protocol.py`` checks it against every event type.
+REDIS_CACHE_EVENTS_PATTERN = "forseti.????????[^srgm]*"
 
 
 def event_routing_key(event_type: str) -> str:

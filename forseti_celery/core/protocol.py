@@ -44,6 +44,7 @@ from .messages import (
     HEARTBEAT,
     LEADS,
     METRICS,
+    MOVE,
     PING,
     REPLY,
     REPORT,
@@ -60,6 +61,7 @@ from .names import (
     EVENT_EXITED,
     EVENT_GIVEN_UP,
     EVENT_LEADER,
+    EVENT_MOVED,
     EVENT_NODE_LOST,
     EVENT_RESTARTED,
     EVENT_STARTED,
@@ -71,8 +73,9 @@ from .names import (
 
 __all__ = [
     "BYE", "CACHE_EVENTS", "CALL", "CAST", "CONTENT_ENCODING", "CONTENT_TYPE", "EVENT_EXITED", "EVENT_GIVEN_UP",
-    "EVENT_LEADER", "EVENT_NODE_LOST", "EVENT_RESTARTED", "EVENT_STARTED", "EXITED", "GET", "HEARTBEAT", "LEADS",
-    "MAX_DEPTH", "METRICS", "NODE_QUEUE_EXPIRES", "NO_PAYLOAD", "PAYLOAD", "PING", "REDIS_CACHE_EVENTS_PATTERN",
+    "EVENT_LEADER", "EVENT_MOVED", "EVENT_NODE_LOST", "EVENT_RESTARTED", "EVENT_STARTED", "EXITED", "GET",
+    "HEARTBEAT", "LEADS", "MAX_DEPTH", "METRICS", "MOVE", "NODE_QUEUE_EXPIRES", "NO_PAYLOAD", "PAYLOAD", "PING",
+    "REDIS_CACHE_EVENTS_PATTERN",
     "REPLY", "REPORT", "REPORT_REQUEST", "SEARCH", "SPAWN", "SPAWNED", "SPAWN_FAILED", "STOP", "STOP_KEY", "Chunk",
     "Encoded", "Message", "Names", "Raw", "check_json", "decode", "decode_payload", "decode_payloads", "encode",
     "encode_message", "encode_parts", "event_routing_key", "payload",

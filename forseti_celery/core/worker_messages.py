@@ -1,8 +1,12 @@
 """The messages workers and the leader send each other, as types (see :mod:`.messages`).
 
 Owns the wire form of starts, start failures, exits, registries and their requests,
-pings, heartbeats and goodbyes, and :func:`from_wire`, the typed message of any
+pings, heartbeats and goodbyes, moves, and :func:`from_wire`, the typed message of any
 decoded envelope.
+
+A handed-off process's state (its ``snapshot()``, issue 13) rides as the payload of its
+:class:`Exited` and of the :class:`Spawn` of its next incarnation: JSON bytes after the envelope
+(see :mod:`.codec`), which no worker thread decodes (:attr:`Exited.state`, :attr:`Spawn.state`).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from .codec import Raw, encode
 from .errors import InvalidMessage
 from .messages import (
     BYE,
@@ -18,6 +23,8 @@ from .messages import (
     FROZEN,
     HEARTBEAT,
     LEADS,
+    MOVE,
+    PAYLOAD,
     PING,
     REPORT,
     REPORT_REQUEST,
@@ -38,12 +45,14 @@ from .messages import (
 )
 
 __all__ = [
+    "REASON_HANDOFF",
     "WIRE_KINDS",
     "Bye",
     "Exited",
     "Heartbeat",
     "Leads",
     "Message",
+    "Move",
     "Ping",
     "Report",
     "ReportRequest",
@@ -52,6 +61,26 @@ __all__ = [
     "Spawned",
     "from_wire",
 ]
+
+
+#: The exit reason of a process that handed its state off to its next incarnation.
+REASON_HANDOFF = "handoff"
+
+
+def with_state(d: Wire, state: bytes | None) -> Wire:
+    """The envelope ``d`` with ``state`` (JSON bytes) as its payload (a :class:`~.codec.Raw`:
+    written as it is), or ``d`` itself when there is none."""
+    if state is None:
+        return d
+    head = encode([d])
+    d[PAYLOAD] = Raw(head + b"\t" + state, len(head) + 1)
+    return d
+
+
+def state_of(d: Mapping[str, Any]) -> bytes | None:
+    """The payload of a decoded envelope as JSON bytes (a handed-off state), None if it has none."""
+    raw = d.get(PAYLOAD)
+    return bytes(raw.line[raw.at:]) if isinstance(raw, Raw) else None
 
 
 # -- worker -> leader ---------------------------------------------------------------------
@@ -118,18 +147,29 @@ class Exited:
     sid: str | None = None
     reason: str | None = None
     code: int | None = None  #: the process's exit code (negative: the signal that killed it)
+    #: A handoff (reason ``handoff``): the process's ``snapshot()`` as JSON bytes (the payload),
+    #: the worker it is to go to (wire ``to``; None: the least-used other one) and when the handoff
+    #: began (wire ``ho``, ``time.time()``). Written only when set.
+    state: bytes | None = None
+    to: str | None = None
+    since: float | None = None
 
     def to_wire(self) -> Wire:
         if self.reason is None:
             return {"t": EXITED, "n": self.name, "k": self.key, "node": self.node, "pid": self.pid,
                     "stoppers": self.stoppers}
-        return {"t": EXITED, "n": self.name, "k": self.key, "node": self.node, "sid": self.sid, "pid": self.pid,
-                "reason": self.reason, "code": self.code, "stoppers": self.stoppers}
+        d: Wire = {"t": EXITED, "n": self.name, "k": self.key, "node": self.node, "sid": self.sid, "pid": self.pid,
+                   "reason": self.reason, "code": self.code, "stoppers": self.stoppers}
+        if self.to is not None:
+            d["to"] = self.to
+        if self.since is not None:
+            d["ho"] = self.since
+        return with_state(d, self.state)
 
     @classmethod
     def from_wire(cls, d: Mapping[str, Any]) -> Exited:
         return cls(need(d, "n"), need(d, "k"), need(d, "node"), d.get("pid"), d.get("stoppers", []),
-                   d.get("sid"), d.get("reason"), d.get("code"))
+                   d.get("sid"), d.get("reason"), d.get("code"), state_of(d), d.get("to"), d.get("ho"))
 
 
 @dataclass(**FROZEN)
@@ -198,6 +238,11 @@ class Spawn:
     waiters: list[list[str]]
     after: float | None = None
     restarts: int | None = None
+    #: A handoff's next incarnation (issue 13): the state it restores (JSON bytes, the payload),
+    #: the worker it comes from (wire ``src``) and when its handoff began (wire ``ho``).
+    state: bytes | None = None
+    source: str | None = None
+    since: float | None = None
 
     def to_wire(self) -> Wire:
         d = {"t": SPAWN, "n": self.name, "k": self.key, "a": self.args, "sid": self.sid, "epoch": self.epoch,
@@ -206,12 +251,17 @@ class Spawn:
             d["after"] = self.after
         if self.restarts is not None:
             d["restarts"] = self.restarts
-        return d
+        if self.source is not None:
+            d["src"] = self.source
+        if self.since is not None:
+            d["ho"] = self.since
+        return with_state(d, self.state)
 
     @classmethod
     def from_wire(cls, d: Mapping[str, Any]) -> Spawn:
         return cls(need(d, "n"), need(d, "k"), d.get("a", []), need(d, "sid"), int(d.get("epoch", 0)),
-                   d.get("leader", ""), d.get("w", []), d.get("after"), d.get("restarts"))
+                   d.get("leader", ""), d.get("w", []), d.get("after"), d.get("restarts"), state_of(d),
+                   d.get("src"), d.get("ho"))
 
     @property
     def hold(self) -> float:
@@ -225,6 +275,29 @@ class Spawn:
         """:attr:`restarts` if it is a count, else 0."""
         r = self.restarts
         return r if type(r) is int and r > 0 else 0
+
+
+@dataclass(**FROZEN)
+class Move:
+    """Hand process ``pid`` of ``(name, key)`` off to worker ``to`` (its state with it), ordered by
+    ``leader`` in ``epoch``: a rebalance's move (see ``docs/state.rst``: Rebalancing)."""
+
+    T: ClassVar[str] = MOVE
+    name: str
+    key: str
+    pid: int
+    to: str
+    leader: str
+    epoch: int
+
+    def to_wire(self) -> Wire:
+        return {"t": MOVE, "n": self.name, "k": self.key, "p": self.pid, "to": self.to, "leader": self.leader,
+                "epoch": self.epoch}
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> Move:
+        return cls(need(d, "n"), need(d, "k"), need(d, "p"), need(d, "to"), d.get("leader", ""),
+                   int(d.get("epoch", 0)))
 
 
 @dataclass(**FROZEN)
@@ -313,12 +386,12 @@ class Bye:
 
 
 Message = (Get | Search | Metrics | StopKey | Spawned | SpawnFailed | Exited | Ping | Report | Spawn
-           | ReportRequest | Leads | Cast | Call | Stop | Reply | Heartbeat | Bye | Moved)
+           | ReportRequest | Leads | Cast | Call | Stop | Reply | Heartbeat | Bye | Moved | Move)
 
 #: Every kind of the broker's messages, by type name.
 WIRE_KINDS: dict[str, Any] = {cls.T: cls for cls in (
     Get, Search, Metrics, StopKey, Spawned, SpawnFailed, Exited, Ping, Report, Spawn, ReportRequest, Leads,
-    Cast, Call, Stop, Reply, Heartbeat, Bye, Moved)}
+    Cast, Call, Stop, Reply, Heartbeat, Bye, Moved, Move)}
 
 
 def from_wire(d: Mapping[str, Any]) -> Message:

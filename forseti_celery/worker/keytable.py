@@ -14,11 +14,23 @@ from typing import Any
 from ..core.worker_messages import Report
 from .membership import Members
 
-__all__ = ["Entry", "Key", "KeyTable", "Waiter", "Waiters", "reported_entries", "unplaceable"]
+__all__ = ["Entry", "Key", "KeyTable", "Moving", "Waiter", "Waiters", "reported_entries", "unplaceable"]
 
 Key = tuple[str, str]
 Waiter = tuple[str, str]  # (reply routing key, correlation id)
 Waiters = dict[Waiter, float]  # -> when its caller gives up (``time.time()``; inf: never said)
+
+
+@dataclass(frozen=True)
+class Moving:
+    """A key on its way from one worker to another (a handoff, see :mod:`~forseti_celery.worker.moves`):
+    the state its next process restores (JSON bytes), the worker it left, when its handoff began
+    (``time.time()``) and the worker it is to go to (None: the least-used one)."""
+
+    state: bytes | None
+    source: str
+    since: float
+    target: str | None = None
 
 
 @dataclass
@@ -46,6 +58,15 @@ class Entry:
     #: A restart not started yet: why its previous process ended (for the restarted event);
     #: None once started, and for any other start.
     restarting: str | None = None
+    #: A handoff's next incarnation not started yet: its state (placed again with it if its
+    #: worker refuses it or dies first); None once started.
+    moving: Moving | None = None
+
+    @property
+    def wanted(self) -> bool:
+        """Whether a start not made (its order lost or refused, its worker gone) is placed again:
+        someone waits for it, or it is a restart or a handoff's next incarnation."""
+        return bool(self.waiters) or self.restarting is not None or self.moving is not None
 
 
 class KeyTable:

@@ -17,9 +17,22 @@ from celery.utils.log import get_logger
 from ..core import protocol as p
 from ..core.errors import InvalidMessage
 from ..core.messages import TYPE, Get, Metrics, Reply, Search, Stop, StopKey
-from ..core.worker_messages import WIRE_KINDS, Exited, Heartbeat, Report, ReportRequest, Spawn, Spawned, SpawnFailed
-from .keytable import Entry, Key, KeyTable, Waiter, Waiters, reported_entries, unplaceable
+from ..core.worker_messages import (
+    REASON_HANDOFF,
+    WIRE_KINDS,
+    Exited,
+    Heartbeat,
+    Report,
+    ReportRequest,
+    Spawn,
+    Spawned,
+    SpawnFailed,
+)
+from . import moves
+from .keytable import Entry, Key, KeyTable, Moving, Waiter, Waiters, reported_entries, unplaceable
 from .membership import Members
+from .rebalance import Rebalancer
+from .reconcile import reconcile
 from .restarts import WORKER_LOST, Restarts
 
 if TYPE_CHECKING:
@@ -54,6 +67,7 @@ class Leader:
         self._keys = KeyTable()
         self._table, self._counts, self._starting = self._keys.entries, self._keys.counts, self._keys.starting
         self.restarts = Restarts(policy, event)
+        self.rebalancer = Rebalancer()  # its settings and the worker's movable names: set by the node
         self._awaiting: set[str] = set()
         self._suspects: set[str] = set()
         self._asked: dict[str, float] = {}
@@ -90,6 +104,7 @@ class Leader:
         self.active = self.ready = False
         self._keys.clear()
         self.restarts.clear()
+        self.rebalancer.clear()
         self._awaiting.clear()
         self._deferred.clear()
         self._deferred_exits.clear()
@@ -103,7 +118,7 @@ class Leader:
         if not self.active:
             return
         if self.ready:
-            self._reconcile(host, msg)
+            reconcile(self, host, msg)
             return
         if host not in self._awaiting:
             return
@@ -150,35 +165,6 @@ class Leader:
         self._asked[host] = time.monotonic()
         self._send_node(host, ReportRequest(self.hostname, epoch, self._keys.seq).to_wire())
 
-    def _reconcile(self, host: str, msg: Report) -> None:
-        self._asked.pop(host, None)
-        if host not in self.members:
-            return
-        self._counts.setdefault(host, 0)
-        reported = {(name, key): (pid, sid) for name, key, pid, sid in msg.procs}
-        known = dict(reported_entries(msg))
-        for k in list(self._keys.by_node.get(host, ())):
-            entry = self._table[k]
-            if entry.seq >= msg.q:
-                continue  # recorded after the question: the answer cannot know it yet
-            pid, sid = reported.get(k, (None, None))
-            if entry.pid is None:
-                if pid is not None:
-                    entry.sid = sid
-                    self._started(k, entry, pid, answer_all=True)  # its start report (and answers?) were lost
-                elif sid != entry.sid:
-                    # Its order was lost, or refused: place it again, for whoever still waits.
-                    logger.info("forseti: %r never started on %s; placed again", k, host)
-                    self._keys.forget(k, entry)
-                    if entry.waiters or entry.restarting is not None:
-                        self._start(k, entry.args, entry.waiters, entry)
-            elif pid != entry.pid:
-                logger.info("forseti: %r is no longer on %s; freed", k, host)
-                self._keys.forget(k, entry)  # its exit report was lost
-        for k, (pid, _) in reported.items():
-            if pid is not None:
-                self._record(host, k, known[k])
-
     def node_lost(self, hostname: str) -> None:
         """A worker died or left: its keys are free; keys it was starting (a restart included) are
         placed again, and live ones restarted as their policy says."""
@@ -190,7 +176,7 @@ class Leader:
         if dropped:
             logger.info("forseti: worker %s lost; %d keys freed", hostname, len(dropped))
         for k, entry in dropped:
-            if entry.pid is None and (entry.waiters or entry.restarting is not None):
+            if entry.pid is None and entry.wanted:
                 self._start(k, entry.args, entry.waiters, entry)
             elif entry.pid is not None:
                 self._ended(k, entry, WORKER_LOST)
@@ -265,6 +251,7 @@ class Leader:
     def expire(self, now: float | None = None) -> None:
         """Forget the callers of keys still starting who have given up (their deadline passed): a
         key whose init hangs keeps no waiter per ``get_key`` forever. At most once a second."""
+        self.rebalancer.tick(self)
         if (now := time.time() if now is None else now) < self._next_expiry:
             return
         self._next_expiry = now + 1.0
@@ -326,6 +313,7 @@ class Leader:
     def _started(self, k: Key, entry: Entry, pid: int, answer_all: bool = False) -> None:
         entry.pid = pid
         self._starting.pop(k, None)
+        self.rebalancer.started(self, k, entry)
         if entry.restarting is not None:
             self.restarts.started(k, entry)
         for waiter in entry.waiters:
@@ -336,20 +324,27 @@ class Leader:
     def _exited(self, msg: Exited) -> None:
         k = (msg.name, msg.key)
         entry = self._table.get(k)
-        if entry is not None and entry.pid is not None and (
-                (entry.node, entry.pid, entry.sid) == (msg.node, msg.pid, msg.sid)):
-            self._keys.forget(k, entry)
-            self._ended(k, entry, msg.reason or "")
+        ours = entry if entry is not None and entry.pid is not None and (entry.node, entry.pid, entry.sid) == (
+            msg.node, msg.pid, msg.sid) else None
+        if ours is not None:
+            self._keys.forget(k, ours)
+        if msg.reason == REASON_HANDOFF and (ours is not None or entry is None):  # only now its next one starts
+            self._start(k, None if ours is None else ours.args, {}, moving=moves.exited(self.members, k, msg))
+        elif ours is not None:
+            self._ended(k, ours, msg.reason or "")
         for reply_to, corr in msg.stoppers:
             self._reply(reply_to, Reply.ok(corr, True).to_wire())
 
     # -- table ------------------------------------------------------------------------
     def _start(self, k: Key, args: list[Any] | None, waiters: Waiters, prior: Entry | None = None,
-               after: float = 0.0) -> None:
-        """Place ``k``: a new start, or the restart ``prior`` (held ``after`` seconds by its worker)."""
+               after: float = 0.0, moving: Moving | None = None) -> None:
+        """Place ``k``: a new start, the restart ``prior`` (held ``after`` seconds by its worker),
+        or a handoff's next process (``moving``, or ``prior``'s placed again)."""
         restarting = None if prior is None else prior.restarting
+        moving = moving or (None if prior is None else prior.moving)
         # A restart held by the leader's own worker would die with it, unknown to the next leader.
-        node = self._keys.least_used(self.members, k[0], avoid=self.hostname if restarting is not None else None)
+        node = moves.place(self.members, self._keys, k, moving) if moving else self._keys.least_used(
+            self.members, k[0], avoid=self.hostname if restarting is not None else None)
         if node is None:
             error, text = unplaceable(self.members, k[0])
             for reply_to, corr in waiters:
@@ -360,11 +355,12 @@ class Leader:
             return
         restarts = 0 if prior is None else prior.restarts
         entry = Entry(node, uuid.uuid4().hex, args, waiters=dict(waiters), told=frozenset(waiters),
-                      since=time.monotonic() + after, restarts=restarts, restarting=restarting)
+                      since=time.monotonic() + after, restarts=restarts, restarting=restarting, moving=moving)
         self._record(node, k, entry)
         # The worker answers these callers itself once the process has started: one hop less.
         self._send_node(node, Spawn(k[0], k[1], [] if args is None else args, entry.sid, self.epoch, self.hostname,
-                                    [list(w) for w in waiters], after or None, restarts or None).to_wire())
+                                    [list(w) for w in waiters], after or None, restarts or None,
+                                    *moves.spawn_fields(moving)).to_wire())
 
     def _ended(self, k: Key, entry: Entry, reason: str) -> None:
         """``k``'s live process ended for ``reason`` (its entry forgotten): restarted after its

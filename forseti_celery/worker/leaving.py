@@ -1,10 +1,13 @@
 """A worker's way out (warm shutdown, or cold with 1 s of grace), once it has handed the leader
-role over: its keyed processes stopped, and the key-addressed messages that still reach its
-queue handed to their keys' next incarnations before it says ``bye``.
+role over: its movable keyed processes handed off, the others stopped, and the key-addressed
+messages that still reach its queue handed to their keys' next incarnations before it says ``bye``.
 
-1. Every keyed process is stopped (reason ``shutdown``, ``terminate`` runs within the grace) and
-   the node waits until their exit reports have reached the broker: the leader frees each key
-   before any next incarnation can start, so a key never has two processes.
+1. On a warm shutdown every movable keyed process hands off (:mod:`~.handoff`: its state goes to
+   its key's next incarnation on another worker, which the leader starts once its exit report has
+   come), within forseti_handoff_timeout. Every other keyed process is stopped meanwhile (reason
+   ``shutdown``, ``terminate`` runs within the grace), and the node waits until all their exit
+   reports have reached the broker: the leader frees each key before any next incarnation can
+   start, so a key never has two processes.
 2. The node goes on consuming its own queue. A key-addressed message that reaches it now (a
    client that has not moved its route yet) is held and forwarded by
    :class:`~.forwarding.Forwarding` to the key's next incarnation, which the leader starts on
@@ -53,10 +56,12 @@ def quiet_for(heartbeat: float) -> float:
 
 
 def leave(hostname: str, children: Children, forwarding: Forwarding, liveness: Liveness,
-          bye: Callable[[], None], grace: float, quiet: float) -> None:
-    """Stop every keyed process, forward what still arrives, say ``bye`` (see the module's steps);
-    the caller stops the consumer thread after."""
-    if not children.stop_all("shutdown", grace):
+          bye: Callable[[], None], grace: float, quiet: float, hand_off: Callable[[], float] | None = None) -> None:
+    """Hand movable keyed processes off (``hand_off``: returns the handoffs' deadline), stop the
+    others, forward what still arrives, say ``bye`` (see the module's steps); the caller stops the
+    consumer thread after."""
+    until = hand_off() + grace if hand_off is not None else 0.0  # (a late snapshot's process is killed then)
+    if not children.stop_all("shutdown", grace, until):
         logger.warning("forseti: %s stopped before every exit reached the broker", hostname)
     deadline = time.monotonic() + grace
     _drain(forwarding, 0.0, quiet, deadline)  # no wait when nothing has arrived lately

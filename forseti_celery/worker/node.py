@@ -5,9 +5,9 @@ Each worker runs one :class:`Node` (started by the bootstep, :mod:`~forseti_cele
 consumer thread with its own broker connection (its queue, the heartbeat fanout and, when it leads,
 the leader queue) beside the :class:`~forseti_celery.worker.pool.children.Children` pool, apart from
 Celery's consumer: children outlive its restarts, and a task blocked in ``get_key`` (solo pool)
-stalls no leader. Each concern is a collaborator's, in a module of its own: :class:`~.liveness.Liveness`
-(heartbeats, stalls, fencing), :class:`~.role.Role` (the leader role and the epoch), :class:`~.sending.Sender`
-(sends), :class:`~.forwarding.Forwarding` (key-addressed messages whose process has gone).
+stalls no leader. Each concern is a collaborator's module: :class:`~.liveness.Liveness` (heartbeats,
+stalls, fencing), :class:`~.role.Role` (the leader role), :class:`~.sending.Sender` (sends),
+:class:`~.forwarding.Forwarding` (messages whose process has gone), :class:`~.handoff.Handoffs`.
 
 Threads: every field is the consumer thread's (``_held``, ``_local``, the leader's table), but
 ``_closing``, set once by the worker's main thread in :meth:`Node.stop`. What the node addresses to
@@ -41,6 +41,7 @@ from ..core.worker_messages import Bye, Heartbeat, Leads, Ping, Report, Spawn
 from .election import election_for
 from .events import EventSender
 from .forwarding import Forwarding
+from .handoff import Handoffs, start_of
 from .leader import Leader
 from .leaving import leave, quiet_for
 from .liveness import Liveness, check_alone
@@ -93,6 +94,8 @@ class Node:
                                  self.events.send, ChildConfig.from_settings(s),
                                  lambda name: forseti.policy(name).idle_timeout)
         self.forwarding = Forwarding(hostname, self.children, self.sender)
+        self.handoffs = Handoffs(hostname, self.children, forseti.resolve, s.handoff_timeout, lambda: self.epoch)
+        self.leader.rebalancer = self.handoffs.rebalancer(s.rebalance, s.rebalance_batch)
         self.liveness = Liveness(hostname, s, self.members, self.children)
         self.role = Role(hostname, self.leader, self.election, self.events, self.names.leader_queue, self._forward_held)
         self._node_queue = self.names.node_queue(hostname)
@@ -104,7 +107,7 @@ class Node:
             **{kind: self._for_leader for kind in _LEADER_TYPES},
             _LOST: lambda msg: self._lost(msg["node"]), p.HEARTBEAT: self._heard, p.BYE: self._bye,
             p.LEADS: self._leads, p.SPAWN: self._spawn, p.REPORT_REQUEST: self._report, p.REPORT: self.leader.report,
-            p.REPLY: self.forwarding.reply,
+            p.REPLY: self.forwarding.reply, p.MOVE: self.handoffs.move,
         }
         self.loop = self.role.loop = ConsumerLoop(
             # The broker's heartbeat ends a hung leader's connection, so a standby takes over.
@@ -127,8 +130,7 @@ class Node:
 
     # -- life cycle -----------------------------------------------------------------------
     def start(self) -> None:
-        """Make sure no live worker has our name, then start the watcher and the consumer thread;
-        raises :class:`DuplicateWorker`."""
+        """Make sure no live worker has our name (:class:`DuplicateWorker`), then start the threads."""
         try:
             check_alone(self.forseti.app, self.names, self.hostname, self.incarnation, self.signer,
                         2 * self.settings.heartbeat)
@@ -142,13 +144,12 @@ class Node:
         logger.info("forseti: registry of %s started (eligible: %s)", self.hostname, self.eligible)
 
     def stop(self, grace: float | None = None) -> None:
-        """Warm shutdown: hand the role over, stop every keyed process, report the exits, forward
-        what still reaches our queue, say ``bye`` (:func:`~.leaving.leave`)."""
+        """Warm shutdown (``grace`` None; cold: no handoffs), as :func:`~.leaving.leave` says."""
         self._closing = True
         self._await_handover()
-        leave(self.hostname, self.children, self.forwarding, self.liveness,
-              lambda: self.sender.broadcast(Bye(self.hostname, self.incarnation).to_wire()),
-              self.settings.stop_timeout if grace is None else grace, quiet_for(self.settings.heartbeat))
+        leave(self.hostname, self.children, self.forwarding, self.liveness, lambda: self.sender.broadcast(
+            Bye(self.hostname, self.incarnation).to_wire()), self.settings.stop_timeout if grace is None else grace,
+              quiet_for(self.settings.heartbeat), self.handoffs.leaving if grace is None else None)
         self.loop.stop()
         self.children.stop()
         self.events.close()
@@ -156,8 +157,7 @@ class Node:
         self.election.close()
 
     def _give_up(self, exc: BaseException) -> None:
-        """The consumer thread failed past its restart intensity: without it this worker neither hears
-        nor serves the cluster, so it stops (a warm shutdown, exit code 1) for its supervisor to restart it."""
+        """The consumer thread failed past its restart intensity: the worker stops (warm, exit code 1)."""
         logger.critical("forseti: stopping worker %s: its registry thread failed more than %d times in %g s "
                         "(forseti_max_retries, forseti_max_time); last: %r",
                         self.hostname, self.settings.max_retries, self.settings.max_time, exc)
@@ -313,8 +313,9 @@ class Node:
             # Stopping, cut off, or not sure we are heard: the leader places it elsewhere.
             self.children.spawn_failed(msg[NAME], msg[KEY], msg["sid"], "unavailable")
             return
-        o = Spawn.from_wire(msg)  # a restart is held for its back-off (after) by the pool
-        self.children.spawn(o.name, o.key, o.args, o.sid, o.waiters, o.hold, o.restart_count)
+        o = Spawn.from_wire(msg)  # a restart is held for its back-off (after) by the pool; a handoff's state
+        self.children.spawn(o.name, o.key, o.args, o.sid, o.waiters, o.hold, o.restart_count,
+                            start_of(o.epoch, o.state, o.source, o.since))
 
     def _heard(self, hb: Message) -> None:
         ours = hb["node"] == self.hostname and hb["inc"] == self.incarnation
@@ -330,8 +331,7 @@ class Node:
 
     def _trust(self) -> None:
         """Heard again after a stall: handle what was held (its leader messages go to whoever leads)."""
-        # Say at once that we take keys again: a leader told by the beats sent in doubt refuses us keys.
-        self.liveness.trusted()
+        self.liveness.trusted()  # say at once that we take keys again (beats sent in doubt said not)
         self._beat()
         held, self._held = self._held, []
         if held:

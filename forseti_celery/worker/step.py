@@ -60,6 +60,14 @@ class RegistryStep(bootsteps.StartStopStep):  # type: ignore[misc]
         assert self.node is not None
         return control.stop_key(self.node, key, name)
 
+    def rebalance(self, timeout: float | None = None) -> list[dict[str, str]]:
+        """``celery forseti rebalance`` (the ``forseti_rebalance`` command): on the leader, move
+        movable keys until every eligible worker's count differs by at most one, waiting ``timeout``
+        seconds at most (None: forseti_handoff_timeout); what moved, ``{"name", "key", "source",
+        "target"}`` each. Elsewhere: nothing (``[]``). Only called while the node runs."""
+        assert self.node is not None
+        return self.node.leader.rebalancer.request(timeout) if self.node.leader.active else []
+
     def info(self, parent: Any) -> dict[str, Any]:
         """The worker's stats: ``forseti`` for programs, and the same as rows of text for people."""
         section = stats(self.node) if self.node is not None else {"running": False}

@@ -29,15 +29,15 @@ from typing import Any
 from ...child import runtime as child_main
 from ...core.conf import MAX_TIMEOUT, ChildConfig
 from ...core.messages import CALL, CORR, KEY_ADDRESSED, PID, REPLY_TO, STOP, TYPE, Reply
-from ...core.pipe import StopChild
+from ...core.pipe import Handoff, StopChild
 from .idle import Idle
 from .outbox import Closed, refuse
 from .reports import Publish, Reports
 from .spawner import Spawner
-from .table import Child, Key, Table, untaken_key_addressed
+from .table import Child, Handing, Key, Start, Table, untaken_key_addressed
 from .watcher import Waker, Watcher
 
-__all__ = ["Child", "Children"]
+__all__ = ["Child", "Children", "Start"]
 
 Message = dict[str, Any]
 
@@ -69,25 +69,28 @@ class Children:
 
     # -- from the consumer thread ---------------------------------------------------------
     def spawn(self, name: str, key: str, args: list[Any], sid: str, waiters: list[list[str]] | None = None,
-              after: float = 0.0, restarts: int = 0) -> None:
+              after: float = 0.0, restarts: int = 0, start: Start | None = None) -> None:
         """Start a keyed process for ``(name, key)`` unless one runs here already; ``waiters``
         are answered directly once it has started. A restart (its ``restarts`` count) is held
-        ``after`` seconds first, a pending order meanwhile (in the registry report).
+        ``after`` seconds first, a pending order meanwhile (in the registry report). ``start``:
+        the leader's epoch, and a handoff's state (see :class:`~.table.Start`).
 
         A spare takes the key at once (a pipe write); otherwise the fork happens on the
         spawner thread, so the consumer thread (and the leader living on it) never waits for one.
         """
         k = (name, key)
         waiters = list(waiters or ())
+        start = start or Start()
         now = self._spawner.busy_at = time.monotonic()
         with self._table.lock:
-            if not after and k not in self._table.by_key and self._spawner.assign_spare(name, key, args, sid, waiters):
+            if not after and k not in self._table.by_key and self._spawner.assign_spare(name, key, args, sid, waiters,
+                                                                                        start):
                 self._table.by_key[k].restarts = restarts
                 return  # the watcher has the next spare forked once this one's answers are out
             self._table.pending[k] = (sid, args)
             if restarts:
                 self._table.restarts[k] = restarts
-        self._spawner.order(name, key, args, sid, waiters, restarts, now + after if after else 0.0)
+        self._spawner.order(name, key, args, sid, waiters, restarts, now + after if after else 0.0, start)
 
     def deliver(self, batches: dict[Key, list[Message]]) -> dict[Key, list[Message]]:
         """Forward casts/calls/stops, grouped per key, each group in one frame; never waits for a
@@ -204,16 +207,42 @@ class Children:
         elif m[TYPE] == STOP and REPLY_TO in m:
             self._reports.not_there(k[0], k[1], [m[REPLY_TO], m[CORR]])
 
-    def stop_all(self, reason: str, grace: float) -> bool:
-        """Stop every keyed process (``terminate`` runs); True if all exits reached the broker.
-        Restarts held for their back-off are dropped: the leader places them again once this
-        worker has left."""
+    def hand_off(self, name: str, key: str, pid: int | None, handing: Handing) -> bool:
+        """Have the process of ``(name, key)`` (``pid`` if given) hand its state off: a
+        ``handoff`` is written after what it has (it takes no key-addressed message any more: the
+        node holds them for its next incarnation), it answers its snapshot and ends, and is killed
+        if still alive at the handoff's deadline plus forseti_stop_timeout. False if it is not
+        here, not started, or stopping already."""
         with self._table.lock:
-            keys = list(self._table.by_key)
+            c = self._table.by_key.get((name, key))
+            if (c is None or c.gone or not c.started or c.passivating or c.kill_at is not None
+                    or (pid is not None and c.pid != pid)):
+                return False
+            try:
+                c.outbox.post([Handoff().to_wire()])
+            except Closed:
+                return False
+            c.handing = handing
+            c.kill_at = handing.deadline + self.config.stop_timeout
+            self._table.dying.add(c)
+        self._wake()
+        return True
+
+    def handing_off(self) -> int:
+        """How many processes are handing off now."""
+        with self._table.lock:
+            return sum(c.handing is not None for c in self._table.by_key.values())
+
+    def stop_all(self, reason: str, grace: float, until: float = 0.0) -> bool:
+        """Stop every keyed process (``terminate`` runs) but those handing off; True if all exits
+        (theirs too, waited for until ``until``, ``time.monotonic()``) reached the broker. Restarts
+        held for their back-off are dropped: the leader places them again once this worker has left."""
+        with self._table.lock:
+            keys = [k for k, c in self._table.by_key.items() if c.handing is None]
             for k in self._table.restarts:
                 self._table.pending.pop(k, None)
         self.deliver({k: [StopChild(reason, grace).to_wire()] for k in keys})
-        deadline = time.monotonic() + grace + 3.0
+        deadline = max(time.monotonic() + grace, until) + 3.0
         while time.monotonic() < deadline:
             with self._table.lock:
                 if not self._table.by_key and self._reports.empty:

@@ -33,6 +33,7 @@ from celery.utils.log import get_logger
 
 from ...core import protocol as p
 from ...core.messages import CALL, CORR, REPLY_TO, STOP, TYPE, Reply
+from ...core.pipe import HANDOFF
 
 logger = get_logger(__name__)
 
@@ -42,6 +43,7 @@ __all__ = ["HEADER", "Closed", "Outbox", "refuse"]
 #: (in the child) reads it: a signed 4-byte big-endian length, then that many bytes.
 HEADER = struct.Struct("!i")
 _MAX_FRAME = 2**31 - 1
+_ALWAYS = (STOP, HANDOFF)  # what a full mailbox still takes: it ends the process
 _DROPS_LOGGED_EVERY = 10.0  # seconds between two warnings about casts dropped for one process
 
 
@@ -89,11 +91,11 @@ class Outbox:
         self.dropped = 0
         self.dropped_logged_at = -_DROPS_LOGGED_EVERY
 
-    def send(self, msgs: list[dict[str, Any]]) -> None:
+    def send(self, msgs: list[dict[str, Any] | p.Encoded]) -> None:
         """Put ``msgs`` in, in one frame whatever the limit, and write what the pipe takes now
         (a spare's key). Raises OSError if the pipe is closed."""
         with self.lock:
-            self._queue(p.encode_parts(msgs), msgs)
+            self._queue(p.encode_parts(msgs), [m for m in msgs if isinstance(m, dict)])
             self._write()
 
     def post(self, msgs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -107,12 +109,12 @@ class Outbox:
                 raise Closed(msgs)  # none of them put in
             if self.unsent_bytes + HEADER.size + size <= self.limit or (len(msgs) == 1 and self._fits(size)):
                 self._queue(frame, msgs)
-            else:  # one by one: a stop always gets in (a process stuck past its grace is killed)
+            else:  # one by one: a stop (or handoff) always gets in (a process stuck past its grace is killed)
                 broken = False
                 for m in msgs:
                     frame = p.encode_parts([m])
                     size = _size(frame)
-                    if self._fits(size) or ((broken or m[TYPE] == STOP) and size <= _MAX_FRAME):
+                    if self._fits(size) or ((broken or m[TYPE] in _ALWAYS) and size <= _MAX_FRAME):
                         self._queue(frame, [m])  # once it is broken: never written, given back by close
                         if not broken:
                             try:

@@ -21,7 +21,7 @@ from ...core.messages import Reply
 from ...core.worker_messages import Exited, Spawned, SpawnFailed
 
 if TYPE_CHECKING:
-    from .table import Child
+    from .table import Child, Handing
 
 __all__ = ["Reports"]
 
@@ -78,9 +78,17 @@ class Reports:
         """``c`` runs as ``pid``, its ``init`` returned: to the leader (with the watcher's next round)."""
         self._outbox.append(Spawned(c.name, c.key, self.hostname, c.sid, pid).to_wire())
 
-    def exited(self, c: Child, pid: int, reason: str, code: int | None, stoppers: list[list[str]]) -> None:
-        """``c`` (``pid``) ended: to the leader, which answers ``stoppers`` once the key is free."""
-        self._outbox.append(Exited(c.name, c.key, self.hostname, pid, stoppers, c.sid, reason, code).to_wire())
+    def exited(self, c: Child, pid: int, reason: str, code: int | None, stoppers: list[list[str]],
+               handing: Handing | None = None) -> None:
+        """``c`` (``pid``) ended: to the leader, which answers ``stoppers`` once the key is free; a
+        process that handed off (``handing``) with its state, which the leader places elsewhere."""
+        if handing is None:
+            msg = Exited(c.name, c.key, self.hostname, pid, stoppers, c.sid, reason, code)
+        else:
+            msg = Exited(c.name, c.key, self.hostname, pid, stoppers, c.sid, reason, code, c.state, handing.to,
+                         handing.since)
+            c.state = None
+        self._outbox.append(msg.to_wire())
 
     def not_there(self, name: str, key: str, stopper: list[str]) -> None:
         """A stop found no process: the leader answers ``stopper`` once its table has caught up

@@ -34,21 +34,23 @@ import billiard.connection
 from celery.utils.log import get_logger
 
 from ...child import runtime as child_main
+from ...core import protocol as p
 from ...core.conf import ChildConfig
 from ...core.pipe import Assign
 from . import zygote as zygote_mod
 from .fork import KeyedChild
 from .outbox import Outbox
 from .reports import Reports
-from .table import Child, Table
+from .table import Child, Start, Table
 
 logger = get_logger(__name__)
 
 __all__ = ["Spawner"]
 
-#: name, key, args, sid, waiters, restarts, and when it is due (``time.monotonic()``; 0: now)
-_Order = tuple[str, str, list[Any], str, list[list[str]], int, float]
-_REFILL: _Order = ("", "", [], "", [], 0, 0.0)  # the spawner's cue to fork spares up to the target
+#: name, key, args, sid, waiters, restarts, when it is due (``time.monotonic()``; 0: now), its start's extras
+_Order = tuple[str, str, list[Any], str, list[list[str]], int, float, Start]
+_NONE = Start()
+_REFILL: _Order = ("", "", [], "", [], 0, 0.0, _NONE)  # the spawner's cue to fork spares up to the target
 _QUIET = 0.01  # seconds without spawns or deliveries before the worker forks a spare itself (one left)
 _RETRY_FIRST, _RETRY_MAX = 0.25, 8.0  # seconds before a spare is forked again after a failed fork (doubling)
 
@@ -103,23 +105,24 @@ class Spawner:
             self.zygote.stop()
 
     def order(self, name: str, key: str, args: list[Any], sid: str, waiters: list[list[str]], restarts: int = 0,
-              due: float = 0.0) -> None:
+              due: float = 0.0, start: Start = _NONE) -> None:
         """Start a keyed process for the key (the spawner thread forks it), at ``due`` if given
         (a restart's back-off: held by the spawner thread, no thread or wake-up of its own)."""
-        self._orders.put((name, key, args, sid, waiters, restarts, due))
+        self._orders.put((name, key, args, sid, waiters, restarts, due, start))
 
     def refill(self) -> None:
         """Fork spares up to the target (any thread)."""
         self._orders.put(_REFILL)
 
     # -- any thread holding the table's lock -------------------------------------------------
-    def assign_spare(self, name: str, key: str, args: list[Any], sid: str, waiters: list[list[str]]) -> bool:
+    def assign_spare(self, name: str, key: str, args: list[Any], sid: str, waiters: list[list[str]],
+                     start: Start = _NONE) -> bool:
         """Give the key to a spare (under the table's lock); False if none is left. Not when cut
         off: the spawner then answers "unavailable"."""
         table = self._table
         while table.spares and not self._lifeline.cut_off() and self._resolve(name) is not None:
             c = table.spares.popleft()
-            if self._give(c, name, key, args, sid, waiters):
+            if self._give(c, name, key, args, sid, waiters, start):
                 table.by_key[(name, key)] = c
                 if not c.watched:
                     self._wake()  # its "started" must not wait for the watcher's next round
@@ -127,13 +130,16 @@ class Spawner:
         return False
 
     @staticmethod
-    def _give(c: Child, name: str, key: str, args: list[Any], sid: str, waiters: list[list[str]]) -> bool:
-        """Send a spare its key; False if it has died meanwhile (the watcher reaps it)."""
+    def _give(c: Child, name: str, key: str, args: list[Any], sid: str, waiters: list[list[str]],
+              start: Start = _NONE) -> bool:
+        """Send a spare its key (and a handoff's state); False if it has died meanwhile (the
+        watcher reaps it)."""
         try:
-            c.outbox.send([Assign(name, key, args).to_wire()])
+            c.outbox.send([_assign(name, key, args, sid, start)])
         except OSError:
             return False
         c.name, c.key, c.sid, c.args, c.waiters, c.spare = name, key, sid, args, waiters, False
+        c.moved_from = None if start.source is None else (start.source, start.since or time.time())
         c.started_at = time.time()
         return True
 
@@ -173,7 +179,7 @@ class Spawner:
             if order is _REFILL:
                 refill = True
                 continue
-            name, key, args, sid, waiters, restarts, due = order
+            name, key, args, sid, waiters, restarts, due, start = order
             if due > time.monotonic():
                 heapq.heappush(held, (due, next(tie), order))
                 continue
@@ -184,7 +190,7 @@ class Spawner:
                             self._table.restarts.pop((name, key), None)
                         continue
             try:
-                self._spawn(name, key, args, sid, waiters)
+                self._spawn(name, key, args, sid, waiters, start)
             except Exception as exc:
                 logger.exception("forseti: could not start %r", key)
                 self._reports.spawn_failed(name, key, sid, "start", type=type(exc).__name__, msg=str(exc))
@@ -241,7 +247,7 @@ class Spawner:
         process, fd = self.zygote.fork()
         return self._child("spare", "", "", process, billiard.connection.Connection(fd), None)
 
-    def _fork(self, target: Any, name: str, key: str, args: list[Any], sid: str) -> Child:
+    def _fork(self, target: Any, name: str, key: str, args: list[Any], sid: str, epoch: int = 0) -> Child:
         """A fork of the worker; :class:`OSError` if a resource ran out (nothing left open then)."""
         parent_end, child_end = billiard.Pipe(duplex=True)
         with self._table.lock:
@@ -252,6 +258,7 @@ class Spawner:
         proc = KeyedChild(
             target=child_main.run, name=f"forseti:{name}",
             args=(child_end, self._config, self._lifeline, self._resolve, os.getpid(), inherited, start),
+            kwargs={} if target is None else {"assign": Assign(name, key, args, None, epoch, sid)},
         )
         try:
             proc.start()
@@ -262,7 +269,8 @@ class Spawner:
             child_end.close()
         return self._child(name, key, sid, proc, parent_end, None if target is None else args)
 
-    def _spawn(self, name: str, key: str, args: list[Any], sid: str, waiters: list[list[str]]) -> None:
+    def _spawn(self, name: str, key: str, args: list[Any], sid: str, waiters: list[list[str]],
+               start: Start = _NONE) -> None:
         k = (name, key)
         table = self._table
         with table.lock:
@@ -272,7 +280,7 @@ class Spawner:
                 if not existing.started:
                     existing.waiters.extend(waiters)
                 started = existing.started
-            elif self.assign_spare(name, key, args, sid, waiters):
+            elif self.assign_spare(name, key, args, sid, waiters, start):
                 return
         if existing is not None:
             if started:
@@ -292,7 +300,7 @@ class Spawner:
                                            msg=f"{self._reports.hostname} does not know {name!r}")
                 return
         try:
-            c = self._fork_for(target, name, key, args, sid, waiters)
+            c = self._fork_for(target, name, key, args, sid, waiters, start)
         except OSError as exc:
             # No process, fd or memory left for it: this key's start fails, and no other key.
             logger.warning("forseti: could not create a keyed process for %r: %s", key, exc)
@@ -304,7 +312,7 @@ class Spawner:
         self._wake()
 
     def _fork_for(self, target: Any, name: str, key: str, args: list[Any], sid: str,
-                  waiters: list[list[str]]) -> Child:
+                  waiters: list[list[str]], start: Start = _NONE) -> Child:
         """A keyed process for a key no spare was left for: a spare the zygote forks at once and
         is given the key (the worker's threads never wait for a fork), else a fork of the worker.
         :class:`OSError` when a resource ran out (the worker does not try a fork of its own then:
@@ -315,12 +323,28 @@ class Spawner:
             except EOFError:
                 logger.warning("forseti: the zygote has ended; the worker forks keyed processes itself")
             else:
-                if self._give(c, name, key, args, sid, waiters):
+                if self._give(c, name, key, args, sid, waiters, start):
                     return c
                 c.process.kill()  # died before its key reached it: reaped below, started afresh
                 c.process.join(1.0)
                 c.process.close()
                 c.conn.close()
-        c = self._fork(target, name, key, args, sid)
+        if start.state is not None:  # a spare of its own, given its key with its Assign
+            c = self._fork(None, name, key, args, sid)
+            if not self._give(c, name, key, args, sid, waiters, start):
+                c.process.kill()
+                raise OSError(f"the keyed process forked for {key!r} died before it took its key")
+            return c
+        c = self._fork(target, name, key, args, sid, start.epoch)
         c.waiters = waiters
         return c
+
+
+def _assign(name: str, key: str, args: list[Any], sid: str, start: Start) -> p.Encoded | dict[str, Any]:
+    """The :class:`Assign` of a key: with its start's epoch and sid (its checkpoints' fence) and a
+    handoff's state spliced in as the JSON bytes it came as (no worker thread decodes a state)."""
+    wire = Assign(name, key, args, None, start.epoch, sid).to_wire()
+    if start.state is None:
+        return wire
+    head = p.encode([wire])
+    return p.Encoded(head[:-1] + b',"state":' + start.state + b"}")

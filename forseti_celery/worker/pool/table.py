@@ -24,10 +24,34 @@ from typing import Any
 from ...core.messages import CALL, CAST, CORR, KEY_ADDRESSED, TYPE
 from .outbox import Outbox
 
-__all__ = ["Child", "Key", "Table", "Waiter", "untaken_key_addressed"]
+__all__ = ["Child", "Handing", "Key", "Start", "Table", "Waiter", "untaken_key_addressed"]
 
 Key = tuple[str, str]
 Waiter = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class Start:
+    """What a key's start carries besides its args: the leader's epoch (with the sid, its
+    process's fence), and for a handoff's next incarnation the state it restores (JSON bytes,
+    never decoded by the worker), the worker it comes from and when its handoff began
+    (``time.time()``, for the ``forseti-process-moved`` event)."""
+
+    epoch: int = 0
+    state: bytes | None = None
+    source: str | None = None
+    since: float | None = None
+
+
+@dataclass(frozen=True)
+class Handing:
+    """A process handing its state off (see :mod:`~forseti_celery.worker.handoff`): to worker
+    ``to`` (None: wherever the leader places it), since ``since`` (``time.time()``), until
+    ``deadline`` (``time.monotonic()``): a snapshot later than that is dropped."""
+
+    to: str | None
+    since: float
+    deadline: float
 
 
 @dataclass(eq=False)
@@ -88,6 +112,12 @@ class Child:
     last_words: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     #: (watcher) Bytes read from the pipe that do not make a whole frame yet.
     partial: bytearray = field(default_factory=bytearray)
+    #: (table) Handing off: sent a ``handoff`` (it takes no key-addressed message any more).
+    handing: Handing | None = None
+    #: (watcher) Its ``snapshot()`` as JSON bytes, once it has handed off in time.
+    state: bytes | None = None
+    #: (table) A handoff's next incarnation: the worker it came from, and when its handoff began.
+    moved_from: tuple[str, float] | None = None
 
     @property
     def pid(self) -> int:

@@ -34,7 +34,8 @@ from celery.utils.log import get_logger
 from ...child import runtime as child_main
 from ...core import protocol as p
 from ...core.messages import CORR, REPLY_TO, TYPE, Reply
-from ...core.pipe import EXIT, INIT_ERROR, REPLY, STARTED, TOUCH
+from ...core.pipe import EXIT, HANDED_OFF, HANDOFF_FAILED, INIT_ERROR, REPLY, STARTED, TOUCH
+from ...core.worker_messages import REASON_HANDOFF
 from . import zygote as zygote_mod
 from .idle import Idle
 from .outbox import HEADER, Outbox
@@ -50,6 +51,9 @@ _CHUNK = 65536  # bytes read from a child's pipe at once
 _READS = 16  # reads from one child per round at most: one chatty child does not starve the others
 _SOON = 0.25  # seconds to the next round while something waits for one (a report to retry, a new spare)
 _QUIET = 5.0  # seconds to the next round with nothing due: everything else wakes the watcher
+#: How a keyed process's ``handed_off`` frame begins (:class:`~forseti_celery.core.pipe.HandedOff`
+#: alone in its frame): the state after it is kept as the bytes it came as, never decoded here.
+_HANDED_OFF = b'{"t":"' + HANDED_OFF.encode() + b'","state":'
 
 
 class Waker:
@@ -216,8 +220,13 @@ class Watcher:
             end = start + HEADER.size + size
             if end > len(buf):
                 break
+            at = start + HEADER.size
+            if buf.startswith(_HANDED_OFF, at) and buf.find(b"\n", at, end) < 0:
+                self._handed_off(c, bytes(buf[at + len(_HANDED_OFF):end - 1]))
+                start = end
+                continue
             # Envelopes decoded; a reply's value stays a view of buf, forwarded as it is.
-            for msg in p.decode(buf, start + HEADER.size, end, routed=False):
+            for msg in p.decode(buf, at, end, routed=False):
                 self._from_child(c, msg)
             start = end
         if start:  # a new buffer for the rest: buf stays whole under the views of it
@@ -248,10 +257,31 @@ class Watcher:
             self._refill_due = self._want_spares
             self._event_later(p.EVENT_STARTED, key=c.key, name=c.name, child_pid=c.pid,
                               startup_ms=round((time.time() - c.started_at) * 1000, 3))
+            if c.moved_from is not None:  # a handoff's next incarnation: the pause its key saw
+                source, since = c.moved_from
+                self._event_later(p.EVENT_MOVED, key=c.key, name=c.name, child_pid=c.pid, source=source,
+                                  target=self._reports.hostname, pause_ms=round((time.time() - since) * 1000, 3))
         elif kind == INIT_ERROR:
             c.init_error = (msg["type"], msg["msg"])
         elif kind == EXIT:
             c.reason = msg["reason"]
+        elif kind == HANDED_OFF:  # (not alone in its frame: its state decoded, written again)
+            self._handed_off(c, p.encode([{"v": msg.get("state")}])[len(b'{"v":'):-1])
+        elif kind == HANDOFF_FAILED:
+            logger.warning("forseti: keyed process %r (%s, pid %d) could not hand off (%s: %s); it ends as in a "
+                           "shutdown", c.key, c.name, c.pid, msg.get("type"), msg.get("msg"))
+
+    def _handed_off(self, c: Child, state: bytes) -> None:
+        """``c`` answered its handoff with ``state``: kept for its exit report, unless too late."""
+        with self._table.lock:
+            handing = c.handing
+        if handing is None:
+            return
+        if time.monotonic() > handing.deadline:
+            logger.warning("forseti: keyed process %r (%s, pid %d) took its snapshot past forseti_handoff_timeout; "
+                           "it ends as in a shutdown, its state dropped", c.key, c.name, c.pid)
+            return
+        c.state = state
 
     def _reap(self, c: Child) -> None:
         if c.conn_fd in self._by_fd:
@@ -282,6 +312,7 @@ class Watcher:
             ka_calls, c.ka_calls = c.ka_calls, set()
             started, stoppers = c.started, [list(s) for s in c.stoppers]
             exit_waiters, c.exit_waiters = c.exit_waiters, []
+            handing = c.handing
         c.conn.close()
         if spare:
             return
@@ -305,7 +336,9 @@ class Watcher:
             self._spawn_failed(c.name, c.key, c.sid, "start", type=etype, msg=emsg)
             return
         self.exits += 1
-        self._reports.exited(c, c.pid, reason, code, stoppers)
+        if handing is not None and reason == REASON_HANDOFF and c.state is None:
+            reason = "shutdown"  # its snapshot came too late (or never): it ended as a shutdown ends it
+        self._reports.exited(c, c.pid, reason, code, stoppers, handing if reason == REASON_HANDOFF else None)
         for reply_to, msg in c.last_words:
             self._reports.reply(reply_to, msg)
         self._event_later(p.EVENT_EXITED, key=c.key, name=c.name, child_pid=c.pid, reason=reason, exitcode=code,
