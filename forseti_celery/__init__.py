@@ -27,6 +27,7 @@ from .core.errors import (
     RemoteError,
     ResourceExhausted,
     StartError,
+    StateUnavailable,
     UnknownName,
 )
 from .core.keyref import KeyRef
@@ -51,6 +52,7 @@ __all__ = [
     "RemoteError",
     "ResourceExhausted",
     "StartError",
+    "StateUnavailable",
     "Timer",
     "UnknownName",
     "acall",

@@ -35,6 +35,7 @@ __all__ = [
     "RemoteError",
     "ResourceExhausted",
     "StartError",
+    "StateUnavailable",
     "UnknownName",
 ]
 
@@ -130,3 +131,8 @@ def remote_error(kind: str, exc_type: str, exc_message: str) -> ForsetiError:
 
 class BrokerUnavailable(ForsetiError, ConnectionError):
     """Raised when the broker cannot be reached; nothing was sent."""
+
+
+class StateUnavailable(ForsetiError, ConnectionError):
+    """Raised in a keyed process by ``self.checkpoint()`` when the checkpoint store
+    (``forseti_state_url``) cannot be reached or answers an error."""

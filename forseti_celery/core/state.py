@@ -27,7 +27,7 @@ from typing import Any
 import redis
 import redis.exceptions
 
-from .errors import ForsetiError
+from .errors import StateUnavailable
 from .names import state_key
 
 __all__ = ["Checkpoints", "StateUnavailable", "Token"]
@@ -58,10 +58,6 @@ return {1, cv}
 """
 
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
-
-
-class StateUnavailable(ForsetiError, ConnectionError):
-    """The checkpoint store (``forseti_state_url``) could not be reached or answered an error."""
 
 
 class Checkpoints:
