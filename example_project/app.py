@@ -1,4 +1,4 @@
-"""The example's Celery app: one keyed process per chat room, one per sensor.
+"""The example's Celery app: one keyed process per chat room, one per sensor, one per web user.
 
 Run workers with ``celery -A example_project.app worker -n chat1@%h``; the broker
 comes from ``FORSETI_BROKER_URL`` (Redis or RabbitMQ).
@@ -6,6 +6,7 @@ comes from ``FORSETI_BROKER_URL`` (Redis or RabbitMQ).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import time
@@ -137,3 +138,52 @@ def poll_sensor(key: str, interval: float = 0.1, report_to: str | None = None) -
 def _read_device(key: str, n: int) -> float:
     """A stand-in for talking to real hardware: a reading that drifts around 21 °C."""
     return 21.0 + ((len(key) + n) % 7) * 0.1
+
+
+#: What a user name may look like; anything else is refused by ``UserSession.init``.
+USER_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
+
+
+@forseti.keyed(name="user")
+class UserSession(KeyedProcess):
+    """A web user's session, written with ``async def`` (``example_project.web`` calls it): a
+    token-bucket rate limit of ``rate`` requests a second in bursts of up to ``burst``, refilled
+    by a background task of the process, and counts of what the user did.
+
+    Calls: ``{"op": "hit"}`` takes a token (``allowed`` says whether one was left), ``{"op":
+    "stats"}``. A stop ends the refill task after ``terminate``.
+    """
+
+    async def init(self, key: str, rate: float = 5.0, burst: int = 10) -> None:
+        if not USER_NAME.fullmatch(key):
+            raise ValueError(f"bad user name {key!r}: lower-case letters, digits, '_', '.' and '-'")
+        self.user = key
+        self.rate, self.burst = float(rate), int(burst)
+        self.tokens = float(self.burst)
+        self.allowed = self.refused = 0
+        self.started = time.time()
+        self.create_task(self._refill())  # runs between (and during) the calls below
+
+    async def _refill(self) -> None:
+        while True:
+            await asyncio.sleep(1.0 / self.rate)
+            self.tokens = min(float(self.burst), self.tokens + 1.0)
+
+    async def handle_call(self, msg: dict[str, Any]) -> Any:
+        op = msg["op"]
+        if op == "hit":
+            allowed = self.tokens >= 1.0
+            if allowed:
+                self.tokens -= 1.0
+                self.allowed += 1
+            else:
+                self.refused += 1
+            return {"allowed": allowed, "tokens": int(self.tokens)}
+        if op == "stats":
+            return {"user": self.user, "allowed": self.allowed, "refused": self.refused, "tokens": int(self.tokens),
+                    "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 3)}
+        raise ValueError(f"unknown op {op!r}")
+
+    async def terminate(self, reason: str) -> None:
+        logger.info("user %s session ended (%s): %d allowed, %d refused", self.user, reason, self.allowed,
+                    self.refused)
