@@ -55,13 +55,8 @@ def hosts(h: Harness) -> list[str]:
 
 
 def worker_of_pid(h: Harness, pid: int) -> WorkerProcess | None:
-    """The worker whose keyed process ``pid`` is (its parent), if any."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-    except OSError:
-        return None
-    return next((w for w in h.cluster.workers if w.alive and w.pid == ppid), None)
+    """The worker whose keyed process ``pid`` is (one of its descendants), if any."""
+    return next((w for w in h.cluster.workers if w.alive and pid in w.descendants()), None)
 
 
 def journal_of(h: Harness, key: str, ev: str | None = None) -> list[dict[str, Any]]:
