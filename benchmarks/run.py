@@ -22,8 +22,9 @@ import shlex
 import sys
 import time
 
+from benchmarks import state
 from benchmarks.cluster import ForsetiBench
-from benchmarks.common import Brokers, ForsetiRun, Results, Row, Sizes, log
+from benchmarks.common import Brokers, ForsetiRun, Results, Row, Sizes, log, measure
 from benchmarks.probe import probe_main
 from benchmarks.ray_bench import bench_ray
 from benchmarks.table import machine, render, render_signing, revision
@@ -71,6 +72,7 @@ ROWS = [
         check=lambda v, base: base is not None and v <= 2 * base, versus="cold"),
     Row("restart", "12 restart after kill -9, transient", "ms", target="<= 100 ms + 0.1 s",
         check=lambda v, _: v <= 200),
+    Row("checkpoint", "13 checkpoint added to a call", "ms", target="<= 0.3 ms", check=lambda v, _: v <= 0.3),
 ]
 
 
@@ -80,7 +82,8 @@ def measure_more(bench: ForsetiBench) -> None:
 
         measure(bench.run.results, "my_row", lambda: mytopic.my_row(bench))
     """
-    r = bench.run.results  # noqa: F841 - the lines below use it
+    r = bench.run.results
+    measure(r, "checkpoint", lambda: state.checkpoint_cost(bench))
 
 
 # --- main ----------------------------------------------------------------------------------------
