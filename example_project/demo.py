@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from kombu.utils.url import maybe_sanitize_url
 
 import forseti_celery
+from example_project import web_demo
 from example_project.app import app, forseti
 from forseti_celery import KeyRef, ProcessGone, RemoteError, StartError, UnknownName
 from forseti_celery.embedded import EmbeddedRedis, broker_url_from_env
@@ -209,7 +210,7 @@ class Tour:
             say(f"get_key('x', name='auction') -> UnknownName ({exc})")
 
     def stop_all(self) -> None:
-        section("8. Stop everything")
+        section("9. Stop everything")
         before = self.metrics()
         refs = list(self.refs.values())
         with ThreadPoolExecutor(10) as pool:
@@ -284,6 +285,8 @@ def main() -> int:
         tour.pollers()
         tour.placement()
         tour.errors()
+        section("8. A FastAPI app: one async keyed process per user")
+        web_demo.tour(say, expect)
         tour.stop_all()
         ok = True
     except KeyboardInterrupt:
@@ -303,7 +306,7 @@ def main() -> int:
 
 def shutdown(cluster: Cluster | None, embedded: EmbeddedRedis | None) -> bool:
     """Stop the workers and the embedded Redis; False if a worker left a process behind."""
-    section("9. Shutdown")
+    section("10. Shutdown")
     # A second Ctrl-C must not cut the clean-up short: every step below has a deadline.
     previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
     clean = True
