@@ -75,31 +75,6 @@ class KeyedProcess:
         True; False if refused because a newer process of this key exists (this one is stale:
         it should end). Raises :class:`~forseti_celery.ConfigurationError` without
         ``forseti_state_url`` or in a class that is not movable, and
-        :class:`~forseti_celery.core.state.StateUnavailable` when Redis fails. See :doc:`/state`."""
-        if _state is None:
-            raise RuntimeError("checkpoint() is only available inside a keyed process")
-        return _state.checkpoint(self)
-
-    def snapshot(self) -> Any:
-        """The process's state, JSON-able (any size). A class that defines it is *movable*
-        (:func:`is_movable`): a warm shutdown hands its state to a new process of the key on another
-        worker, a rebalance moves it, and checkpoints (:meth:`checkpoint`, ``forseti_checkpoint_every``)
-        store it. Runs after the messages sent before the handoff was asked for. ``None`` means
-        nothing to restore. See :doc:`/state`."""
-        raise NotImplementedError(f"{type(self).__name__} defines no snapshot(): it is not movable")
-
-    def restore(self, state: Any) -> None:
-        """Runs after :meth:`init` (same key and args) when the process starts with a state: a
-        handoff's :meth:`snapshot`, else its key's last checkpoint (``forseti_state_url``). If it
-        raises, the start fails as if ``init`` had raised (:class:`~forseti_celery.StartError`).
-        The default raises: a movable class defines both."""
-        raise NotImplementedError(f"{type(self).__name__} defines snapshot() but no restore()")
-
-    def checkpoint(self) -> bool:
-        """Store :meth:`snapshot` now as this key's checkpoint (in Redis at ``forseti_state_url``):
-        True; False if refused because a newer process of this key exists (this one is stale:
-        it should end). Raises :class:`~forseti_celery.ConfigurationError` without
-        ``forseti_state_url`` or in a class that is not movable, and
         :class:`~forseti_celery.StateUnavailable` when Redis fails. See :doc:`/state`."""
         if _state is None:
             raise RuntimeError("checkpoint() is only available inside a keyed process")
