@@ -67,9 +67,9 @@ GOLDEN: list[tuple[Any, bytes]] = [
     (w.Report("w1", 3, [["n1", "k1", 42, "s1"], ["n1", "k2", None, "s2"]], 7, [[1], [2]], [0, 2]),
      b'{"t":"report","node":"w1","epoch":3,"procs":[["n1","k1",42,"s1"],["n1","k2",null,"s2"]],"q":7,'
      b'"a":[[1],[2]],"restarts":[0,2]}'),
-    (w.Exited("n1", "k1", "w1", 42, [], "s1", "handoff", 0, b'{"n":[1,2]}', "w2", 12.5),  # a handoff: issue 13
+    (w.Exited("n1", "k1", "w1", 42, [], "s1", "handoff", 0, b'{"n":[1,2]}', "w2", 12.5, [1]),  # a handoff: issue 13
      b'{"t":"exited","n":"n1","k":"k1","node":"w1","sid":"s1","pid":42,"reason":"handoff","code":0,"stoppers":[],'
-     b'"to":"w2","ho":12.5}\t{"n":[1,2]}'),
+     b'"to":"w2","ho":12.5,"a":[1]}\t{"n":[1,2]}'),
     (w.Spawn("n1", "k1", [1], "s1", 3, "w0", [], state=b'{"n":[1,2]}', source="w1", since=12.5),  # issue 13
      b'{"t":"spawn","n":"n1","k":"k1","a":[1],"sid":"s1","epoch":3,"leader":"w0","w":[],"src":"w1","ho":12.5}'
      b'\t{"n":[1,2]}'),

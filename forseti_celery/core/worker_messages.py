@@ -148,11 +148,13 @@ class Exited:
     reason: str | None = None
     code: int | None = None  #: the process's exit code (negative: the signal that killed it)
     #: A handoff (reason ``handoff``): the process's ``snapshot()`` as JSON bytes (the payload),
-    #: the worker it is to go to (wire ``to``; None: the least-used other one) and when the handoff
-    #: began (wire ``ho``, ``time.time()``). Written only when set.
+    #: the worker it is to go to (wire ``to``; None: the least-used other one), when the handoff
+    #: began (wire ``ho``, ``time.time()``) and the key's init args (wire ``a``: for a leader that
+    #: rebuilt its table without the process). Written only when set.
     state: bytes | None = None
     to: str | None = None
     since: float | None = None
+    args: list[Any] | None = None
 
     def to_wire(self) -> Wire:
         if self.reason is None:
@@ -164,12 +166,14 @@ class Exited:
             d["to"] = self.to
         if self.since is not None:
             d["ho"] = self.since
+        if self.args is not None:
+            d["a"] = self.args
         return with_state(d, self.state)
 
     @classmethod
     def from_wire(cls, d: Mapping[str, Any]) -> Exited:
         return cls(need(d, "n"), need(d, "k"), need(d, "node"), d.get("pid"), d.get("stoppers", []),
-                   d.get("sid"), d.get("reason"), d.get("code"), state_of(d), d.get("to"), d.get("ho"))
+                   d.get("sid"), d.get("reason"), d.get("code"), state_of(d), d.get("to"), d.get("ho"), d.get("a"))
 
 
 @dataclass(**FROZEN)

@@ -329,7 +329,8 @@ class Leader:
         if ours is not None:
             self._keys.forget(k, ours)
         if msg.reason == REASON_HANDOFF and (ours is not None or entry is None):  # only now its next one starts
-            self._start(k, None if ours is None else ours.args, {}, moving=moves.exited(self.members, k, msg))
+            self._start(k, msg.args if ours is None or ours.args is None else ours.args, {},
+                        moving=moves.exited(self.members, k, msg))
         elif ours is not None:
             self._ended(k, ours, msg.reason or "")
         for reply_to, corr in msg.stoppers:

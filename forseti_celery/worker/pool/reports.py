@@ -86,7 +86,7 @@ class Reports:
             msg = Exited(c.name, c.key, self.hostname, pid, stoppers, c.sid, reason, code)
         else:
             msg = Exited(c.name, c.key, self.hostname, pid, stoppers, c.sid, reason, code, c.state, handing.to,
-                         handing.since)
+                         handing.since, c.args)
             c.state = None
         self._outbox.append(msg.to_wire())
 
