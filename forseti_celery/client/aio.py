@@ -153,6 +153,8 @@ class AsyncClient:
                 ask = go(result)
             except StopIteration as done:
                 return done.value  # type: ignore[no-any-return]
+            finally:
+                result = None  # an error thrown in, kept here, would keep its traceback's frames
             try:
                 result, go = await self._request(ask), steps.send
             except BaseException as exc:  # cancellation too: the steps' finally runs
