@@ -153,15 +153,19 @@ class Publisher:
         publish(
             body, exchange=exchange, routing_key=routing_key,
             content_type=CONTENT_TYPE, content_encoding=CONTENT_ENCODING,
-            declare=[exchange, *to_declare], expiration=expiration, retry=False,
+            declare=[exchange, *(q for q in to_declare if self._transport.needs_declaring(q))],
+            expiration=expiration, retry=False,
             headers=None if self._signer is None else self._signer.headers(exchange.name, routing_key, body),
         )
         self._declared.update(q.name for q in to_declare)
 
     def declare(self, queue: Queue) -> None:
-        """Declare ``queue`` (and its exchange and binding) now; raises :class:`BrokerUnavailable`."""
+        """Declare ``queue`` (and its exchange and binding) for this publisher's next publishes, as
+        its broker needs (:func:`~forseti_celery.core.transport.Transport.declare`: on RabbitMQ
+        without waiting for the answer, which a publish after it on the same channel does not need;
+        on Redis only a queue bound to a named exchange); raises :class:`BrokerUnavailable`."""
         with self._guard():
-            queue.bind(self._channel()).declare()
+            self._transport.declare(self._channel(), [queue])
             self._declared.add(queue.name)
 
     def _channel(self) -> Any:

@@ -24,6 +24,7 @@ logger = get_logger(__name__)
 __all__ = [
     "BILLIARD_BOOTSTRAP",
     "GUARDS",
+    "KOMBU_REDIS_DECLARE",
     "KOMBU_REDIS_PUBLISH",
     "REDIS_LOCK_TOKEN",
     "THREADING_DANGLING",
@@ -31,6 +32,7 @@ __all__ = [
     "billiard_child_exit",
     "billiard_child_start",
     "forget_dead_threads",
+    "redis_declare_needed",
     "redis_lock_forget",
     "redis_lock_held",
     "redis_publish_pipeline",
@@ -97,7 +99,7 @@ def _check_kombu_redis() -> str | None:
     from redis.client import Pipeline
 
     return (_version_in("kombu", tuple(kombu.VERSION[:3]), (5, 4), (5, 8))
-            or _missing(kombu_redis.Channel, "conn_or_acquire", "_create_client", "_put")
+            or _missing(kombu_redis.Channel, "conn_or_acquire", "_create_client", "client", "_put")
             or _missing(Pipeline, "pipeline", "execute"))
 
 
@@ -115,14 +117,18 @@ def reuse_redis_client(channel: Any) -> bool:
     kombu's Redis channel builds a new ``redis.Redis`` object for every message it publishes
     (``conn_or_acquire``), a third of the cost of a small publish (185 -> 120 µs, kombu 5.7). The
     client object holds no connection of its own (it borrows one from the channel's pool per
-    command), so one per channel is as safe across reconnections as one per message. Any other
-    channel (RabbitMQ), or the guard off: left alone, False.
+    command), so one per channel is as safe across reconnections as one per message. It is the
+    channel's own ``client`` (on the pool kombu connected to ``PING`` the broker as it made the
+    channel), so a new publisher's first publish opens no second connection: only for a channel that
+    never consumes (kombu pins that client's connection to a consumer's ``BRPOP``), which is every
+    channel this is called for (publishers'). Any other channel (RabbitMQ), or the guard off: left
+    alone, False.
     """
     if getattr(channel, "_forseti_client", None) is not None:
         return True
     if not hasattr(channel, "_create_client") or not KOMBU_REDIS_PUBLISH.ok():
         return False
-    cached = channel._forseti_client = channel._create_client()
+    cached = channel._forseti_client = channel.client
     channel._forseti_pipe = None  # set while a redis_publish_pipeline block is open
 
     @contextlib.contextmanager
@@ -169,6 +175,47 @@ class _Joined:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+# -- kombu's Redis channel: what declaring a queue does -----------------------------------------
+
+def _check_kombu_redis_declare() -> str | None:
+    import kombu
+    from kombu.transport import redis as kombu_redis
+    from kombu.transport.virtual import base
+
+    return (_version_in("kombu", tuple(kombu.VERSION[:3]), (5, 4), (5, 8))
+            or _missing(kombu_redis.Channel, "_new_queue", "_size", "_queue_bind", "_put", "_put_fanout")
+            or _missing(base.Channel, "queue_declare", "queue_bind"))
+
+
+#: kombu's Redis ``queue_declare``: for a queue of the default exchange it only counts the list's
+#: messages (``_size``, on a connection of its own) and remembers ``auto_delete`` for the channel's
+#: close; a push to the list needs no declaration (see :func:`redis_declare_needed`).
+KOMBU_REDIS_DECLARE = Guard(
+    "kombu Redis queue declaration", "declaring every queue through kombu (a connection and a round trip "
+    "more before a client's first request)", _check_kombu_redis_declare,
+)
+
+
+def redis_declare_needed(queue: Any, consumer: bool) -> bool:
+    """Whether kombu's Redis channel must declare ``queue`` (a kombu ``Queue``) before a consumer
+    reads it (``consumer``) or a publisher pushes to it: always with the guard off; otherwise only
+    for a consumer of a queue bound to a named exchange (a fanout subscription: the channel keeps
+    its binding and subscribes to it), or a publisher to one bound to a named exchange other than
+    a fanout (routed through kombu's binding table; forseti has none).
+
+    A queue of the default exchange is a plain list to kombu's Redis transport: a publish pushes
+    to the list its routing key names (``_put``), a consumer pops it, and declaring it only asks
+    ``LLEN`` (on a second connection of the channel's) and notes ``auto_delete`` for the channel's
+    close (which a consumer still declares, once it reads: see ``transport.redis.declare``). A
+    publish to a fanout exchange is a ``PUBLISH`` to its channel (``_put_fanout``), bindings unread.
+    """
+    if not KOMBU_REDIS_DECLARE.ok():
+        return True
+    exchanges = [b.exchange for b in getattr(queue, "bindings", None) or ()] + [queue.exchange]
+    named = [e for e in exchanges if e is not None and e.name]
+    return bool(named) if consumer else any(e.type != "fanout" for e in named)
 
 
 # -- redis-py's Lock: the token it holds --------------------------------------------------------
@@ -269,4 +316,4 @@ def forget_dead_threads() -> None:
 
 
 #: Every guard, for the docs and the contract tests.
-GUARDS = (KOMBU_REDIS_PUBLISH, REDIS_LOCK_TOKEN, BILLIARD_BOOTSTRAP, THREADING_DANGLING)
+GUARDS = (KOMBU_REDIS_PUBLISH, KOMBU_REDIS_DECLARE, REDIS_LOCK_TOKEN, BILLIARD_BOOTSTRAP, THREADING_DANGLING)

@@ -82,6 +82,7 @@ class ConsumerLoop(threading.Thread):
         self._intensity = intensity
         self._stopping = threading.Event()
         self._consumer: Consumer | None = None
+        self._transport: transport.Transport = transport.named("")
         self.connected = threading.Event()
         #: Why the loop gave up (restart intensity reached), if it did.
         self.failure: BaseException | None = None
@@ -109,8 +110,12 @@ class ConsumerLoop(threading.Thread):
     def add_queue(self, queue: Queue) -> None:
         """Start consuming ``queue`` on the live consumer (no-op while disconnected)."""
         if self._consumer is not None and not self._consumer.consuming_from(queue):
+            channel = self._consumer.channel
+            later = self._transport.declare(channel, [queue], consumer=True)
             self._consumer.add_queue(queue)
             self._consumer.consume()
+            for q in later:
+                q.bind(channel).declare()
 
     def cancel_queue(self, queue: Queue) -> None:
         """Stop consuming ``queue``."""
@@ -153,20 +158,27 @@ class ConsumerLoop(threading.Thread):
         with self._connection_factory() as conn:
             conn.ensure_connection(max_retries=1)
             channel = conn.channel()
-            windowed = self._windowed() if transport.for_connection(conn).prefetch_windows else []
+            kind = self._transport = transport.for_connection(conn)
+            windowed = self._windowed() if kind.prefetch_windows else []
             names = {q.name for q in windowed}
-            consumer = Consumer(channel, [q for q in self._queues() if q.name not in names], no_ack=True,
-                                on_message=self._on_message)
+            queues = [q for q in self._queues() if q.name not in names]
+            # Declared as the broker needs them (Transport.declare), before consuming them; what
+            # needs declaring only for the channel's close (Redis auto_delete) once reading.
+            later = kind.declare(channel, [*queues, *windowed], consumer=True)
+            consumer = Consumer(channel, queues, no_ack=True, on_message=self._on_message, auto_declare=False)
             consumer.consume()
             if windowed:
                 channel.basic_qos(0, self.window, False)  # per consumer; no_ack consumers ignore it
-                Consumer(channel, windowed, no_ack=False, on_message=self._on_windowed).consume()
+                Consumer(channel, windowed, no_ack=False, on_message=self._on_windowed, auto_declare=False).consume()
             self._consumer = consumer
-            # A first round of the event loop subscribes fanout queues (Redis pub/sub) for real.
+            # A first round of the event loop subscribes fanout queues (Redis pub/sub) for real
+            # and sends the first read (Redis BRPOP), which an answer already waiting meets.
             try:
                 conn.drain_events(timeout=0.001)
             except TimeoutError:
                 pass
+            for queue in later:
+                queue.bind(channel).declare()
             self.connected.set()
             if self._on_connect is not None:
                 self._on_connect()

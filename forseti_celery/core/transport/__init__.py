@@ -9,6 +9,7 @@ connection's transport instead of testing its name. A worker refuses any other t
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Protocol
 
@@ -51,6 +52,13 @@ class Transport(Protocol):
     def prepare(self, channel: Any) -> None:
         """Ready a kombu channel that will publish (Redis: one client for all its publishes)."""
 
+    def needs_declaring(self, queue: Any) -> bool:
+        """Whether a publisher must declare ``queue`` before publishing to it."""
+
+    def declare(self, channel: Any, queues: Iterable[Any], *, consumer: bool = False) -> list[Any]:
+        """Declare on ``channel`` what of ``queues`` must be declared before use (a later publish or
+        consume on the same channel finds it); return what a consumer declares once consuming."""
+
     def batch(self, channel: Any) -> AbstractContextManager[Batch]:
         """A block whose publishes on ``channel`` go out in order, in one round trip if it can."""
 
@@ -73,6 +81,14 @@ class _Other:
 
     def prepare(self, channel: Any) -> None:
         return None
+
+    def needs_declaring(self, queue: Any) -> bool:
+        return True
+
+    def declare(self, channel: Any, queues: Iterable[Any], *, consumer: bool = False) -> list[Any]:
+        for queue in queues:
+            queue.bind(channel).declare()
+        return []
 
     def batch(self, channel: Any) -> AbstractContextManager[Batch]:
         return nullcontext(_NoBatch())

@@ -9,13 +9,14 @@ behind a consumer's prefetch window. Every declarer of a queue must pass identic
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import amqp.exceptions
 
-__all__ = ["batch", "connection_errors", "list_ttl", "name", "pipelines", "prefetch_windows", "prepare",
-           "queue_arguments", "single_active_consumer"]
+__all__ = ["batch", "connection_errors", "declare", "list_ttl", "name", "needs_declaring", "pipelines",
+           "prefetch_windows", "prepare", "queue_arguments", "single_active_consumer"]
 
 name = "amqp"
 single_active_consumer = True
@@ -44,6 +45,22 @@ def list_ttl(keep: float | None, expiration: float | None) -> None:
 
 def prepare(channel: Any) -> None:
     """Nothing to prepare."""
+
+
+def needs_declaring(queue: Any) -> bool:
+    """Every queue: RabbitMQ drops what is routed to a queue that does not exist."""
+    return True
+
+
+def declare(channel: Any, queues: Iterable[Any], *, consumer: bool = False) -> list[Any]:
+    """Declare ``queues`` (and their bindings) on ``channel`` without waiting for each answer
+    (``nowait``): RabbitMQ handles a channel's frames in order, so a publish or a ``basic_consume``
+    sent after them on the same channel finds them declared, and a refusal closes the channel, which
+    that ``basic_consume`` (waiting for its answer) or the publisher's next use reports. Returns
+    ``[]``: nothing is left to declare later."""
+    for queue in queues:
+        queue.bind(channel).declare(nowait=True)
+    return []
 
 
 class _Plain:

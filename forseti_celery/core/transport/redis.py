@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import redis.exceptions
 
 from .. import compat
 
-__all__ = ["KEEP_AT_LEAST", "batch", "connection_errors", "list_ttl", "name", "pipelines", "prefetch_windows",
-           "prepare", "queue_arguments", "single_active_consumer"]
+__all__ = ["KEEP_AT_LEAST", "batch", "connection_errors", "declare", "list_ttl", "name", "needs_declaring",
+           "pipelines", "prefetch_windows", "prepare", "queue_arguments", "single_active_consumer"]
 
 name = "redis"
 #: Several consumers of one list compete: the leader queue needs a lease.
@@ -50,6 +50,27 @@ def list_ttl(keep: float | None, expiration: float | None) -> float | None:
     """The least TTL a list must have after a push: ``keep`` (its queue's own) or the message's
     ``expiration``, whichever is longer (``None``: neither, no TTL)."""
     return keep if expiration is None else expiration if keep is None else max(keep, expiration)
+
+
+def needs_declaring(queue: Any) -> bool:
+    """Whether a publisher must declare ``queue`` before pushing to it: only a queue bound to a
+    named exchange other than a fanout; a list of the default exchange needs none (guarded: see
+    :func:`~forseti_celery.core.compat.redis_declare_needed`)."""
+    return compat.redis_declare_needed(queue, consumer=False)
+
+
+def declare(channel: Any, queues: Iterable[Any], *, consumer: bool = False) -> list[Any]:
+    """Declare on ``channel`` what of ``queues`` must be declared before it is used; return what a
+    consumer declares once it consumes (a list of the default exchange deleted with the consumer's
+    channel, ``auto_delete``: kombu notes it when declaring, which costs a connection and a round
+    trip that need not come before the first read)."""
+    later = []
+    for queue in queues:
+        if compat.redis_declare_needed(queue, consumer):
+            queue.bind(channel).declare()
+        elif consumer and queue.auto_delete:
+            later.append(queue)
+    return later
 
 
 def prepare(channel: Any) -> None:
