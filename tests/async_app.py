@@ -144,3 +144,29 @@ class AsyncIdle(KeyedProcess):
 
     async def handle_call(self, msg: Any) -> Any:
         return os.getpid()
+
+
+@forseti.keyed(name="async-movable")
+class Movable(KeyedProcess):
+    """Async hooks with a plain ``snapshot`` and an async ``restore`` (issue 13's handoff)."""
+
+    async def init(self, key: str, *args: Any) -> None:
+        self.members: list[Any] = []
+
+    async def handle_cast(self, msg: Any) -> None:
+        await asyncio.sleep(0.001)
+        self.members.append(msg)
+
+    async def handle_call(self, msg: Any) -> Any:
+        return self.members
+
+    def snapshot(self) -> Any:
+        return {"members": self.members}
+
+    async def restore(self, state: Any) -> None:
+        await asyncio.sleep(0)
+        self.members = [*state["members"], "restored"]
+
+    async def terminate(self, reason: str) -> None:
+        await asyncio.sleep(0.001)
+        print(f"async terminate {reason}", flush=True)

@@ -16,8 +16,9 @@ from forseti_celery import RemoteError
 from forseti_celery.child import runtime as child_main
 from forseti_celery.core import process
 from forseti_celery.core import protocol as p
+from forseti_celery.core.pipe import Assign, Handoff
 from forseti_celery.testing import wait_for
-from tests.async_app import Background, Mixed, Ordered, SyncIdle, async_function
+from tests.async_app import Background, Mixed, Movable, Ordered, SyncIdle, async_function
 from tests.helpers import Harness, fresh, harness
 
 from .test_child import _fork_spare, _kill, _wait_exit
@@ -136,6 +137,26 @@ def test_an_async_function_gets_areceive_with_a_timeout_and_its_timers(tmp_path:
         assert _wait_exit(pid, 5.0) == 0
         notes = [json.loads(line)[0] for line in path.read_text().splitlines()]
         assert notes == ["tick", None, {"a": 1}, "returned"]
+    finally:
+        _kill(pid)
+        conn.close()
+
+
+def test_an_async_process_restores_a_handed_state_with_its_async_restore_and_hands_off_after_earlier_messages(
+        ) -> None:
+    pid, conn = _fork_spare(child_main.Lifeline(fence_after=60.0, check_every=0.1), Movable)
+    try:
+        conn.send_bytes(p.encode([Assign("m", "k", [], {"members": ["ann"]}, 1, "sid-1").to_wire()]))
+        assert conn.poll(5) and p.decode(conn.recv_bytes()) == [{"t": "started"}]
+        assert _call(conn, "members") == ["ann", "restored"]
+        conn.send_bytes(p.encode([{"t": "cast", "n": "m", "k": "k"}]) + b'\t"bob"\n' + p.encode([Handoff().to_wire()]))
+        got: list[dict[str, Any]] = []
+        while not any(m["t"] == "exit" for m in got):
+            assert conn.poll(10)
+            got += p.decode(conn.recv_bytes())
+        assert got == [{"t": "handed_off", "state": {"members": ["ann", "restored", "bob"]}},
+                       {"t": "exit", "reason": "handoff"}]
+        assert _wait_exit(pid, 5.0) == 0
     finally:
         _kill(pid)
         conn.close()

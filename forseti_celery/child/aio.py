@@ -22,10 +22,11 @@ from typing import Any
 
 from ..core import process
 from ..core.messages import CALL, CAST, TYPE
-from ..core.pipe import STOP, Started
+from ..core.pipe import HANDOFF, STOP, Started
 from ..core.process import KeyedProcess, Timer
 from ..core.protocol import PAYLOAD
 from . import runtime
+from .state import KeyState
 
 __all__ = ["AioMailbox", "serve"]
 
@@ -130,7 +131,7 @@ class AioMailbox:
         return self.failure if self.failure is not None and isinstance(exc, asyncio.CancelledError) else exc
 
 
-def serve(box: runtime.Mailbox, target: Any, name: str, key: str, args: list[Any]) -> None:
+def serve(box: runtime.Mailbox, target: Any, key: str, args: list[Any], state: KeyState) -> None:
     """Run the async keyed process ``target`` (class or function) for ``key`` on a new event loop,
     until it stops or returns; raises what crashes it, as :func:`.runtime.run` expects."""
     loop = asyncio.new_event_loop()
@@ -138,7 +139,7 @@ def serve(box: runtime.Mailbox, target: Any, name: str, key: str, args: list[Any
     process._mailbox = aio
     box.notify = aio.notify
     try:
-        body = _serve_class(aio, target, name, key, args) if isinstance(target, type) else _serve_function(
+        body = _serve_class(aio, target, key, args, state) if isinstance(target, type) else _serve_function(
             aio, target, key, args)
         aio.main = loop.create_task(body)
         loop.run_until_complete(aio.main)
@@ -173,14 +174,21 @@ async def _serve_function(aio: AioMailbox, fn: Callable[..., Any], key: str, arg
         raise aio.crashed(exc) from None
 
 
-async def _serve_class(aio: AioMailbox, cls: type[KeyedProcess], name: str, key: str, args: list[Any]) -> None:
+async def _serve_class(aio: AioMailbox, cls: type[KeyedProcess], key: str, args: list[Any],
+                       state: KeyState) -> None:
     box, obj = aio.box, cls()
     init: Callable[..., Any] = obj.init  # maybe async: a coroutine to await
     terminate: Callable[[str], Any] = obj.terminate
+    restore: Callable[[Any], Any] = obj.restore
     try:
+        if inspect.iscoroutinefunction(obj.snapshot):
+            raise TypeError(f"{cls.__name__}.snapshot must be a plain def (restore and the handlers may be async)")
         await _maybe(init(key, *args))
+        saved = state.to_restore()  # a handoff's state, or the key's checkpoint (as a sync process)
+        if saved is not None:
+            await _maybe(restore(saved))
     except BaseException as exc:
-        runtime.init_failed(box, exc, name, key)
+        runtime.init_failed(box, exc, state.name, key)
     box.send(Started().to_wire())
     # The default handle_info passes its message to handle_cast: an async one must be awaited.
     info = obj.handle_cast if type(obj).handle_info is KeyedProcess.handle_info else obj.handle_info
@@ -189,13 +197,37 @@ async def _serve_class(aio: AioMailbox, cls: type[KeyedProcess], name: str, key:
         while True:
             msg = await aio.get()
             assert msg is not None
-            if msg[TYPE] == STOP:
+            kind = msg[TYPE]
+            if kind == STOP:
                 box.stop_reason = msg.get("reason", "stop")
+                state.stopping(obj, box.stop_reason)
                 await _maybe(terminate(box.stop_reason))
+                state.stopped(box.stop_reason)
                 return
+            if kind == HANDOFF:
+                deferred = _Deferred(obj)  # its snapshot now; its terminate on the loop, awaited
+                box.stop_reason = state.hand_off(deferred)  # type: ignore[arg-type]
+                await _maybe(terminate(deferred.reason))
+                return
+            if kind == runtime.INFO and state.is_tick(msg[PAYLOAD]):
+                state.auto(obj)
+                continue
             await _handle(aio, handlers, msg)
+            state.handled(obj)
     except asyncio.CancelledError as exc:
         raise aio.crashed(exc) from None
+
+
+class _Deferred:
+    """A keyed process as :meth:`KeyState.hand_off` sees it from the loop: its (plain)
+    ``snapshot``, and a ``terminate`` that only notes the reason, for the loop to await."""
+
+    def __init__(self, obj: KeyedProcess) -> None:
+        self.snapshot = obj.snapshot
+        self.reason = "shutdown"
+
+    def terminate(self, reason: str) -> None:
+        self.reason = reason
 
 
 async def _handle(aio: AioMailbox, handlers: dict[str, Callable[[Any], Any]], msg: dict[str, Any]) -> None:

@@ -299,7 +299,7 @@ def run(conn: Any, config: ChildConfig, lifeline: Lifeline, resolve: Callable[[s
     is_class = isinstance(target, type) and issubclass(target, KeyedProcess)
     try:
         if serve_async is not None and process.is_async(target):
-            serve_async(box, target, name, key, args)  # child/aio.py: on an event loop
+            serve_async(box, target, key, args, state)  # child/aio.py: on an event loop
         elif is_class:
             _serve(box, target, key, args, state)
         else:
@@ -375,7 +375,7 @@ def crash_reply(box: Mailbox, request: dict[str, Any], exc: BaseException) -> No
 
 #: Runs an ``async def`` keyed process (:func:`.aio.serve`, which sets it: :mod:`.aio` imports this
 #: module, and the package imports :mod:`.aio`); ``None`` until then.
-serve_async: Callable[[Mailbox, Any, str, str, list[Any]], None] | None = None
+serve_async: Callable[[Mailbox, Any, str, list[Any], KeyState], None] | None = None
 
 
 def _describe(exc: BaseException) -> str:
