@@ -60,18 +60,13 @@ def test_a_keys_of_two_names_and_a_key_with_any_text_never_share_a_checkpoint(st
 
 def test_a_sigstopped_incarnation_resumed_after_its_key_started_again_has_its_checkpoint_refused(
         store: Checkpoints) -> None:
-    old_pid, old = _spare(Room, _config(store))
-    new_pid = None
+    old_pid, old = _spare(Room, _config(store), Assign("room", "r1", [], None, 1, "old"))
     try:
-        _send(old, Assign("room", "r1", [], None, 1, "old").to_wire())
-        _read(old, "started")
         _send(old, _cast("ann"), _call("checkpoint"))
         assert _answer(old) is True
         os.kill(old_pid, signal.SIGSTOP)  # partitioned, paused: its key starts again elsewhere
-        new_pid, new = _spare(Room, _config(store))
+        new_pid, new = _spare(Room, _config(store), assign=Assign("room", "r1", [], None, 1, "new"))
         try:
-            _send(new, Assign("room", "r1", [], None, 1, "new").to_wire())
-            _read(new, "started")
             _send(new, _call("get"))
             assert _answer(new)["members"] == ["ann"]  # restored from the old one's checkpoint
             os.kill(old_pid, signal.SIGCONT)

@@ -17,6 +17,7 @@ from forseti_celery.core.conf import ChildConfig
 from forseti_celery.core.pipe import Assign, Handoff
 from forseti_celery.core.process import is_movable
 from forseti_celery.core.state import Checkpoints
+from tests.test_child import _kill, _wait_exit
 
 
 class Room(KeyedProcess):
@@ -62,8 +63,10 @@ class Plain(KeyedProcess):
         return msg
 
 
-def _spare(target: type[KeyedProcess], config: ChildConfig | None = None) -> tuple[int, Any]:
-    """A spare keyed process running ``target`` (as a zygote forks them) and our end of its pipe."""
+def _spare(target: type[KeyedProcess], config: ChildConfig | None = None,
+           assign: Assign | None = None) -> tuple[int, Any]:
+    """A spare keyed process running ``target`` (as a zygote forks them) and our end of its pipe;
+    given ``assign`` (and started) if given."""
     ours, theirs = billiard.Pipe(duplex=True)
     parent = os.getpid()
     lifeline = child_main.Lifeline(fence_after=3600.0, check_every=1.0)
@@ -77,6 +80,9 @@ def _spare(target: type[KeyedProcess], config: ChildConfig | None = None) -> tup
         finally:
             os._exit(code)
     theirs.close()
+    if assign is not None:
+        _send(ours, assign.to_wire())
+        assert [m["t"] for m in _read(ours, "started")] == ["started"]
     return pid, ours
 
 
@@ -105,16 +111,11 @@ def _call(msg: Any, corr: str = "c1") -> dict[str, Any]:
 
 
 def _exit_code(pid: int, timeout: float = 10.0) -> int:
-    deadline = time.monotonic() + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        if time.monotonic() >= deadline:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-            raise AssertionError("the keyed process did not end")
-        time.sleep(0.01)
+    code = _wait_exit(pid, timeout)
+    if code is None:
+        _kill(pid)
+        raise AssertionError("the keyed process did not end")
+    return code
 
 
 def _answer(conn: Any) -> Any:
@@ -129,10 +130,8 @@ def test_a_class_is_movable_when_it_defines_snapshot_and_a_function_never_is() -
 
 def test_a_handoff_takes_the_snapshot_after_every_earlier_message_and_ends_the_process_with_reason_handoff(
         ) -> None:
-    pid, conn = _spare(Room)
+    pid, conn = _spare(Room, assign=Assign("room", "r1", ["chat"]))
     try:
-        _send(conn, Assign("room", "r1", ["chat"]).to_wire())
-        assert [m["t"] for m in _read(conn, "started")] == ["started"]
         _send(conn, _cast("ann"), _cast("bob"), Handoff().to_wire(), _cast("never"))
         got = _read(conn, "exit")
         assert [m["t"] for m in got] == ["handed_off", "exit"]
@@ -160,10 +159,8 @@ def test_a_new_process_runs_init_with_its_args_then_restore_with_the_handed_stat
 
 def test_a_snapshot_that_raises_answers_handoff_failed_and_the_process_ends_as_a_shutdown(
         capfd: pytest.CaptureFixture[str]) -> None:
-    pid, conn = _spare(Room)
+    pid, conn = _spare(Room, assign=Assign("room", "r1", []))
     try:
-        _send(conn, Assign("room", "r1", []).to_wire())
-        _read(conn, "started")
         _send(conn, _cast("boom-snapshot"), Handoff().to_wire())
         got = _read(conn, "exit")
         assert [m["t"] for m in got] == ["handoff_failed", "exit"]
@@ -175,10 +172,8 @@ def test_a_snapshot_that_raises_answers_handoff_failed_and_the_process_ends_as_a
 
 
 def test_a_process_that_is_not_movable_answers_handoff_failed() -> None:
-    pid, conn = _spare(Plain)
+    pid, conn = _spare(Plain, assign=Assign("plain", "p1", []))
     try:
-        _send(conn, Assign("plain", "p1", []).to_wire())
-        _read(conn, "started")
         _send(conn, Handoff().to_wire())
         got = _read(conn, "exit")
         assert [m["t"] for m in got] == ["handoff_failed", "exit"] and got[1]["reason"] == "shutdown"
@@ -200,10 +195,8 @@ def test_a_restore_that_raises_fails_the_start_as_init_raising_does() -> None:
 
 def test_a_five_megabyte_state_goes_out_and_comes_back_in_over_the_pipe() -> None:
     size = 5 * 1024 * 1024
-    pid, conn = _spare(Room)
+    pid, conn = _spare(Room, assign=Assign("room", "r1", []))
     try:
-        _send(conn, Assign("room", "r1", []).to_wire())
-        _read(conn, "started")
         _send(conn, _cast({"big": size}), Handoff().to_wire())
         got = _read(conn, "exit")
         state = got[0]["state"]
@@ -211,10 +204,9 @@ def test_a_five_megabyte_state_goes_out_and_comes_back_in_over_the_pipe() -> Non
         assert _exit_code(pid) == 0
     finally:
         conn.close()
-    pid, conn = _spare(Room)  # the next incarnation, given that state
+    # The next incarnation, given that state:
+    pid, conn = _spare(Room, assign=Assign("room", "r1", [], state))
     try:
-        _send(conn, Assign("room", "r1", [], state).to_wire())
-        _read(conn, "started")
         _send(conn, _call("sizes"))  # (a reply is bound by forseti_max_message_size: 4 MiB)
         assert _answer(conn) == [size]
         _send(conn, {"t": "stop", "reason": "test"})
@@ -239,10 +231,8 @@ def _config(store: Checkpoints, every: float | None = None) -> ChildConfig:
 def test_a_started_process_restores_from_the_stored_checkpoint_when_no_state_is_handed(store: Checkpoints) -> None:
     assert store.claim("room", "r1", (1, "old"))[0]
     assert store.write("room", "r1", (1, "old"), {"members": ["zed"], "log": ["zed"]})
-    pid, conn = _spare(Room, _config(store))
+    pid, conn = _spare(Room, _config(store), Assign("room", "r1", ["t"], None, 2, "new"))
     try:
-        _send(conn, Assign("room", "r1", ["t"], None, 2, "new").to_wire())
-        _read(conn, "started")
         _send(conn, _call("get"))
         assert _answer(conn)["members"] == ["zed"]
         # It claimed the key: the old incarnation is refused, its own checkpoint is stored.
@@ -262,10 +252,8 @@ def test_a_started_process_restores_from_the_stored_checkpoint_when_no_state_is_
 
 @pytest.mark.parametrize("reason", ["idle", "shutdown"])
 def test_passivation_and_shutdown_keep_the_checkpoint_with_the_latest_state(store: Checkpoints, reason: str) -> None:
-    pid, conn = _spare(Room, _config(store))
+    pid, conn = _spare(Room, _config(store), Assign("room", "r1", [], None, 1, "s1"))
     try:
-        _send(conn, Assign("room", "r1", [], None, 1, "s1").to_wire())
-        _read(conn, "started")
         _send(conn, _cast("ann"), {"t": "stop", "reason": reason})
         _read(conn, "exit")
         assert _exit_code(pid) == 0
@@ -276,10 +264,8 @@ def test_passivation_and_shutdown_keep_the_checkpoint_with_the_latest_state(stor
 
 
 def test_checkpoint_every_stores_the_state_after_a_change_without_being_asked(store: Checkpoints) -> None:
-    pid, conn = _spare(Room, _config(store, every=0.2))
+    pid, conn = _spare(Room, _config(store, every=0.2), Assign("room", "r1", [], None, 1, "s1"))
     try:
-        _send(conn, Assign("room", "r1", [], None, 1, "s1").to_wire())
-        _read(conn, "started")
         assert (store.read("room", "r1") or {}).get("state") is None
         _send(conn, _cast("ann"))
         deadline = time.monotonic() + 5
@@ -294,10 +280,8 @@ def test_checkpoint_every_stores_the_state_after_a_change_without_being_asked(st
 
 
 def test_checkpoint_without_a_state_url_is_a_configuration_error_for_the_caller() -> None:
-    pid, conn = _spare(Room)
+    pid, conn = _spare(Room, assign=Assign("room", "r1", []))
     try:
-        _send(conn, Assign("room", "r1", []).to_wire())
-        _read(conn, "started")
         _send(conn, _call("checkpoint"))
         reply = next(m for m in _read(conn, "reply") if m["t"] == "reply")
         assert reply["error"] == "crash" and "ConfigurationError" in reply["type"]
