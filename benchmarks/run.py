@@ -22,7 +22,7 @@ import shlex
 import sys
 import time
 
-from benchmarks import state
+from benchmarks import handoff, state
 from benchmarks.cluster import ForsetiBench
 from benchmarks.common import Brokers, ForsetiRun, Results, Row, Sizes, log, measure
 from benchmarks.probe import probe_main
@@ -73,6 +73,10 @@ ROWS = [
     Row("restart", "12 restart after kill -9, transient", "ms", target="<= 100 ms + 0.1 s",
         check=lambda v, _: v <= 200),
     Row("checkpoint", "13 checkpoint added to a call", "ms", target="<= 0.3 ms", check=lambda v, _: v <= 0.3),
+    Row("handoff_pause", "14 handoff pause per key, p99 (rolling restart)", "ms", target="<= 50 ms",
+        check=lambda v, _: v <= 50),
+    Row("rebalance_rate", "15 keys moved per second by a rebalance", "keys/s", True, ">= 200/s",
+        lambda v, _: v >= 200),
 ]
 
 
@@ -84,6 +88,7 @@ def measure_more(bench: ForsetiBench) -> None:
     """
     r = bench.run.results
     measure(r, "checkpoint", lambda: state.checkpoint_cost(bench))
+    handoff.measure_rows(bench)  # rows 14 and 15: one cluster of movable keys of their own
 
 
 # --- main ----------------------------------------------------------------------------------------
