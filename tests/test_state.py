@@ -289,3 +289,15 @@ def test_checkpoint_without_a_state_url_is_a_configuration_error_for_the_caller(
         _exit_code(pid)
     finally:
         conn.close()
+
+
+def test_a_movable_process_whose_checkpoint_store_cannot_be_reached_fails_to_start() -> None:
+    config = ChildConfig(fence_after=3600.0, state_url="redis://127.0.0.1:1/0")  # nothing listens there
+    pid, conn = _spare(Room, config)
+    try:
+        _send(conn, Assign("room", "r1", []).to_wire())
+        (error,) = _read(conn, "init_error")
+        assert error["type"].endswith("StateUnavailable") and "127.0.0.1:1" in error["msg"]
+        assert _exit_code(pid) == 1
+    finally:
+        conn.close()
