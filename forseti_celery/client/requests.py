@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from ..core.codec import NO_PAYLOAD, Message, decode_payload
+from ..core.conf import checked_timeout
 from ..core.errors import InvalidArgument, InvalidKey, remote_error
 from ..core.keyref import KeyRef
 from ..core.messages import NO_VALUE, REPLY, Call, Get, Metrics, Reply, Search, StopKey
 
-__all__ = ["Ask", "Pending", "Steps", "Waiter", "answer_of", "check_key", "check_ref", "drive"]
+__all__ = ["Ask", "Pending", "Steps", "Waiter", "answer_of", "check_key", "check_ref", "drive", "timeout_of"]
 
 T = TypeVar("T")
 
@@ -124,3 +125,10 @@ def check_ref(ref: Any, namespace: str) -> None:
         # Served here, it would reach a worker of this cluster that happens to have its name.
         raise InvalidArgument(f"the ref of {ref.key!r} belongs to namespace {ref.namespace!r}, "
                               f"not to this client's {namespace!r}")
+
+
+def timeout_of(timeout: Any, default: float) -> float:
+    """``timeout`` checked (:class:`InvalidArgument`), or ``default`` for None."""
+    t = checked_timeout(timeout, default)
+    assert t is not None
+    return t
