@@ -67,6 +67,7 @@ class Client:
         self._exits_queue = self.names.exits_queue(self.id, forseti.app) if self.settings.cache else None
         self._loop = self._new_loop()
         self._closed = False
+        self._declared = False  # the client's queues, for the reply thread running (ensure_started)
 
     def _new_loop(self) -> ConsumerLoop:
         return ConsumerLoop(
@@ -356,17 +357,19 @@ class Client:
         """Start the reply thread, or a new one after the last gave up (its broker gone for longer
         than forseti_max_retries/forseti_max_time): raises :class:`BrokerUnavailable` while the
         broker is still away."""
-        if self._loop.is_alive() or self._closed:
+        if (self._loop.is_alive() and self._declared) or self._closed:
             return
         with self._start_lock:
             if not self._loop.is_alive() and not self._closed:
-                # The reply queue must exist before anyone answers into it.
-                for queue in self._queues():
-                    self._publisher.declare(queue)
                 if self._loop.ident is not None:
                     logger.info("forseti: the client's reply thread is back (it gave up on %r)", self._loop.failure)
-                    self._loop = self._new_loop()
-                self._loop.start()
+                    self._loop, self._declared = self._new_loop(), False
+                self._loop.start()  # connects while this thread declares below (issue 15)
+            if not self._declared and not self._closed:
+                # The reply queue must exist before anyone answers into it: before any request.
+                for queue in self._queues():
+                    self._publisher.declare(queue)
+                self._declared = True
 
     def _node_rk(self, ref: KeyRef) -> str:
         return self.names.node_routing_key(ref.node)
