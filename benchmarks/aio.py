@@ -24,13 +24,14 @@ import tracemalloc
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from benchmarks.common import Stat
+from benchmarks.common import Row, Stat, measure
 from forseti_celery import Forseti, KeyRef
 
 if TYPE_CHECKING:
     from benchmarks.cluster import ForsetiBench
 
-__all__ = ["IN_FLIGHT", "acall_latency_ms", "acall_throughput", "inflight_memory_mib", "sync_call_loop"]
+__all__ = ["IN_FLIGHT", "ROWS", "acall_latency_ms", "acall_throughput", "inflight_memory_mib", "measure_rows",
+           "sync_call_loop"]
 
 #: Calls kept in flight by the throughput rows.
 IN_FLIGHT = 1000
@@ -126,6 +127,27 @@ def inflight_memory_mib(forseti: Forseti, n: int = 10_000) -> float:
 
 
 # -- the rows of a benchmark run ---------------------------------------------------------------
+
+#: The rows (``benchmarks.run.ROWS`` lists them): 17a's target is 10k calls/s and 4x the sync loop (17b).
+ROWS = [
+    Row("acall_tput_1", "17 acall, 1,000 in flight, one key", "calls/s", True),
+    Row("acall_tput_100", "17a acall, 1,000 in flight, 100 keys", "calls/s", True, ">= 10000/s, >= 4x 17b",
+        lambda v, base: v >= 10_000 and base is not None and v >= 4 * base, versus="sync_loop_100"),
+    Row("sync_loop_100", "17b sync call loop, 100 keys", "calls/s", True),
+    Row("acall_rt", "17c acall round trip, one in flight", "ms", target="<= 1.1x row 4",
+        check=lambda v, base: base is not None and v <= 1.1 * base, versus="call"),
+    Row("acall_mem", "17d 10,000 acalls in flight: client memory", "MiB"),
+]
+
+
+def measure_rows(bench: ForsetiBench) -> None:
+    """Measure :data:`ROWS` on the run's cluster (``benchmarks.run.measure_more``)."""
+    r = bench.run.results
+    measure(r, "acall_tput_1", lambda: tput_1(bench))
+    measure(r, "acall_tput_100", lambda: tput_100(bench))
+    measure(r, "sync_loop_100", lambda: sync_100(bench))
+    measure(r, "acall_rt", lambda: latency(bench))
+    measure(r, "acall_mem", lambda: memory(bench))
 
 
 def tput_1(bench: ForsetiBench) -> list[float]:

@@ -22,7 +22,7 @@ import shlex
 import sys
 import time
 
-from benchmarks import handoff, state
+from benchmarks import aio, handoff, state
 from benchmarks.cluster import ForsetiBench
 from benchmarks.common import Brokers, ForsetiRun, Results, Row, Sizes, log, measure
 from benchmarks.probe import probe_main
@@ -77,6 +77,7 @@ ROWS = [
         check=lambda v, _: v <= 50),
     Row("rebalance_rate", "15 keys moved per second by a rebalance", "keys/s", True, ">= 200/s",
         lambda v, _: v >= 200),
+    *aio.ROWS,  # rows 17-17d: the async client (issue 14)
 ]
 
 
@@ -89,6 +90,7 @@ def measure_more(bench: ForsetiBench) -> None:
     r = bench.run.results
     measure(r, "checkpoint", lambda: state.checkpoint_cost(bench))
     handoff.measure_rows(bench)  # rows 14 and 15: one cluster of movable keys of their own
+    aio.measure_rows(bench)  # rows 17-17d: the async client
 
 
 # --- main ----------------------------------------------------------------------------------------
