@@ -59,7 +59,20 @@ def declare(channel: Any, queues: Iterable[Any], *, consumer: bool = False) -> l
     that ``basic_consume`` (waiting for its answer) or the publisher's next use reports. Returns
     ``[]``: nothing is left to declare later."""
     for queue in queues:
-        queue.bind(channel).declare(nowait=True)
+        bound = queue.bind(channel)
+        if bound.no_declare:
+            continue
+        # What Queue.declare(nowait=True) does, but for the exchanges of its bindings too (which
+        # kombu declares waiting for each answer).
+        if bound.exchange is not None and bound.exchange.name:
+            bound.exchange.declare(nowait=True)
+        bound.queue_declare(nowait=True)
+        if bound.exchange is not None and bound.exchange.name:
+            bound.queue_bind(nowait=True)
+        for b in bound.bindings:
+            if b.exchange is not None and b.exchange.name:
+                b.exchange(channel).declare(nowait=True)
+            b.bind(bound, nowait=True, channel=channel)
     return []
 
 
