@@ -18,6 +18,7 @@ from typing import Any
 from celery import Celery
 from celery.app.backends import by_url
 
+from benchmarks import async_process
 from forseti_celery import Forseti, KeyedProcess
 
 #: ``idle_timeout`` of the name ``"idle"`` (rows 11, 11a: a key brought back after passivation).
@@ -67,6 +68,7 @@ def make_app(broker_url: str | None, namespace: str, redis_backend: str | None =
     # The lifecycle rows (issue 12): a name that passivates at once, and one restarted after a crash.
     forseti.keyed(name="idle", idle_timeout=IDLE_TIMEOUT)(Echo)
     forseti.keyed(name="transient", restart="transient")(Echo)
+    forseti.keyed(name=async_process.NAME)(async_process.AsyncEcho)  # rows 16, 16a (issue 14)
 
     @app.task(name="benchmarks.echo", shared=False)  # type: ignore[untyped-decorator]
     def echo(x: Any) -> Any:

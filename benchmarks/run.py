@@ -22,7 +22,7 @@ import shlex
 import sys
 import time
 
-from benchmarks import aio, handoff, state
+from benchmarks import aio, async_process, handoff, state
 from benchmarks.cluster import ForsetiBench
 from benchmarks.common import Brokers, ForsetiRun, Results, Row, Sizes, log, measure
 from benchmarks.probe import probe_main
@@ -77,6 +77,10 @@ ROWS = [
         check=lambda v, _: v <= 50),
     Row("rebalance_rate", "15 keys moved per second by a rebalance", "keys/s", True, ">= 200/s",
         lambda v, _: v >= 200),
+    Row("async_call", "16 call round trip, async keyed process", "ms", target="<= 1.1x row 4",
+        check=lambda v, base: base is not None and v <= 1.1 * base, versus="call"),
+    Row("async_uss", "16a USS per idle async keyed process", "MiB", target="<= 1.1x row 6",
+        check=lambda v, base: base is not None and v <= 1.1 * base, versus="uss"),
     *aio.ROWS,  # rows 17-17d: the async client (issue 14)
 ]
 
@@ -90,6 +94,7 @@ def measure_more(bench: ForsetiBench) -> None:
     r = bench.run.results
     measure(r, "checkpoint", lambda: state.checkpoint_cost(bench))
     handoff.measure_rows(bench)  # rows 14 and 15: one cluster of movable keys of their own
+    async_process.measure_rows(bench)  # rows 16 and 16a: async keyed processes (benchmarks.app's "async-echo")
     aio.measure_rows(bench)  # rows 17-17d: the async client
 
 

@@ -1,0 +1,72 @@
+"""The async keyed processes' rows of ``make bench`` (issue 14), on the run's cluster.
+
+* ``async_call``: ``ref.call`` round trip to an ``async def`` keyed process (:class:`AsyncEcho`,
+  ms), sampled in blocks interleaved with the same call to a sync :class:`~benchmarks.app.Echo`
+  (its median is in the run's notes) so that load from elsewhere hits both alike; the row is
+  checked against row 4. What it adds to a call is the loop's wake-up
+  (``call_soon_threadsafe`` from the mailbox's reader thread) and awaiting the handler.
+* ``async_uss``: unique set size of idle async keyed processes (MiB), checked against row 6's
+  sync ones.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from benchmarks.common import log, measure, repeat_ms, uss_mib
+from forseti_celery import KeyedProcess
+
+if TYPE_CHECKING:
+    from benchmarks.cluster import ForsetiBench
+
+__all__ = ["NAME", "AsyncEcho", "measure_rows"]
+
+#: The keyed-process name :class:`AsyncEcho` is registered under (``benchmarks.app``).
+NAME = "async-echo"
+#: How many idle async processes ``async_uss`` measures (row 6 measures 20 sync ones).
+PROCESSES = 20
+
+
+class AsyncEcho(KeyedProcess):
+    """:class:`~benchmarks.app.Echo` written with ``async def``."""
+
+    async def init(self, key: str, *args: Any) -> None:
+        self.casts = 0
+
+    async def handle_call(self, msg: Any) -> Any:
+        if msg == "pid":
+            return os.getpid()
+        return msg
+
+    async def handle_cast(self, msg: Any) -> None:
+        self.casts += 1
+
+
+def measure_rows(bench: ForsetiBench) -> None:
+    """Rows ``async_call`` and ``async_uss`` into the run's results."""
+    r, tag = bench.run.results, uuid.uuid4().hex[:6]
+    refs = [bench.forseti.get_key(f"aecho-{tag}-{i}", name=NAME) for i in range(PROCESSES)]
+    try:
+        measure(r, "async_call", lambda: _round_trips(bench, refs[0]))
+        for ref in refs:
+            ref.call("pid")
+        measure(r, "async_uss", lambda: [uss_mib(ref.pid) for ref in refs])
+    finally:
+        for ref in refs:
+            ref.stop()
+
+
+def _round_trips(bench: ForsetiBench, ref: Any) -> list[float]:
+    sync_ref, n, blocks = bench.refs[0], bench.sizes.rtt, 5
+    samples: dict[str, list[float]] = {"async": [], "sync": []}
+    for _ in range(blocks):
+        samples["async"] += repeat_ms(lambda i: ref.call(i), max(1, n // blocks))
+        samples["sync"] += repeat_ms(lambda i: sync_ref.call(i), max(1, n // blocks))
+    sync, aio = statistics.median(samples["sync"]), statistics.median(samples["async"])
+    note = f"call round trip, interleaved (median): async keyed process {aio:.3f} ms, sync {sync:.3f} ms"
+    bench.run.notes.append(note)
+    log(f"  {note}")
+    return samples["async"]
