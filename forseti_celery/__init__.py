@@ -140,14 +140,14 @@ def get_less_used_node(app: Celery | None = None, timeout: float | None = None) 
 async def aget_key(key: str, args: Sequence[Any] = (), *, name: str = "default", timeout: float | None = None,
                    app: Celery | None = None) -> KeyRef:
     """:func:`get_key`, awaited: the same arguments, the same (equal) :class:`KeyRef`, the same errors."""
-    return await Forseti.of(app).aget_key(key, args, name=name, timeout=timeout)
+    return await Forseti.of(app).aio.get_key(key, args, name, timeout)
 
 
 async def acall(key: str, msg: Any, *, name: str = "default", args: Sequence[Any] = (),
                 timeout: float | None = None, app: Celery | None = None) -> Any:
     """:func:`call`, awaited: the same answer, order and errors; cancelling the awaiting task
     gives the call up (its answer, if any comes, is dropped)."""
-    return await Forseti.of(app).acall(key, msg, name=name, args=args, timeout=timeout)
+    return await Forseti.of(app).aio.call_key(key, msg, args, name, timeout)
 
 
 async def asend(key: str, msg: Any, *, name: str = "default", args: Sequence[Any] = (),

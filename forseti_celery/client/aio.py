@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Coroutine
 from typing import Any
 
 from celery.utils.log import get_logger
@@ -201,42 +202,43 @@ class AsyncClient:
             del client.pending[corr]
         return answer_of(pending.reply)
 
-    # -- the operations -------------------------------------------------------------------------
-    async def get_key(self, key: str, args: Any, name: str, timeout: float | None) -> KeyRef:
+    # -- the operations (each returns the coroutine of its steps: no frame of its own in flight) --
+    def get_key(self, key: str, args: Any, name: str, timeout: float | None) -> Coroutine[Any, Any, KeyRef]:
         """:meth:`Client.get_key`, awaited."""
-        return await self.run(self.client.get_key_steps(key, args, name, timeout))
+        return self.run(self.client.get_key_steps(key, args, name, timeout))
 
-    async def search_key(self, key: str, name: str, timeout: float | None) -> KeyRef | None:
+    def search_key(self, key: str, name: str, timeout: float | None) -> Coroutine[Any, Any, KeyRef | None]:
         """:meth:`Client.search_key`, awaited."""
-        return await self.run(self.client.search_key_steps(key, name, timeout))
+        return self.run(self.client.search_key_steps(key, name, timeout))
 
-    async def get_metrics(self, timeout: float | None) -> dict[str, int]:
+    def get_metrics(self, timeout: float | None) -> Coroutine[Any, Any, dict[str, int]]:
         """:meth:`Client.get_metrics`, awaited."""
-        return await self.run(self.client.get_metrics_steps(timeout))
+        return self.run(self.client.get_metrics_steps(timeout))
 
     async def get_less_used_node(self, timeout: float | None) -> str:
         """:meth:`Client.get_less_used_node`, awaited."""
         return self.client.less_used(await self.get_metrics(timeout))
 
-    async def call(self, ref: KeyRef, msg: Any, timeout: float | None) -> Any:
+    def call(self, ref: KeyRef, msg: Any, timeout: float | None) -> Coroutine[Any, Any, Any]:
         """:meth:`Client.call` (``ref.acall``), awaited."""
-        return await self.run(self.client.call_steps(ref, msg, timeout))
+        return self.run(self.client.call_steps(ref, msg, timeout))
 
     async def cast(self, ref: KeyRef, msg: Any) -> None:
         """:meth:`Client.cast` (``ref.asend``): queued, in order with this client's other messages."""
         self.client.cast(ref, msg)
 
-    async def stop(self, ref: KeyRef, timeout: float | None) -> None:
+    def stop(self, ref: KeyRef, timeout: float | None) -> Coroutine[Any, Any, None]:
         """:meth:`Client.stop` (``ref.astop``), awaited."""
-        await self.run(self.client.stop_steps(ref, timeout))
+        return self.run(self.client.stop_steps(ref, timeout))
 
-    async def call_key(self, key: str, msg: Any, args: Any, name: str, timeout: float | None) -> Any:
+    def call_key(self, key: str, msg: Any, args: Any, name: str, timeout: float | None) -> Coroutine[Any, Any, Any]:
         """:meth:`Client.call_key` (``forseti_celery.acall``), awaited."""
-        return await self.run(self.client.call_key_steps(key, msg, args, name, timeout))
+        return self.run(self.client.call_key_steps(key, msg, args, name, timeout))
 
-    async def cast_key(self, key: str, msg: Any, args: Any, name: str, timeout: float | None = None) -> None:
+    def cast_key(self, key: str, msg: Any, args: Any, name: str,
+                 timeout: float | None = None) -> Coroutine[Any, Any, None]:
         """:meth:`Client.cast_key` (``forseti_celery.asend``), awaited."""
-        await self.run(self.client.cast_key_steps(key, msg, args, name, timeout))
+        return self.run(self.client.cast_key_steps(key, msg, args, name, timeout))
 
     def waiting(self) -> int:
         """How many requests of this client's tasks await an answer (tests: nothing leaks)."""

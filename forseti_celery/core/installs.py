@@ -9,6 +9,7 @@ client take one as an :class:`Installed`, the part of the facade they use.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from celery import current_app
@@ -35,9 +36,9 @@ class Caller(Protocol):
 class AsyncCaller(Protocol):
     """What a ``KeyRef``'s ``acall``/``asend``/``astop`` ask of the async side of that client."""
 
-    async def call(self, ref: Any, msg: Any, timeout: float | None) -> Any: ...
-    async def cast(self, ref: Any, msg: Any) -> None: ...
-    async def stop(self, ref: Any, timeout: float | None) -> None: ...
+    def call(self, ref: Any, msg: Any, timeout: float | None) -> Awaitable[Any]: ...
+    def cast(self, ref: Any, msg: Any) -> Awaitable[None]: ...
+    def stop(self, ref: Any, timeout: float | None) -> Awaitable[None]: ...
 
 
 class Installed(Protocol):
