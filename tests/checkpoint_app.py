@@ -5,10 +5,11 @@ and ``ledger``, a movable keyed process that checkpoints after each addition."""
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from forseti_celery import KeyedProcess
-from tests.app import app, forseti
+from tests.app import app, forseti, journal
 
 __all__ = ["app", "forseti"]
 
@@ -20,10 +21,18 @@ if os.environ.get("FORSETI_STATE_URL"):
 class Ledger(KeyedProcess):
     """``call({"add": n})`` adds ``n`` to its total, checkpoints, answers the total and whether
     the checkpoint was stored; ``call({"add": n, "keep": False})`` adds without a checkpoint;
-    ``call("get")`` answers ``{"total", "pid", "restored"}``."""
+    ``call("get")`` answers ``{"total", "pid", "restored"}``; ``send({"add": n, "nap": s})`` adds,
+    journals ``napping``, sleeps ``s`` seconds, then checkpoints and journals ``checkpoint`` with
+    ``stored`` (True, or False when refused)."""
 
     def init(self, key: str, *args: Any) -> None:
-        self.total, self.restored = 0, False
+        self.key, self.total, self.restored = key, 0, False
+
+    def handle_cast(self, msg: Any) -> None:
+        self.total += msg["add"]
+        journal("napping", self.key)
+        time.sleep(msg["nap"])
+        journal("checkpoint", self.key, stored=self.checkpoint(), total=self.total)
 
     def handle_call(self, msg: Any) -> Any:
         if msg == "get":

@@ -4,6 +4,7 @@ worker killed with SIGKILL coming back on another worker with their last checkpo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from pathlib import Path
@@ -15,6 +16,7 @@ import redis
 from forseti_celery.core.pipe import Assign
 from forseti_celery.core.state import Checkpoints
 from forseti_celery.testing import wait_for
+from forseti_celery.worker.pool import zygote as zygote_mod
 from tests.helpers import Harness
 from tests.test_state import Room, _answer, _call, _cast, _config, _exit_code, _read, _send, _spare
 from tests.test_state import store as store  # the fixture: a store of a namespace of its own
@@ -96,6 +98,26 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _elsewhere(h: Harness, key: str, gone: str) -> Any:
+    """The key's live ref once it is on another worker than ``gone`` (get_key starts it there)."""
+    def found() -> Any:
+        try:
+            ref = h.forseti.get_key(key, name="ledger", timeout=5)
+            return ref if ref.node != gone else None
+        except Exception:
+            return None
+    return wait_for(found, 30, 0.2, lambda: f"{key} never came back\n{h.cluster.log_tails()}")
+
+
+def _on(h: Harness, hostname: str, first: int = 0) -> tuple[str, Any]:
+    """A ledger key (and its ref) placed on the worker ``hostname``."""
+    for i in range(first, first + 60):
+        ref = h.forseti.get_key(f"acct-{i}", name="ledger", timeout=20)
+        if ref.node == hostname:
+            return f"acct-{i}", ref
+    raise AssertionError(f"no key was placed on {hostname}")
+
+
 @pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
 def test_the_keys_of_a_worker_killed_with_sigkill_come_back_elsewhere_with_their_last_checkpoint(
         broker: str, tmp_path: Path, redis_url: str, request: pytest.FixtureRequest) -> None:
@@ -118,20 +140,48 @@ def test_the_keys_of_a_worker_killed_with_sigkill_come_back_elsewhere_with_their
                 break
         assert keys, "no key was placed on the worker to kill"
         victim.kill(signal.SIGKILL)
-
-        def elsewhere(key: str) -> Any:
-            try:
-                ref = h.forseti.get_key(key, name="ledger", timeout=5)
-                return ref if ref.node != victim.hostname else None
-            except Exception:
-                return None
-
         for key, total in keys.items():
-            ref = wait_for(lambda key=key: elsewhere(key), 30, 0.2,  # type: ignore[misc]
-                           lambda key=key: f"{key} never came back\n{h.cluster.log_tails()}")
-            got = ref.call("get", timeout=10)
+            got = _elsewhere(h, key, victim.hostname).call("get", timeout=10)
             assert (got["total"], got["restored"]) == (total, True), key
     finally:
+        h.stop()
+        with redis.Redis.from_url(redis_url) as r:
+            for name in r.scan_iter(f"{h.namespace}.state.*"):
+                r.delete(name)
+
+
+@pytest.mark.skipif(not zygote_mod.available(), reason="a keyed process the zygote forked watches no lifeline")
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_a_stopped_worker_s_process_resumed_after_its_key_came_back_elsewhere_has_its_checkpoint_refused(
+        broker: str, tmp_path: Path, redis_url: str, request: pytest.FixtureRequest) -> None:
+    # The whole worker is stopped (SIGSTOP: worker, zygote, keyed process) mid-handler, until its
+    # key has started again on the other worker; then the keyed process alone resumes, with its
+    # fence (the zygote) still stopped, and finishes its handler: its checkpoint is refused.
+    h = Harness(request.getfixturevalue(f"{broker}_url"), tmp_path, n=2, app="tests.checkpoint_app",
+                FORSETI_STATE_URL=redis_url)
+    stopped: list[int] = []
+    try:
+        h.start()
+        victim = h.cluster.workers[0]
+        key, ref = _on(h, victim.hostname)
+        assert ref.call({"add": 5}, timeout=10) == {"total": 5, "stored": True}
+        ref.send({"add": 7, "nap": 1.0})
+        wait_for(lambda: [e for e in h.journal() if e["ev"] == "napping"], 10, 0.01, "never handled")
+        stopped = [victim.pid, *victim.descendants()]
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        again = _elsewhere(h, key, victim.hostname)
+        assert again.call("get", timeout=10)["total"] == 5  # restored from the last checkpoint
+        os.kill(ref.pid, signal.SIGCONT)  # the stale process alone
+        (done,) = wait_for(lambda: [e for e in h.journal() if e["ev"] == "checkpoint"], 10, 0.02,
+                           "the stale process never finished its handler")
+        assert (done["pid"], done["stored"], done["total"]) == (ref.pid, False, 12)
+        stored = Checkpoints(redis_url, h.namespace).read("ledger", key)
+        assert stored is not None and stored["state"] == {"total": 5}
+    finally:
+        for pid in stopped:  # the worker, its pool, its zygote and its keyed processes
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         h.stop()
         with redis.Redis.from_url(redis_url) as r:
             for name in r.scan_iter(f"{h.namespace}.state.*"):
