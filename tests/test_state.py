@@ -17,6 +17,7 @@ from forseti_celery.core.conf import ChildConfig
 from forseti_celery.core.pipe import Assign, Handoff
 from forseti_celery.core.process import is_movable
 from forseti_celery.core.state import Checkpoints
+from forseti_celery.testing import wait_for
 from tests.test_child import _kill, _wait_exit
 
 
@@ -299,5 +300,23 @@ def test_a_movable_process_whose_checkpoint_store_cannot_be_reached_fails_to_sta
         (error,) = _read(conn, "init_error")
         assert error["type"].endswith("StateUnavailable") and "127.0.0.1:1" in error["msg"]
         assert _exit_code(pid) == 1
+    finally:
+        conn.close()
+
+
+def test_a_handler_that_checkpointed_itself_sets_off_no_automatic_checkpoint(store: Checkpoints) -> None:
+    pid, conn = _spare(Room, _config(store, every=0.1), Assign("room", "r1", [], None, 1, "s1"))
+    try:
+        _send(conn, _call("checkpoint"))
+        assert _answer(conn) is True
+        version = store.read("room", "r1")["version"]  # type: ignore[index]
+        _send(conn, _cast("ann"))  # a change: stored automatically within the period
+        wait_for(lambda: store.read("room", "r1")["version"] == version + 1, 5, 0.02,  # type: ignore[index]
+                 "no automatic checkpoint")
+        time.sleep(0.3)  # three periods with no change: nothing more is written
+        assert store.read("room", "r1")["version"] == version + 1  # type: ignore[index]
+        _send(conn, {"t": "stop", "reason": "stop"})
+        _read(conn, "exit")
+        assert _exit_code(pid) == 0
     finally:
         conn.close()

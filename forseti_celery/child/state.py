@@ -54,6 +54,7 @@ class KeyState:
         self.every = config.checkpoint_every if self.store is not None else None
         self.last = time.monotonic()  # when the last checkpoint was taken (or the process started)
         self.dirty = False  # a message was handled since the last checkpoint
+        self.wrote = False  # a checkpoint was taken while the current message was handled
         self.timer: Timer | None = None
         self.stale = False
         process._state = self
@@ -86,7 +87,7 @@ class KeyState:
 
     def _write(self, state: Any) -> bool:
         assert self.store is not None
-        self.last, self.dirty = time.monotonic(), False
+        self.last, self.dirty, self.wrote = time.monotonic(), False, True
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -101,9 +102,13 @@ class KeyState:
         """After a message was handled: an automatic checkpoint if one is due, else its timer set."""
         if self.every is None:
             return
+        if self.wrote:  # the handler checkpointed itself: nothing changed since
+            self.wrote = False
+            return
         self.dirty = True
         if time.monotonic() - self.last >= self.every:
             self.auto(obj)
+            self.wrote = False
         elif self.timer is None:
             self.timer = self.box.start_timer(max(0.0, self.last + self.every - time.monotonic()),
                                               CHECKPOINT_DUE, None, False)
