@@ -155,6 +155,13 @@ def test_areceive_and_create_task_refuse_outside_an_async_keyed_process() -> Non
 
     with pytest.raises(RuntimeError, match="only available inside a keyed process"):
         asyncio.run(process.areceive(0))
+    with pytest.raises(RuntimeError, match="only available inside a keyed process"):
+        SyncIdle().create_task(asyncio.sleep(0))
+    with _child(SyncIdle) as (pid, conn):
+        assert _call(conn, "async") == [
+            "create_task() needs an async keyed process: give it an async def hook",
+            "forseti_celery.areceive() is for async def keyed processes; use receive()"]
+        _stop(pid, conn)
     assert process.is_async(Ordered) and process.is_async(Mixed) and process.is_async(async_function)
     assert not process.is_async(SyncIdle) and not process.is_async(len)
 

@@ -93,10 +93,12 @@ class KeyedProcess:
         """In an async keyed process (one with an ``async def`` hook): run ``coro`` as a background
         task of this process, on its loop, while and between its handlers; it is cancelled when the
         process ends (after :meth:`terminate`), and an exception it raises crashes the process.
-        :class:`RuntimeError` in a sync process (``coro`` is closed). See ``docs/asyncio.rst``."""
-        create = getattr(_running("create_task"), "create_task", None)
+        :class:`RuntimeError` in a sync process or outside one (``coro`` is closed). See :doc:`/asyncio`."""
+        create = getattr(_mailbox, "create_task", None)
         if create is None:
             coro.close()
+            if _mailbox is None:
+                _running("KeyedProcess.create_task")  # raises: not in a keyed process
             raise RuntimeError("create_task() needs an async keyed process: give it an async def hook")
         return create(coro)  # type: ignore[no-any-return]
 
@@ -157,7 +159,7 @@ def receive(timeout: float | None = None) -> Any:
 async def areceive(timeout: float | None = None) -> Any:
     """:func:`receive` for an ``async def`` function-form keyed process: awaits the next message
     (the process's background tasks run meanwhile). :class:`RuntimeError` in a sync process. See
-    ``docs/asyncio.rst``."""
+    :doc:`/asyncio`."""
     take = getattr(_running("areceive"), "areceive", None)
     if take is None:
         raise RuntimeError("forseti_celery.areceive() is for async def keyed processes; use receive()")
