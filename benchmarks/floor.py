@@ -75,7 +75,7 @@ def relay(kind: str, url: str, queue: str) -> None:
         r = redis.Redis.from_url(url)
         print("ready", flush=True)
         while True:
-            got = r.brpop([queue], timeout=0)
+            got = r.brpop([queue], timeout=1)  # below redis-py's socket timeout (5 s since redis-py 6)
             if got is None:
                 continue
             reply_to, _, payload = cast(bytes, got[1]).partition(b"|")
@@ -117,10 +117,11 @@ class _RedisClient:
 
     def call(self, payload: bytes) -> bytes:
         self.r.lpush(self.queue, self.reply.encode() + b"|" + payload)
-        got = self.r.brpop([self.reply], timeout=10)
-        if got is None:
-            raise TimeoutError("the floor relay did not answer")
-        return cast(bytes, got[1])
+        for _ in range(10):
+            got = self.r.brpop([self.reply], timeout=1)  # below redis-py's socket timeout
+            if got is not None:
+                return cast(bytes, got[1])
+        raise TimeoutError("the floor relay did not answer")
 
     def close(self) -> None:
         self.r.close()
