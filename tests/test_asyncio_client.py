@@ -30,6 +30,7 @@ from forseti_celery import (
     UnknownName,
 )
 from forseti_celery.client.aio import AsyncPending
+from forseti_celery.client.routes import RouteTable
 
 from .helpers import Harness, fresh, harness
 
@@ -151,6 +152,23 @@ async def test_cancelled_key_addressed_calls_free_their_route_and_keep_later_mes
     route = h.forseti.client._routes.get("default", key)
     assert route is not None and route.calls == 0
     assert async_waiters(h) == 0
+
+
+def test_a_call_given_up_unanswered_keeps_its_route_on_an_exit_as_a_send_does() -> None:
+    routes = RouteTable()
+    ref = KeyRef("a", 1, "k", "n")
+    routes.open(ref)
+    taken = routes.take("n", "k", cast=False)
+    assert taken is not None
+    routes.answered(taken[0], settled=False)  # cancelled: the call may still reach the old worker
+    routes.exited("n", "k", "a", 1)
+    assert routes.get("n", "k") is taken[0]  # the next message waits for a notice (or the linger)
+    routes.open(KeyRef("a", 2, "k2", "n"))
+    taken = routes.take("n", "k2", cast=False)
+    assert taken is not None
+    routes.answered(taken[0])  # answered: nothing of it is on its way
+    routes.exited("n", "k2", "a", 2)
+    assert routes.get("n", "k2") is None
 
 
 @pytest.mark.asyncio

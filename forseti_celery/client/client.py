@@ -196,10 +196,13 @@ class Client:
             ref = route.ref
             t = max(deadline - time.monotonic(), 0.001)  # what creating the process left
             call = Call(ref.name, ref.key, ref.pid, *self._ticket(t), NO_VALUE, True, args, seq)
-            ended = False
+            ended = settled = False
             try:
-                return (yield Ask(self._node_rk(ref), call, t, resend=False, what="message", payload=msg))
+                answer = yield Ask(self._node_rk(ref), call, t, resend=False, what="message", payload=msg)
+                settled = True
+                return answer
             except ProcessGone:
+                settled = True
                 # Answered "gone" by a worker that does not hold key-addressed messages (an older
                 # version): it never wrote the call to a process, so sending it again is safe.
                 self._cache.forget(ref)
@@ -208,12 +211,12 @@ class Client:
                 if t <= 0:
                     raise
             except (RemoteError, ForsetiTimeout) as exc:
-                ended = isinstance(exc, RemoteError)
+                ended = settled = isinstance(exc, RemoteError)
                 yield from self._call_failed(ref, exc, t)
             finally:
                 # A crash ends the route at once if nothing else is on it: no detour for the next.
-                # (Also when the caller gave up: a cancelled task, a KeyboardInterrupt.)
-                self._routes.answered(route, ended)
+                # A call given up unanswered (timed out, its task cancelled) may still be on its way.
+                self._routes.answered(route, ended, settled)
 
     def cast_key(self, key: str, msg: Any, args: Any, name: str, timeout: float | None = None) -> None:
         """``forseti_celery.send``: ``msg`` to ``(name, key)``'s process, created with ``args``

@@ -91,11 +91,15 @@ class RouteTable:
                 route.calls += 1
             return route, self._seq
 
-    def answered(self, route: Route, ended: bool = False) -> None:
+    def answered(self, route: Route, ended: bool = False, settled: bool = True) -> None:
         """A call sent along ``route`` has its answer (or its caller gave up); ``ended``: the
-        answer says its process has ended (it crashed), as its exit event will (:meth:`exited`)."""
+        answer says its process has ended (it crashed), as its exit event will (:meth:`exited`).
+        ``settled=False``: given up unanswered (a timeout, a cancelled task), the call may still be
+        on its way; the route then keeps its order until a notice covers it, as for a send."""
         with self._lock:
             route.calls -= 1
+            if not settled:
+                route.casts = True
             k = (route.ref.name, route.ref.key)
             if ended and not route.casts and not route.calls and self._routes.get(k) is route:
                 del self._routes[k]
