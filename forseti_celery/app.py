@@ -15,7 +15,7 @@ from kombu.utils.imports import symbol_by_name
 from . import control as _control  # noqa: F401  (registers the inspect/control commands)
 from .client.aio import AsyncClient
 from .client.client import Client
-from .core import installs, transport
+from .core import installs, process, transport
 from .core.conf import KeyPolicy, Settings, checked_policy
 from .core.errors import InvalidArgument
 from .core.keyref import KeyRef
@@ -104,6 +104,7 @@ class Forseti:
                 raise InvalidArgument(f"a keyed process must be a KeyedProcess subclass or a function: {obj!r}")
             self._targets[name] = obj
             self._policies[name] = policy
+            process.is_async(obj)  # remembered now, before any fork (see is_async)
             return obj
 
         return register(target) if target is not None else register

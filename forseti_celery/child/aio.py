@@ -18,6 +18,7 @@ import asyncio
 import inspect
 import time
 from collections.abc import Callable, Coroutine
+from types import CoroutineType
 from typing import Any
 
 from ..core import process
@@ -162,8 +163,9 @@ def _close(loop: asyncio.AbstractEventLoop) -> None:
 
 
 async def _maybe(value: Any) -> Any:
-    """A hook's result, awaited if it is a coroutine (an ``async def`` hook's), else as it is."""
-    return await value if inspect.isawaitable(value) else value
+    """A hook's result, awaited if it is a coroutine (an ``async def`` hook's), else as it is.
+    (``inspect.isawaitable`` would run an ABC check, and copy its pages, for every plain value.)"""
+    return await value if type(value) is CoroutineType else value
 
 
 async def _serve_function(aio: AioMailbox, fn: Callable[..., Any], key: str, args: list[Any]) -> None:
@@ -181,7 +183,7 @@ async def _serve_class(aio: AioMailbox, cls: type[KeyedProcess], key: str, args:
     terminate: Callable[[str], Any] = obj.terminate
     restore: Callable[[Any], Any] = obj.restore
     try:
-        if inspect.iscoroutinefunction(obj.snapshot):
+        if getattr(getattr(cls.snapshot, "__code__", None), "co_flags", 0) & inspect.CO_COROUTINE:
             raise TypeError(f"{cls.__name__}.snapshot must be a plain def (restore and the handlers may be async)")
         await _maybe(init(key, *args))
         saved = state.to_restore()  # a handoff's state, or the key's checkpoint (as a sync process)

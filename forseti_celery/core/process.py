@@ -168,14 +168,22 @@ async def areceive(timeout: float | None = None) -> Any:
 
 def is_async(target: Any) -> bool:
     """Whether the keyed-process ``target`` runs on an event loop: an ``async def`` function, or
-    a :class:`KeyedProcess` with at least one ``async def`` hook."""
-    if isinstance(target, type):
-        return issubclass(target, KeyedProcess) and any(
-            inspect.iscoroutinefunction(getattr(target, hook, None)) for hook in _HOOKS)
-    return inspect.iscoroutinefunction(target)
+    a :class:`KeyedProcess` with at least one ``async def`` hook. Remembered per target: asked
+    as a target is registered (in the worker, before any fork), a keyed process finds the answer
+    without running ``inspect``'s code, which would copy ~180 KB of its worker's pages into it."""
+    known = _async_targets.get(target)
+    if known is None:
+        if isinstance(target, type):
+            known = issubclass(target, KeyedProcess) and any(
+                inspect.iscoroutinefunction(getattr(target, hook, None)) for hook in _HOOKS)
+        else:
+            known = inspect.iscoroutinefunction(target)
+        _async_targets[target] = known
+    return known
 
 
 _HOOKS = ("init", "handle_call", "handle_cast", "handle_info", "terminate", "snapshot", "restore")
+_async_targets: dict[Any, bool] = {}
 
 
 def is_movable(target: Any) -> bool:
