@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -148,6 +149,22 @@ def test_an_async_process_restores_a_handed_state_with_its_async_restore_and_han
         assert got == [{"t": "handed_off", "state": {"members": ["ann", "restored", "bob"]}},
                        {"t": "exit", "reason": "handoff"}]
         assert _wait_exit(pid, 5.0) == 0
+
+
+def _main_thread_switches(pid: int) -> int:
+    with open(f"/proc/{pid}/task/{pid}/status") as f:
+        return sum(int(line.split()[1]) for line in f if line.startswith(("voluntary_ctxt", "nonvoluntary_ctxt")))
+
+
+def test_an_idle_async_process_without_timers_never_wakes_its_loop() -> None:
+    with _child(Mixed) as (pid, conn):
+        wait_for(lambda: _call(conn, "seen") == ["from a timer"] or None, 10, 0.02)  # its one timer is done
+        before = _main_thread_switches(pid)
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:  # the reader thread wakes for the lifeline; the loop must not
+            time.sleep(0.05)
+        assert _main_thread_switches(pid) - before <= 1
+        assert _call(conn, "seen") == ["from a timer"]  # and it still answers at once
 
 
 def test_areceive_and_create_task_refuse_outside_an_async_keyed_process() -> None:
