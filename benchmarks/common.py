@@ -67,7 +67,7 @@ class Row:
     #: Which result of the Celery/Ray columns this row is compared with.
     celery: str | None = None
     ray: str | None = None
-    #: Another forseti row this one is checked against (the check's second argument).
+    #: Another forseti row this one is checked against (the check's second argument); "ray.<id>": Ray's.
     versus: str | None = None
     #: Which floor figure of the run (benchmarks.floor: "floor_rt", "floor_first") bounds this row.
     floor: str | None = None

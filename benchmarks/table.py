@@ -43,6 +43,10 @@ def ratio(row: Row, mine: Stat | None, other: Stat | None) -> str:
     return f"{size:.1f}x {'better' if better else 'worse'}"
 
 
+def _half_of(mine: Stat, other: Stat | None) -> bool:
+    return other is None or not other.ok or mine.median <= other.median / 2
+
+
 def times_floor(mine: Stat | None, floor: Stat | None) -> str:
     """forseti's median in floors: '2.3x' (how far from what the broker's client library alone does)."""
     if mine is None or floor is None or not mine.ok or not floor.ok or floor.median == 0:
@@ -62,10 +66,13 @@ def render(rows: list[Row], run: ForsetiRun, ray_results: Results, ray_status: s
         solo = r.get(f"{row.celery}_solo") if row.celery else None
         ray = ray_results.get(row.ray) if row.ray else None
         ray_cell = cell(ray) if ray_results else (ray_status if row.ray else "-")
-        base = r.get(row.versus) if row.versus else task
+        base = (ray_results.get(row.versus[4:]) if row.versus.startswith("ray.") else r.get(row.versus)) \
+            if row.versus else task
         mark = ""
         if row.check is not None and mine is not None and mine.ok:
             mark = "PASS" if row.check(mine.median, base.median if base and base.ok else None) else "FAIL"
+            if row.id == "call" and mark == "PASS" and not _half_of(mine, ray_results.get("call")):
+                mark = "FAIL"  # issue 15: and at most half Ray's call in the same run
         lines.append([row.label.replace(" N ", f" {run.many:,} ") if run.many else row.label, row.unit,
                       cell(mine), cell(floor), cell(task), cell(solo), ray_cell, times_floor(mine, floor),
                       ratio(row, mine, task), ratio(row, mine, solo), ratio(row, mine, ray), row.target, mark])
