@@ -152,3 +152,22 @@ def test_kombus_redis_declaration_of_a_default_exchange_queue_writes_nothing_to_
         stored += [k for k in client.keys("_kombu.binding.*")
                    if any(reply.name.encode() in m for m in client.smembers(k))]
         assert not stored, f"kombu's declaration stored {stored} on Redis"
+
+
+def test_on_redis_a_new_consumer_declares_its_fanout_subscription_on_the_connection_it_pinged_with(
+        redis_url: str) -> None:
+    # A client's exits subscription is declared before its reply thread reads: on a second
+    # connection of the channel's (kombu's second pool) it cost a new client's first request one more.
+    app = Celery("fastpath-test", broker=redis_url, set_as_current=False)
+    names = _names(redis_url)
+    bcast = names.bcast_queue("w1@host", uuid.uuid4().hex[:8])
+    received: list[Any] = []
+    publisher = Publisher(app.connection_for_write())
+    try:
+        with _loop(app, [bcast], received) as loop:
+            assert loop._consumer is not None
+            assert loop._consumer.channel._pool is None, "the consumer made a second pool before reading"
+            publisher.publish(names.bcast_exchange, "", [{"t": "b"}])
+            wait_for(lambda: received == [{"t": "b"}], 10, 0.02, "the fanout subscription heard nothing")
+    finally:
+        publisher.close()

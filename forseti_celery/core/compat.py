@@ -33,6 +33,7 @@ __all__ = [
     "billiard_child_start",
     "forget_dead_threads",
     "redis_declare_needed",
+    "redis_declaring_on_channel_client",
     "redis_lock_forget",
     "redis_lock_held",
     "redis_publish_pipeline",
@@ -216,6 +217,31 @@ def redis_declare_needed(queue: Any, consumer: bool) -> bool:
     exchanges = [b.exchange for b in getattr(queue, "bindings", None) or ()] + [queue.exchange]
     named = [e for e in exchanges if e is not None and e.name]
     return bool(named) if consumer else any(e.type != "fanout" for e in named)
+
+
+@contextlib.contextmanager
+def redis_declaring_on_channel_client(channel: Any) -> Iterator[None]:
+    """In this block, what kombu's Redis ``channel`` sends for declarations goes through the
+    channel's own ``client``, on the connection kombu opened to ``PING`` the broker, instead of a
+    client of a second pool (a second connection): only while no read is pending on that client
+    (kombu pins its connection to a consumer's first ``BRPOP``), so before a consumer reads. A
+    publisher's channel (:func:`reuse_redis_client`), any other channel, or the guard off: as is.
+    """
+    if (not KOMBU_REDIS_DECLARE.ok() or not hasattr(channel, "_create_client")
+            or "conn_or_acquire" in vars(channel) or getattr(channel.client, "connection", None) is not None):
+        yield
+        return
+    client = channel.client
+
+    @contextlib.contextmanager
+    def conn_or_acquire(given: Any = None) -> Iterator[Any]:  # kombu's signature
+        yield given or client
+
+    channel.conn_or_acquire = conn_or_acquire
+    try:
+        yield
+    finally:
+        del channel.conn_or_acquire
 
 
 # -- redis-py's Lock: the token it holds --------------------------------------------------------

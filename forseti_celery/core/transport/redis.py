@@ -65,11 +65,12 @@ def declare(channel: Any, queues: Iterable[Any], *, consumer: bool = False) -> l
     channel, ``auto_delete``: kombu notes it when declaring, which costs a connection and a round
     trip that need not come before the first read)."""
     later = []
-    for queue in queues:
-        if compat.redis_declare_needed(queue, consumer):
-            queue.bind(channel).declare()
-        elif consumer and queue.auto_delete:
-            later.append(queue)
+    with compat.redis_declaring_on_channel_client(channel):  # before a consumer reads: no second connection
+        for queue in queues:
+            if compat.redis_declare_needed(queue, consumer):
+                queue.bind(channel).declare()
+            elif consumer and queue.auto_delete:
+                later.append(queue)
     return later
 
 
