@@ -71,7 +71,10 @@ Batches = dict[Key, list[Message]]
 REDIRECT_FOR = 60.0
 _ASK_AGAIN = 5.0  # seconds without an answer before the node asks again (a lost request, a failover)
 _ASK_FOR = 30.0  # the deadline of the node's own ``get``, as a caller's
-_TRIES = 20  # answers naming a process already gone here, in a row, before the held messages fail
+_TRIES = 30  # answers naming a process already gone here, in a row, before the held messages fail
+#: Seconds before asking again after such an answer (doubling, at most 1 s: ~25 s in all): a leader
+#: rebuilding its table answers from the registries while the exit report it defers is on its way.
+_STALE_FIRST, _STALE_MAX = 0.05, 1.0
 
 
 @dataclass
@@ -239,9 +242,9 @@ class Forwarding:
             live = self._children.incarnation(*k)
             if live is not None and live[0] == pid:
                 self._hand_over(k, node, pid)
-            elif h.tries < _TRIES:  # a process of ours the leader has not seen leave yet
+            elif h.tries < _TRIES:  # a process of ours the leader has not seen leave yet: ask again soon
                 h.tries += 1
-                self._advance(k, h)
+                h.asked_at = time.monotonic() - _ASK_AGAIN + min(_STALE_FIRST * 2 ** min(h.tries, 5), _STALE_MAX)
             else:
                 self._fail(k, h, Reply.fail(corr, "gone", f"keyed process {k[1]!r} ({k[0]}) keeps exiting"))
 

@@ -22,16 +22,22 @@ A snapshot that raises (``handoff_failed``) or comes after the handoff's deadlin
 ``shutdown``, its state dropped (and logged); it is killed if still alive forseti_stop_timeout
 after the deadline.
 
-Threads: :meth:`Handoffs.leaving` runs in the worker's main thread (the bootstep's stop),
-:meth:`Handoffs.move` in the node's consumer thread; both only write to mailboxes under the pool's
-lock, never wait on a pipe.
+A worker that led hands off only once another leads, ready (its heartbeat says so; at most a
+third of the bound is spent waiting): the exit reports then reach a leader whose table has the
+keys, never one rebuilding its table while clients, told of the new leader, ask for the keys
+again (the exit reports the old leader had taken are put back behind their requests, and a
+request for a key missing from the table would start it afresh, without its state).
+
+Threads: :meth:`Handoffs.leaving` runs in the worker's main thread (the bootstep's stop; it reads
+the heartbeats the consumer thread records, as hints), :meth:`Handoffs.move` in the node's
+consumer thread; both only write to mailboxes under the pool's lock, never wait on a pipe.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery.utils.log import get_logger
 
@@ -40,6 +46,9 @@ from ..core.worker_messages import Move
 from .pool.children import Children
 from .pool.table import Handing, Start
 from .rebalance import Rebalancer
+
+if TYPE_CHECKING:
+    from .role import Role
 
 logger = get_logger(__name__)
 
@@ -50,12 +59,12 @@ class Handoffs:
     """One worker's handoffs: which of its processes can move, and starting them."""
 
     def __init__(self, hostname: str, children: Children, resolve: Callable[[str], Any], timeout: float,
-                 epoch: Callable[[], int]) -> None:
+                 role: Role) -> None:
         self.hostname = hostname
         self._children = children
         self._resolve = resolve
         self.timeout = timeout
-        self._epoch = epoch
+        self._role = role
 
     def movable(self, name: str) -> bool:
         """Whether the processes of ``name`` can hand off (their class defines ``snapshot``)."""
@@ -74,19 +83,29 @@ class Handoffs:
         leader places it). Returns the handoffs' deadline (``time.monotonic()``; now if none)."""
         now = time.monotonic()
         deadline = now + self.timeout
+        movable = [c for c in self._children.snapshot() if c.started and self.movable(c.name)]
+        if not movable:
+            return now
+        self._await_leader(now + self.timeout / 3)
         handing = Handing(None, time.time(), deadline)
         count = sum(self._children.hand_off(c.name, c.key, c.pid, handing)
-                    for c in self._children.snapshot() if c.started and self.movable(c.name))
+                    for c in movable)
         if not count:
             return now
         logger.info("forseti: %s hands %d keyed processes off (forseti_handoff_timeout %g s)", self.hostname, count,
                     self.timeout)
         return deadline
 
+    def _await_leader(self, until: float) -> None:
+        """Wait until another worker leads, ready, or until ``until`` (see the module's docstring)."""
+        members = self._role.leader.members
+        while time.monotonic() < until and not any(m.leader and m.hostname != self.hostname for m in members):
+            time.sleep(0.02)
+
     def move(self, msg: dict[str, Any]) -> None:
         """The leader's ``move``: hand one process off to the worker it names (consumer thread)."""
         o = Move.from_wire(msg)
-        if o.epoch < self._epoch():
+        if o.epoch < self._role.epoch:
             logger.warning("forseti: %s refused a move of %r from deposed leader %s (epoch %d)", self.hostname, o.key,
                            o.leader, o.epoch)
             return

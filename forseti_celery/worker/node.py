@@ -94,10 +94,10 @@ class Node:
                                  self.events.send, ChildConfig.from_settings(s),
                                  lambda name: forseti.policy(name).idle_timeout)
         self.forwarding = Forwarding(hostname, self.children, self.sender)
-        self.handoffs = Handoffs(hostname, self.children, forseti.resolve, s.handoff_timeout, lambda: self.epoch)
-        self.leader.rebalancer = self.handoffs.rebalancer(s.rebalance, s.rebalance_batch)
         self.liveness = Liveness(hostname, s, self.members, self.children)
         self.role = Role(hostname, self.leader, self.election, self.events, self.names.leader_queue, self._forward_held)
+        self.handoffs = Handoffs(hostname, self.children, forseti.resolve, s.handoff_timeout, self.role)
+        self.leader.rebalancer = self.handoffs.rebalancer(s.rebalance, s.rebalance_batch)
         self._node_queue = self.names.node_queue(hostname)
         self._closing = False
         self._held: list[Message] = []  # while in doubt (see Liveness.stalled), in order
