@@ -333,6 +333,8 @@ class Leader:
                         moving=moves.exited(self.members, k, msg))
         elif ours is not None:
             self._ended(k, ours, msg.reason or "")
+        elif msg.reason == REASON_HANDOFF:  # the key started afresh meanwhile (asked for before this came)
+            logger.warning("forseti: %r handed off from %s after it started afresh: its state is dropped", k, msg.node)
         for reply_to, corr in msg.stoppers:
             self._reply(reply_to, Reply.ok(corr, True).to_wire())
 
