@@ -229,13 +229,8 @@ class Batcher:
     def send(self, routing_key: str, msg: Message | Encoded) -> None:
         """Publish ``msg`` now, from the calling thread, behind everything queued before it (the
         sender thread is not woken for it); raises :class:`BrokerUnavailable`."""
-        self.hold(routing_key, msg)
-        self.flush()
-
-    def hold(self, routing_key: str, msg: Message | Encoded) -> None:
-        """Queue ``msg`` without waking the sender thread: the next :meth:`flush` publishes it (an
-        event loop's client holds what its tasks send and flushes once per loop iteration)."""
         self._queue.append((routing_key, msg))
+        self.flush()
 
     def flush(self) -> None:
         """Publish everything queued so far; raises :class:`BrokerUnavailable` (those messages are lost)."""
