@@ -171,3 +171,21 @@ def test_on_redis_a_new_consumer_declares_its_fanout_subscription_on_the_connect
             wait_for(lambda: received == [{"t": "b"}], 10, 0.02, "the fanout subscription heard nothing")
     finally:
         publisher.close()
+
+
+def test_kombus_redis_channel_close_deletes_no_list_of_the_default_exchange(redis_url: str) -> None:
+    # The other half of that contract: a consumer's declaration of its auto_delete reply queue
+    # would only matter to the channel's close, which deletes auto_delete fanout queues, no list.
+    from kombu import Connection
+
+    names = _names(redis_url)
+    reply = names.reply_queue(uuid.uuid4().hex)
+    with Connection(redis_url) as conn:
+        channel = conn.channel()
+        reply(channel).declare()
+        channel.client.lpush(reply.name, b"left")
+        channel.close()
+        with Connection(redis_url) as other:
+            client = other.default_channel.client
+            assert client.llen(reply.name) == 1, "kombu's close deleted an auto_delete list"
+            client.delete(reply.name)

@@ -191,8 +191,9 @@ def _check_kombu_redis_declare() -> str | None:
 
 
 #: kombu's Redis ``queue_declare``: for a queue of the default exchange it only counts the list's
-#: messages (``_size``, on a connection of its own) and remembers ``auto_delete`` for the channel's
-#: close; a push to the list needs no declaration (see :func:`redis_declare_needed`).
+#: messages (``_size``, on a connection of its own) and remembers ``auto_delete``, which the channel's
+#: close reads for fanout queues only; a push to the list needs no declaration (see
+#: :func:`redis_declare_needed`).
 KOMBU_REDIS_DECLARE = Guard(
     "kombu Redis queue declaration", "declaring every queue through kombu (a connection and a round trip "
     "more before a client's first request)", _check_kombu_redis_declare,
@@ -208,9 +209,9 @@ def redis_declare_needed(queue: Any, consumer: bool) -> bool:
 
     A queue of the default exchange is a plain list to kombu's Redis transport: a publish pushes
     to the list its routing key names (``_put``), a consumer pops it, and declaring it only asks
-    ``LLEN`` (on a second connection of the channel's) and notes ``auto_delete`` for the channel's
-    close (which a consumer still declares, once it reads: see ``transport.redis.declare``). A
-    publish to a fanout exchange is a ``PUBLISH`` to its channel (``_put_fanout``), bindings unread.
+    ``LLEN`` (on a second connection of the channel's) and notes ``auto_delete``, which the
+    channel's close reads for fanout queues only (a list is never deleted by it). A publish to a
+    fanout exchange is a ``PUBLISH`` to its channel (``_put_fanout``), bindings unread.
     """
     if not KOMBU_REDIS_DECLARE.ok():
         return True

@@ -111,11 +111,9 @@ class ConsumerLoop(threading.Thread):
         """Start consuming ``queue`` on the live consumer (no-op while disconnected)."""
         if self._consumer is not None and not self._consumer.consuming_from(queue):
             channel = self._consumer.channel
-            later = self._transport.declare(channel, [queue], consumer=True)
+            self._transport.declare(channel, [queue], consumer=True)
             self._consumer.add_queue(queue)
             self._consumer.consume()
-            for q in later:
-                q.bind(channel).declare()
 
     def cancel_queue(self, queue: Queue) -> None:
         """Stop consuming ``queue``."""
@@ -162,23 +160,19 @@ class ConsumerLoop(threading.Thread):
             windowed = self._windowed() if kind.prefetch_windows else []
             names = {q.name for q in windowed}
             queues = [q for q in self._queues() if q.name not in names]
-            # Declared as the broker needs them (Transport.declare), before consuming them; what
-            # needs declaring only for the channel's close (Redis auto_delete) once reading.
-            later = kind.declare(channel, [*queues, *windowed], consumer=True)
+            # Declared as the broker needs them (Transport.declare), before consuming them.
+            kind.declare(channel, [*queues, *windowed], consumer=True)
             consumer = Consumer(channel, queues, no_ack=True, on_message=self._on_message, auto_declare=False)
             consumer.consume()
             if windowed:
                 channel.basic_qos(0, self.window, False)  # per consumer; no_ack consumers ignore it
                 Consumer(channel, windowed, no_ack=False, on_message=self._on_windowed, auto_declare=False).consume()
             self._consumer = consumer
-            # A first round of the event loop subscribes fanout queues (Redis pub/sub) for real
-            # and sends the first read (Redis BRPOP), which an answer already waiting meets.
+            # A first round of the event loop subscribes fanout queues (Redis pub/sub) for real.
             try:
                 conn.drain_events(timeout=0.001)
             except TimeoutError:
                 pass
-            for queue in later:
-                queue.bind(channel).declare()
             self.connected.set()
             if self._on_connect is not None:
                 self._on_connect()

@@ -55,9 +55,9 @@ class Transport(Protocol):
     def needs_declaring(self, queue: Any) -> bool:
         """Whether a publisher must declare ``queue`` before publishing to it."""
 
-    def declare(self, channel: Any, queues: Iterable[Any], *, consumer: bool = False) -> list[Any]:
-        """Declare on ``channel`` what of ``queues`` must be declared before use (a later publish or
-        consume on the same channel finds it); return what a consumer declares once consuming."""
+    def declare(self, channel: Any, queues: Iterable[Any], *, consumer: bool = False) -> None:
+        """Declare on ``channel`` what of ``queues`` a publisher (or, ``consumer``, a consumer)
+        needs declared: a publish or consume after it on the same channel finds it."""
 
     def batch(self, channel: Any) -> AbstractContextManager[Batch]:
         """A block whose publishes on ``channel`` go out in order, in one round trip if it can."""
@@ -85,10 +85,9 @@ class _Other:
     def needs_declaring(self, queue: Any) -> bool:
         return True
 
-    def declare(self, channel: Any, queues: Iterable[Any], *, consumer: bool = False) -> list[Any]:
+    def declare(self, channel: Any, queues: Iterable[Any], *, consumer: bool = False) -> None:
         for queue in queues:
             queue.bind(channel).declare()
-        return []
 
     def batch(self, channel: Any) -> AbstractContextManager[Batch]:
         return nullcontext(_NoBatch())

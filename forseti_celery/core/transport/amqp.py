@@ -52,12 +52,11 @@ def needs_declaring(queue: Any) -> bool:
     return True
 
 
-def declare(channel: Any, queues: Iterable[Any], *, consumer: bool = False) -> list[Any]:
+def declare(channel: Any, queues: Iterable[Any], *, consumer: bool = False) -> None:
     """Declare ``queues`` (and their bindings) on ``channel`` without waiting for each answer
     (``nowait``): RabbitMQ handles a channel's frames in order, so a publish or a ``basic_consume``
     sent after them on the same channel finds them declared, and a refusal closes the channel, which
-    that ``basic_consume`` (waiting for its answer) or the publisher's next use reports. Returns
-    ``[]``: nothing is left to declare later."""
+    that ``basic_consume`` (waiting for its answer) or the publisher's next use reports."""
     for queue in queues:
         bound = queue.bind(channel)
         if bound.no_declare:
@@ -73,7 +72,6 @@ def declare(channel: Any, queues: Iterable[Any], *, consumer: bool = False) -> l
             if b.exchange is not None and b.exchange.name:
                 b.exchange(channel).declare(nowait=True)
             b.bind(bound, nowait=True, channel=channel)
-    return []
 
 
 class _Plain:

@@ -59,19 +59,14 @@ def needs_declaring(queue: Any) -> bool:
     return compat.redis_declare_needed(queue, consumer=False)
 
 
-def declare(channel: Any, queues: Iterable[Any], *, consumer: bool = False) -> list[Any]:
-    """Declare on ``channel`` what of ``queues`` must be declared before it is used; return what a
-    consumer declares once it consumes (a list of the default exchange deleted with the consumer's
-    channel, ``auto_delete``: kombu notes it when declaring, which costs a connection and a round
-    trip that need not come before the first read)."""
-    later = []
+def declare(channel: Any, queues: Iterable[Any], *, consumer: bool = False) -> None:
+    """Declare on ``channel`` what of ``queues`` a publisher (or, ``consumer``, a consumer) needs
+    declared (:func:`~forseti_celery.core.compat.redis_declare_needed`): a consumer's fanout
+    subscriptions, nothing else."""
     with compat.redis_declaring_on_channel_client(channel):  # before a consumer reads: no second connection
         for queue in queues:
             if compat.redis_declare_needed(queue, consumer):
                 queue.bind(channel).declare()
-            elif consumer and queue.auto_delete:
-                later.append(queue)
-    return later
 
 
 def prepare(channel: Any) -> None:
