@@ -19,16 +19,7 @@ from typing import Any
 import pytest
 
 import forseti_celery
-from forseti_celery import (
-    ForsetiTimeout,
-    InvalidArgument,
-    InvalidKey,
-    InvalidMessage,
-    KeyRef,
-    ProcessGone,
-    RemoteError,
-    UnknownName,
-)
+from forseti_celery import KeyRef
 from forseti_celery.client.aio import AsyncPending
 from forseti_celery.client.routes import RouteTable
 
@@ -74,21 +65,21 @@ async def test_each_async_function_gives_what_its_sync_twin_gives(h: Harness) ->
 @pytest.mark.asyncio
 async def test_async_errors_are_the_sync_ones(h: Harness) -> None:
     app = h.app
-    with pytest.raises(InvalidKey):
+    with pytest.raises(forseti_celery.InvalidKey):
         await forseti_celery.aget_key(123, app=app)  # type: ignore[arg-type]
-    with pytest.raises(UnknownName):
+    with pytest.raises(forseti_celery.UnknownName):
         await forseti_celery.aget_key(fresh("unknown"), name="no-such-name", app=app)
     ref = await forseti_celery.aget_key(fresh("errors"), app=app)
-    with pytest.raises(InvalidMessage):
+    with pytest.raises(forseti_celery.InvalidMessage):
         await ref.acall({"x": object()})
-    with pytest.raises(InvalidArgument):
+    with pytest.raises(forseti_celery.InvalidArgument):
         await forseti_celery.aget_key(fresh("bad"), app=app, timeout=-1)
     other = KeyRef(ref.node, ref.pid, ref.key, ref.name, "another-namespace", app)
-    with pytest.raises(InvalidArgument):
+    with pytest.raises(forseti_celery.InvalidArgument):
         await h.forseti.aio.call(other, "get", None)
-    with pytest.raises(RemoteError, match="asked to crash"):
+    with pytest.raises(forseti_celery.RemoteError, match="asked to crash"):
         await ref.acall("crash")
-    with pytest.raises((ProcessGone, RemoteError)):
+    with pytest.raises((forseti_celery.ProcessGone, forseti_celery.RemoteError)):
         await ref.acall("get", timeout=5)
     assert async_waiters(h) == 0
 
@@ -96,7 +87,7 @@ async def test_async_errors_are_the_sync_ones(h: Harness) -> None:
 @pytest.mark.asyncio
 async def test_an_async_timeout_is_forseti_timeout_and_timeout_error(h: Harness) -> None:
     ref = await forseti_celery.aget_key(fresh("timeout"), app=h.app)
-    with pytest.raises(ForsetiTimeout) as caught:
+    with pytest.raises(forseti_celery.ForsetiTimeout) as caught:
         await ref.acall({"sleep": 1.0}, timeout=0.2)
     assert isinstance(caught.value, TimeoutError)
     # The caller's own deadline cancels the call; the process answers the next one.
