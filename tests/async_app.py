@@ -156,6 +156,37 @@ class AsyncIdle(KeyedProcess):
         return os.getpid()
 
 
+@forseti.keyed(name="async-lazy")
+class Lazy(KeyedProcess):
+    """Async hooks; ``handle_call`` never awaits, so the process runs without building its loop
+    until it uses the loop (``"soon"``, ``"task"``) or ``handle_cast`` (which awaits) runs."""
+
+    async def init(self, key: str, *args: Any) -> None:
+        self.log: list[Any] = []
+
+    async def handle_call(self, msg: Any) -> Any:
+        loop = asyncio.get_running_loop()  # already the one it will run, built or not
+        if msg == "built":
+            return bool(loop.built)  # type: ignore[attr-defined]
+        if msg == "current":
+            return asyncio.current_task() is not None
+        if msg == "soon":  # a callback: it runs after this handler, on the loop built for it
+            loop.call_soon(self.log.append, "soon")
+        elif msg == "task":
+            self.create_task(self._note("task"))
+        self.log.append(msg)
+        return list(self.log)
+
+    async def _note(self, what: str) -> None:
+        await asyncio.sleep(0)
+        self.log.append(what)
+
+    async def handle_cast(self, msg: Any) -> None:
+        async with asyncio.timeout(5):
+            await asyncio.sleep(0.001)
+        self.log.append(msg)
+
+
 @forseti.keyed(name="async-movable")
 class Movable(KeyedProcess):
     """Async hooks with a plain ``snapshot`` and an async ``restore`` (issue 13's handoff)."""

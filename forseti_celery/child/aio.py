@@ -10,6 +10,11 @@ thread (:mod:`.runtime`) queues frames as for any keyed process and wakes the lo
 ``call_soon_threadsafe`` only while it waits for a message (a busy loop takes them off the queue
 with no system call). Timers (:func:`~forseti_celery.send_after`) come through the mailbox as
 in a sync process; one set while the loop waits wakes it. See ``docs/asyncio.rst``.
+
+The loop starts when first needed (:func:`serve`): until a hook that can suspend (one with an
+``await``, ``async with`` or ``async for`` in it) is about to run, or something uses the loop
+(``create_task``, a future, a callback), the process runs without it, as a sync one does, and
+costs what a sync one costs; ``asyncio.get_running_loop()`` already answers the loop it will run.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from ..core.pipe import HANDOFF, STOP, Started
 from ..core.process import KeyedProcess, Timer
 from ..core.protocol import PAYLOAD
 from . import runtime
+from .lazyloop import TO_LOOP, LazyLoop, resume, suspends, to_loop
 from .state import KeyState
 
 __all__ = ["AioMailbox", "serve"]
@@ -40,6 +46,9 @@ class AioMailbox:
     def __init__(self, box: runtime.Mailbox, loop: asyncio.AbstractEventLoop) -> None:
         self.box = box
         self._loop = loop
+        #: Whether the process runs on its loop (:func:`serve`); until then :meth:`get` waits as
+        #: a sync process does, and nothing else runs meanwhile.
+        self.looping = not isinstance(loop, LazyLoop)
         #: Set while the loop waits for a message: the reader thread wakes it then only.
         self._waiter: asyncio.Future[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()  # strong references: the loop keeps weak ones
@@ -64,6 +73,10 @@ class AioMailbox:
     async def get(self, timeout: float | None = None) -> dict[str, Any] | None:
         """The mailbox's next message (as :meth:`~.runtime.Mailbox.get`), awaited; ``None`` after ``timeout``."""
         box = self.box
+        if not self.looping:
+            if not self._loop.built:  # type: ignore[attr-defined]
+                return box.get(timeout)  # no loop yet: nothing else to run while it waits
+            await self.to_loop()  # a hook used the loop (a task, a callback): it runs from now on
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             msg = box.get(0.0)
@@ -88,6 +101,22 @@ class AioMailbox:
                 self._waiter = None
                 if later is not None:
                     later.cancel()
+
+    async def to_loop(self) -> None:
+        """Go on on the loop (:func:`serve` takes the process there), if not there yet."""
+        if not self.looping:
+            self.looping = True
+            await to_loop()
+
+    async def hook(self, value: Any) -> Any:
+        """A hook's result, awaited if it is a coroutine (an ``async def`` hook's), else as it is;
+        one that can suspend runs on the loop. (``inspect.isawaitable`` would run an ABC check,
+        and copy its pages, for every plain value.)"""
+        if type(value) is not CoroutineType:
+            return value
+        if not self.looping and suspends(value.cr_code):
+            await self.to_loop()
+        return await value
 
     # -- what the running process asks (core.process._mailbox) -----------------------------------
     def start_timer(self, delay: float, msg: Any, interval: float | None, keep_alive: bool) -> Timer:
@@ -133,20 +162,39 @@ class AioMailbox:
 
 
 def serve(box: runtime.Mailbox, target: Any, key: str, args: list[Any], state: KeyState) -> None:
-    """Run the async keyed process ``target`` (class or function) for ``key`` on a new event loop,
-    until it stops or returns; raises what crashes it, as :func:`.runtime.run` expects."""
-    loop = asyncio.new_event_loop()
+    """Run the async keyed process ``target`` (class or function) for ``key``, until it stops or
+    returns; raises what crashes it, as :func:`.runtime.run` expects.
+
+    Its body (a coroutine) runs first without a loop, as a sync process runs: a hook without an
+    ``await`` in it never suspends, and the body waits for messages as a sync process does
+    (:meth:`AioMailbox.get`), while ``asyncio.get_running_loop()`` answers the (not yet built)
+    :class:`LazyLoop`. The first hook that can suspend, or the first use of the loop, takes the
+    body onto the loop, in a task, for the rest of the process's life."""
+    # Under another event-loop policy (uvloop...), its loop, built now and run from the start.
+    lazy = type(asyncio.get_event_loop_policy()) is asyncio.DefaultEventLoopPolicy
+    loop = LazyLoop() if lazy else asyncio.new_event_loop()
     aio = AioMailbox(box, loop)
     process._mailbox = aio
     box.notify = aio.notify
     try:
         body = _serve_class(aio, target, key, args, state) if isinstance(target, type) else _serve_function(
             aio, target, key, args)
-        aio.main = loop.create_task(body)
+        yielded: Any = TO_LOOP  # not started: resume starts it
+        if not aio.looping:
+            asyncio.events._set_running_loop(loop)
+            try:
+                yielded = body.send(None)
+            except StopIteration:
+                return
+            finally:
+                asyncio.events._set_running_loop(None)
+            aio.looping = True
+        aio.main = loop.create_task(resume(body, yielded))
         loop.run_until_complete(aio.main)
     finally:
         box.notify = None
-        _close(loop)
+        if not isinstance(loop, LazyLoop) or loop.built:
+            _close(loop)
 
 
 def _close(loop: asyncio.AbstractEventLoop) -> None:
@@ -162,16 +210,10 @@ def _close(loop: asyncio.AbstractEventLoop) -> None:
         loop.close()
 
 
-async def _maybe(value: Any) -> Any:
-    """A hook's result, awaited if it is a coroutine (an ``async def`` hook's), else as it is.
-    (``inspect.isawaitable`` would run an ABC check, and copy its pages, for every plain value.)"""
-    return await value if type(value) is CoroutineType else value
-
-
 async def _serve_function(aio: AioMailbox, fn: Callable[..., Any], key: str, args: list[Any]) -> None:
     aio.box.send(Started().to_wire())
     try:
-        await fn(key, *args)
+        await aio.hook(fn(key, *args))
     except asyncio.CancelledError as exc:
         raise aio.crashed(exc) from None
 
@@ -185,10 +227,10 @@ async def _serve_class(aio: AioMailbox, cls: type[KeyedProcess], key: str, args:
     try:
         if getattr(getattr(cls.snapshot, "__code__", None), "co_flags", 0) & inspect.CO_COROUTINE:
             raise TypeError(f"{cls.__name__}.snapshot must be a plain def (restore and the handlers may be async)")
-        await _maybe(init(key, *args))
+        await aio.hook(init(key, *args))
         saved = state.to_restore()  # a handoff's state, or the key's checkpoint (as a sync process)
         if saved is not None:
-            await _maybe(restore(saved))
+            await aio.hook(restore(saved))
     except BaseException as exc:
         runtime.init_failed(box, exc, state.name, key)
     box.send(Started().to_wire())
@@ -203,13 +245,13 @@ async def _serve_class(aio: AioMailbox, cls: type[KeyedProcess], key: str, args:
             if kind == STOP:
                 box.stop_reason = msg.get("reason", "stop")
                 state.stopping(obj, box.stop_reason)
-                await _maybe(terminate(box.stop_reason))
+                await aio.hook(terminate(box.stop_reason))
                 state.stopped(box.stop_reason)
                 return
             if kind == HANDOFF:
                 deferred = _Deferred(obj)  # its snapshot now; its terminate on the loop, awaited
                 box.stop_reason = state.hand_off(deferred)  # type: ignore[arg-type]
-                await _maybe(terminate(deferred.reason))
+                await aio.hook(terminate(deferred.reason))
                 return
             if kind == runtime.INFO and state.is_tick(msg[PAYLOAD]):
                 state.auto(obj)
@@ -235,7 +277,7 @@ class _Deferred:
 async def _handle(aio: AioMailbox, handlers: dict[str, Callable[[Any], Any]], msg: dict[str, Any]) -> None:
     kind = msg[TYPE]
     try:
-        value = await _maybe(handlers[kind](msg[PAYLOAD]))
+        value = await aio.hook(handlers[kind](msg[PAYLOAD]))
     except SystemExit:
         raise  # ends the process normally, as in a sync process
     except BaseException as exc:
