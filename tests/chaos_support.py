@@ -623,13 +623,14 @@ def report(what: str, **figures: Any) -> None:
 
 
 @contextmanager
-def chaos(url: str, tmp: Path, n: int = 3, pool: str = "solo", start: bool = True,
-          **env: str) -> Iterator[tuple[Harness, Monitor]]:
-    """A cluster (started unless ``start`` is false) under a :class:`Monitor`; on exit: no orphans,
-    no duplicate, ever."""
-    h = Harness(url, tmp, n=n, pool=pool, **env)
-    # Every lookup goes to the leader: these tests check its table, not a client's cache of refs.
-    h.app.conf.forseti_cache = False
+def chaos(url: str, tmp: Path, n: int = 3, pool: str = "solo", start: bool = True, app: str = "tests.app",
+          cache: bool = False, **env: str) -> Iterator[tuple[Harness, Monitor]]:
+    """A cluster of ``app``'s workers (started unless ``start`` is false) under a :class:`Monitor`;
+    on exit: no orphans, no duplicate, ever."""
+    h = Harness(url, tmp, n=n, pool=pool, app=app, **env)
+    # Every lookup goes to the leader (unless ``cache``): these tests check its table, not a
+    # client's cache of refs.
+    h.app.conf.forseti_cache = cache
     monitor = Monitor(h.journal_dir)
     monitor.start()
     passed = False

@@ -13,13 +13,13 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from forseti_celery import Forseti, ForsetiError
 from forseti_celery.testing import WorkerProcess, wait_for
-from tests.chaos_support import Monitor
+from tests.chaos_support import Monitor, chaos
 from tests.helpers import ROOT, Harness, client_app
 
 APP = "tests.state_app"
@@ -30,20 +30,12 @@ def message(client: str, seq: int, n: int = 1) -> dict[str, Any]:
     return {"c": client, "s": seq, "n": n, "t": time.time()}
 
 
-@contextlib.contextmanager
-def state_cluster(broker_url: str, tmp: Path, n: int, **env: str) -> Iterator[tuple[Harness, Monitor]]:
-    """``n`` workers of ``tests.state_app``, a client, and a monitor of every keyed process:
-    on the way out, no orphan and no two live processes of a key, ever."""
-    h = Harness(broker_url, tmp, n=n, app=APP, **env)
-    monitor = Monitor(h.journal_dir)
-    monitor.start()
-    try:
-        yield h.start(), monitor
-    finally:
-        orphans = h.stop()
-        violations = monitor.finish()
-        assert not orphans, f"orphan processes left: {orphans}"
-        assert not violations, violations
+def state_cluster(broker_url: str, tmp: Path, n: int, **env: str) -> contextlib.AbstractContextManager[
+        tuple[Harness, Monitor]]:
+    """``n`` workers of ``tests.state_app`` (prefork), a client (its cache of refs on, as by
+    default), and a monitor of every keyed process: on the way out, no orphan and no two live
+    processes of a key, ever."""
+    return chaos(broker_url, tmp, n=n, pool="prefork", app=APP, cache=True, **env)
 
 
 def metrics(h: Harness) -> dict[str, int]:

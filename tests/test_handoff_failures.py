@@ -10,7 +10,7 @@ each test shuts down (or kills) some, and the next test starts with three again.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -57,20 +57,27 @@ def fragile(h: Harness, key: str, *args: Any, sends: int = 3) -> KeyRef:
     return ref
 
 
-def tally_on(h: Harness, node: str) -> str:
-    """A ``tally`` key placed on ``node`` (least-used placement: the others get some first), having counted 1."""
+def placed(h: Harness, name: str, args: tuple[Any, ...], where: Callable[[str], bool]) -> KeyRef:
+    """A new key of ``name`` whose worker satisfies ``where`` (least-used placement: the keys that
+    land elsewhere first stay until one lands there, so the counts move on, then stop)."""
     others: list[KeyRef] = []
     for _ in range(10):
-        ref = h.forseti.get_key(fresh("tally"), name="tally", timeout=30)
-        if ref.node == node:
+        ref = h.forseti.get_key(fresh(name), name=name, args=args, timeout=30)
+        if where(ref.node):
             break
         others.append(ref)
     else:
-        raise AssertionError(f"no tally key was placed on {node}")
+        raise AssertionError(f"no {name} key was placed where asked: {[r.node for r in others]}")
     for other in others:
         other.stop()
-    h.forseti.call(ref.key, message("t", 1), name="tally")
-    return ref.key
+    return ref
+
+
+def tally_on(h: Harness, node: str) -> str:
+    """A ``tally`` key placed on ``node``, having counted 1."""
+    key = placed(h, "tally", (), lambda host: host == node).key
+    h.forseti.call(key, message("t", 1), name="tally")
+    return key
 
 
 def state(h: Harness, key: str, *args: Any, name: str = "fragile") -> dict[str, Any]:
@@ -146,35 +153,28 @@ def test_the_target_worker_dying_mid_handoff_leaves_the_key_live_exactly_once(h:
                          lambda: f"{key} never began its restore elsewhere\n{h.cluster.log_tails()}")
     target = wait_for(lambda: worker_of_pid(h, restoring[0]["pid"]), 5, 0.01, "the restoring process has no worker")
     target.kill()  # SIGKILL, while the key's new process restores
-    leaving.join(70)
-    assert source.returncode == 0, source.log_tail()
-    final = state(h, key, "slow-restore", 0.1)
-    live = h.forseti.search_key(key, name="fragile")
-    assert live is not None and live.pid == final["pid"] and alive(final["pid"])
-    print(f"\n[target died mid-handoff] the key came back {'with' if final['restored'] else 'without'} its "
-          f"state (count {final['count']})")
+    live_once(h, key, ("slow-restore", 0.1), source, leaving, "target died mid-handoff")
 
 
 def test_the_leader_dying_mid_handoff_leaves_the_key_live_exactly_once(h: Harness) -> None:
     leader = wait_one_leader(h, [w.hostname for w in h.cluster.alive])
-
-    def off_the_leader() -> KeyRef | None:  # the stopping worker must not be the leader
-        ref = h.forseti.get_key(fresh("leader-dies"), name="fragile", args=("slow", 2), timeout=30)
-        if ref.node == leader:
-            ref.stop()
-            return None
-        return ref
-    ref = wait_for(off_the_leader, 60, 0, "every key went to the leader")
+    ref = placed(h, "fragile", ("slow", 2), lambda host: host != leader)  # not the leader that stops
     key = ref.key
     h.forseti.call(key, message("t", 1), name="fragile", args=("slow", 2))
     source = worker(h, ref.node)
     leaving = handing_off(h, ref.node)
     wait_for(lambda: journal_of(h, key, "snapshot"), 30, 0.01, lambda: f"{key} never began its snapshot")
     worker(h, leader).kill()  # SIGKILL, while the key's process takes its snapshot
+    live_once(h, key, ("slow", 0.1), source, leaving, "leader died mid-handoff")
+
+
+def live_once(h: Harness, key: str, args: tuple[Any, ...], source: WorkerProcess, leaving: threading.Thread,
+              what: str) -> None:
+    """The stopping worker left by itself, and the key has one live process (started now if none)."""
     leaving.join(70)
     assert source.returncode == 0, source.log_tail()
-    final = state(h, key, "slow", 0.1)
+    final = state(h, key, *args)
     live = h.forseti.search_key(key, name="fragile")
     assert live is not None and live.pid == final["pid"] and alive(final["pid"])
-    print(f"\n[leader died mid-handoff] the key came back {'with' if final['restored'] else 'without'} its "
-          f"state (count {final['count']})")
+    print(f"\n[{what}] the key came back {'with' if final['restored'] else 'without'} its state "
+          f"(count {final['count']})")
