@@ -6,11 +6,15 @@
   checked against row 4. What it adds to a call is the loop's wake-up
   (``call_soon_threadsafe`` from the mailbox's reader thread) and awaiting the handler.
 * ``async_uss``: unique set size of idle async keyed processes (MiB), checked against row 6's
-  sync ones.
+  sync ones. :class:`AsyncEcho`'s hooks do not await, so it runs without building its event loop
+  (``forseti_celery/child/lazyloop.py``); the run's notes also give the same processes' USS once
+  each has built and run its loop (a ``"loop"`` call), which costs ~0.9 MB more (see
+  ``docs/asyncio.rst``, "Memory").
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import statistics
 import uuid
@@ -31,7 +35,8 @@ PROCESSES = 20
 
 
 class AsyncEcho(KeyedProcess):
-    """:class:`~benchmarks.app.Echo` written with ``async def``."""
+    """:class:`~benchmarks.app.Echo` written with ``async def`` (no ``await``: no loop until
+    ``"loop"``, which has it built and run)."""
 
     async def init(self, key: str, *args: Any) -> None:
         self.casts = 0
@@ -39,6 +44,8 @@ class AsyncEcho(KeyedProcess):
     async def handle_call(self, msg: Any) -> Any:
         if msg == "pid":
             return os.getpid()
+        if msg == "loop":
+            self.create_task(asyncio.sleep(0))
         return msg
 
     async def handle_cast(self, msg: Any) -> None:
@@ -54,6 +61,14 @@ def measure_rows(bench: ForsetiBench) -> None:
         for ref in refs:
             ref.call("pid")
         measure(r, "async_uss", lambda: [uss_mib(ref.pid) for ref in refs])
+        lazy = statistics.median(uss_mib(ref.pid) for ref in refs)
+        for ref in refs:
+            ref.call("loop")
+            ref.call("pid")  # on the loop now: the task has run
+        looped = statistics.median(uss_mib(ref.pid) for ref in refs)
+        note = f"USS per idle async keyed process (median): {lazy:.2f} MiB without its loop, {looped:.2f} MiB with it"
+        bench.run.notes.append(note)
+        log(f"  {note}")
     finally:
         for ref in refs:
             ref.stop()
