@@ -20,10 +20,10 @@ import pytest
 
 import forseti_celery
 from forseti_celery import KeyRef
-from forseti_celery.client.aio import AsyncPending
+from forseti_celery.client.aio import AsyncPending, _LoopSide
 from forseti_celery.client.routes import RouteTable
 
-from .helpers import Harness, fresh, harness
+from .helpers import Harness, client_app, fresh, harness
 
 
 @pytest.fixture(scope="module", params=["redis", "rabbitmq"])
@@ -95,6 +95,23 @@ async def test_an_async_timeout_is_forseti_timeout_and_timeout_error(h: Harness)
         await asyncio.wait_for(ref.acall({"sleep": 1.0}), 0.2)
     assert await ref.acall("get", timeout=10) == 0
     assert async_waiters(h) == 0
+
+
+@pytest.mark.asyncio
+async def test_a_leader_request_nobody_answers_is_sent_again_then_times_out(
+        h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    app = client_app(h.app.conf.broker_url, f"forseti-nobody{os.getpid()}")
+    app.conf.forseti_retry_interval = 0.2
+    sent: list[str] = []
+    send = _LoopSide.send
+    monkeypatch.setattr(_LoopSide, "send", lambda side, rk, *rest: (sent.append(rk), send(side, rk, *rest)))
+    try:
+        with pytest.raises(forseti_celery.ForsetiTimeout, match="no leader answered"):
+            await forseti_celery.aget_key("k", app=app, timeout=1)
+        assert not forseti_celery.Forseti.of(app).client.pending
+        assert len(sent) >= 3  # every forseti_retry_interval
+    finally:
+        forseti_celery.Forseti.of(app).close()
 
 
 @pytest.mark.asyncio
