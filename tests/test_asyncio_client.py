@@ -241,3 +241,16 @@ def test_a_forked_child_awaits_with_a_fresh_client_of_its_own(h: Harness) -> Non
     assert out["client"] != parent_client
     assert asyncio.run(ref.acall("get")) == 5  # and the parent's still serves
 
+
+
+def test_an_unreachable_broker_is_broker_unavailable_to_both_apis() -> None:
+    app = client_app("redis://127.0.0.1:1/0", f"forseti-unreachable{os.getpid()}")  # nothing listens there
+    try:
+        with pytest.raises(forseti_celery.BrokerUnavailable):
+            forseti_celery.get_key("k", app=app, timeout=5)
+        with pytest.raises(forseti_celery.BrokerUnavailable):
+            asyncio.run(forseti_celery.aget_key("k", app=app, timeout=5))
+        with pytest.raises(forseti_celery.BrokerUnavailable):
+            asyncio.run(forseti_celery.acall("k", "get", app=app, timeout=5))
+    finally:
+        forseti_celery.Forseti.of(app).close()
