@@ -39,7 +39,7 @@ def nowhere(h: Harness, key: str = "k") -> KeyRef:
 
 
 def async_waiters(h: Harness) -> int:
-    return sum(isinstance(p, AsyncPending) for p in list(h.forseti.client.pending.values()))
+    return h.forseti.aio.waiting()
 
 
 @pytest.mark.asyncio
