@@ -117,6 +117,10 @@ class Mailbox:
             ours.close()
             theirs.close()
 
+    def put(self, msg: dict[str, Any]) -> None:
+        """Queue ``msg`` behind what the reader thread has queued (from any thread: :mod:`.aio`)."""
+        self._queue.put(msg)
+
     def start_timer(self, delay: float, msg: Any, interval: float | None, keep_alive: bool) -> Timer:
         """A timer whose ``msg`` joins the mailbox in ``delay`` seconds (then every ``interval``)."""
         return self.timers.add(time.monotonic() + delay, msg, interval, keep_alive)
