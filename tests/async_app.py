@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
+import time
 from typing import Any
 
 import forseti_celery
@@ -156,6 +158,12 @@ class AsyncIdle(KeyedProcess):
         return os.getpid()
 
 
+def _later(coro: Any, loop: asyncio.AbstractEventLoop) -> None:
+    """Run ``coro`` on ``loop`` from this thread, once the loop's own thread has gone back to waiting."""
+    time.sleep(0.2)
+    asyncio.run_coroutine_threadsafe(coro, loop)
+
+
 @forseti.keyed(name="async-lazy")
 class Lazy(KeyedProcess):
     """Async hooks; ``handle_call`` never awaits, so the process runs without building its loop
@@ -174,12 +182,19 @@ class Lazy(KeyedProcess):
             loop.call_soon(self.log.append, "soon")
         elif msg == "task":
             self.create_task(self._note("task"))
+        elif isinstance(msg, list):  # ["thread", path]: another thread is the first to use the loop
+            threading.Thread(target=_later, args=(self._write(msg[1]), loop)).start()
+            msg = msg[0]
         self.log.append(msg)
         return list(self.log)
 
     async def _note(self, what: str) -> None:
         await asyncio.sleep(0)
         self.log.append(what)
+
+    async def _write(self, path: str) -> None:
+        await asyncio.sleep(0)
+        note(path, "from a thread")
 
     async def handle_cast(self, msg: Any) -> None:
         async with asyncio.timeout(5):

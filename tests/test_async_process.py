@@ -151,7 +151,8 @@ def test_an_async_process_restores_a_handed_state_with_its_async_restore_and_han
         assert _wait_exit(pid, 5.0) == 0
 
 
-def test_an_async_process_whose_hooks_never_await_runs_without_building_its_loop_until_it_uses_it() -> None:
+def test_an_async_process_whose_hooks_never_await_runs_without_building_its_loop_until_it_uses_it(
+        tmp_path: Path) -> None:
     with _child(Lazy) as (pid, conn):
         assert [_call(conn, "built"), _call(conn, "log"), _call(conn, "built")] == [False, ["log"], False]
         assert _call(conn, "current") is False  # no task yet: documented (docs/asyncio.rst)
@@ -164,6 +165,12 @@ def test_an_async_process_whose_hooks_never_await_runs_without_building_its_loop
     with _child(Lazy) as (pid, conn):
         assert _call(conn, "task") == ["task"]
         wait_for(lambda: _call(conn, "log").count("task") == 2 or None, 5, 0.01)  # the task has run
+        _stop(pid, conn)
+    path = tmp_path / "notes"
+    with _child(Lazy) as (pid, conn):  # the loop used first by another thread: it runs at once, no message needed
+        assert _call(conn, ["thread", str(path)]) == ["thread"]
+        wait_for(lambda: _notes(path) == [["from a thread"]] or None, 5, 0.01)
+        assert _call(conn, "built") is True
         _stop(pid, conn)
     with _child(Lazy) as (pid, conn):  # a hook that awaits (asyncio.timeout too) takes the process to its loop
         conn.send_bytes(p.encode([{"t": "cast", "n": "x", "k": "k"}]) + b'\t"a cast"')

@@ -38,6 +38,10 @@ from .state import KeyState
 __all__ = ["AioMailbox", "serve"]
 
 
+#: The message that wakes :meth:`AioMailbox.get` (a one-shot timer's, in the mailbox's queue).
+_WAKE = object()
+
+
 class AioMailbox:
     """An async keyed process's view of its :class:`~.runtime.Mailbox`: messages awaited on the
     loop, background tasks, and (as ``core.process._mailbox``) what ``areceive``, ``create_task``
@@ -56,6 +60,11 @@ class AioMailbox:
         self.failure: BaseException | None = None
         self.main: asyncio.Task[Any] | None = None
 
+    def _built_elsewhere(self) -> None:
+        """Another thread built the loop (``call_soon_threadsafe`` on it, given by a hook that
+        never awaited): wake :meth:`get` if it waits without the loop, so that it runs it."""
+        self.box.put({TYPE: runtime.INFO, "timer": Timer(0.0, _WAKE, None, False)})
+
     # -- waking the loop -------------------------------------------------------------------------
     def notify(self) -> None:
         """Called by the reader thread after it queued a frame's messages."""
@@ -73,18 +82,20 @@ class AioMailbox:
     async def get(self, timeout: float | None = None) -> dict[str, Any] | None:
         """The mailbox's next message (as :meth:`~.runtime.Mailbox.get`), awaited; ``None`` after ``timeout``."""
         box = self.box
+        deadline = None if timeout is None else time.monotonic() + timeout
         if not self.looping:
             if not self._loop.built:  # type: ignore[attr-defined]
-                return box.get(timeout)  # no loop yet: nothing else to run while it waits
-            await self.to_loop()  # a hook used the loop (a task, a callback): it runs from now on
-        deadline = None if timeout is None else time.monotonic() + timeout
+                msg = box.get(timeout)  # no loop yet: nothing else to run while it waits
+                if msg is None or msg.get(PAYLOAD) is not _WAKE:
+                    return msg
+            await self.to_loop()  # the loop was used (a task, a callback...): it runs from now on
         while True:
             msg = box.get(0.0)
-            if msg is not None:
+            if msg is not None and msg.get(PAYLOAD) is not _WAKE:
                 return msg
             self._waiter = waiter = self._loop.create_future()
             msg = box.get(0.0)  # what the reader queued before it saw the waiter
-            if msg is not None:
+            if msg is not None and msg.get(PAYLOAD) is not _WAKE:
                 self._waiter = None
                 return msg
             now = time.monotonic()
@@ -174,6 +185,8 @@ def serve(box: runtime.Mailbox, target: Any, key: str, args: list[Any], state: K
     lazy = type(asyncio.get_event_loop_policy()) is asyncio.DefaultEventLoopPolicy
     loop = LazyLoop() if lazy else asyncio.new_event_loop()
     aio = AioMailbox(box, loop)
+    if lazy:
+        loop._lazy_on_build = aio._built_elsewhere  # type: ignore[attr-defined]
     process._mailbox = aio
     box.notify = aio.notify
     try:

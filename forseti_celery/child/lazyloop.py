@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import dis
+import threading
 import types
-from collections.abc import Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator
 from types import CodeType
 from typing import Any
 
@@ -25,14 +26,29 @@ class LazyLoop(asyncio.SelectorEventLoop):
     object, which costs a process none of the ~0.6 MB of its worker's pages that building a loop
     copies (CPython writes to the objects of the code it runs). :attr:`built` says whether it was."""
 
-    def __init__(self) -> None:  # deferred to the first use (__getattr__)
-        pass
+    def __init__(self, on_build: Callable[[], None] | None = None) -> None:
+        # The loop itself is built on first use (__getattr__); ``on_build`` is called if another
+        # thread than this one builds it (the loop's thread may then be waiting for a message).
+        self._lazy_lock = threading.RLock()
+        self._lazy_thread = threading.get_ident()
+        self._lazy_on_build = on_build
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or self.__dict__.get("_built"):
+        known = self.__dict__
+        if name.startswith("__") or known.get("_built"):
             raise AttributeError(name)
-        self.__dict__["_built"] = True
-        asyncio.SelectorEventLoop.__init__(self)
+        with known["_lazy_lock"]:  # one thread builds it; another waits for it to be built
+            if known.get("_building"):  # an attribute asked while it is built: not set yet
+                raise AttributeError(name)
+            if not known.get("_built"):
+                known["_building"] = True
+                try:
+                    asyncio.SelectorEventLoop.__init__(self)
+                finally:
+                    known["_building"] = False
+                known["_built"] = True
+                if threading.get_ident() != self._lazy_thread and self._lazy_on_build is not None:
+                    self._lazy_on_build()
         return getattr(self, name)
 
     @property
