@@ -19,7 +19,7 @@ import pytest
 from forseti_celery import KeyRef
 from forseti_celery.testing import WorkerProcess, wait_for
 from tests.handoff_support import journal_of, message, state_cluster, worker_of_pid
-from tests.helpers import Harness, fresh
+from tests.helpers import Harness, events, fresh
 
 HANDOFF_TIMEOUT = 3.0
 
@@ -57,7 +57,17 @@ def terminated(h: Harness, ref: KeyRef) -> str | None:
 def test_a_warm_shutdown_moves_a_movable_key_with_its_state_while_key_addressed_sends_keep_their_order(
         h: Harness) -> None:
     key = fresh("tally")
-    old = h.forseti.get_key(key, name="tally", timeout=30)
+    with events(h) as received:
+        old = h.forseti.get_key(key, name="tally", timeout=30)  # (its start event: the receiver hears)
+        moved_event = sends_around_a_warm_shutdown(h, key, old, received)
+    assert (moved_event["name"], moved_event["source"]) == ("tally", old.node) and moved_event["pause_ms"] >= 0
+    moved = state(h, key, "tally")
+    assert moved_event["target"] == worker_of_pid(h, moved["pid"]).hostname  # type: ignore[union-attr]
+
+
+def sends_around_a_warm_shutdown(h: Harness, key: str, old: KeyRef, received: list[dict[str, Any]]) -> dict[str, Any]:
+    """Key-addressed sends to ``key`` before, during and after its worker's warm shutdown: none lost,
+    none twice, in order, and its state moved; the key's ``forseti-process-moved`` event."""
     sent = 0
     stop = threading.Event()
 
@@ -85,6 +95,8 @@ def test_a_warm_shutdown_moves_a_movable_key_with_its_state_while_key_addressed_
     assert terminated(h, old) == "handoff"
     new = worker_of_pid(h, moved["pid"])
     assert new is not None and new.hostname != old.node
+    return wait_for(lambda: next((e for e in received if e["type"] == "forseti-process-moved" and e["key"] == key),
+                                 None), 10, message="no forseti-process-moved event")
 
 
 def test_a_key_that_is_not_movable_ends_with_the_warm_shutdown_as_before_beside_one_that_moves(
