@@ -54,6 +54,9 @@ _QUIET = 5.0  # seconds to the next round with nothing due: everything else wake
 #: How a keyed process's ``handed_off`` frame begins (:class:`~forseti_celery.core.pipe.HandedOff`
 #: alone in its frame): the state after it is kept as the bytes it came as, never decoded here.
 _HANDED_OFF = b'{"t":"' + HANDED_OFF.encode() + b'","state":'
+#: The largest state handed off, in bytes: it travels in two broker messages (RabbitMQ 4 refuses a
+#: message over 16 MiB by default, and a refused report would hold up the reports behind it).
+MAX_STATE = 15 * 1024 * 1024
 
 
 class Waker:
@@ -277,9 +280,10 @@ class Watcher:
             handing = c.handing
         if handing is None:
             return
-        if time.monotonic() > handing.deadline:
-            logger.warning("forseti: keyed process %r (%s, pid %d) took its snapshot past forseti_handoff_timeout; "
-                           "it ends as in a shutdown, its state dropped", c.key, c.name, c.pid)
+        if time.monotonic() > handing.deadline or len(state) > MAX_STATE:
+            logger.warning("forseti: keyed process %r (%s, pid %d) took its snapshot past forseti_handoff_timeout, "
+                           "or one over %d bytes (%d); it ends as in a shutdown, its state dropped", c.key, c.name,
+                           c.pid, MAX_STATE, len(state))
             return
         c.state = state
 
