@@ -1,6 +1,7 @@
 """What a worker answers to forseti's remote-control commands: its keyed processes, and the
 stop of one. The commands themselves (names, arguments) are declared in
-:mod:`forseti_celery.control`; the worker's bootstep answers them with these functions.
+:mod:`forseti_celery.control`; the worker's bootstep answers them with these functions
+(``forseti_rebalance`` with its ``rebalance``: the leader's rebalancer, :mod:`.rebalance`).
 
 They run in the worker's main thread: they read the pool's snapshot and publish one message, and
 never wait on a keyed process.
