@@ -4,6 +4,7 @@ sync and async hooks mixed, crashes, timers, and memory per idle process."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -179,6 +180,31 @@ def test_an_async_process_whose_hooks_never_await_runs_without_building_its_loop
         _stop(pid, conn)
 
 
+def test_a_coroutine_can_suspend_only_with_an_await_async_with_or_async_for_in_its_own_code() -> None:
+    from forseti_celery.child.lazyloop import suspends
+
+    async def comprehension(items: Any) -> Any:
+        return [x async for x in items]
+
+    async def awaits(items: Any) -> Any:
+        return [await x for x in items]
+
+    async def with_(lock: Any) -> None:
+        async with lock:
+            pass
+
+    async def nested() -> Any:
+        async def inner() -> None:
+            await asyncio.sleep(0)
+        return inner
+
+    async def plain() -> int:
+        return 1
+
+    assert [suspends(f.__code__) for f in (comprehension, awaits, with_, nested, plain)] == [
+        True, True, True, False, False]
+
+
 def _main_thread_switches(pid: int) -> int:
     with open(f"/proc/{pid}/task/{pid}/status") as f:
         return sum(int(line.split()[1]) for line in f if line.startswith(("voluntary_ctxt", "nonvoluntary_ctxt")))
@@ -196,8 +222,6 @@ def test_an_idle_async_process_without_timers_never_wakes_its_loop() -> None:
 
 
 def test_areceive_and_create_task_refuse_outside_an_async_keyed_process() -> None:
-    import asyncio
-
     with pytest.raises(RuntimeError, match="only available inside a keyed process"):
         asyncio.run(process.areceive(0))
     with pytest.raises(RuntimeError, match="only available inside a keyed process"):
