@@ -3,11 +3,13 @@
     python -m benchmarks.run [--broker redis|rabbitmq|both] [--signing off|on|both] [--quick] [--no-ray]
 
 For each broker it starts a cluster of three real workers of :mod:`benchmarks.app` (a
-namespace and hostnames of their own), measures every row of issue 5 and prints one table
-with medians, p90s, ratios and the issue's targets. With ``--signing both`` (the default) it
-does so twice per broker, without and then with a worker secret (``forseti_worker_secret``:
-every worker message signed and checked), and prints the cost of signing on every row. Ray
-runs once (it needs no broker) and its figures appear in every table. See ``docs/benchmarks.rst``.
+namespace and hostnames of their own), measures every row and prints one table with
+medians, p90s, ratios and the issues' targets, beside the floor of each broker (a plain
+client-library relay, :mod:`benchmarks.floor`) and a solo-pool Celery task
+(:mod:`benchmarks.solo`). With ``--signing both`` (the default) it does so twice per
+broker, without and then with a worker secret (``forseti_worker_secret``: every worker
+message signed and checked), and prints the cost of signing on every row. Ray runs once
+(it needs no broker) and its figures appear in every table. See ``docs/benchmarks.rst``.
 
 Broker URLs: ``FORSETI_BROKER_URL`` replaces the default of its kind; otherwise the local
 Redis (db 10) and RabbitMQ when they answer, else an embedded Redis (and no RabbitMQ table).
