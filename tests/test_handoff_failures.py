@@ -90,6 +90,11 @@ def ended(h: Harness, ref: KeyRef) -> str | None:
     return next((e["reason"] for e in journal_of(h, ref.key, "terminate") if e["pid"] == ref.pid), None)
 
 
+def gone(pid: int) -> None:
+    """Wait for ``pid`` to be gone (a child notices its worker's exit on its own)."""
+    wait_for(lambda: not alive(pid), 10, 0.05, f"pid {pid} outlived its worker")
+
+
 def leave(h: Harness, node: str) -> None:
     """Shut ``node`` down warm; it must leave by itself (well within the test's 60 s)."""
     w = worker(h, node)
@@ -101,7 +106,8 @@ def test_a_snapshot_that_raises_ends_its_process_as_today_and_the_others_still_m
     good = tally_on(h, bad.node)
     log = worker(h, bad.node)
     leave(h, bad.node)
-    assert ended(h, bad) == "shutdown" and not alive(bad.pid)
+    assert ended(h, bad) == "shutdown"
+    gone(bad.pid)
     assert "snapshot asked to raise" in log.log_text()
     moved = state(h, good, name="tally")
     assert (moved["count"], moved["restored"]) == (1, True)
@@ -130,7 +136,7 @@ def test_a_5_mb_snapshot_moves_whole(h: Harness) -> None:
 def test_a_snapshot_past_the_handoff_timeout_ends_its_process_and_the_worker_leaves_anyway(h: Harness) -> None:
     slow = fragile(h, fresh("slow"), "slow", 4 * HANDOFF_TIMEOUT)
     leave(h, slow.node)
-    assert not alive(slow.pid)
+    gone(slow.pid)
     again = state(h, slow.key, "slow", 1)
     assert (again["count"], again["restored"]) == (0, False)
     assert len(journal_of(h, slow.key, "start")) == 2
