@@ -64,7 +64,10 @@ class Client:
         self._start_lock = threading.Lock()
         self._cache = RefCache(self.settings.cache)
         self._routes = RouteTable()
-        self._exits_queue = self.names.exits_queue(self.id, forseti.app) if self.settings.cache else None
+        # Exit and node-lost events, cache or not: the routes of key-addressed messages need them
+        # (a route to a worker that left must be dropped; no notice comes for a key sent nothing
+        # while it moved).
+        self._exits_queue = self.names.exits_queue(self.id, forseti.app)
         self._loop = self._new_loop()
         self._closed = False
         self._declared = False  # the client's queues, for the reply thread running (ensure_started)
@@ -82,7 +85,7 @@ class Client:
         self._routes.clear()
 
     def _queues(self) -> list[Queue]:
-        return [self._reply_queue] + ([self._exits_queue] if self._exits_queue is not None else [])
+        return [self._reply_queue, self._exits_queue]
 
     # -- each operation is written once, as steps (see .requests): run here, awaited by .aio ----
     def run(self, steps: Steps[T]) -> T:

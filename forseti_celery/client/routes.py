@@ -8,7 +8,8 @@ route changes only when that cannot reorder this client's messages to the key:
 * a ``moved`` notice from the route's worker whose ``q`` covers the last message
   sent on the route (the worker has forwarded everything this client sent there
   for the key, so nothing is left behind in the funnel to be overtaken);
-* the route's worker declared dead (the cache's node-lost event), a new leader or
+* the route's worker declared dead or gone (the node-lost event, heard with ``forseti_cache`` on or
+  off: a key sent nothing while its worker handed it off gets no notice), a new leader or
   a lost subscription to exit events (a dead worker may have gone unannounced):
   the next message resolves the key again;
 * the exit of the route's process when nothing on the route is outstanding: every

@@ -103,7 +103,7 @@ class Names:
         )
 
     def exits_queue(self, client_id: str, app: Any) -> Queue:
-        """A client's subscription to keyed-process exit events (for its cache of refs)."""
+        """A client's subscription to keyed-process exit events (for its cache of refs and routes)."""
         with app.connection_for_read() as conn:
             exchange = get_exchange(conn)  # Celery's event exchange (a fanout on Redis)
         # Redis subscribes a fanout queue to one routing-key pattern only (its last binding).
