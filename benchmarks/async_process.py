@@ -75,11 +75,14 @@ def measure_rows(bench: ForsetiBench) -> None:
 
 
 def _round_trips(bench: ForsetiBench, ref: Any) -> list[float]:
-    sync_ref, n, blocks = bench.refs[0], bench.sizes.rtt, 5
+    # An Echo of its own, not bench.refs[0] ("cold-0"): the failover row (8) SIGKILLs the leader's
+    # worker before these rows, and with it cold-0 if it was placed there (ProcessGone: 'cold-0').
+    sync_ref, n, blocks = bench.forseti.get_key(f"aecho-sync-{uuid.uuid4().hex[:6]}"), bench.sizes.rtt, 5
     samples: dict[str, list[float]] = {"async": [], "sync": []}
     for _ in range(blocks):
         samples["async"] += repeat_ms(lambda i: ref.call(i), max(1, n // blocks))
         samples["sync"] += repeat_ms(lambda i: sync_ref.call(i), max(1, n // blocks))
+    sync_ref.stop()
     sync, aio = statistics.median(samples["sync"]), statistics.median(samples["async"])
     note = f"call round trip, interleaved (median): async keyed process {aio:.3f} ms, sync {sync:.3f} ms"
     bench.run.notes.append(note)
