@@ -242,10 +242,24 @@ class Spawner:
         return Child(name, key, sid, process, conn, fd, Outbox(fd, self._config.mailbox_limit, self._on_writing),
                      args=args)
 
-    def _fork_from_zygote(self) -> Child:
+    def _fork_from_zygote(self, ahead: int = 0) -> Child:
+        """A spare from the zygote, and ``ahead`` more in the same round trip, kept as spares
+        (the orders queued behind this one: a handoff's burst of keys then waits for one wake-up
+        of the zygote, not one per fork). :class:`OSError` if none could be forked."""
         assert self.zygote is not None
-        process, fd = self.zygote.fork()
-        return self._child("spare", "", "", process, billiard.connection.Connection(fd), None)
+        got = self.zygote.fork_many(1 + ahead)
+        kids = [self._child("spare", "", "", g[0], billiard.connection.Connection(g[1]), None)
+                for g in got if not isinstance(g, OSError)]
+        if not kids:
+            raise next(g for g in got if isinstance(g, OSError))
+        if len(kids) > 1:
+            with self._table.lock:
+                for c in kids[1:]:
+                    c.spare = True
+                    self._table.spares.append(c)
+                    self._table.new.append(c)
+            self._wake()
+        return kids[0]
 
     def _fork(self, target: Any, name: str, key: str, args: list[Any], sid: str, epoch: int = 0) -> Child:
         """A fork of the worker; :class:`OSError` if a resource ran out (nothing left open then)."""
@@ -319,7 +333,7 @@ class Spawner:
         the zygote lives on, and the worker is in the same cgroup, under the same limits)."""
         if self._zygote_alive():
             try:
-                c = self._fork_from_zygote()
+                c = self._fork_from_zygote(min(zygote_mod.MAX_BATCH - 1, self._orders.qsize()))
             except EOFError:
                 logger.warning("forseti: the zygote has ended; the worker forks keyed processes itself")
             else:

@@ -292,7 +292,9 @@ class Watcher:
             self._read(c, reads=sys.maxsize)  # all it wrote before it ended (its last words)
             self._unwatch(c.conn_fd)
         self._unwatch(c.process.sentinel)
-        c.process.join(1.0)
+        # A handoff's process has said how it ends and has ended (its pidfd or sentinel is ready): its
+        # exit report (its next incarnation waits for it) does not wait for the zygote's exit status.
+        c.process.join(0.0 if c.handing is not None and c.reason else 1.0)
         code = c.process.exitcode
         if isinstance(c.process, zygote_mod.Grandchild):
             c.process.close()

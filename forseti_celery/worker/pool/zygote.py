@@ -37,6 +37,8 @@ from ...core.conf import ChildConfig
 
 __all__ = ["Grandchild", "Zygote", "available"]
 
+MAX_BATCH = 16  #: spares forked for one request at most
+
 
 def available() -> bool:
     """Whether this system has what the zygote needs (Linux pidfds, fd passing)."""
@@ -77,23 +79,41 @@ class Zygote:
         fds here); the zygote lives on. Raises :class:`EOFError` once the zygote has ended
         (:attr:`alive` is then False).
         """
+        got = self.fork_many(1, timeout)[0]
+        if isinstance(got, OSError):
+            raise got
+        return got
+
+    def fork_many(self, n: int, timeout: float = 5.0) -> list[tuple[Grandchild, int] | OSError]:
+        """Have ``n`` spares (1 to :data:`MAX_BATCH`) forked in one round trip: the zygote forks
+        them back to back, so a burst of new keys (a handoff's) waits for one wake-up of the
+        zygote, not one per fork. Each is as :meth:`fork` returns it, or the :class:`OSError` it
+        would raise; :class:`EOFError` once the zygote has ended (what came is closed then)."""
+        got: list[tuple[Grandchild, int] | OSError] = []
         try:
             self._requests.settimeout(timeout)
-            self._requests.send(b"s")
-            msg, fds, flags, _ = socket.recv_fds(self._requests, 256, 2)
-        except OSError as exc:  # (a timeout included: its answer could come after the next request's)
+            self._requests.send(b"s" * max(1, min(n, MAX_BATCH)))
+            for _ in range(max(1, min(n, MAX_BATCH))):
+                got.append(self._answer(*socket.recv_fds(self._requests, 256, 2)[:3]))
+        except (OSError, EOFError) as exc:  # (a timeout included: its answer could come after the next request's)
             self.alive = False
+            for g in got:
+                if not isinstance(g, OSError):
+                    g[0].close()
+                    os.close(g[1])
             raise EOFError(f"the zygote has ended: {exc!r}") from exc
+        return got
+
+    def _answer(self, msg: bytes, fds: list[int], flags: int) -> tuple[Grandchild, int] | OSError:
         if msg.startswith(b"!"):
             code, _, text = msg[1:].decode().partition(" ")
-            raise OSError(int(code), text)  # OSError(EAGAIN, ...) is a BlockingIOError, and so on
+            return OSError(int(code), text)  # OSError(EAGAIN, ...) is a BlockingIOError, and so on
         if len(fds) != 2:
             for fd in fds:
                 os.close(fd)
             if msg and flags & socket.MSG_CTRUNC:
                 # Forked, but the kernel had no fd here for its ends: it ends itself (its pipe is closed).
-                raise OSError(errno.EMFILE, "no file descriptor left for a spare's pipe (recvmsg)")
-            self.alive = False
+                return OSError(errno.EMFILE, "no file descriptor left for a spare's pipe (recvmsg)")
             raise EOFError("the zygote has ended")
         return Grandchild(int(msg), fds[1], self), fds[0]
 
@@ -217,20 +237,22 @@ def _main(requests: socket.socket, exits: socket.socket, config: ChildConfig, li
                 pass
         if requests.fileno() not in ready:
             continue
-        if not requests.recv(16):
+        asked = requests.recv(MAX_BATCH)
+        if not asked:
             os._exit(0)  # the worker is gone
-        try:
-            pid, ours, pidfd = _fork(lambda conn, fds: _spare(conn, [requests.fileno(), exits.fileno(), wake_r,
-                                                                     wake_w, *fds], config, lifeline, resolve, me))
-        except _Refused as exc:
-            # Out of processes, fds or memory: the worker is told, and the zygote lives on, with
-            # every keyed process it forked (they would die with it).
-            requests.send(f"!{exc.errno} {exc.text}".encode())
-            continue
-        children.add(pid)
-        socket.send_fds(requests, [str(pid).encode()], [ours.fileno(), pidfd])
-        ours.close()
-        os.close(pidfd)
+        for _ in asked:  # one spare per byte, each answered in a packet of its own
+            try:
+                pid, ours, pidfd = _fork(lambda conn, fds: _spare(conn, [requests.fileno(), exits.fileno(), wake_r,
+                                                                         wake_w, *fds], config, lifeline, resolve, me))
+            except _Refused as exc:
+                # Out of processes, fds or memory: the worker is told, and the zygote lives on, with
+                # every keyed process it forked (they would die with it).
+                requests.send(f"!{exc.errno} {exc.text}".encode())
+                continue
+            children.add(pid)
+            socket.send_fds(requests, [str(pid).encode()], [ours.fileno(), pidfd])
+            ours.close()
+            os.close(pidfd)
 
 
 class _Refused(Exception):

@@ -1,0 +1,47 @@
+"""The zygote forks a burst of spares for one request (issue 13: a handoff's keys arriving at
+once on a worker wait for one wake-up of the zygote, not one per fork)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import billiard.connection
+import pytest
+
+from forseti_celery import KeyedProcess
+from forseti_celery.child import runtime as child_main
+from forseti_celery.core import protocol as p
+from forseti_celery.core.conf import ChildConfig
+from forseti_celery.core.pipe import Assign
+from forseti_celery.worker.pool import zygote as zygote_mod
+from forseti_celery.worker.pool.fork import KeyedChild
+
+pytestmark = pytest.mark.skipif(not zygote_mod.available(), reason="the zygote needs Linux pidfds")
+
+
+class Echo(KeyedProcess):
+    def handle_call(self, msg: Any) -> Any:
+        return msg
+
+
+def test_the_zygote_forks_several_spares_in_one_request_each_a_live_keyed_process_of_its_own() -> None:
+    zygote = zygote_mod.Zygote(KeyedChild, ChildConfig(), child_main.Lifeline(fence_after=60.0, check_every=0.1),
+                               lambda name: Echo, [])
+    try:
+        got = zygote.fork_many(3)
+        assert all(not isinstance(g, OSError) for g in got) and len(got) == 3
+        spares = [(g[0], billiard.connection.Connection(g[1])) for g in got if not isinstance(g, OSError)]
+        assert len({process.pid for process, _ in spares}) == 3
+        for i, (_, conn) in enumerate(spares):
+            conn.send_bytes(p.encode([Assign("echo", f"k{i}", [], None, 0, "s").to_wire()]))
+            assert p.decode(conn.recv_bytes())[0]["t"] == "started"
+        # The zygote answers the next request as before: one spare.
+        process, fd = zygote.fork()
+        assert process.pid not in {pr.pid for pr, _ in spares}
+        for pr, conn in [*spares, (process, billiard.connection.Connection(fd))]:
+            pr.kill()
+            assert zygote.wait(pr.pid, 5.0) is not None
+            pr.close()
+            conn.close()
+    finally:
+        zygote.stop()
