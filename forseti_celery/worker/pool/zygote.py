@@ -64,6 +64,7 @@ class Zygote:
         their_exits.close()
         self.exit_fd = self._exits.fileno()
         self._codes: dict[int, int] = {}
+        self._forgotten: set[int] = set()  # reaped before their status came: dropped when it does
         #: False once a request failed: the worker then forks its spares itself.
         self.alive = True
 
@@ -131,7 +132,10 @@ class Zygote:
                 self.alive = False
                 return
             pid, code = data.split()
-            self._codes[int(pid)] = int(code)
+            if int(pid) in self._forgotten:
+                self._forgotten.discard(int(pid))
+            else:
+                self._codes[int(pid)] = int(code)
 
     def exitcode(self, pid: int) -> int | None:
         """The exit status of a spare the zygote has reaped (negative: killed by that signal)."""
@@ -150,7 +154,8 @@ class Zygote:
 
     def forget(self, pid: int) -> None:
         """Drop the exit status of a reaped spare."""
-        self._codes.pop(pid, None)
+        if self._codes.pop(pid, None) is None:
+            self._forgotten.add(pid)
 
     def stop(self) -> None:
         """End the zygote (its spares end with it)."""
