@@ -1,4 +1,5 @@
-"""The Ray column of ``make bench``: the same rows with Ray named actors (the ``bench`` extra)."""
+"""The Ray column of ``make bench``: the same rows with Ray named actors (the ``bench`` extra); rows
+17-17d with Ray async actors (:mod:`benchmarks.ray_aio`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 
 from benchmarks.common import Results, Sizes, Stat, log, measure, repeat_ms, uss_mib
 from benchmarks.probe import probe as _probe
+from benchmarks.ray_aio import measure_ray_rows
 
 
 def bench_ray(sizes: Sizes) -> tuple[Results, list[str], str]:
@@ -108,6 +110,7 @@ def bench_ray(sizes: Sizes) -> tuple[Results, list[str], str]:
                          f"{rate.median:.1f} actors/s and {uss.median:.0f} MiB each would take "
                          f"{1000 / rate.median / 60:.0f} min and {uss.median * 1000 / 1024:.0f} GiB")
         notes.append("Ray: row 8 has no equivalent on one local Ray node")
+        measure_ray_rows(ray, sizes, results, notes)  # rows 17-17d: async actors (benchmarks.ray_aio)
     finally:
         ray.shutdown()
     return results, notes, f"ray {ray.__version__}"
