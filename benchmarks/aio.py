@@ -130,13 +130,14 @@ def inflight_memory_mib(forseti: Forseti, n: int = 10_000) -> float:
 
 #: The rows (``benchmarks.run.ROWS`` lists them): 17a's target is 10k calls/s and 4x the sync loop (17b).
 ROWS = [
-    Row("acall_tput_1", "17 acall, 1,000 in flight, one key", "calls/s", True),
+    Row("acall_tput_1", "17 acall, 1,000 in flight, one key", "calls/s", True, ray="acall_tput_1"),
     Row("acall_tput_100", "17a acall, 1,000 in flight, 100 keys", "calls/s", True, ">= 10000/s, >= 4x 17b",
-        lambda v, base: v >= 10_000 and base is not None and v >= 4 * base, versus="sync_loop_100"),
-    Row("sync_loop_100", "17b sync call loop, 100 keys", "calls/s", True),
+        lambda v, base: v >= 10_000 and base is not None and v >= 4 * base, versus="sync_loop_100",
+        ray="acall_tput_100"),
+    Row("sync_loop_100", "17b sync call loop, 100 keys", "calls/s", True, ray="sync_loop_100"),
     Row("acall_rt", "17c acall round trip, one in flight", "ms", target="<= 1.1x ref.call",
-        check=lambda v, base: base is not None and v <= 1.1 * base, versus="acall_rt_sync"),
-    Row("acall_mem", "17d 10,000 acalls in flight: client memory", "MiB"),
+        check=lambda v, base: base is not None and v <= 1.1 * base, versus="acall_rt_sync", ray="acall_rt"),
+    Row("acall_mem", "17d 10,000 acalls in flight: client memory", "MiB", ray="acall_mem"),
 ]
 
 
