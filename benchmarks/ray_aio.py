@@ -44,9 +44,12 @@ def _async_echo() -> type:
             return x
 
         async def open(self) -> None:
-            """Releases the holds waiting now (each awaits the event it started with)."""
+            """Releases the holds, also those that start after it (an async actor does not keep
+            the order of its calls): ``reset`` once all have returned."""
             self.release.set()
-            self.release = asyncio.Event()
+
+        async def reset(self) -> None:
+            self.release.clear()
 
     return AsyncEcho
 
@@ -110,7 +113,8 @@ def _memory_mib(holder: Any, n: int) -> tuple[float, float]:
         await asyncio.sleep(0.5)  # the submissions leave the driver
         sizes = uss_mib(os.getpid()), tracemalloc.get_traced_memory()[0]
         await holder.open.remote()  # releases them all (max_concurrency leaves room for this call)
-        await asyncio.gather(*tasks)
+        await asyncio.wait_for(asyncio.gather(*tasks), 120)  # a failure note rather than a hung run
+        await holder.reset.remote()
         return sizes
 
     async def main() -> tuple[float, float]:
