@@ -22,6 +22,7 @@ import sys
 import time
 import tracemalloc
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from benchmarks.common import Row, Stat, measure
@@ -30,8 +31,8 @@ from forseti_celery import Forseti, KeyRef
 if TYPE_CHECKING:
     from benchmarks.cluster import ForsetiBench
 
-__all__ = ["IN_FLIGHT", "ROWS", "acall_latency_ms", "acall_throughput", "inflight_memory_mib", "measure_rows",
-           "sync_call_loop"]
+__all__ = ["IN_FLIGHT", "ROWS", "acall_latency_ms", "acall_throughput", "inflight_memory_mib", "interleaved_ms",
+           "measure_rows", "sync_call_loop"]
 
 #: Calls kept in flight by the throughput rows.
 IN_FLIGHT = 1000
@@ -83,14 +84,21 @@ def acall_latency_ms(forseti: Forseti, n: int) -> tuple[list[float], list[float]
     """``n`` round trips of ``await ref.acall`` with one in flight, and ``n`` of ``ref.call``,
     interleaved (ms each)."""
     ref = _refs(forseti, 1)[0]
+    return interleaved_ms(ref.acall, ref.call, n)
+
+
+def interleaved_ms(acall: Callable[[int], Awaitable[Any]], call: Callable[[int], Any],
+                   n: int) -> tuple[list[float], list[float]]:
+    """``n`` round trips of ``await acall(i)``, one in flight, and ``n`` of ``call(i)``, interleaved
+    (ms each; also Ray's column, :mod:`benchmarks.ray_aio`)."""
 
     async def main() -> tuple[list[float], list[float]]:
         aio, sync = [], []
         for i in range(n + 20):
             t0 = time.perf_counter()
-            await ref.acall(i)
+            await acall(i)
             t1 = time.perf_counter()
-            ref.call(i)
+            call(i)
             t2 = time.perf_counter()
             if i >= 20:  # warm
                 aio.append((t1 - t0) * 1000)
