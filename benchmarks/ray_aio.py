@@ -23,7 +23,7 @@ import time
 import tracemalloc
 from typing import Any
 
-from benchmarks.aio import IN_FLIGHT
+from benchmarks.aio import IN_FLIGHT, interleaved_ms
 from benchmarks.common import Results, Sizes, Stat, measure, uss_mib
 
 __all__ = ["measure_ray_rows"]
@@ -84,23 +84,6 @@ def _sync_loop(ray: Any, actors: list[Any], reps: int, total: int = 1000) -> lis
     return out
 
 
-def _latency_ms(ray: Any, actor: Any, n: int) -> tuple[list[float], list[float]]:
-    async def main() -> tuple[list[float], list[float]]:
-        aio, sync = [], []
-        for i in range(n + 20):
-            t0 = time.perf_counter()
-            await actor.echo.remote(i)
-            t1 = time.perf_counter()
-            ray.get(actor.echo.remote(i))
-            t2 = time.perf_counter()
-            if i >= 20:  # warm
-                aio.append((t1 - t0) * 1000)
-                sync.append((t2 - t1) * 1000)
-        return aio, sync
-
-    return asyncio.run(main())
-
-
 def _memory_mib(holder: Any, n: int) -> tuple[float, float]:
     """(driver USS growth, tracemalloc growth) in MiB with ``n`` awaits in flight to ``holder``."""
 
@@ -147,7 +130,9 @@ def measure_ray_rows(ray: Any, sizes: Sizes, results: Results, notes: list[str])
         measure(results, "sync_loop_100", lambda: _sync_loop(ray, actors, reps))
 
         def round_trips() -> list[float]:
-            aio, sync = _latency_ms(ray, actors[0], sizes.rtt)
+            actor = actors[0]
+            aio, sync = interleaved_ms(lambda i: actor.echo.remote(i), lambda i: ray.get(actor.echo.remote(i)),
+                                       sizes.rtt)
             notes.append(f"Ray: row 17c: await {Stat(aio).median:.3f} ms, ray.get interleaved "
                          f"{Stat(sync).median:.3f} ms (medians)")
             return aio
