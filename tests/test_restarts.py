@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from forseti_celery import KeyRef
+from forseti_celery import ForsetiTimeout, KeyRef
 from forseti_celery.testing import wait_for
 from tests.chaos_support import Monitor, ask, wait_one_leader
 from tests.helpers import Harness, alive, events, fresh
@@ -63,7 +63,10 @@ def end(h: Harness, ref: KeyRef, how: str) -> None:
 def next_process(h: Harness, name: str, key: str, old: KeyRef, timeout: float = 15.0) -> KeyRef:
     """The key's process after ``old``, once the leader lists it (never asks it to start)."""
     def restarted() -> KeyRef | None:
-        ref = h.forseti.search_key(key, name=name, timeout=5)
+        try:
+            ref = h.forseti.search_key(key, name=name, timeout=5)
+        except ForsetiTimeout:  # a leader still taking over (failover): ask again until the deadline
+            return None
         return ref if ref is not None and ref.pid != old.pid else None
     return wait_for(restarted, timeout, 0.02, lambda: f"{key!r} ({name}) never restarted\n{h.cluster.log_tails()}")
 
