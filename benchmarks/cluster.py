@@ -204,21 +204,19 @@ class ForsetiBench:
                     samples[name] += repeat_ms(fn, max(1, n // blocks))
                 except Exception as exc:
                     r[name] = Stat(note=f"failed: {type(exc).__name__}: {exc}"[:200])
-        tasks = {name.split(" ", 1)[1]: v for name, v in samples.items() if name.startswith("task ") and v}
-        if tasks:
-            best = min(tasks, key=lambda b: statistics.median(tasks[b]))
-            shown = ", ".join(f"{b} {statistics.median(v):.2f} ms" for b, v in tasks.items())
+        best = _fastest_backend(samples, "task ")
+        if best:
+            shown, backend, values = best
             self.run.notes.append(f"Celery task round trip `echo.delay(x).get()` (median): {shown}; "
-                                  f"the table uses {best}, the faster")
-            self.task_backend = best
-            r["task_rt"] = Stat(tasks[best], note=best)
-        solos = {name.split(" ", 1)[1]: v for name, v in samples.items() if name.startswith("solo ") and v}
-        if solos:
-            best = min(solos, key=lambda b: statistics.median(solos[b]))
-            shown = ", ".join(f"{b} {statistics.median(v):.2f} ms" for b, v in solos.items())
+                                  f"the table uses {backend}, the faster")
+            self.task_backend = backend
+            r["task_rt"] = Stat(values, note=backend)
+        best = _fastest_backend(samples, "solo ")
+        if best:
+            shown, backend, values = best
             self.run.notes.append(f"the same task in a `celery worker -P solo` (median): {shown}; the table "
-                                  f"uses {best}")
-            r["task_rt_solo"] = Stat(solos[best], note=best)
+                                  f"uses {backend}")
+            r["task_rt_solo"] = Stat(values, note=backend)
         for name in ("call", "lookup_warm", "ka_call", "floor_rt"):
             if name not in r:
                 r[name] = Stat(samples[name])
@@ -366,3 +364,14 @@ class ForsetiBench:
         other = self.other_client()
         keys = random.sample([ref.key for ref in self.refs], min(self.sizes.many_lookups, len(self.refs)))
         return Stat(repeat_ms(lambda i: other.get_key(keys[i]), len(keys)))
+
+
+def _fastest_backend(samples: dict[str, list[float]], prefix: str) -> tuple[str, str, list[float]] | None:
+    """Of the samplers named ``prefix + backend``: every backend's median shown, the fastest backend and
+    its samples; ``None`` when none has samples."""
+    runs = {name[len(prefix):]: v for name, v in samples.items() if name.startswith(prefix) and v}
+    if not runs:
+        return None
+    best = min(runs, key=lambda b: statistics.median(runs[b]))
+    shown = ", ".join(f"{b} {statistics.median(v):.2f} ms" for b, v in runs.items())
+    return shown, best, runs[best]
