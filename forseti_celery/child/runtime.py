@@ -54,7 +54,8 @@ class Mailbox:
     process's timers, whose messages join that order as they come due."""
 
     def __init__(self, conn: Any, lifeline: Lifeline, watch_lifeline: bool = True,
-                 max_size: int = ChildConfig.max_message_size) -> None:
+                 max_size: int = ChildConfig.max_message_size, *, reader: bool = True) -> None:
+        """``reader=False``: no reader thread; :meth:`take` moves each frame (a rehearsal's stage)."""
         self._conn = conn
         self._lifeline = lifeline
         self._watch = watch_lifeline
@@ -72,7 +73,8 @@ class Mailbox:
         self.notify: Callable[[], None] | None = None
         # A bare thread: ``threading.Thread`` costs a keyed process ~80 more page faults (copies of
         # pages it shares with its parent) for bookkeeping nothing here uses; it ends with the process.
-        _thread.start_new_thread(self._read, ())
+        if reader:
+            _thread.start_new_thread(self._read, ())
 
     def _read(self) -> None:
         check = self._lifeline.check_every if self._watch else None  # None: the zygote watches it
@@ -86,15 +88,19 @@ class Mailbox:
                     if self._lifeline.cut_off():
                         os._exit(FENCED)  # fenced: our key may be given to another worker soon
                 if ready:
-                    batch = decode(self._conn.recv_bytes(), routed=False)
-                    decode_payloads(batch)
-                    for msg in batch:
-                        self._queue.put(msg)
-                    if self.notify is not None:
-                        self.notify()
+                    self.take()
         except (EOFError, OSError):
             # The worker is gone: a keyed process never outlives its worker.
             os._exit(1)
+
+    def take(self) -> None:
+        """Read one frame off the pipe and queue its messages (the reader thread's work)."""
+        batch = decode(self._conn.recv_bytes(), routed=False)
+        decode_payloads(batch)
+        for msg in batch:
+            self._queue.put(msg)
+        if self.notify is not None:
+            self.notify()
 
     def rehearse(self) -> None:
         """Run once, on a pipe of its own, what taking a key runs (a frame received, decoded and
@@ -305,7 +311,7 @@ def run(conn: Any, config: ChildConfig, lifeline: Lifeline, resolve: Callable[[s
         if serve_async is not None and process.is_async(target):
             serve_async(box, target, key, args, state)  # child/aio.py: on an event loop
         elif is_class:
-            _serve(box, target, key, args, state)
+            serve(box, target, key, args, state)
         else:
             box.send(Started().to_wire())
             target(key, *args)
@@ -321,7 +327,8 @@ def run(conn: Any, config: ChildConfig, lifeline: Lifeline, resolve: Callable[[s
     box.send(Exit(box.stop_reason or "normal").to_wire())
 
 
-def _serve(box: Mailbox, cls: type[KeyedProcess], key: str, args: list[Any], state: KeyState) -> None:
+def serve(box: Mailbox, cls: type[KeyedProcess], key: str, args: list[Any], state: KeyState) -> None:
+    """Run a keyed-process class: ``init``, ``started``, then its messages in order until a stop."""
     obj = cls()
     name = state.name
     try:
