@@ -26,12 +26,14 @@ __all__ = [
     "GUARDS",
     "KOMBU_REDIS_DECLARE",
     "KOMBU_REDIS_PUBLISH",
+    "PY_AMQP_READ",
     "REDIS_LOCK_TOKEN",
     "THREADING_DANGLING",
     "Guard",
     "billiard_child_exit",
     "billiard_child_start",
     "forget_dead_threads",
+    "py_amqp_read_ahead_allowed",
     "redis_declare_needed",
     "redis_declaring_on_channel_client",
     "redis_lock_forget",
@@ -319,6 +321,34 @@ def billiard_child_exit() -> None:
     util._exit_function()
 
 
+# -- py-amqp's TCP transport: how a frame is read ------------------------------------------------
+
+def _check_py_amqp_read() -> str | None:
+    import amqp
+    from amqp import transport
+
+    return (_version_in("py-amqp", tuple(amqp.VERSION[:3]), (5, 0), (5, 5))
+            or _missing(transport.TCPTransport, "_read", "read_frame", "_setup_transport")
+            or _missing(transport.TCPTransport("127.0.0.1"), "_read_buffer", "raise_on_initial_eintr"))
+
+
+#: py-amqp ``TCPTransport._read`` (``_read_buffer``, ``_quick_recv``), replaced per consumer connection by
+#: :func:`forseti_celery.core.transport.amqp.buffer_reads`: a frame's three reads served by one ``recv``.
+PY_AMQP_READ = Guard(
+    "py-amqp frame reads", "reading each frame in py-amqp's three exact reads (a slower consume)",
+    _check_py_amqp_read,
+)
+
+
+def py_amqp_read_ahead_allowed(transport: Any) -> bool:
+    """Whether :func:`~forseti_celery.core.transport.amqp.buffer_reads` may replace the reads of
+    py-amqp ``transport``: a plain TCP one (not TLS), connected, with the guard on."""
+    from amqp.transport import TCPTransport
+
+    return (type(transport) is TCPTransport and getattr(transport, "_quick_recv", None) is not None
+            and PY_AMQP_READ.ok())
+
+
 # -- CPython's threading: the Thread objects a fork leaves behind ---------------------------
 
 def _check_threading() -> str | None:
@@ -343,4 +373,5 @@ def forget_dead_threads() -> None:
 
 
 #: Every guard, for the docs and the contract tests.
-GUARDS = (KOMBU_REDIS_PUBLISH, KOMBU_REDIS_DECLARE, REDIS_LOCK_TOKEN, BILLIARD_BOOTSTRAP, THREADING_DANGLING)
+GUARDS = (KOMBU_REDIS_PUBLISH, KOMBU_REDIS_DECLARE, REDIS_LOCK_TOKEN, BILLIARD_BOOTSTRAP, THREADING_DANGLING,
+          PY_AMQP_READ)

@@ -157,6 +157,8 @@ class ConsumerLoop(threading.Thread):
             conn.ensure_connection(max_retries=1)
             channel = conn.channel()
             kind = self._transport = transport.for_connection(conn)
+            if kind is transport.amqp:  # a frame's reads in one recv (nothing else polls this socket)
+                transport.amqp.buffer_reads(conn)
             windowed = self._windowed() if kind.prefetch_windows else []
             names = {q.name for q in windowed}
             queues = [q for q in self._queues() if q.name not in names]

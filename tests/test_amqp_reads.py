@@ -1,0 +1,110 @@
+"""py-amqp's frame reads, read ahead on a consumer's connection (core/transport/amqp.buffer_reads).
+
+The frames read, their order, and what a read that times out keeps are py-amqp's own: pinned
+against py-amqp's ``TCPTransport._read`` on the same bytes (a socket pair, a frame cut by a
+timeout), and end to end on RabbitMQ (every message, in order, bodies of one frame and of many),
+with the guard on and off.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from amqp.transport import TCPTransport
+from kombu import Connection, Consumer, Producer, Queue
+
+from forseti_celery.core import compat
+from forseti_celery.core.transport import amqp as amqp_transport
+
+
+def _frame(type_: int, payload: bytes) -> bytes:
+    return struct.pack(">BHI", type_, 1, len(payload)) + payload + b"\xce"
+
+
+def _transport_on(sock: socket.socket) -> TCPTransport:
+    """A py-amqp TCP transport reading ``sock`` (a socket pair's end), as a connected one does."""
+    transport = TCPTransport("127.0.0.1")
+    transport.sock = sock
+    transport._setup_transport()
+    transport.connected = True
+    return transport
+
+
+class _Conn:  # what buffer_reads looks through: a kombu connection's ``connection.transport``
+    def __init__(self, transport: TCPTransport) -> None:
+        self.connection = self
+        self.transport = transport
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    a, b = socket.socketpair()
+    yield a, b
+    a.close()
+    b.close()
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_frames_and_a_frame_cut_by_a_timeout_read_as_py_amqp_reads_them(
+        pair: tuple[socket.socket, socket.socket], ahead: bool) -> None:
+    ours, theirs = pair
+    transport = _transport_on(ours)  # with py-amqp's own reads, or read ahead
+    assert not ahead or amqp_transport.buffer_reads(_Conn(transport))
+    frames = [_frame(1, b"m" * 12), _frame(2, b"h" * 30), _frame(3, b"b" * 5000), _frame(3, b""),
+              _frame(1, b"x" * (amqp_transport.READ_AHEAD - 8)), _frame(3, b"y" * (3 * amqp_transport.READ_AHEAD))]
+    theirs.sendall(b"".join(frames))
+    got = [transport.read_frame() for _ in frames]
+    assert [(t, bytes(p)) for t, _, p in got] == [(f[0], f[7:-1]) for f in frames]
+    # A frame cut by a timeout: what was read of it is kept, and the next read returns it whole.
+    cut = _frame(3, b"z" * 9000)
+    ours.settimeout(0.05)
+    theirs.sendall(cut[:5000])
+    with pytest.raises(TimeoutError):
+        transport.read_frame()
+    theirs.sendall(cut[5000:] + _frame(1, b"next"))
+    assert bytes(transport.read_frame()[2]) == b"z" * 9000
+    assert bytes(transport.read_frame()[2]) == b"next"
+
+
+def test_a_read_ahead_is_only_for_a_connected_tcp_transport_with_the_guard_on(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    assert not amqp_transport.buffer_reads(_Conn(TCPTransport("127.0.0.1")))  # not connected
+    assert not amqp_transport.buffer_reads(object())  # Redis: no py-amqp transport
+    with compat.PY_AMQP_READ.forced(False):
+        transport = _transport_on(pair[0])
+        assert not amqp_transport.buffer_reads(_Conn(transport))
+        assert "_read" not in vars(transport)
+    assert amqp_transport.buffer_reads(_Conn(transport)) and "_read" in vars(transport)
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+def test_a_consumer_reading_ahead_gets_every_message_once_in_order(rabbitmq_url: str, ahead: bool) -> None:
+    name = f"forseti-t-reads-{uuid.uuid4().hex[:8]}"
+    bodies = [b"%d:" % i + b"v" * size for i, size in enumerate(
+        [0, 1, 100, 4000, 4096, 5000, 200_000, 3, 140_000, 7] * 30)]  # bodies of one frame and of several
+    with Connection(rabbitmq_url, heartbeat=10) as conn, Connection(rabbitmq_url) as pub:
+        conn.ensure_connection()
+        with compat.PY_AMQP_READ.forced(ahead):
+            assert amqp_transport.buffer_reads(conn) is ahead
+        channel = conn.channel()
+        queue = Queue(name, auto_delete=True)
+        queue(channel).declare()
+        got: list[bytes] = []
+        Consumer(channel, [queue], no_ack=True, on_message=lambda m: got.append(m.body), auto_declare=False).consume()
+        producer = Producer(pub.default_channel)
+        for body in bodies:
+            producer.publish(body, routing_key=name, retry=False)
+        idle = 0
+        while len(got) < len(bodies) and idle < 20:
+            try:
+                conn.drain_events(timeout=0.25)
+                idle = 0
+            except TimeoutError:
+                idle += 1
+        with pytest.raises(TimeoutError):
+            conn.drain_events(timeout=0.2)  # nothing more: none twice
+        assert got == bodies
