@@ -15,6 +15,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from celery.utils.log import get_logger
+
 from ...core import protocol as p
 from ...core.errors import BrokerUnavailable
 from ...core.messages import Reply
@@ -23,9 +25,12 @@ from ...core.worker_messages import Exited, Spawned, SpawnFailed
 if TYPE_CHECKING:
     from .table import Child, Handing
 
+logger = get_logger(__name__)
+
 __all__ = ["Reports"]
 
 _BODY = 1024 * 1024  # bytes of answers' values in one broker message at most, but for a single answer
+_ROUTING_KEY = 255  # bytes of a routing key at most (AMQP's short string; py-amqp raises past it)
 
 Publish = Callable[[list[tuple[str, list[dict[str, Any]]]]], None]
 
@@ -103,7 +108,11 @@ class Reports:
         self._wake()
 
     def reply(self, reply_to: str, msg: dict[str, Any]) -> None:
-        """An answer to a caller (published with the watcher's next round)."""
+        """An answer to a caller (published with the watcher's next round). One to a queue no
+        broker routes to is dropped here: its refusal would cost the answers published with it."""
+        if type(reply_to) is not str or len(reply_to.encode("utf-8", "surrogatepass")) > _ROUTING_KEY:
+            logger.warning("forseti: dropped an answer to %.80r: no queue has that name", reply_to)
+            return
         with self._lock:
             self._replies.setdefault(reply_to, []).append(msg)
 

@@ -41,6 +41,7 @@ from .idle import Idle
 from .outbox import HEADER, Outbox
 from .reports import Reports
 from .table import Child, Table, untaken_key_addressed
+from .wake import Waker
 
 logger = get_logger(__name__)
 
@@ -48,7 +49,8 @@ __all__ = ["Waker", "Watcher"]
 
 _READ = select.POLLIN | select.POLLHUP | select.POLLERR
 _CHUNK = 65536  # bytes read from a child's pipe at once
-_READS = 16  # reads from one child per round at most: one chatty child does not starve the others
+_READS = 16  # reads from one child per pass at most: one chatty child does not starve the others
+_AGAIN = 4  # passes of a round at most: what children wrote meanwhile is read before it publishes
 _SOON = 0.25  # seconds to the next round while something waits for one (a report to retry, a new spare)
 _QUIET = 5.0  # seconds to the next round with nothing due: everything else wakes the watcher
 #: How a keyed process's ``handed_off`` frame begins (:class:`~forseti_celery.core.pipe.HandedOff`
@@ -57,27 +59,6 @@ _HANDED_OFF = b'{"t":"' + HANDED_OFF.encode() + b'","state":'
 #: The largest state handed off, in bytes: it travels in two broker messages (RabbitMQ 4 refuses a
 #: message over 16 MiB by default, and a refused report would hold up the reports behind it).
 MAX_STATE = 15 * 1024 * 1024
-
-
-class Waker:
-    """A pipe any thread writes to, to have the watcher run a round now."""
-
-    def __init__(self) -> None:
-        self.r, self.w = os.pipe()
-        os.set_blocking(self.r, False)
-
-    def __call__(self) -> None:
-        try:
-            os.write(self.w, b"x")
-        except BlockingIOError:
-            pass
-
-    def drain(self) -> None:
-        try:
-            while os.read(self.r, 4096):
-                pass
-        except BlockingIOError:
-            pass
 
 
 class Watcher:
@@ -143,7 +124,36 @@ class Watcher:
         # (``new`` is a hint read without the lock; reports pending: the broker refused the last round)
         longest = _SOON if self._table.new or self._reports.pending else _QUIET
         timeout = min([longest] + [max(0.0, d - now) for d in deadlines])
-        for fd, revents in self._poller.poll(timeout * 1000):
+        ready = self._poller.poll(timeout * 1000)
+        # What children wrote while this round read the others joins it (one broker message per reply
+        # queue): asked again without waiting, a few times at most, while any of them has written.
+        for _ in range(_AGAIN):
+            if not self._handle(ready):
+                break
+            ready = self._poller.poll(0)
+        else:
+            self._handle(ready)
+        if self._table.new:  # (a hint read without the lock: a child missed now is taken next round)
+            self._watch_new()
+        if self._remask:
+            self._update_masks()
+        if idle_due is not None:
+            self._idle.passivate_due(time.monotonic())
+        self._kill_overdue()
+        self._reports.flush()
+        if self._events:
+            events, self._events = self._events, []
+            for type_, fields in events:
+                self._event(type_, **fields)
+        if self._refill_due:
+            # Only now: a fork holds the interpreter for milliseconds, which would delay the answers.
+            self._refill_due = False
+            self._refill()
+
+    def _handle(self, ready: list[tuple[int, int]]) -> bool:
+        """Act on what :meth:`_watch_once`'s poll found; True if a child's pipe was read."""
+        read = False
+        for fd, revents in ready:
             if fd == self._wake.r:
                 self._wake.drain()
                 self._watch_new()
@@ -164,22 +174,8 @@ class Watcher:
                 c.outbox.drain()
             if revents & _READ:
                 self._read(c)
-        if self._table.new:  # (a hint read without the lock: a child missed now is taken next round)
-            self._watch_new()
-        if self._remask:
-            self._update_masks()
-        if idle_due is not None:
-            self._idle.passivate_due(time.monotonic())
-        self._kill_overdue()
-        self._reports.flush()
-        if self._events:
-            events, self._events = self._events, []
-            for type_, fields in events:
-                self._event(type_, **fields)
-        if self._refill_due:
-            # Only now: a fork holds the interpreter for milliseconds, which would delay the answers.
-            self._refill_due = False
-            self._refill()
+                read = True
+        return read
 
     def _watch_new(self) -> None:
         with self._table.lock:
@@ -220,6 +216,9 @@ class Watcher:
         start = 0
         while len(buf) - start >= HEADER.size:
             (size,) = HEADER.unpack_from(buf, start)
+            if size < 0:  # no frame billiard writes: nothing after it can be trusted
+                self._garbled(c)
+                return
             end = start + HEADER.size + size
             if end > len(buf):
                 break
@@ -230,7 +229,10 @@ class Watcher:
                 continue
             # Envelopes decoded; a reply's value stays a view of buf, forwarded as it is.
             for msg in p.decode(buf, at, end, routed=False):
-                self._from_child(c, msg)
+                try:
+                    self._from_child(c, msg)
+                except Exception:  # a malformed message: skipped, the others (its neighbours') go on
+                    logger.exception("forseti: keyed process %r (pid %d) wrote a malformed message", c.key, c.pid)
             start = end
         if start:  # a new buffer for the rest: buf stays whole under the views of it
             c.partial = buf[start:]
@@ -238,14 +240,17 @@ class Watcher:
     def _from_child(self, c: Child, msg: dict[str, Any]) -> None:
         kind = msg[TYPE]
         if kind == REPLY:
+            corr, to = msg[CORR], msg.pop(REPLY_TO)
+            if type(corr) is not str:
+                raise TypeError(f"a reply's correlation id is {type(corr).__name__}")
             with self._table.lock:
-                c.calls.pop(msg[CORR], None)
-                c.ka_calls.discard(msg[CORR])
+                c.calls.pop(corr, None)
+                c.ka_calls.discard(corr)
             if msg.get("error") == "crash":
                 # Answered once the exit is reported: the caller may retry get_key at once.
-                c.last_words.append((msg.pop(REPLY_TO), msg))
+                c.last_words.append((to, msg))
             else:
-                self._reports.reply(msg.pop(REPLY_TO), msg)
+                self._reports.reply(to, msg)
         elif kind == TOUCH:  # a keep_alive timer fired: activity, for passivation
             with self._table.lock:
                 c.active_at = time.monotonic()
@@ -286,6 +291,14 @@ class Watcher:
                            c.pid, MAX_STATE, len(state))
             return
         c.state = state
+
+    def _garbled(self, c: Child) -> None:
+        """``c`` wrote what no keyed process writes: not read any more, and killed (reaped as any exit)."""
+        logger.error("forseti: keyed process %r (pid %d) wrote a malformed frame; killing it", c.key, c.pid)
+        c.partial = bytearray()
+        self._unwatch(c.conn_fd)
+        if c.process.exitcode is None:
+            c.process.kill()
 
     def _reap(self, c: Child) -> None:
         if c.conn_fd in self._by_fd:
