@@ -29,6 +29,7 @@ from kombu import Connection, Exchange, Producer, Queue
 from forseti_celery.core import compat
 from forseti_celery.core.broker import Publisher, RestartIntensity
 from forseti_celery.core.consumer import ConsumerLoop
+from forseti_celery.core.transport import redis_wire
 from forseti_celery.testing import wait_for
 from forseti_celery.worker.pool.fork import KeyedChild
 
@@ -119,7 +120,7 @@ def test_publish_many_reaches_redis_in_its_order_when_a_queue_has_an_expiry(redi
     tag = uuid.uuid4().hex[:8]
     plain, expiring = _queue(tag + "-p"), _queue(tag + "-e", expires_ms=60_000)
     app = Celery("compat-test", broker=redis_url, set_as_current=False)
-    with compat.KOMBU_REDIS_PUBLISH.forced(guarded):
+    with compat.KOMBU_REDIS_PUBLISH.forced(guarded), redis_wire.KOMBU_REDIS_WIRE.forced(False):  # kombu's publish
         publisher = Publisher(app.connection_for_write())
         monitor = redis.Redis.from_url(redis_url, socket_timeout=5).monitor()
         try:
@@ -156,7 +157,7 @@ def test_publish_many_through_kombus_own_path_delivers_every_batch_in_order_and_
     loop = ConsumerLoop("test-loop", app.connection_for_read, lambda: queues,
                         lambda batch: received[str(batch[0]["q"])].append([m["i"] for m in batch]),
                         intensity=RestartIntensity(3, 10), interval=0.05)
-    with compat.KOMBU_REDIS_PUBLISH.forced(False):
+    with compat.KOMBU_REDIS_PUBLISH.forced(False), redis_wire.KOMBU_REDIS_WIRE.forced(False):
         publisher = Publisher(app.connection_for_write(), keep=lambda rk: 30.0 if rk == b else None)
         loop.start()
         try:

@@ -95,11 +95,17 @@ class Publisher:
     def _publish_one(self, producer: Producer, exchange: Exchange, routing_key: str, body: bytes,
                      declare: Iterable[Queue], expiration: float | None) -> None:
         ttl = self._transport.list_ttl(self._keep(routing_key), expiration)
+        wire = self._wire(producer)
+        queues = list(declare)
+        if wire is not None and self._routes(wire, exchange, routing_key, queues):
+            # Redis: ttl is None only without an expiration (the list's TTL expires the message)
+            wire.send(self._commands(wire, exchange, routing_key, body, queues, ttl))
+            return
         if ttl is None:
-            self._put(producer.publish, exchange, routing_key, body, declare, expiration)
+            self._put(producer.publish, exchange, routing_key, body, queues, expiration)
             return
         with self._transport.batch(producer.channel) as batch:
-            self._put(producer.publish, exchange, routing_key, body, declare, None)
+            self._put(producer.publish, exchange, routing_key, body, queues, None)
             batch.keep_at_least(routing_key, ttl)
 
     def keep_alive(self, routing_key: str) -> None:
@@ -108,8 +114,12 @@ class Publisher:
         ttl = self._transport.list_ttl(self._keep(routing_key), None)
         if ttl is None:
             return
-        with self._guard(), self._transport.batch(self._ready().channel) as batch:
-            batch.keep_at_least(routing_key, ttl)
+        with self._guard():
+            if (wire := self._wire(self._ready())) is not None:
+                wire.send([wire.keep_at_least(routing_key, ttl)])
+                return
+            with self._transport.batch(self._ready().channel) as batch:
+                batch.keep_at_least(routing_key, ttl)
 
     def publish_many(
         self,
@@ -124,12 +134,18 @@ class Publisher:
             for routing_key, messages in batches:
                 self.publish(exchange, routing_key, messages, declare=declare(routing_key))
             return
-        bodies = [(routing_key, encode(messages)) for routing_key, messages in batches]
+        bodies = [(routing_key, encode(messages), list(declare(routing_key))) for routing_key, messages in batches]
         with self._guard():
             producer = self._ready()
+            wire = self._wire(producer)
+            if wire is not None and all(self._routes(wire, exchange, rk, queues) for rk, _, queues in bodies):
+                list_ttl = self._transport.list_ttl
+                wire.send([command for routing_key, body, queues in bodies for command in self._commands(
+                    wire, exchange, routing_key, body, queues, list_ttl(self._keep(routing_key), None))])
+                return
             with self._transport.batch(producer.channel) as batch:
-                for routing_key, body in bodies:
-                    self._put(producer.publish, exchange, routing_key, body, declare(routing_key), None)
+                for routing_key, body, queues in bodies:
+                    self._put(producer.publish, exchange, routing_key, body, queues, None)
                     if (ttl := self._transport.list_ttl(self._keep(routing_key), None)) is not None:
                         batch.keep_at_least(routing_key, ttl)
 
@@ -147,6 +163,27 @@ class Publisher:
             self._producer = Producer(self._channel())
         return self._producer
 
+    def _wire(self, producer: Producer) -> transport.redis_wire.Wire | None:
+        return transport.wire(self._transport, producer.channel, CONTENT_TYPE, CONTENT_ENCODING)
+
+    def _routes(self, wire: transport.redis_wire.Wire, exchange: Exchange, routing_key: str,
+                declare: list[Queue]) -> bool:
+        """Whether ``wire`` sends this publish: one kombu would send as it does, no queue to declare."""
+        return wire.routes(exchange, routing_key) and not any(
+            self._transport.needs_declaring(q) for q in declare if q.name not in self._declared)
+
+    def _commands(self, wire: transport.redis_wire.Wire, exchange: Exchange, routing_key: str, body: bytes,
+                  declare: list[Queue], ttl: float | None) -> list[tuple[Any, ...]]:
+        """What ``wire`` sends for a publish of ``body`` (:meth:`_routes`), its list's TTL raise after it."""
+        commands = wire.push(exchange, routing_key, body, self._headers(exchange, routing_key, body))
+        if ttl is not None:
+            commands.append(wire.keep_at_least(routing_key, ttl))
+        self._declared.update(q.name for q in declare)
+        return commands
+
+    def _headers(self, exchange: Exchange, routing_key: str, body: bytes) -> dict[str, str] | None:
+        return None if self._signer is None else self._signer.headers(exchange.name, routing_key, body)
+
     def _put(self, publish: Callable[..., Any], exchange: Exchange, routing_key: str, body: bytes,
              declare: Iterable[Queue], expiration: float | None) -> None:
         to_declare = [q for q in declare if q.name not in self._declared]
@@ -155,7 +192,7 @@ class Publisher:
             content_type=CONTENT_TYPE, content_encoding=CONTENT_ENCODING,
             declare=[exchange, *(q for q in to_declare if self._transport.needs_declaring(q))],
             expiration=expiration, retry=False,
-            headers=None if self._signer is None else self._signer.headers(exchange.name, routing_key, body),
+            headers=self._headers(exchange, routing_key, body),
         )
         self._declared.update(q.name for q in to_declare)
 

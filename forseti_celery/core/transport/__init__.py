@@ -14,9 +14,9 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Protocol
 
 from ..errors import ConfigurationError
-from . import amqp, redis
+from . import amqp, redis, redis_wire
 
-__all__ = ["CONNECTION_ERRORS", "SUPPORTED", "Batch", "Transport", "for_connection", "named", "require"]
+__all__ = ["CONNECTION_ERRORS", "SUPPORTED", "Batch", "Transport", "for_connection", "named", "require", "wire"]
 
 
 class Batch(Protocol):
@@ -113,6 +113,13 @@ def named(driver_type: str) -> Transport:
 def for_connection(connection: Any) -> Transport:
     """The transport of a kombu connection (see :func:`named`)."""
     return named(connection.transport.driver_type)
+
+
+def wire(transport: Transport, channel: Any, content_type: str, content_encoding: str) -> redis_wire.Wire | None:
+    """forseti's own writer of the publishes made on kombu ``channel`` with the content type and
+    encoding given (:mod:`.redis_wire`), or ``None``: publish through kombu (RabbitMQ, any other
+    transport, or the guard off)."""
+    return redis_wire.for_channel(channel, content_type, content_encoding) if transport is redis else None
 
 
 def require(connection: Any) -> Transport:

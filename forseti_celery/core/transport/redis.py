@@ -4,21 +4,23 @@ Redis has no queue arguments: a list is consumed by whoever pops it (the leader 
 consumed only under a lease, see :mod:`forseti_celery.worker.election`), and has no
 per-message TTL. What RabbitMQ's ``x-expires`` and ``expiration`` do is done here by the
 publisher: after a push, the list's TTL is raised to the least it must live (:func:`list_ttl`),
-never lowered. Publishes go through kombu's own code, made faster by
+never lowered. A publish to a list or a fanout exchange is written by :mod:`.redis_wire`, the
+envelope kombu would push and the TTL raise in one round trip; any other, or all of them when
+kombu is not the version mirrored, goes through kombu's own code, made faster by
 :func:`~forseti_celery.core.compat.reuse_redis_client` and sent several in one round trip by
-:func:`batch` (both guarded: see :mod:`forseti_celery.core.compat`).
+:func:`batch` (all guarded: see :mod:`forseti_celery.core.compat` and :mod:`.redis_wire`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import redis.exceptions
 
 from .. import compat
+from .redis_wire import KEEP_AT_LEAST, ttl_ms
 
 __all__ = ["KEEP_AT_LEAST", "batch", "connection_errors", "declare", "list_ttl", "name", "needs_declaring",
            "pipelines", "prefetch_windows", "prepare", "queue_arguments", "single_active_consumer"]
@@ -32,13 +34,6 @@ pipelines = True
 #: What redis-py raises for a lost or unanswered connection (besides ``OSError``).
 connection_errors: tuple[type[BaseException], ...] = (redis.exceptions.ConnectionError,
                                                       redis.exceptions.TimeoutError)
-
-#: Raise a key's TTL to ARGV[1] ms unless it already lives longer (-1: no TTL yet).
-KEEP_AT_LEAST = """
-if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then return redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
-return 0
-"""
-
 
 def queue_arguments(*, single_active_consumer: bool = False, expires: float | None = None) -> None:
     """None: a queue with ``x-expires`` would make kombu expire the list on its own (and open a
@@ -85,7 +80,7 @@ class Batch:
         """Raise the TTL of the list of ``routing_key`` to ``ttl`` seconds unless it lives longer."""
         # The default exchange routes by queue name: the routing key is the list's key.
         client = self._channel.client if self._pipe is None else self._pipe
-        client.eval(KEEP_AT_LEAST, 1, self._channel.global_keyprefix + routing_key, max(1, math.ceil(ttl * 1000)))
+        client.eval(KEEP_AT_LEAST, 1, self._channel.global_keyprefix + routing_key, ttl_ms(ttl))
 
 
 @contextlib.contextmanager
