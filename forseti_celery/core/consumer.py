@@ -63,9 +63,9 @@ class ConsumerLoop(threading.Thread):
         ``windowed()``: queues (among ``queues()``) a flood may come through. On RabbitMQ they are
         consumed with acks and a prefetch of :attr:`window` broker messages, so a backlog of theirs
         waits in the broker, not in this connection, ahead of the other queues' messages (a
-        worker's own heartbeat echo among them). Each is acknowledged as it arrives, before it is
-        handled, and one the broker delivers again after a lost connection is dropped: a message is
-        handled at most once, as with ``no_ack``. Redis needs none of this: kombu fetches a list's
+        worker's own heartbeat echo among them). Each is acknowledged once handled, and one the
+        broker delivers again after a lost connection is dropped: a message is handled at most
+        once, as with ``no_ack``. Redis needs none of this: kombu fetches a list's
         messages one BRPOP at a time, and a fanout comes on a connection of its own.
         """
         super().__init__(name=name, daemon=True)
@@ -198,12 +198,15 @@ class ConsumerLoop(threading.Thread):
                 pass
 
     def _on_windowed(self, message: Any) -> None:
-        message.ack()  # before handling: a connection lost meanwhile cannot deliver it twice
         if message.delivery_info.get("redelivered"):
             # Delivered before, on a connection lost since: perhaps handled already.
+            message.ack()
             logger.info("forseti: %s dropped a message delivered again after a reconnection", self.name)
             return
-        self._on_message(message)
+        try:
+            self._on_message(message)
+        finally:  # once handled: the ack's write (and the broker it wakes) is off the message's way
+            message.ack()
 
     def _on_message(self, message: Any) -> None:
         try:
