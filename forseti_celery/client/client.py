@@ -302,7 +302,7 @@ class Client:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise self.timed_out(ask)
-                if pending.event.wait(min(remaining, self.settings.retry_interval) if resend else remaining):
+                if pending.wait(min(remaining, self.settings.retry_interval) if resend else remaining):
                     break
                 if resend:
                     self._sender.send(routing_key, encoded)

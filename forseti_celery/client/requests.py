@@ -70,18 +70,32 @@ class Waiter(Protocol):
 
 
 class Pending:
-    """A sync caller waiting for the answer to one request."""
+    """A sync caller waiting for the answer to one request.
 
-    __slots__ = ("event", "reply")
+    A lock taken at creation and released by the first answer: the caller's :meth:`wait` blocks
+    on it directly, where an ``Event`` adds a condition (a lock of its own per wait, two more
+    acquisitions) on both sides. A second answer (a resent request answered twice) is ignored.
+    """
+
+    __slots__ = ("_answered", "reply")
 
     def __init__(self) -> None:
-        self.event = threading.Event()
+        self._answered = threading.Lock()
+        self._answered.acquire()
         self.reply: Message | None = None  # decoded (Reply.from_wire) on the caller's thread
 
     def deliver(self, reply: Message) -> None:
-        """The answer came (called on the client's consumer thread)."""
-        self.reply = reply
-        self.event.set()
+        """The answer came (called on the client's consumer thread, the only one that delivers)."""
+        if self.reply is None:
+            self.reply = reply
+            self._answered.release()
+
+    def wait(self, timeout: float) -> bool:
+        """Whether the answer came within ``timeout`` seconds (at once if it came before)."""
+        if self._answered.acquire(timeout=timeout):
+            self._answered.release()  # a later wait returns at once, as an Event's
+            return True
+        return False
 
 
 def answer_of(reply: Message) -> Any:
