@@ -3,7 +3,9 @@ reconnects by itself, within a restart intensity.
 
 A connection of its own, from the Celery app's broker settings, so forseti traffic never shares
 (or blocks) Celery's consumer connection, and a task blocked on ``get_key`` in a solo worker
-cannot stall the leader or the registry living in the same process.
+cannot stall the leader or the registry living in the same process. On Redis it reads without
+kombu's event loop when it can (:mod:`.transport.redis_consume`, guarded): the same commands,
+no kombu ``Message`` per message.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from . import transport
 from .broker import RestartIntensity
 from .errors import BrokerUnavailable
 from .protocol import Message, decode
+from .transport import redis_consume
 
 logger = get_logger(__name__)
 
@@ -65,8 +68,9 @@ class ConsumerLoop(threading.Thread):
         waits in the broker, not in this connection, ahead of the other queues' messages (a
         worker's own heartbeat echo among them). Each is acknowledged once handled, and one the
         broker delivers again after a lost connection is dropped: a message is handled at most
-        once, as with ``no_ack``. Redis needs none of this: kombu fetches a list's
-        messages one BRPOP at a time, and a fanout comes on a connection of its own.
+        once, as with ``no_ack``. Redis needs none of this: a list's messages come
+        one BRPOP at a time (kombu's, or :mod:`.transport.redis_consume`'s), a fanout on a
+        connection of its own.
         """
         super().__init__(name=name, daemon=True)
         self._windowed = windowed
@@ -82,6 +86,7 @@ class ConsumerLoop(threading.Thread):
         self._intensity = intensity
         self._stopping = threading.Event()
         self._consumer: Consumer | None = None
+        self._fast: redis_consume.RedisConsumer | None = None  # Redis without kombu's event loop
         self._transport: transport.Transport = transport.named("")
         self.connected = threading.Event()
         #: Why the loop gave up (restart intensity reached), if it did.
@@ -109,7 +114,11 @@ class ConsumerLoop(threading.Thread):
     # -- called from the loop thread only ----------------------------------------------
     def add_queue(self, queue: Queue) -> None:
         """Start consuming ``queue`` on the live consumer (no-op while disconnected)."""
-        if self._consumer is not None and not self._consumer.consuming_from(queue):
+        if self._fast is not None:
+            if not self._fast.consuming_from(queue.name):
+                self._transport.declare(self._fast.channel, [queue], consumer=True)
+                self._fast.add_queue(queue)
+        elif self._consumer is not None and not self._consumer.consuming_from(queue):
             channel = self._consumer.channel
             self._transport.declare(channel, [queue], consumer=True)
             self._consumer.add_queue(queue)
@@ -117,7 +126,9 @@ class ConsumerLoop(threading.Thread):
 
     def cancel_queue(self, queue: Queue) -> None:
         """Stop consuming ``queue``."""
-        if self._consumer is not None and self._consumer.consuming_from(queue):
+        if self._fast is not None:
+            self._fast.cancel_queue(queue.name)
+        elif self._consumer is not None and self._consumer.consuming_from(queue):
             self._consumer.cancel_by_queue(queue.name)
 
     def run(self) -> None:
@@ -128,7 +139,7 @@ class ConsumerLoop(threading.Thread):
                 backoff = 0.1
             except Exception as exc:
                 self.connected.clear()
-                self._consumer = None
+                self._consumer = self._fast = None
                 if self._on_disconnect is not None:
                     self._safe(self._on_disconnect)
                 if _is_connection_error(exc):
@@ -164,36 +175,56 @@ class ConsumerLoop(threading.Thread):
             queues = [q for q in self._queues() if q.name not in names]
             # Declared as the broker needs them (Transport.declare), before consuming them.
             kind.declare(channel, [*queues, *windowed], consumer=True)
-            consumer = Consumer(channel, queues, no_ack=True, on_message=self._on_message, auto_declare=False)
-            consumer.consume()
-            if windowed:
-                channel.basic_qos(0, self.window, False)  # per consumer; no_ack consumers ignore it
-                Consumer(channel, windowed, no_ack=False, on_message=self._on_windowed, auto_declare=False).consume()
-            self._consumer = consumer
-            # A first round of the event loop subscribes fanout queues (Redis pub/sub) for real.
+            fast = redis_consume.open_consumer(channel, queues, self._on_message) if kind is transport.redis else None
+            if fast is None:
+                self._consumer = self._consume(conn, channel, queues, windowed)
+            self._fast = fast
             try:
-                conn.drain_events(timeout=0.001)
+                self._loop(conn, fast)
+            finally:
+                self._consumer = self._fast = None
+                self.connected.clear()
+                if fast is not None:
+                    fast.close()
+
+    def _consume(self, conn: Connection, channel: Any, queues: list[Queue], windowed: list[Queue]) -> Consumer:
+        """kombu's consumers of ``queues`` (and, acknowledged within a window, ``windowed``)."""
+        consumer = Consumer(channel, queues, no_ack=True, on_message=self._on_message, auto_declare=False)
+        consumer.consume()
+        if windowed:
+            channel.basic_qos(0, self.window, False)  # per consumer; no_ack consumers ignore it
+            Consumer(channel, windowed, no_ack=False, on_message=self._on_windowed, auto_declare=False).consume()
+        # A first round of the event loop subscribes fanout queues (Redis pub/sub) for real.
+        try:
+            conn.drain_events(timeout=0.001)
+        except TimeoutError:
+            pass
+        return consumer
+
+    def _loop(self, conn: Connection, fast: redis_consume.RedisConsumer | None) -> None:
+        """Read and tick until stopped (``fast``: Redis's reads without kombu's event loop)."""
+        self.connected.set()
+        if self._on_connect is not None:
+            self._on_connect()
+        next_tick = time.monotonic()
+        while not self._stopping.is_set():
+            now = time.monotonic()
+            if now >= next_tick:
+                if self._tick is not None:
+                    self._run_tick(self._tick)
+                next_tick = now + self._interval
+            timeout = max(0.001, next_tick - time.monotonic())
+            if fast is not None:
+                fast.drain(timeout)
+                continue
+            try:
+                conn.drain_events(timeout=timeout)
             except TimeoutError:
                 pass
-            self.connected.set()
-            if self._on_connect is not None:
-                self._on_connect()
-            next_tick = time.monotonic()
-            while not self._stopping.is_set():
-                now = time.monotonic()
-                if now >= next_tick:
-                    if self._tick is not None:
-                        self._run_tick(self._tick)
-                    next_tick = now + self._interval
-                try:
-                    conn.drain_events(timeout=max(0.001, next_tick - time.monotonic()))
-                except TimeoutError:
-                    pass
-                conn.heartbeat_check()
-            self._consumer = None
-            self.connected.clear()
+            conn.heartbeat_check()
+        if self._consumer is not None:
             try:
-                consumer.cancel()
+                self._consumer.cancel()
             except Exception:  # closing anyway
                 pass
 
