@@ -8,6 +8,7 @@ gives the same results.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import uuid
@@ -229,3 +230,26 @@ def test_rabbitmq_publishes_through_kombu(rabbitmq_url: str) -> None:
         assert redis_wire.for_channel(channel, p.CONTENT_TYPE, p.CONTENT_ENCODING) is None
     finally:
         publisher.close()
+
+
+def test_a_publish_after_its_connection_was_killed_is_sent_once_on_a_new_one(redis_url: str) -> None:
+    app = _app(redis_url)
+    name = _name()
+    with _publisher(app, True, keep=lambda rk: 30.0) as publisher, redis.Redis.from_url(redis_url) as r:
+        publisher.publish(DEFAULT, name, [{"t": p.CAST, "i": 0}])
+        wire = transport.wire(transport.redis, publisher._ready().channel, p.CONTENT_TYPE, p.CONTENT_ENCODING)
+        assert wire is not None
+        pool = wire._pool
+        conn = pool.get_connection()
+        try:
+            conn.send_command("CLIENT", "ID")
+            client_id = conn.read_response()
+        finally:
+            pool.release(conn)
+        assert r.client_kill_filter(_id=client_id) == 1
+        publisher.publish(DEFAULT, name, [{"t": p.CAST, "i": 1}])
+        publisher.publish_many(DEFAULT, [(name, [{"t": p.CAST, "i": 2}]), (name, [{"t": p.CAST, "i": 3}])])
+        bodies = [base64.b64decode(json.loads(m)["body"]) for m in reversed(r.lrange(name, 0, -1))]
+        got = [p.decode(body, routed=False)[0]["i"] for body in bodies]
+        assert got == [0, 1, 2, 3]
+        r.delete(name)
