@@ -5,8 +5,9 @@ Forking happens on a spawner thread that lives as long as the worker's node
 thread nor the leader on it ever waits for a fork. The spawner keeps a few *spares* forked
 ahead (``forseti_spares``): a spare is a keyed process that has not been given its key yet, so
 a new key costs a pipe write, not a fork and a process start; the spawner has the next one
-forked behind it, and one forked at once for a key that finds none left, by the worker's
-:mod:`~forseti_celery.worker.pool.zygote` where it runs (Linux), else by itself
+forked behind it (once the worker has been quiet for a moment while another is at hand; with
+none left at once, all in one request), and one forked at once for a key that finds none left,
+by the worker's :mod:`~forseti_celery.worker.pool.zygote` where it runs (Linux), else by itself
 (:mod:`~forseti_celery.worker.pool.fork`).
 
 Owners: the orders queue is the consumer's way in (:meth:`Spawner.order`); the refill deadline
@@ -51,7 +52,7 @@ __all__ = ["Spawner"]
 _Order = tuple[str, str, list[Any], str, list[list[str]], int, float, Start]
 _NONE = Start()
 _REFILL: _Order = ("", "", [], "", [], 0, 0.0, _NONE)  # the spawner's cue to fork spares up to the target
-_QUIET = 0.01  # seconds without spawns or deliveries before the worker forks a spare itself (one left)
+_QUIET = 0.01  # seconds without spawns or deliveries before a spare is forked while another is at hand
 _RETRY_FIRST, _RETRY_MAX = 0.25, 8.0  # seconds before a spare is forked again after a failed fork (doubling)
 
 
@@ -204,12 +205,11 @@ class Spawner:
                             c.restarts = restarts
 
     def _refill_wait(self) -> float:
-        # Forking here, with a spare still at hand, waits until the worker has been quiet for a
-        # moment: a fork holds the interpreter for milliseconds, which would delay the calls that
-        # usually follow a start. Asking the zygote costs the worker nothing worth waiting for.
+        # A spare forked while another is still at hand waits until the worker has been quiet for
+        # a moment: a fork here holds the interpreter for milliseconds, and one by the zygote, with
+        # the new spare's first steps, takes a core for about as long, which would delay the call
+        # that usually follows a start (on two cores, the first call took 2-3x a later one).
         now = time.monotonic()
-        if self._zygote_alive():
-            return max(0.0, self._refill_at - now)
         with self._table.lock:
             at_hand = bool(self._table.spares)
         return max(0.0, self._refill_at - now, self.busy_at + _QUIET - now if at_hand else 0.0)
@@ -222,8 +222,8 @@ class Spawner:
             return False  # (cut off: the next start after we hear the broker again asks anew)
         c = None
         if self._zygote_alive():
-            try:
-                c = self._fork_from_zygote()
+            try:  # none at hand (a burst, the worker's start): every one wanted in one request
+                c = self._fork_from_zygote(wanted - 1 if wanted == self._config.spares else 0)
             except EOFError:
                 logger.warning("forseti: the zygote has ended; the worker forks keyed processes itself")
         if c is None:
@@ -232,7 +232,7 @@ class Spawner:
             c.spare = True
             self._table.spares.append(c)
             self._table.new.append(c)  # watched from the watcher's next round: no wake-up just for it
-        return wanted > 1
+            return len(self._table.spares) < self._config.spares
 
     def _zygote_alive(self) -> bool:
         return self.zygote is not None and self.zygote.alive
