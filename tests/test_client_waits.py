@@ -1,19 +1,23 @@
 """A sync caller's wait for its answer (``client.requests.Pending``): alone, and across three real
-workers on Redis and on RabbitMQ, with many callers at once and callers that gave up."""
+workers on Redis and on RabbitMQ, with many callers at once and callers that gave up; a new
+client's cache of refs, which its first request does not wait to subscribe to exits for."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from forseti_celery import ForsetiTimeout
+from forseti_celery import Forseti, ForsetiTimeout
 from forseti_celery.client.requests import Pending
 from forseti_celery.core.messages import Reply
+from forseti_celery.testing import wait_for
 
-from .helpers import Harness, fresh, harness
+from .helpers import Harness, client_app, fresh, harness
 
 
 def _reply(corr: str, value: object) -> dict[str, object]:
@@ -79,3 +83,22 @@ def test_an_answer_to_a_caller_that_gave_up_is_dropped(h: Harness) -> None:
     assert ref.call("next", timeout=10) == ["echo", "next"]
     assert h.forseti.client.pending == {}
     ref.stop()
+
+
+def test_a_new_client_caches_only_once_subscribed_to_exits_and_then_hears_them(h: Harness) -> None:
+    # Its first request does not wait for the exits subscription (the reply thread's): an exit
+    # before it is subscribed cannot leave a stale ref cached, and one after it drops the ref.
+    app = client_app(h.cluster.broker_url, h.namespace)
+    client = Forseti.of(app)
+    try:
+        ref = client.get_key(fresh("newclient"))
+        wait_for(lambda: client.get_key(ref.key) is client.get_key(ref.key), 10, 0.02,
+                 "the new client never cached the ref")
+        os.kill(ref.pid, signal.SIGKILL)
+        again = wait_for(lambda: (r := client.get_key(ref.key)) != ref and r, 10.0,
+                         message="the new client kept answering the killed process")
+        assert again.pid != ref.pid and again.call("get") == 0
+        again.stop()
+    finally:
+        client.client.close()
+        app.close()

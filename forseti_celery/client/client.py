@@ -372,9 +372,9 @@ class Client:
                     self._loop, self._declared = self._new_loop(), False
                 self._loop.start()  # connects while this thread declares below (issue 15)
             if not self._declared and not self._closed:
-                # The reply queue must exist before anyone answers into it: before any request.
-                for queue in self._queues():
-                    self._publisher.declare(queue)
+                # The reply queue must exist before anyone answers into it: before any request. Not
+                # the exits: nothing is cached, no route kept, until the reply thread subscribed them.
+                self._publisher.declare(self._reply_queue)
                 self._declared = True
 
     def _node_rk(self, ref: KeyRef) -> str:
