@@ -17,13 +17,16 @@ import contextlib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import redis
 import redis.exceptions
+import redis.utils
 
 from .. import compat
 from .redis_wire import KEEP_AT_LEAST, ttl_ms
 
-__all__ = ["KEEP_AT_LEAST", "batch", "connection_errors", "declare", "list_ttl", "name", "needs_declaring",
-           "pipelines", "prefetch_windows", "prepare", "queue_arguments", "single_active_consumer"]
+__all__ = ["KEEP_AT_LEAST", "REDIS_LIB_VERSION", "batch", "connection_errors", "declare", "list_ttl", "name",
+           "needs_declaring", "pipelines", "prefetch_windows", "prepare", "queue_arguments", "single_active_consumer",
+           "use_package_version"]
 
 name = "redis"
 #: Several consumers of one list compete: the leader queue needs a lease.
@@ -89,3 +92,30 @@ def batch(channel: Any) -> Iterator[Batch]:
     trip; or, when kombu's internals are not the ones known (compat), each as it is made."""
     with compat.redis_publish_pipeline(channel) as pipe:
         yield Batch(channel, pipe)
+
+
+def _check_lib_version() -> str | None:
+    return (compat._version_in("redis-py", tuple(redis.VERSION), (5, 0), (9, 0))
+            or compat._missing(redis.utils, "get_lib_version")
+            or (None if isinstance(getattr(redis, "__version__", None), str) else "redis.__version__ is not a string"))
+
+
+#: redis-py 8 looks its own version up in the installed packages' metadata (``importlib.metadata``:
+#: 0.3-1.7 ms) for every connection it makes, to name itself (``CLIENT SETINFO``); a new client's
+#: first request makes three. Its ``__version__`` says the same.
+REDIS_LIB_VERSION = compat.Guard("redis-py's version lookup", "redis-py reads its version from the package "
+                                 "metadata for each connection (slower connections)", _check_lib_version)
+
+
+def _lib_version() -> str:
+    return str(redis.__version__)
+
+
+def use_package_version() -> None:
+    """Have redis-py name its version from ``redis.__version__`` instead of looking it up in the
+    package metadata for each connection (guarded: :data:`REDIS_LIB_VERSION`). Done on import."""
+    if REDIS_LIB_VERSION.ok():
+        redis.utils.get_lib_version = _lib_version
+
+
+use_package_version()
