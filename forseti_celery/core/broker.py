@@ -23,6 +23,7 @@ from kombu.exceptions import OperationalError
 from . import transport
 from .errors import BrokerUnavailable
 from .protocol import CONTENT_ENCODING, CONTENT_TYPE, Encoded, Message, encode
+from .transport import amqp_wire
 
 if TYPE_CHECKING:
     from .signing import Signer
@@ -102,6 +103,11 @@ class Publisher:
             wire.send(self._commands(wire, exchange, routing_key, body, queues, ttl))
             return
         if ttl is None:
+            fast = self._amqp_wire(producer)
+            if fast is not None and self._routes(fast, exchange, routing_key, queues):
+                # RabbitMQ: what kombu's Producer sends, handed to py-amqp's basic_publish
+                fast.publish(exchange, routing_key, body, self._headers(exchange, routing_key, body), expiration)
+                return
             self._put(producer.publish, exchange, routing_key, body, queues, expiration)
             return
         with self._transport.batch(producer.channel) as batch:
@@ -166,7 +172,12 @@ class Publisher:
     def _wire(self, producer: Producer) -> transport.redis_wire.Wire | None:
         return transport.wire(self._transport, producer.channel, CONTENT_TYPE, CONTENT_ENCODING)
 
-    def _routes(self, wire: transport.redis_wire.Wire, exchange: Exchange, routing_key: str,
+    def _amqp_wire(self, producer: Producer) -> amqp_wire.Wire | None:
+        if self._transport is not transport.amqp:
+            return None
+        return amqp_wire.for_channel(producer.channel, CONTENT_TYPE, CONTENT_ENCODING)
+
+    def _routes(self, wire: transport.redis_wire.Wire | amqp_wire.Wire, exchange: Exchange, routing_key: str,
                 declare: list[Queue]) -> bool:
         """Whether ``wire`` sends this publish: one kombu would send as it does, no queue to declare."""
         return wire.routes(exchange, routing_key) and not any(
