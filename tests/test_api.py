@@ -120,3 +120,26 @@ def test_the_ref_cache_drops_a_ref_on_its_exit_and_never_caches_a_seen_exit() ->
     disabled.subscribed(True)
     disabled.put(ref)
     assert disabled.get("default", "k") is None
+
+
+def test_the_ref_cache_keeps_no_answer_to_a_request_sent_while_exits_went_unheard() -> None:
+    # A new client's first request goes out before its exits subscription is live: the process
+    # it names may end unheard before the subscription, so its answer is not cached once the
+    # subscription is (nor one asked before a reconnection).
+    from forseti_celery.client.cache import RefCache
+
+    cache = RefCache(enabled=True)
+    ref = KeyRef("w1@h", 10, "k")
+    missed, asked = cache.lookup("default", "k")  # before the subscription
+    assert missed is None
+    cache.subscribed(True)
+    cache.put(ref, asked)
+    cache.found("default", "k", ref, asked)
+    assert cache.get("default", "k") is None
+    asked = cache.epoch()  # a request sent while subscribed: its answer is cached
+    cache.found("default", "k", ref, asked)
+    assert cache.lookup("default", "k") == (ref, asked)
+    cache.subscribed(False)
+    cache.subscribed(True)  # reconnected: what was asked on the last connection is not cached
+    cache.put(ref, asked)
+    assert cache.get("default", "k") is None

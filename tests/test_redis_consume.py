@@ -271,3 +271,73 @@ def test_a_malformed_push_is_skipped_and_the_next_message_handled(redis_url: str
         wait_for(lambda: loop.of("g") == [1], 10, 0.02, "the good message after the bad ones")
         if fast:  # kombu's own path fails the connection on a message it cannot parse
             assert loop.disconnects == 0
+
+
+def _hold_confirmations(monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], threading.Event]:
+    """Each ``PSUBSCRIBE`` recorded; their confirmations left unread until the event is set."""
+    order: list[str] = []
+    confirm = threading.Event()
+    psubscribe, read_fanouts = redis.client.PubSub.psubscribe, redis_consume.RedisConsumer._read_fanouts
+
+    def recorded(pubsub: Any, *topics: Any) -> Any:
+        order.append("psubscribe")
+        return psubscribe(pubsub, *topics)
+
+    def held(consumer: Any) -> None:
+        if confirm.wait(0.001):
+            read_fanouts(consumer)
+
+    monkeypatch.setattr(redis.client.PubSub, "psubscribe", recorded)
+    monkeypatch.setattr(redis_consume.RedisConsumer, "_read_fanouts", held)
+    return order, confirm
+
+
+def test_a_list_is_read_before_the_fanouts_are_subscribed_and_on_connect_waits_for_them(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A new client's first answer waits for no pub/sub connection: the BRPOP goes out first, a
+    # message in a list is handled while the fanout's subscription is unconfirmed, and only then
+    # is the loop connected (a client trusts its cache and routes from on_connect on).
+    app = _app(redis_url)
+    names = Names(f"forseti-t{uuid.uuid4().hex[:8]}", single_active_consumer=False)
+    reply, bcast = _list("reply"), names.bcast_queue("w1@host", uuid.uuid4().hex[:8])
+    _push(app, reply, [{"t": "x", "q": "r", "i": 0}])
+    order, confirm = _hold_confirmations(monkeypatch)
+    loop = Loop(app, [reply, bcast], True)
+    connects: list[bool] = []
+    loop.loop._on_connect = lambda: connects.append(confirm.is_set())
+    publisher = Publisher(app.connection_for_write())
+    with GUARD.forced(True):
+        loop.loop.start()
+        try:
+            wait_for(lambda: loop.of("r") == [0], 10, 0.01, "the list's message was not read")
+            assert order == ["psubscribe"]  # made once the BRPOP was out (it read the message)
+            assert not loop.loop.connected.is_set() and connects == []
+            confirm.set()
+            assert loop.loop.connected.wait(10) and connects == [True]
+            publisher.publish(names.bcast_exchange, "", [{"t": "x", "q": "b", "i": 1}])
+            wait_for(lambda: loop.of("b") == [1], 10, 0.01, "the fanout's message was not read")
+        finally:
+            publisher.close()
+            loop.loop.stop()
+    assert not loop.loop.is_alive()
+
+
+def test_a_stop_before_the_fanouts_are_subscribed_wakes_the_pending_read(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A client closed right after its first answer: its BRPOP is out though the loop is not yet
+    # connected, so the stop sends the wake (else it waits for the BRPOP's timeout).
+    app = _app(redis_url)
+    names = Names(f"forseti-t{uuid.uuid4().hex[:8]}", single_active_consumer=False)
+    reply, bcast = _list("reply"), names.bcast_queue("w1@host", uuid.uuid4().hex[:8])
+    _push(app, reply, [{"t": "x", "q": "r", "i": 0}])
+    _hold_confirmations(monkeypatch)
+    loop = Loop(app, [reply, bcast], True)
+    woken: list[bool] = []
+    connects: list[int] = []
+    loop.loop._on_connect = lambda: connects.append(1)
+    with GUARD.forced(True):
+        loop.loop.start()
+        wait_for(lambda: loop.of("r") == [0], 10, 0.01, "the list's message was not read")
+        loop.loop.stop(wake=lambda: woken.append(_push(app, reply, []) is None))
+    assert woken == [True] and connects == []  # and the owner never heard of a connection
+    assert not loop.loop.is_alive()

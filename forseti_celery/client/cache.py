@@ -5,7 +5,8 @@ worker sends (received on a queue of the client's own, bound to Celery's event
 exchange), the leader's event that a worker is lost, a call that finds the
 process gone or crashed, or a stop; a new leader empties the cache. While the
 client is not subscribed to exit events (before its first connection, after a
-disconnect) nothing is cached, since an exit could go unseen. An exit noticed
+disconnect) nothing is cached, since an exit could go unseen, nor is an answer to a request sent
+before the subscription (the process may have ended unheard meanwhile). An exit noticed
 while an answer was on its way is remembered briefly so the stale answer is
 not cached.
 """
@@ -31,15 +32,25 @@ class RefCache:
         self._recent_exits: deque[tuple[str, int]] = deque(maxlen=remember)
         self._lock = threading.Lock()
         self._ready = False
+        self._epoch = 0  # subscriptions so far: an answer is cached only if asked within the current one
+
+    def epoch(self) -> int:
+        """What a request sent now hands :meth:`put` with its answer."""
+        return self._epoch if self._ready else -1
 
     def get(self, name: str, key: str) -> KeyRef | None:
         """The cached live ref, if any."""
         return self._refs.get((name, key)) if self._ready else None
 
-    def put(self, ref: KeyRef) -> None:
-        """Remember ``ref`` unless its exit has been seen already."""
+    def lookup(self, name: str, key: str) -> tuple[KeyRef | None, int]:
+        """The cached live ref, if any, and (on a miss, for its answer) the :meth:`epoch`."""
+        return self.get(name, key), self.epoch()
+
+    def put(self, ref: KeyRef, asked: int | None = None) -> None:
+        """Remember ``ref`` unless its exit has been seen already, or (``asked``: the :meth:`epoch`
+        of its request) it answers a request sent while exits went unheard."""
         with self._lock:
-            if self._ready and (ref.node, ref.pid) not in self._recent_exits:
+            if self._ready and asked in (None, self._epoch) and (ref.node, ref.pid) not in self._recent_exits:
                 self._refs[(ref.name, ref.key)] = ref
 
     def exited(self, name: str, key: str, node: str, pid: int) -> None:
@@ -56,10 +67,10 @@ class RefCache:
             for k in [k for k, ref in self._refs.items() if ref.node == node]:
                 del self._refs[k]
 
-    def found(self, name: str, key: str, ref: KeyRef | None) -> None:
+    def found(self, name: str, key: str, ref: KeyRef | None, asked: int | None = None) -> None:
         """The leader's answer to a lookup, which is the truth: cache it, or forget the key."""
         if ref is not None:
-            self.put(ref)
+            self.put(ref, asked)
             return
         with self._lock:
             self._refs.pop((name, key), None)
@@ -78,3 +89,4 @@ class RefCache:
         with self._lock:
             self._refs.clear()
             self._ready = ready and self.enabled
+            self._epoch += 1

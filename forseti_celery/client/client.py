@@ -106,13 +106,13 @@ class Client:
         if args:
             args = list(args)
             check_json(args, "args", self._max_size)
-        cached = self._cache.get(name, key)
+        cached, asked = self._cache.lookup(name, key)
         if cached is not None:
             return cached
         node, pid = yield Ask(self.names.leader, Get(name, key, list(args), *self._ticket(t)), t,
                               resend=True, what="args")
         ref = KeyRef(node, pid, key, name, self.names.namespace, self.forseti.app)
-        self._cache.put(ref)
+        self._cache.put(ref, asked)
         return ref
 
     def search_key(self, key: str, name: str, timeout: float | None) -> KeyRef | None:
@@ -123,9 +123,10 @@ class Client:
         """:meth:`search_key`'s steps."""
         check_key(key, name, self.settings.max_key_length)
         t = timeout_of(timeout, self.settings.timeout)
+        asked = self._cache.epoch()
         found = yield Ask(self.names.leader, Search(name, key, *self._ticket(t)), t, resend=True)
         ref = None if found is None else KeyRef(found[0], found[1], key, name, self.names.namespace, self.forseti.app)
-        self._cache.found(name, key, ref)
+        self._cache.found(name, key, ref, asked)
         return ref
 
     def get_metrics(self, timeout: float | None) -> dict[str, int]:

@@ -89,6 +89,7 @@ class ConsumerLoop(threading.Thread):
         self._fast: redis_consume.RedisConsumer | None = None  # Redis without kombu's event loop
         self._transport: transport.Transport = transport.named("")
         self.connected = threading.Event()
+        self._reading = threading.Event()  # a read may be pending (before ``connected``: the lists only)
         #: Why the loop gave up (restart intensity reached), if it did.
         self.failure: BaseException | None = None
 
@@ -107,7 +108,7 @@ class ConsumerLoop(threading.Thread):
         """
         self._stopping.set()
         if self.is_alive() and threading.current_thread() is not self:
-            if wake is not None and self.connected.is_set():
+            if wake is not None and self._reading.is_set():
                 self._safe(wake)
             self.join(timeout)
 
@@ -184,6 +185,7 @@ class ConsumerLoop(threading.Thread):
             finally:
                 self._consumer = self._fast = None
                 self.connected.clear()
+                self._reading.clear()
                 if fast is not None:
                     fast.close()
 
@@ -202,7 +204,16 @@ class ConsumerLoop(threading.Thread):
         return consumer
 
     def _loop(self, conn: Connection, fast: redis_consume.RedisConsumer | None) -> None:
-        """Read and tick until stopped (``fast``: Redis's reads without kombu's event loop)."""
+        """Read and tick until stopped (``fast``: Redis's reads without kombu's event loop).
+
+        ``connected`` and ``on_connect`` once every queue is heard: on Redis's fast path the lists
+        are read (a client's first answer handled) while the fanouts' subscription is confirmed.
+        """
+        self._reading.set()
+        while fast is not None and not fast.subscribed:
+            if self._stopping.is_set():
+                return  # never connected: the owner hears of no connection
+            fast.drain(self._interval)
         self.connected.set()
         if self._on_connect is not None:
             self._on_connect()

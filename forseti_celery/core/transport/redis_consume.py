@@ -6,10 +6,13 @@ the same commands go out on the same kind of connections: one ``BRPOP`` over eve
 (and kombu's priority sub-lists, ``name + sep + step``, so what kombu published with a priority
 is read too), its keys rotated after each pop as kombu's round robin does (a flooded list cannot
 starve the others); the fanout queues (kombu's pub/sub topics) on a ``PSUBSCRIBE`` connection,
-polled beside it. A message is kombu's JSON envelope, decoded into a :class:`Delivery` (what
-``ConsumerLoop`` and a worker's admission read of a kombu message); one that is not an envelope
-is logged and skipped. Only kombu's plain ``redis`` channel over TCP or a Unix socket takes it
-(the guard :data:`KOMBU_REDIS_CONSUME`); any other (TLS, Sentinel), or the guard off: kombu's own.
+polled beside it, connected by a thread of its own once the first ``BRPOP`` is out (a new client's
+first answer waits for no subscription: :attr:`RedisConsumer.subscribed` says when the fanouts
+are heard). A message
+is kombu's JSON envelope, decoded into a :class:`Delivery` (what ``ConsumerLoop`` and a worker's
+admission read of a kombu message); one that is not an envelope is logged and skipped. Only
+kombu's plain ``redis`` channel over TCP or a Unix socket takes it (the guard
+:data:`KOMBU_REDIS_CONSUME`); any other (TLS, Sentinel), or the guard off: kombu's own.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import binascii
 import json
 import select
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -119,6 +123,11 @@ class RedisConsumer:
         self._fanouts: dict[str, list[str]] = {}  # queue -> its (prefixed) topics
         self._topics: dict[bytes, str] = {}  # topic -> queue
         self._pubsub: Any = None
+        self._unsent: list[str] = []  # topics to PSUBSCRIBE once the BRPOP is out
+        self._unconfirmed: set[bytes] = set()  # topics PSUBSCRIBEd, their confirmation not read yet
+        self._subscribed_at = 0.0  # the last PSUBSCRIBE went out
+        self._connecting: threading.Thread | None = None  # connects the pub/sub (its first PSUBSCRIBE)
+        self._connect_error: BaseException | None = None
         self._conn = pool.get_connection()  # the one kombu pinged the broker with, if still idle
         self._sent_at: float | None = None  # a BRPOP is out since
         self._poll = select.poll()
@@ -129,9 +138,16 @@ class RedisConsumer:
     def consuming_from(self, name: str) -> bool:
         return name in self._fanouts or name in self._lists
 
+    @property
+    def subscribed(self) -> bool:
+        """Every fanout's subscription is confirmed by Redis: what is published to it from now on
+        is read. (The lists are read from the start: what waits in them stays there.)"""
+        return not self._unsent and not self._unconfirmed
+
     def add_queue(self, queue: Any) -> None:
         """Read ``queue`` too (declared on the channel already): the next ``BRPOP`` (the one out
-        waits up to ``brpop_timeout``, as kombu's does), or its fanout subscription now."""
+        waits up to ``brpop_timeout``, as kombu's does), or its fanout subscription with the next
+        :meth:`drain`, once its ``BRPOP`` is out."""
         name = queue.name
         if self.consuming_from(name):
             return
@@ -142,21 +158,60 @@ class RedisConsumer:
         topics = [self._prefix + t for t in self.channel._get_subscribe_topics(name)]
         self._fanouts[name] = topics
         self._topics.update((t.encode(), name) for t in topics)
-        if self._pubsub is None:
-            self._pubsub = redis.client.PubSub(self._pool)
-        self._pubsub.psubscribe(*topics)
+        self._unsent.extend(topics)
+
+    def _subscribe(self) -> None:
+        """``PSUBSCRIBE`` the topics added since the last; the first time, on a thread that connects
+        the pub/sub while this one reads the lists."""
+        topics, self._unsent = self._unsent, []
+        self._unconfirmed.update(t.encode() for t in topics)
+        self._subscribed_at = time.monotonic()
+        if self._pubsub is not None:
+            self._pubsub.psubscribe(*topics)
+            self._register(self._pubsub.connection, self._read_fanouts)
+            return
+        self._pubsub = redis.client.PubSub(self._pool)
+        self._connecting = threading.Thread(target=self._connect, args=(topics,), name="forseti-psubscribe",
+                                            daemon=True)
+        self._connecting.start()
+
+    def _connect(self, topics: list[str]) -> None:  # the connecting thread's, alone on the pub/sub
+        try:
+            self._pubsub.psubscribe(*topics)
+        except BaseException as exc:  # raised on the reading thread (_connected)
+            self._connect_error = exc
+
+    def _connected(self, wait: bool) -> bool:
+        """Whether the pub/sub's connection is made and polled (``wait``: once it is)."""
+        thread = self._connecting
+        if thread is None:
+            return True
+        if not wait and thread.is_alive():
+            return False
+        thread.join(self._stale)
+        if thread.is_alive():
+            raise redis.ConnectionError("no pub/sub connection: connecting hangs")
+        self._connecting = None
+        error, self._connect_error = self._connect_error, None
+        if error is not None:
+            raise error
         self._register(self._pubsub.connection, self._read_fanouts)
+        return True
 
     def cancel_queue(self, name: str) -> None:
         """Stop reading queue ``name`` (a ``BRPOP`` out still takes what it finds, as kombu's)."""
         if name in self._lists:
             self._lists.remove(name)
             self._brpop = None
-        topics = self._fanouts.pop(name, None)
-        if topics:
-            self._pubsub.punsubscribe(*topics)  # its confirmation is read (and dropped) with the messages
-            for t in topics:
-                self._topics.pop(t.encode(), None)
+        topics = self._fanouts.pop(name, [])
+        for t in topics:
+            self._topics.pop(t.encode(), None)
+        sent = [t for t in topics if t not in self._unsent]
+        self._unsent = [t for t in self._unsent if t not in topics]
+        if sent:
+            self._connected(wait=True)
+            self._unconfirmed.difference_update(t.encode() for t in sent)
+            self._pubsub.punsubscribe(*sent)  # its confirmation is read (and dropped) with the messages
 
     def drain(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds for messages and hand over those that came."""
@@ -170,6 +225,12 @@ class RedisConsumer:
             self._register(self._conn, self._read_pop)
         elif self._sent_at is not None and time.monotonic() - self._sent_at > self._stale:
             raise redis.ConnectionError("no answer to BRPOP: the connection is half-open")  # as kombu
+        if self._unsent and self._connecting is None:  # after the BRPOP: a first answer waits for it not
+            self._subscribe()
+        if not self._connected(wait=False):
+            timeout = min(timeout, 0.001)  # its connection is polled as soon as it is made
+        if self._unconfirmed and time.monotonic() - self._subscribed_at > self._stale:
+            raise redis.ConnectionError("no answer to PSUBSCRIBE: the connection is half-open")
         if not self._fds:
             time.sleep(timeout)
             return
@@ -197,6 +258,7 @@ class RedisConsumer:
             conn.disconnect()
         if self._pubsub is not None:
             try:
+                self._connected(wait=True)
                 self._pubsub.close()
             except Exception as exc:
                 logger.warning("forseti: closing a Redis subscription: %r", exc)
@@ -226,6 +288,8 @@ class RedisConsumer:
     def _read_fanouts(self) -> None:
         pubsub = self._pubsub
         while (response := pubsub.parse_response(block=False, timeout=0)) is not None:  # RESP2 and 3
+            if self._unconfirmed and response[0] in (b"psubscribe", "psubscribe"):
+                self._unconfirmed.discard(response[1] if isinstance(response[1], bytes) else response[1].encode())
             message = pubsub.handle_message(response, ignore_subscribe_messages=True)
             if message is not None and message["type"] == "pmessage":
                 queue = self._topics.get(message["pattern"])
