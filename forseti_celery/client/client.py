@@ -21,7 +21,7 @@ from celery.utils.log import get_logger
 from kombu import Queue
 
 from ..core.broker import Batcher, Publisher, RestartIntensity
-from ..core.codec import Encoded, Message, check_json, encode_message
+from ..core.codec import Encoded, Message, check_json, encode_cast, encode_message
 from ..core.consumer import ConsumerLoop
 from ..core.errors import BrokerUnavailable, ForsetiError, ForsetiTimeout, InvalidMessage, ProcessGone, RemoteError
 from ..core.keyref import KeyRef
@@ -181,8 +181,7 @@ class Client:
     def cast(self, ref: KeyRef, msg: Any) -> None:
         """``ref.send(msg)``: queued and published in batches by the sender thread, in order."""
         check_ref(ref, self.names.namespace)
-        self._sender.put(self._node_rk(ref), encode_message(
-            Cast.envelope(ref.name, ref.key, ref.pid), "message", self._max_size, payload=msg))
+        self._sender.put(self._node_rk(ref), encode_cast(ref.name, ref.key, ref.pid, msg, self._max_size))
 
     # -- key-addressed messages (forseti_celery.call/send) -------------------------------------
     def call_key(self, key: str, msg: Any, args: Any, name: str, timeout: float | None) -> Any:

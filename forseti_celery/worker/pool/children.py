@@ -104,22 +104,26 @@ class Children:
         now = self._spawner.busy_at = time.monotonic()
         table = self._table
         held: dict[Key, list[Message]] = {}
+        wake = False  # the watcher has something to do: answers or reports to send, a stop's deadline
         for k, msgs in batches.items():
             refused: list[Message] = []
             with table.lock:
                 c = table.by_key.get(k)
                 if c is None or c.gone:
                     live = []
-                elif c.passivating or c.kill_at is not None:  # stopping: only what cannot go elsewhere follows
-                    live = [m for m in msgs if not m.get(KEY_ADDRESSED) and m.get(PID) in (None, c.pid)]
                 else:
-                    live = [m for m in msgs if m.get(PID) in (None, c.pid)]
+                    ours = (None, c.pid)
+                    if c.passivating or c.kill_at is not None:  # stopping: only what cannot go elsewhere follows
+                        live = [m for m in msgs if not m.get(KEY_ADDRESSED) and m.get(PID) in ours]
+                    else:
+                        live = [m for m in msgs if m.get(PID) in ours]
                 dead = [m for m in msgs if m not in live] if len(live) != len(msgs) else []
                 if c is not None and live:
                     try:
                         refused = c.outbox.post(live)
                     except Closed as e:  # its end is closed: it has exited (the watcher reaps it)
                         live, dead = self._exited(c, live, dead, e.refused)
+                        wake = True
                     if refused:
                         live = [m for m in live if not any(m is r for r in refused)]
                     for m in live:
@@ -134,6 +138,7 @@ class Children:
                             if c.kill_at is None:
                                 c.kill_at = now + self._grace(m.get("grace"))
                                 table.dying.add(c)
+                                wake = True
                             continue
                         c.active_at = now
                     c.messages += len(live)
@@ -142,10 +147,13 @@ class Children:
                     held.setdefault(k, []).append(m)
                 else:
                     self._not_there(k, m)
+                    wake = True
             if refused:
                 assert c is not None
                 refuse(c.outbox, c.key, c.name, c.pid, refused, self._reports.reply)
-        self._wake()
+                wake = True
+        if wake:  # (a written message wakes it through its mailbox if the pipe was full: Outbox.on_writing)
+            self._wake()
         return held
 
     @staticmethod

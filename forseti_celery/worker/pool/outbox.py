@@ -95,7 +95,8 @@ class Outbox:
         """Put ``msgs`` in, in one frame whatever the limit, and write what the pipe takes now
         (a spare's key). Raises OSError if the pipe is closed."""
         with self.lock:
-            self._queue(p.encode_parts(msgs), [m for m in msgs if isinstance(m, dict)])
+            frame = p.encode_parts(msgs)
+            self._queue(frame, _size(frame), [m for m in msgs if isinstance(m, dict)])
             self._write()
 
     def post(self, msgs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -108,14 +109,14 @@ class Outbox:
             if self.closed:
                 raise Closed(msgs)  # none of them put in
             if self.unsent_bytes + HEADER.size + size <= self.limit or (len(msgs) == 1 and self._fits(size)):
-                self._queue(frame, msgs)
+                self._queue(frame, size, msgs)
             else:  # one by one: a stop (or handoff) always gets in (a process stuck past its grace is killed)
                 broken = False
                 for m in msgs:
                     frame = p.encode_parts([m])
                     size = _size(frame)
                     if self._fits(size) or ((broken or m[TYPE] in _ALWAYS) and size <= _MAX_FRAME):
-                        self._queue(frame, [m])  # once it is broken: never written, given back by close
+                        self._queue(frame, size, [m])  # once it is broken: never written, given back by close
                         if not broken:
                             try:
                                 self._write()  # what the pipe takes is not waiting any more
@@ -166,8 +167,7 @@ class Outbox:
         mailbox is empty: the limit bounds what piles up, not a message's size)."""
         return size <= _MAX_FRAME and (not self.unsent_bytes or self.unsent_bytes + HEADER.size + size <= self.limit)
 
-    def _queue(self, frame: list[p.Chunk], msgs: list[dict[str, Any]]) -> None:
-        size = _size(frame)
+    def _queue(self, frame: list[p.Chunk], size: int, msgs: list[dict[str, Any]]) -> None:
         self.frames.append([HEADER.size + size, msgs])
         header = HEADER.pack(size)
         if len(frame) == 1 and size <= 16384:  # one write for a small frame, no copy of a large one
