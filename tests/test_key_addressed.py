@@ -102,6 +102,11 @@ def kc(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory)
 # -- on real workers ------------------------------------------------------------------------------
 def test_a_key_addressed_call_creates_the_process_with_its_args_then_uses_the_cached_ref(kc: KeyedCluster) -> None:
     key = fresh("create")
+    # The client caches what the leader answers once its exits subscription is live (before that a
+    # process could end unheard), which a new client's first requests may overtake: wait for it.
+    client = kc.forseti.client
+    client.ensure_started()
+    assert client._loop.connected.wait(10), "the client's reply thread never subscribed"
     first = forseti_celery.call(key, {"op": "get"}, name="ka", args=(42,), timeout=10, app=kc.app)
     assert first["args"] == [42] and first["incarnation"] == 1
     ref = kc.forseti.client._cache.get("ka", key)
