@@ -292,17 +292,23 @@ def _hold_confirmations(monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], thr
     return order, confirm
 
 
+def _held(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Names, Any, Loop, Any]:
+    """A loop (not started) over a reply list holding one message and a fanout, whose
+    subscriptions' confirmations are held (:func:`_hold_confirmations`)."""
+    app = _app(redis_url)
+    names = Names(f"forseti-t{uuid.uuid4().hex[:8]}", single_active_consumer=False)
+    reply, bcast = _list("reply"), names.bcast_queue("w1@host", uuid.uuid4().hex[:8])
+    _push(app, reply, [{"t": "x", "q": "r", "i": 0}])
+    held = _hold_confirmations(monkeypatch)
+    return app, names, reply, Loop(app, [reply, bcast], True), held
+
+
 def test_a_list_is_read_before_the_fanouts_are_subscribed_and_on_connect_waits_for_them(
         redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # A new client's first answer waits for no pub/sub connection: the BRPOP goes out first, a
     # message in a list is handled while the fanout's subscription is unconfirmed, and only then
     # is the loop connected (a client trusts its cache and routes from on_connect on).
-    app = _app(redis_url)
-    names = Names(f"forseti-t{uuid.uuid4().hex[:8]}", single_active_consumer=False)
-    reply, bcast = _list("reply"), names.bcast_queue("w1@host", uuid.uuid4().hex[:8])
-    _push(app, reply, [{"t": "x", "q": "r", "i": 0}])
-    order, confirm = _hold_confirmations(monkeypatch)
-    loop = Loop(app, [reply, bcast], True)
+    app, names, _, loop, (order, confirm) = _held(redis_url, monkeypatch)
     connects: list[bool] = []
     loop.loop._on_connect = lambda: connects.append(confirm.is_set())
     publisher = Publisher(app.connection_for_write())
@@ -326,12 +332,7 @@ def test_a_stop_before_the_fanouts_are_subscribed_wakes_the_pending_read(
         redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # A client closed right after its first answer: its BRPOP is out though the loop is not yet
     # connected, so the stop sends the wake (else it waits for the BRPOP's timeout).
-    app = _app(redis_url)
-    names = Names(f"forseti-t{uuid.uuid4().hex[:8]}", single_active_consumer=False)
-    reply, bcast = _list("reply"), names.bcast_queue("w1@host", uuid.uuid4().hex[:8])
-    _push(app, reply, [{"t": "x", "q": "r", "i": 0}])
-    _hold_confirmations(monkeypatch)
-    loop = Loop(app, [reply, bcast], True)
+    app, _, reply, loop, _ = _held(redis_url, monkeypatch)
     woken: list[bool] = []
     connects: list[int] = []
     loop.loop._on_connect = lambda: connects.append(1)
