@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -24,6 +26,7 @@ from kombu import Connection, Consumer, Exchange, Producer, Queue
 from forseti_celery.core import protocol as p
 from forseti_celery.core import transport
 from forseti_celery.core.broker import Publisher
+from forseti_celery.core.errors import BrokerUnavailable
 from forseti_celery.core.signing import Signer
 from forseti_celery.core.transport import redis_wire
 from forseti_celery.testing import wait_for
@@ -232,24 +235,166 @@ def test_rabbitmq_publishes_through_kombu(rabbitmq_url: str) -> None:
         publisher.close()
 
 
-def test_a_publish_after_its_connection_was_killed_is_sent_once_on_a_new_one(redis_url: str) -> None:
+def _wire_of(publisher: Publisher) -> redis_wire.Wire:
+    wire = transport.wire(transport.redis, publisher._ready().channel, p.CONTENT_TYPE, p.CONTENT_ENCODING)
+    assert wire is not None
+    return wire
+
+
+def _kept(publisher: Publisher) -> Any:
+    """The connection the publisher's wire keeps (after a publish)."""
+    conn = _wire_of(publisher)._conn
+    assert conn is not None and conn._sock is not None, "the wire keeps no connection"
+    return conn
+
+
+def _addr(conn: Any) -> str:
+    host, port = conn._sock.getsockname()[:2]
+    return f"{host}:{port}"
+
+
+def _pushed(r: redis.Redis, name: str) -> list[Any]:
+    """What was pushed to list ``name``, oldest first: each broker message's ``i``."""
+    bodies = [base64.b64decode(json.loads(m)["body"]) for m in reversed(r.lrange(name, 0, -1))]
+    return [m["i"] for body in bodies for m in p.decode(body, routed=False)]
+
+
+def test_a_publish_is_one_write_on_the_connection_the_wire_keeps(redis_url: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # Taking a connection from redis-py's pool for each publish costs five system calls more
+    # (its pid check twice, its check that nothing is left to read): the wire keeps one.
     app = _app(redis_url)
     name = _name()
     with _publisher(app, True, keep=lambda rk: 30.0) as publisher, redis.Redis.from_url(redis_url) as r:
         publisher.publish(DEFAULT, name, [{"t": p.CAST, "i": 0}])
-        wire = transport.wire(transport.redis, publisher._ready().channel, p.CONTENT_TYPE, p.CONTENT_ENCODING)
-        assert wire is not None
-        pool = wire._pool
-        conn = pool.get_connection()
-        try:
-            conn.send_command("CLIENT", "ID")
-            client_id = conn.read_response()
-        finally:
-            pool.release(conn)
-        assert r.client_kill_filter(_id=client_id) == 1
-        publisher.publish(DEFAULT, name, [{"t": p.CAST, "i": 1}])
-        publisher.publish_many(DEFAULT, [(name, [{"t": p.CAST, "i": 2}]), (name, [{"t": p.CAST, "i": 3}])])
-        bodies = [base64.b64decode(json.loads(m)["body"]) for m in reversed(r.lrange(name, 0, -1))]
-        got = [p.decode(body, routed=False)[0]["i"] for body in bodies]
-        assert got == [0, 1, 2, 3]
+        conn = _kept(publisher)
+        pool = _wire_of(publisher)._pool
+        taken: list[Any] = []
+        get, release = pool.get_connection, pool.release
+        monkeypatch.setattr(pool, "get_connection", lambda *a, **k: taken.append(a) or get(*a, **k))
+        monkeypatch.setattr(pool, "release", lambda c: taken.append(c) or release(c))
+        sent: list[bytes] = []
+        send = conn.send_packed_command
+        monkeypatch.setattr(conn, "send_packed_command", lambda packed, **kw: sent.append(packed) or send(packed, **kw))
+        for i in range(1, 4):
+            publisher.publish(DEFAULT, name, [{"t": p.CAST, "i": i}])
+        publisher.publish_many(DEFAULT, [(name, [{"t": p.CAST, "i": 4}]), (name, [{"t": p.CAST, "i": 5}])])
+        assert not taken and len(sent) == 4 and _kept(publisher) is conn
+        assert _pushed(r, name) == [0, 1, 2, 3, 4, 5]
         r.delete(name)
+
+
+@pytest.mark.parametrize("kill", ["id", "addr"])
+@pytest.mark.parametrize("then", ["publish", "publish_many"])
+def test_a_publish_after_its_kept_connection_was_killed_is_sent_once_on_a_new_one(redis_url: str, kill: str,
+                                                                                 then: str) -> None:
+    # What redis-py's pool found before a send (a connection the server closed), the wire finds
+    # as it reads the answers of its kept one: sent again once, on a new one; nothing twice.
+    app = _app(redis_url)
+    name = _name()
+    with _publisher(app, True, keep=lambda rk: 30.0) as publisher, redis.Redis.from_url(redis_url) as r:
+        publisher.publish(DEFAULT, name, [{"t": p.CAST, "i": 0}])
+        conn = _kept(publisher)
+        killed = _addr(conn)
+        if kill == "id":
+            conn.send_command("CLIENT", "ID")
+            assert r.client_kill_filter(_id=conn.read_response()) == 1
+        else:
+            assert r.client_kill(killed) is True
+        if then == "publish":
+            publisher.publish(DEFAULT, name, [{"t": p.CAST, "i": 1}])
+        else:
+            publisher.publish_many(DEFAULT, [(name, [{"t": p.CAST, "i": 1}]), (name, [{"t": p.CAST, "i": 2}])])
+        publisher.publish_many(DEFAULT, [(name, [{"t": p.CAST, "i": 3}]), (name, [{"t": p.CAST, "i": 4}])])
+        assert _addr(_kept(publisher)) != killed
+        assert _pushed(r, name) == ([0, 1, 3, 4] if then == "publish" else [0, 1, 2, 3, 4])
+        assert 0 < r.pttl(name) <= 30_000
+        r.delete(name)
+
+
+def test_a_lost_broker_is_still_an_error(redis_url: str) -> None:
+    # Sent again once only: a connection that cannot be made again fails the publish as before.
+    app = _app(redis_url)
+    name = _name()
+    with _publisher(app, True) as publisher:
+        publisher.publish(DEFAULT, name, [{"t": p.CAST, "i": 0}])
+        wire = _wire_of(publisher)
+        conn = _kept(publisher)
+        conn._sock.shutdown(2)  # as if the server had closed it
+        port = conn.port
+        wire._pool.connection_kwargs["port"] = conn.port = 1  # nothing listens there: connecting again fails
+        try:
+            with pytest.raises(BrokerUnavailable):
+                publisher.publish_many(DEFAULT, [(name, [{"t": p.CAST, "i": 1}]), (name, [{"t": p.CAST, "i": 2}])])
+        finally:
+            wire._pool.connection_kwargs["port"] = conn.port = port
+        publisher.publish(DEFAULT, name, [{"t": p.CAST, "i": 3}])
+    with redis.Redis.from_url(redis_url) as r:
+        assert _pushed(r, name) == [0, 3]
+        r.delete(name)
+
+
+def test_a_forked_process_publishes_on_a_connection_of_its_own(redis_url: str) -> None:
+    app = _app(redis_url)
+    name = _name()
+    with _publisher(app, True) as publisher, redis.Redis.from_url(redis_url) as r:
+        publisher.publish(DEFAULT, name, [{"t": p.CAST, "i": 0}])
+        parent = _kept(publisher)
+        parent_addr = _addr(parent)
+        rfd, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: its own connection, the parent's never written
+            code = 1
+            try:
+                publisher.publish(DEFAULT, name, [{"t": p.CAST, "i": 1}])
+                os.write(wfd, _addr(_kept(publisher)).encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(wfd)
+        child_addr = os.read(rfd, 100).decode()
+        os.close(rfd)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        assert child_addr and child_addr != parent_addr, "the child published on its parent's connection"
+        publisher.publish(DEFAULT, name, [{"t": p.CAST, "i": 2}])
+        assert _kept(publisher) is parent, "the parent's connection did not outlive its child"
+        assert _pushed(r, name) == [0, 1, 2]
+        assert child_addr not in {c["addr"] for c in r.client_list()}, "the child's connection outlived it"
+        r.delete(name)
+
+
+def test_publishes_from_several_threads_keep_each_threads_order(redis_url: str) -> None:
+    app = _app(redis_url)
+    name = _name()
+    threads, each = 4, 150
+    start = threading.Barrier(threads)
+
+    def publish(t: int, publisher: Publisher) -> None:
+        start.wait()
+        for i in range(each):
+            if i % 3:
+                publisher.publish(DEFAULT, name, [{"t": p.CAST, "i": [t, i]}])
+            else:
+                publisher.publish_many(DEFAULT, [(name, [{"t": p.CAST, "i": [t, i]}]), (name, [])])
+    with _publisher(app, True, keep=lambda rk: 30.0) as publisher, redis.Redis.from_url(redis_url) as r:
+        workers = [threading.Thread(target=publish, args=(t, publisher)) for t in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(60)
+        got = _pushed(r, name)
+        r.delete(name)
+    assert sorted(map(tuple, got)) == [(t, i) for t in range(threads) for i in range(each)]
+    for t in range(threads):
+        assert [i for u, i in got if u == t] == list(range(each))
+
+
+def test_closing_the_publisher_closes_the_kept_connection(redis_url: str) -> None:
+    app = _app(redis_url)
+    with redis.Redis.from_url(redis_url) as r:
+        with _publisher(app, True) as publisher:
+            publisher.publish(DEFAULT, _name(), [{"t": p.CAST}])
+            addr = _addr(_kept(publisher))
+            assert addr in {c["addr"] for c in r.client_list()}
+        wait_for(lambda: addr not in {c["addr"] for c in r.client_list()}, 5, 0.01,
+                 "the kept connection outlived close")

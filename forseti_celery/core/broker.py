@@ -227,6 +227,7 @@ class Publisher:
         return channel
 
     def _reset(self) -> None:
+        self._release_wire()
         self._producer = None
         self._declared.clear()
         try:
@@ -237,8 +238,14 @@ class Publisher:
     def close(self) -> None:
         """Release the connection."""
         with self._lock:
+            self._release_wire()
             self._producer = None
             self._conn.release()
+
+    def _release_wire(self) -> None:
+        """The connection the Redis wire of the producer's channel keeps goes back to its pool."""
+        if self._producer is not None:
+            transport.redis_wire.release(self._producer.channel)
 
 
 class Batcher:

@@ -8,6 +8,16 @@ of the default exchange or of a fanout exchange, on a Redis channel) from text i
 and writes the commands of a publish, the raise of its list's TTL included, in one write on a
 connection of the channel's own pool, reading their answers after (one round trip).
 
+A wire keeps the connection it took from the pool (its publisher's lock has one thread at a time
+send on it): a publish is one ``sendto`` and one ``recvfrom``, where taking a connection from
+redis-py's pool and giving it back costs five more system calls each time (``getpid`` twice, and
+its check that nothing is left to read: ``ioctl``, ``recvfrom``, ``ioctl``) and its bookkeeping.
+What that check caught, a connection the server closed while it was kept (``CLIENT KILL``, the
+server's ``timeout``), shows as a connection error before any answer: the publish is sent again
+once on a connection the pool checked (redis-py pings one idle past
+``health_check_interval`` before a send, as before). A process forked from one holding it (a
+client's, a worker's) takes one of its own: the parent's socket is never written by the child.
+
 What it mirrors sits behind :data:`KOMBU_REDIS_WIRE` (a :class:`~forseti_celery.core.compat.Guard`); ``for_channel``
 answers ``None`` with the guard off, for a channel not kombu's Redis one, or for one whose
 options change the envelope (a body encoding other than base64): the publisher then goes through
@@ -21,16 +31,18 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
 from kombu.entity import maybe_delivery_mode
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
 from ..compat import Guard, _check_kombu_redis_declare, _missing, _version_in
 
-__all__ = ["KEEP_AT_LEAST", "KOMBU_REDIS_WIRE", "Wire", "for_channel", "ttl_ms"]
+__all__ = ["KEEP_AT_LEAST", "KOMBU_REDIS_WIRE", "Wire", "for_channel", "release", "ttl_ms"]
 
 
 def _check() -> str | None:
@@ -43,7 +55,7 @@ def _check() -> str | None:
             or _version_in("redis-py", tuple(redis.VERSION), (5, 0), (9, 0))
             or _missing(kombu_redis.Channel, "_get_publish_topics", "_q_for_pri", "_get_message_priority")
             or _missing(base.Channel, "prepare_message", "_inplace_augment_message", "encode_body")
-            or _missing(AbstractConnection, "pack_commands", "send_packed_command", "read_response")
+            or _missing(AbstractConnection, "pack_commands", "send_packed_command", "read_response", "disconnect")
             or (None if base.Channel.codecs["base64"].encode(b"\xff") == "/w==" else "kombu's base64 codec changed"))
 
 
@@ -62,6 +74,18 @@ return 0
 _KEEP_SHA = hashlib.sha1(KEEP_AT_LEAST.encode()).hexdigest()
 
 Command = tuple[Any, ...]
+
+#: Forks this process has come out of (counted in the child): a wire's kept connection is the
+#: process's that took it, never a forked child's (read without a system call, unlike ``getpid``).
+_forks = 0
+
+
+def _forked() -> None:
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 def ttl_ms(ttl: float) -> int:
@@ -87,6 +111,8 @@ class Wire:
         # of an unacked message), which a uuid per wire and a count are.
         self._tags = itertools.count()
         self._modes: dict[str | None, str] = {}
+        self._conn: Any = None  # the pool's connection it keeps, taken in the process of fork count _forks_at
+        self._forks_at = -1
 
     def routes(self, exchange: Any, routing_key: str) -> bool:
         """Whether this wire sends a publish to ``exchange`` as kombu would: to a list (the default
@@ -118,9 +144,13 @@ class Wire:
 
     def send(self, commands: Sequence[Command]) -> None:
         """Send ``commands`` in one write, in order, and read their answers; raises redis-py's
-        errors (a lost connection: any of them may have been applied or not)."""
+        errors (a lost connection: any of them may have been applied or not). One thread at a
+        time (its publisher's lock)."""
+        conn, kept = self._conn, True
+        if conn is None or self._forks_at != _forks:  # none yet, or the parent's (left alone)
+            conn, kept = self._take(), False
         errors: list[tuple[Command, ResponseError]] = []
-        conn = self._pool.get_connection()
+        answered = 0
         try:
             conn.send_packed_command(conn.pack_commands(commands))
             for command in commands:
@@ -128,16 +158,42 @@ class Wire:
                     conn.read_response()
                 except ResponseError as exc:  # answered: the next answers follow on the connection
                     errors.append((command, exc))
+                answered += 1
+        except RedisConnectionError:
+            self._drop(conn)
+            if not kept or answered:
+                raise
+            # Kept, and closed by the server meanwhile (nothing answered): what the pool's check
+            # would have found before the send. Once more, on a connection the pool checks.
+            self.send(commands)
+            return
         except BaseException:
-            conn.disconnect()
+            self._drop(conn)
             raise
-        finally:
-            self._pool.release(conn)
         unknown = [c for c, exc in errors if isinstance(exc, NoScriptError)]
         if len(unknown) != len(errors):
             raise next(exc for _, exc in errors if not isinstance(exc, NoScriptError))
         if unknown:  # a server that never ran the script (or flushed it): EVAL caches it
             self.send([("EVAL", KEEP_AT_LEAST, *args) for _, _, *args in unknown])
+
+    def _take(self) -> Any:
+        """A connection from the pool (checked by it: connected, nothing left to read), kept."""
+        self._conn = None
+        conn = self._pool.get_connection()  # after a fork: the pool's own, a new one (redis-py's pid check)
+        self._conn, self._forks_at = conn, _forks
+        return conn
+
+    def _drop(self, conn: Any) -> None:
+        """``conn`` failed (or is given back): closed and returned to the pool, not kept."""
+        self._conn = None
+        conn.disconnect()
+        self._pool.release(conn)
+
+    def close(self) -> None:
+        """Give the kept connection back to the pool (which the channel's close disconnects)."""
+        conn, self._conn = self._conn, None
+        if conn is not None and self._forks_at == _forks:
+            self._pool.release(conn)
 
 
 def for_channel(channel: Any, content_type: str, content_encoding: str) -> Wire | None:
@@ -150,3 +206,10 @@ def for_channel(channel: Any, content_type: str, content_encoding: str) -> Wire 
         return wire
     wire = channel._forseti_wire = Wire(channel, content_type, content_encoding)
     return wire
+
+
+def release(channel: Any) -> None:
+    """Give the connection kept by the :class:`Wire` of ``channel``, if any, back to its pool."""
+    wire = getattr(channel, "_forseti_wire", None)
+    if isinstance(wire, Wire):
+        wire.close()
