@@ -45,3 +45,32 @@ def test_the_zygote_forks_several_spares_in_one_request_each_a_live_keyed_proces
             conn.close()
     finally:
         zygote.stop()
+
+
+def test_spares_forked_in_one_request_keep_none_of_each_others_pipe_ends() -> None:
+    """The pairs of a batch are all made before its first fork: each spare must close the others'
+    ends, or a spare's death would show no end-of-file to the worker (a sibling holding its end),
+    and the worker's end closed would not end it (a sibling holding ours)."""
+    zygote = zygote_mod.Zygote(KeyedChild, ChildConfig(), child_main.Lifeline(fence_after=60.0, check_every=0.1),
+                               lambda name: Echo, [])
+    try:
+        got = zygote.fork_many(3)
+        spares = [(g[0], billiard.connection.Connection(g[1])) for g in got if not isinstance(g, OSError)]
+        assert len(spares) == 3
+        first, middle, last = spares
+        first[0].kill()  # its end of the pair is closed only if no sibling holds it
+        assert first[1].poll(10.0)
+        with pytest.raises(EOFError):
+            first[1].recv_bytes()
+        middle[1].close()  # the spare sees end-of-file, and ends, only if no sibling holds our end
+        assert zygote.wait(middle[0].pid, 10.0) is not None
+        last[1].send_bytes(p.encode([Assign("echo", "k", [], None, 0, "s").to_wire()]))
+        assert p.decode(last[1].recv_bytes())[0]["t"] == "started"
+        for process, conn in spares:
+            process.kill()
+            zygote.wait(process.pid, 5.0)
+            process.close()
+            if conn is not middle[1]:
+                conn.close()
+    finally:
+        zygote.stop()

@@ -222,8 +222,8 @@ def _main(requests: socket.socket, exits: socket.socket, config: ChildConfig, li
     fenced: set[int] = set()  # killed for the lifeline: reported with the code they would have ended with
     check = lifeline.check_every
     next_check = time.monotonic() + check
+    fixed = [requests.fileno(), exits.fileno(), wake_r, wake_w]  # what no spare keeps open
     while True:
-        _reap(exits, children, fenced)
         now = time.monotonic()
         if now >= next_check:
             # One look at the lifeline for all the worker's keyed processes, which then never wake
@@ -234,29 +234,29 @@ def _main(requests: socket.socket, exits: socket.socket, config: ChildConfig, li
                     os.kill(pid, signal.SIGKILL)
                     fenced.add(pid)
         ready, _, _ = select.select([requests.fileno(), wake_r], [], [], max(0.0, next_check - time.monotonic()))
-        if wake_r in ready:
+        if wake_r in ready:  # a signal (SIGCHLD: a spare has ended)
             try:
                 while os.read(wake_r, 512):
                     pass
             except BlockingIOError:
                 pass
+            _reap(exits, children, fenced)
         if requests.fileno() not in ready:
             continue
         asked = requests.recv(MAX_BATCH)
         if not asked:
             os._exit(0)  # the worker is gone
-        for _ in asked:  # one spare per byte, each answered in a packet of its own
-            try:
-                pid, ours, pidfd = _fork(lambda conn, fds: _spare(conn, [requests.fileno(), exits.fileno(), wake_r,
-                                                                         wake_w, *fds], config, lifeline, resolve, me))
-            except _Refused as exc:
+        # One spare per byte, each answered in a packet of its own.
+        for got in _fork_batch(len(asked), fixed, lambda conn, fds: _spare(conn, fds, config, lifeline, resolve, me)):
+            if isinstance(got, _Refused):
                 # Out of processes, fds or memory: the worker is told, and the zygote lives on, with
                 # every keyed process it forked (they would die with it).
-                requests.send(f"!{exc.errno} {exc.text}".encode())
+                requests.send(f"!{got.errno} {got.text}".encode())
                 continue
+            pid, ours, pidfd = got
             children.add(pid)
-            socket.send_fds(requests, [str(pid).encode()], [ours.fileno(), pidfd])
-            ours.close()
+            socket.send_fds(requests, [str(pid).encode()], [ours, pidfd])
+            os.close(ours)
             os.close(pidfd)
 
 
@@ -269,33 +269,54 @@ class _Refused(Exception):
         self.text = f"{exc.strerror or exc} ({step})"
 
 
-def _fork(run: Callable[[Any, list[int]], None]) -> tuple[int, Any, int]:
-    """Fork a spare running ``run(its end of the pipe, fds it must close)``: its pid, our end of
-    its pipe and a pidfd; nothing left open or running when a step fails."""
-    try:
-        ours, theirs = billiard.Pipe(duplex=True)
-    except OSError as exc:
-        raise _Refused(exc, "pipe") from exc
-    try:
-        pid = os.fork()
-    except OSError as exc:
-        ours.close()
-        theirs.close()
-        raise _Refused(exc, "fork") from exc
-    if pid == 0:
-        run(theirs, [ours.fileno()])
-    theirs.close()
-    try:
-        pidfd = os.pidfd_open(pid)  # before any waitpid: it is our child, at worst a zombie
-    except OSError as exc:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        ours.close()
-        raise _Refused(exc, "pidfd_open") from exc
-    return pid, ours, pidfd
+def _fork_batch(n: int, fixed: list[int],
+                run: Callable[[int, list[int]], None]) -> list[tuple[int, int, int] | _Refused]:
+    """Fork ``n`` spares, each running ``run(its end of its socket pair, fds it must close)``: per
+    spare its pid, our end of its pair and a pidfd, or why it could not be forked (nothing left
+    open or running for it then).
+
+    Every page the zygote writes after a fork is copied (the spare just forked shares it), so the
+    forks come back to back, in a loop that does nothing else: the pairs are made before the
+    first, the pidfds opened and the spares' ends closed after the last."""
+    pairs: list[tuple[int, int]] = []
+    out: list[tuple[int, int, int] | _Refused] = []
+    for _ in range(n):
+        try:
+            a, b = socket.socketpair()  # blocking, as billiard.Pipe(duplex=True) makes them
+        except OSError as exc:
+            out.append(_Refused(exc, "pipe"))
+            continue
+        pairs.append((a.detach(), b.detach()))
+    pids: list[int | _Refused] = []
+    fork = os.fork
+    for _, theirs in pairs:
+        try:
+            pid = fork()
+        except OSError as exc:
+            pids.append(_Refused(exc, "fork"))
+            continue
+        if pid == 0:
+            run(theirs, [*fixed, *(fd for pair in pairs for fd in pair if fd != theirs)])  # never returns
+        pids.append(pid)
+    for (ours, theirs), forked in zip(pairs, pids, strict=True):
+        os.close(theirs)
+        if isinstance(forked, _Refused):
+            os.close(ours)
+            out.append(forked)
+            continue
+        try:
+            pidfd = os.pidfd_open(forked)  # before any waitpid: it is our child, at worst a zombie
+        except OSError as exc:
+            os.kill(forked, signal.SIGKILL)
+            os.waitpid(forked, 0)
+            os.close(ours)
+            out.append(_Refused(exc, "pidfd_open"))
+            continue
+        out.append((forked, ours, pidfd))
+    return out
 
 
-def _spare(conn: Any, close_fds: list[int], config: ChildConfig, lifeline: child_main.Lifeline,
+def _spare(fd: int, close_fds: list[int], config: ChildConfig, lifeline: child_main.Lifeline,
            resolve: Callable[[str], Any], zygote_pid: int) -> None:
     """In a process the zygote has just forked: undo what only the zygote wanted, then become a
     spare keyed process (as a fork of the worker does, see :func:`~forseti_celery.child.runtime.become_keyed`)."""
@@ -303,7 +324,8 @@ def _spare(conn: Any, close_fds: list[int], config: ChildConfig, lifeline: child
     def body() -> None:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the rest is as detach() left it in the zygote
-        child_main.run(conn, config, lifeline, resolve, zygote_pid, close_fds, from_zygote=True)
+        child_main.run(billiard.connection.Connection(fd), config, lifeline, resolve, zygote_pid, close_fds,
+                       from_zygote=True)
 
     os._exit(child_main.become_keyed(body, "spare"))
 
