@@ -74,6 +74,11 @@ class _Pool:
     def write(self, i: int, frame: bytes) -> None:
         os.write(self._ends[i], frame)
 
+    def call(self, i: int, corr: str, reply_to: str = "caller") -> None:
+        """Process ``i`` has call ``corr`` to answer, as the node's delivery records it."""
+        self.children[i].calls[corr] = reply_to
+        self.reports.in_flight.taken += 1
+
     def round(self) -> None:
         self.watcher._watch_once()
 
@@ -131,12 +136,47 @@ def test_what_a_process_writes_while_the_round_reads_the_others_joins_it(pool: _
             pool.write(i, _frame(_reply("caller", f"c{i}", i)))
 
     monkeypatch.setattr(pool.reports, "reply", reply_and_the_next_one_answers)
+    for i in range(6):
+        pool.call(i, f"c{i}")
     pool.write(0, _frame(_reply("caller", "c0", 0)))
     pool.round()
     # The first answer and the four written while the round went on (it asks again 4 times at most).
     assert [[(rk, len(msgs)) for rk, msgs in batches] for batches in pool.published] == [[("caller", 5)]]
     pool.round()
     assert [c for c, _ in _answers(pool.published)["caller"]] == ["c0", "c1", "c2", "c3", "c4", "c5"]
+
+    assert not pool.reports.in_flight.waiting
+
+
+class _Polls:
+    """The watcher's poller, its polls counted."""
+
+    def __init__(self, poller: Any) -> None:
+        self._poller = poller
+        self.polls = 0
+
+    def poll(self, timeout: float | None = None) -> list[tuple[int, int]]:
+        self.polls += 1
+        return list(self._poller.poll(timeout))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._poller, name)
+
+
+def test_the_last_answer_waited_for_is_published_without_looking_again(pool: _Pool) -> None:
+    # A poll that finds nothing is a system call on the answer's way: looked again only while other
+    # calls wait for their answers.
+    polls = pool.watcher._poller = _Polls(pool.watcher._poller)  # type: ignore[assignment]
+    pool.call(0, "c0")
+    pool.call(1, "c1")
+    pool.write(0, _frame(_reply("caller", "c0", 0)))
+    pool.round()
+    assert polls.polls == 2, "an answer with another call waiting did not look again"
+    pool.write(1, _frame(_reply("caller", "c1", 1)))
+    pool.round()
+    assert polls.polls == 3, "the last answer waited for looked again before it was published"
+    assert [c for c, _ in _answers(pool.published)["caller"]] == ["c0", "c1"] and len(pool.published) == 2
+    assert not pool.reports.in_flight.waiting
 
 
 def test_a_huge_answer_goes_on_its_own_and_a_malformed_one_costs_its_neighbours_nothing(

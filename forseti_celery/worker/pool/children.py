@@ -105,6 +105,7 @@ class Children:
         table = self._table
         held: dict[Key, list[Message]] = {}
         wake = False  # the watcher has something to do: answers or reports to send, a stop's deadline
+        in_flight = self._reports.in_flight
         for k, msgs in batches.items():
             refused: list[Message] = []
             with table.lock:
@@ -122,13 +123,17 @@ class Children:
                     try:
                         refused = c.outbox.post(live)
                     except Closed as e:  # its end is closed: it has exited (the watcher reaps it)
+                        calls = len(c.calls)
                         live, dead = self._exited(c, live, dead, e.refused)
+                        in_flight.taken -= calls - len(c.calls)  # the next incarnation's now
                         wake = True
                     if refused:
                         live = [m for m in live if not any(m is r for r in refused)]
                     for m in live:
                         kind = m[TYPE]
                         if kind == CALL:
+                            if m[CORR] not in c.calls:
+                                in_flight.taken += 1
                             c.calls[m[CORR]] = m[REPLY_TO]
                             if m.get(KEY_ADDRESSED):
                                 c.ka_calls.add(m[CORR])

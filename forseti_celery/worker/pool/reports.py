@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 logger = get_logger(__name__)
 
-__all__ = ["Reports"]
+__all__ = ["InFlight", "Reports"]
 
 _BODY = 1024 * 1024  # bytes of answers' values in one broker message at most, but for a single answer
 _ROUTING_KEY = 255  # bytes of a routing key at most (AMQP's short string; py-amqp raises past it)
@@ -53,6 +53,25 @@ def _bodies(replies: dict[str, list[dict[str, Any]]]) -> list[tuple[str, list[di
     return bodies
 
 
+class InFlight:
+    """The calls written to keyed processes and not answered yet, counted by two owners:
+    :attr:`taken`, the node's consumer thread (a call put in a process's ``calls``, less those it
+    takes back for the key's next incarnation), and :attr:`done`, the watcher (a call answered, or
+    its process reaped). Read without a lock, :attr:`waiting` is a hint: whether more answers may
+    come now (the watcher looks again before it publishes only then)."""
+
+    __slots__ = ("done", "taken")
+
+    def __init__(self) -> None:
+        self.taken = 0
+        self.done = 0
+
+    @property
+    def waiting(self) -> bool:
+        """Some call written to a keyed process has not been answered (a hint)."""
+        return self.taken > self.done
+
+
 class Reports:
     """The leader reports and caller answers not published yet.
 
@@ -68,6 +87,8 @@ class Reports:
         self._outbox: deque[dict[str, Any]] = deque()
         self._lock = threading.Lock()
         self._replies: dict[str, list[dict[str, Any]]] = {}
+        #: Calls in keyed processes' hands (see :class:`InFlight`).
+        self.in_flight = InFlight()
 
     @property
     def empty(self) -> bool:

@@ -6,6 +6,8 @@ import os
 
 __all__ = ["Waker"]
 
+_PIPE = 65536  # what a pipe holds by default (Linux); more left would be read with the next round
+
 
 class Waker:
     """A pipe any thread writes to, to have the watcher run a round now."""
@@ -21,8 +23,8 @@ class Waker:
             pass
 
     def drain(self) -> None:
+        """Empty the pipe: one read takes all a pipe holds (64 KiB), no second read to find it empty."""
         try:
-            while os.read(self.r, 4096):
-                pass
+            os.read(self.r, _PIPE)
         except BlockingIOError:
             pass

@@ -116,30 +116,32 @@ class Watcher:
 
     def _watch_once(self) -> None:
         now = time.monotonic()
-        with self._table.lock:
-            deadlines = [c.kill_at for c in self._table.dying if c.kill_at is not None]
+        deadlines = []
+        if self._table.dying:  # (a hint read without the lock: whoever adds to it wakes this thread)
+            with self._table.lock:
+                deadlines = [c.kill_at for c in self._table.dying if c.kill_at is not None]
         idle_due = self._idle.next_due()
         if idle_due is not None:
             deadlines.append(idle_due)
         # (``new`` is a hint read without the lock; reports pending: the broker refused the last round)
         longest = _SOON if self._table.new or self._reports.pending else _QUIET
         timeout = min([longest] + [max(0.0, d - now) for d in deadlines])
-        ready = self._poller.poll(timeout * 1000)
+        read = self._handle(self._poller.poll(timeout * 1000))
         # What children wrote while this round read the others joins it (one broker message per reply
-        # queue): asked again without waiting, a few times at most, while any of them has written.
-        for _ in range(_AGAIN):
-            if not self._handle(ready):
-                break
-            ready = self._poller.poll(0)
-        else:
-            self._handle(ready)
+        # queue): asked again without waiting, a few times at most, while any of them has written; only
+        # while calls wait for answers (the last answer is not held up by a poll: a system call).
+        if read and self._reports.in_flight.waiting:
+            for _ in range(_AGAIN):
+                if not self._handle(self._poller.poll(0)) or not self._reports.in_flight.waiting:
+                    break
         if self._table.new:  # (a hint read without the lock: a child missed now is taken next round)
             self._watch_new()
         if self._remask:
             self._update_masks()
         if idle_due is not None:
             self._idle.passivate_due(time.monotonic())
-        self._kill_overdue()
+        if self._table.dying:  # (a hint, as above)
+            self._kill_overdue()
         self._reports.flush()
         if self._events:
             events, self._events = self._events, []
@@ -150,9 +152,9 @@ class Watcher:
             self._refill_due = False
             self._refill()
 
-    def _handle(self, ready: list[tuple[int, int]]) -> bool:
-        """Act on what :meth:`_watch_once`'s poll found; True if a child's pipe was read."""
-        read = False
+    def _handle(self, ready: list[tuple[int, int]]) -> int:
+        """Act on what :meth:`_watch_once`'s poll found; how many children's pipes were read."""
+        read = 0
         for fd, revents in ready:
             if fd == self._wake.r:
                 self._wake.drain()
@@ -174,7 +176,7 @@ class Watcher:
                 c.outbox.drain()
             if revents & _READ:
                 self._read(c)
-                read = True
+                read += 1
         return read
 
     def _watch_new(self) -> None:
@@ -244,7 +246,8 @@ class Watcher:
             if type(corr) is not str:
                 raise TypeError(f"a reply's correlation id is {type(corr).__name__}")
             with self._table.lock:
-                c.calls.pop(corr, None)
+                if c.calls.pop(corr, None) is not None:
+                    self._reports.in_flight.done += 1
                 c.ka_calls.discard(corr)
             if msg.get("error") == "crash":
                 # Answered once the exit is reported: the caller may retry get_key at once.
@@ -324,6 +327,7 @@ class Watcher:
             elif table.by_key.get((c.name, c.key)) is c:
                 del table.by_key[(c.name, c.key)]
             # Under the lock with the removal: a delivery finds it either with these or gone after them.
+            self._reports.in_flight.done += len(c.calls)  # answered here, or the next incarnation's
             untaken = untaken_key_addressed(c, c.outbox.close())
             if untaken:  # the node holds them for the next incarnation, ahead of later arrivals
                 table.untaken.setdefault((c.name, c.key), []).extend(untaken)
