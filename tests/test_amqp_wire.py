@@ -9,6 +9,7 @@ forced off, kombu's own path gives the same results.
 
 from __future__ import annotations
 
+import select
 import socket
 import time
 import uuid
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import amqp
 import pytest
 from celery import Celery
 from kombu import Connection, Exchange, Queue
@@ -217,3 +219,47 @@ def test_a_publish_after_its_connection_was_killed_is_sent_once_on_a_new_one(rab
             assert _ids(conn, queue.name, len(sent)) == sent
             assert conn.default_channel.basic_get(queue.name, no_ack=True) is None, "a publish arrived twice"
         assert len(count) == (len(sent) if wired else 0)
+
+
+def test_a_publish_reads_nothing_first_when_the_broker_sent_nothing(rabbitmq_url: str,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # py-amqp's basic_publish reads first, without waiting (the socket set non-blocking and back: three
+    # system calls); the wire peeks (one) and sends what basic_publish sends.
+    queue = _queue()
+    calls: list[int] = []
+    basic_publish = amqp.Channel.basic_publish
+
+    def counted(self: amqp.Channel, *args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return basic_publish(self, *args, **kwargs)
+
+    monkeypatch.setattr(amqp.Channel, "basic_publish", counted)
+    with _publisher(rabbitmq_url, True, queue) as (publisher, count):
+        for i in range(5):
+            publisher.publish(DEFAULT, queue.name, [{"t": p.CAST, "i": i}])
+        publisher.publish_many(DEFAULT, [(queue.name, [{"t": p.CAST, "i": 5}]), (queue.name, [{"t": p.CAST, "i": 6}])])
+        assert len(count) == 7 and not calls, "basic_publish read before a publish"
+        with Connection(rabbitmq_url) as conn:
+            assert _ids(conn, queue.name, 7) == list(range(7))
+
+
+@WIRED
+def test_a_refused_declaration_is_heard_before_the_next_publish(rabbitmq_url: str, wired: bool) -> None:
+    # The broker closes the channel of a refused nowait declaration; what it sent waits on the socket
+    # and is read before the next publish (py-amqp's basic_publish reads it): the publish is not
+    # written to a closed channel, where the broker would drop it.
+    queue = _queue()
+    with _publisher(rabbitmq_url, wired, queue) as (publisher, _):
+        publisher.publish(DEFAULT, queue.name, [{"t": p.CAST, "i": 0}])
+        wait_for(lambda: _depth(rabbitmq_url, queue.name) == 1 or None, 5, 0.01, "the first publish never arrived")
+        publisher.declare(Queue(queue.name, DEFAULT, routing_key=queue.name, durable=True))  # it is not durable
+        sock = publisher._conn.connection.transport.sock
+        assert select.select([sock], [], [], 5)[0], "the broker never refused the declaration"
+        try:
+            publisher.publish(DEFAULT, queue.name, [{"t": p.CAST, "i": 1}])
+        except BrokerUnavailable:
+            publisher.declare(queue)
+            publisher.publish(DEFAULT, queue.name, [{"t": p.CAST, "i": 1}])
+        publisher.publish(DEFAULT, queue.name, [{"t": p.CAST, "i": 2}])
+        with Connection(rabbitmq_url) as conn:
+            assert _ids(conn, queue.name, 3) == [0, 1, 2]

@@ -14,13 +14,23 @@ What it mirrors sits behind :data:`KOMBU_AMQP_WIRE` (a :class:`~forseti_celery.c
 :func:`for_channel` answers ``None`` with the guard off or for a channel not kombu's pyamqp one:
 the publisher then goes through kombu. ``tests/test_amqp_wire.py`` pins it against kombu's own
 producer and consumer.
+
+Before each publish, py-amqp's ``basic_publish`` reads what the broker sent, without waiting
+(``connection.blocked``; the ``channel.close`` of a refused ``nowait`` declaration, which is how the
+publisher learns of it): its socket set non-blocking, a ``recv``, set blocking again, three system
+calls that almost always find nothing. A wire asks the socket itself whether anything waits (one
+``recv`` with ``MSG_PEEK | MSG_DONTWAIT``, nothing taken), and only then lets ``basic_publish`` read
+it; else it sends what ``basic_publish`` sends (its ``send_method`` of ``basic.publish``), one
+``sendto``. A socket with a timeout, an SSL one, or a channel in confirm mode: ``basic_publish``.
 """
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
-from amqp import Channel, Message
+from amqp import Channel, Message, spec
+from amqp.exceptions import RecoverableConnectionError
 from kombu.entity import maybe_delivery_mode
 
 from ..compat import Guard, _missing, _version_in
@@ -44,6 +54,9 @@ def _check() -> str | None:
             or (None if "basic_publish" not in vars(pyamqp.Channel) else "kombu's pyamqp Channel has its own publish")
             or _missing(messaging.Producer, "_delivery_details", "_prepare", "_publish")
             or _missing(kombu.Connection, "declared_entities")
+            or _missing(amqp.Channel, "_basic_publish", "send_method")
+            or (None if amqp.Channel.basic_publish is amqp.Channel._basic_publish
+                else "py-amqp's basic_publish is not _basic_publish")
             or (None if type(prepared) is Message and prepared.body == b"x" and prepared.properties == _message(
                 "t", "e", {"h": "v"}, 2, "1000").properties else "kombu's prepare_message builds another message"))
 
@@ -53,6 +66,9 @@ def _check() -> str | None:
 KOMBU_AMQP_WIRE = Guard(
     "kombu RabbitMQ publish", "publishing through kombu's Producer (a slower publish)", _check,
 )
+
+
+_PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 
 
 def expiration_ms(expiration: float) -> str:
@@ -91,8 +107,23 @@ class Wire:
         message = _message(self._content_type, self._content_encoding, {} if headers is None else headers,
                            maybe_delivery_mode(exchange.delivery_mode),
                            None if expiration is None else expiration_ms(expiration), body)
-        self._channel.basic_publish(message, exchange=exchange.name, routing_key=routing_key, mandatory=False,
-                                    immediate=False, timeout=None, confirm_timeout=None)
+        channel = self._channel
+        connection = channel.connection
+        sock = None if connection is None or connection.transport is None else connection.transport.sock
+        if type(sock) is socket.socket and sock.gettimeout() is None and "basic_publish" not in vars(channel):
+            try:
+                sock.recv(1, _PEEK)
+            except BlockingIOError:  # nothing from the broker: basic_publish's read would find nothing
+                try:
+                    channel.send_method(spec.Basic.Publish, "Bssbb", (0, exchange.name, routing_key, False, False),
+                                        message)
+                except TimeoutError:  # as basic_publish: a dead socket, a connection error
+                    raise RecoverableConnectionError("basic_publish: timed out") from None
+                return
+            except OSError:
+                pass  # basic_publish meets it and raises what it raises
+        channel.basic_publish(message, exchange=exchange.name, routing_key=routing_key, mandatory=False,
+                              immediate=False, timeout=None, confirm_timeout=None)
 
 
 def for_channel(channel: Any, content_type: str, content_encoding: str) -> Wire | None:
