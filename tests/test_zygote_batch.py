@@ -3,6 +3,7 @@ once on a worker wait for one wake-up of the zygote, not one per fork)."""
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 import billiard.connection
@@ -72,5 +73,30 @@ def test_spares_forked_in_one_request_keep_none_of_each_others_pipe_ends() -> No
             process.close()
             if conn is not middle[1]:
                 conn.close()
+    finally:
+        zygote.stop()
+
+
+def test_a_zygote_spare_takes_sigchld_as_the_default_again() -> None:
+    """The zygote catches SIGCHLD (its wake-up); a keyed process must not (its own children's
+    exits are its code's to wait for): the spare resets it, through the C function."""
+    zygote = zygote_mod.Zygote(KeyedChild, ChildConfig(), child_main.Lifeline(fence_after=60.0, check_every=0.1),
+                               lambda name: Echo, [])
+    try:
+        process, fd = zygote.fork()
+        conn = billiard.connection.Connection(fd)
+        conn.send_bytes(p.encode([Assign("echo", "k", [], None, 0, "s").to_wire()]))
+        assert p.decode(conn.recv_bytes())[0]["t"] == "started"
+
+        def caught(pid: int) -> int:
+            with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+                return int(next(line for line in fh if line.startswith("SigCgt:")).split()[1], 16)
+
+        assert caught(zygote.process.pid) & (1 << (signal.SIGCHLD - 1))  # (the zygote's, for contrast)
+        assert not caught(process.pid) & (1 << (signal.SIGCHLD - 1))
+        process.kill()
+        zygote.wait(process.pid, 5.0)
+        process.close()
+        conn.close()
     finally:
         zygote.stop()

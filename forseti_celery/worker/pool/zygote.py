@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import gc
+import importlib
 import os
 import select
 import signal
@@ -38,6 +39,11 @@ from ...core.conf import ChildConfig
 __all__ = ["Grandchild", "Zygote", "available"]
 
 MAX_BATCH = 16  #: spares forked for one request at most
+
+try:  # the C function: signal.signal turns its answer into an enum, which copies ~35 pages into a new spare
+    _set_handler: Callable[[int, int], Any] = importlib.import_module("_signal").signal
+except (ImportError, AttributeError):  # not CPython
+    _set_handler = signal.signal
 
 
 def available() -> bool:
@@ -323,7 +329,7 @@ def _spare(fd: int, close_fds: list[int], config: ChildConfig, lifeline: child_m
 
     def body() -> None:
         signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the rest is as detach() left it in the zygote
+        _set_handler(int(signal.SIGCHLD), int(signal.SIG_DFL))  # the rest is as detach() left it in the zygote
         child_main.run(billiard.connection.Connection(fd), config, lifeline, resolve, zygote_pid, close_fds,
                        from_zygote=True)
 
