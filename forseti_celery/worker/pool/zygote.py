@@ -17,6 +17,7 @@ when the worker is cut off, so an idle keyed process never wakes up.
 
 from __future__ import annotations
 
+import _socket
 import errno
 import gc
 import importlib
@@ -229,6 +230,12 @@ def _main(requests: socket.socket, exits: socket.socket, config: ChildConfig, li
     check = lifeline.check_every
     next_check = time.monotonic() + check
     fixed = [requests.fileno(), exits.fileno(), wake_r, wake_w]  # what no spare keeps open
+    asks = requests.fileno()
+    readable = [asks, wake_r]
+
+    def spare(conn: int, fds: list[int]) -> None:
+        _spare(conn, fds, config, lifeline, resolve, me)
+
     while True:
         now = time.monotonic()
         if now >= next_check:
@@ -239,7 +246,7 @@ def _main(requests: socket.socket, exits: socket.socket, config: ChildConfig, li
                 for pid in children - fenced:
                     os.kill(pid, signal.SIGKILL)
                     fenced.add(pid)
-        ready, _, _ = select.select([requests.fileno(), wake_r], [], [], max(0.0, next_check - time.monotonic()))
+        ready, _, _ = select.select(readable, [], [], max(0.0, next_check - now))
         if wake_r in ready:  # a signal (SIGCHLD: a spare has ended)
             try:
                 while os.read(wake_r, 512):
@@ -247,13 +254,13 @@ def _main(requests: socket.socket, exits: socket.socket, config: ChildConfig, li
             except BlockingIOError:
                 pass
             _reap(exits, children, fenced)
-        if requests.fileno() not in ready:
+        if asks not in ready:
             continue
         asked = requests.recv(MAX_BATCH)
         if not asked:
             os._exit(0)  # the worker is gone
         # One spare per byte, each answered in a packet of its own.
-        for got in _fork_batch(len(asked), fixed, lambda conn, fds: _spare(conn, fds, config, lifeline, resolve, me)):
+        for got in _fork_batch(len(asked), fixed, spare):
             if isinstance(got, _Refused):
                 # Out of processes, fds or memory: the worker is told, and the zygote lives on, with
                 # every keyed process it forked (they would die with it).
@@ -288,7 +295,7 @@ def _fork_batch(n: int, fixed: list[int],
     out: list[tuple[int, int, int] | _Refused] = []
     for _ in range(n):
         try:
-            a, b = socket.socketpair()  # blocking, as billiard.Pipe(duplex=True) makes them
+            a, b = _socket.socketpair(socket.AF_UNIX)  # blocking, as billiard.Pipe(duplex=True) makes them
         except OSError as exc:
             out.append(_Refused(exc, "pipe"))
             continue
