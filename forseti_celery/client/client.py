@@ -77,6 +77,7 @@ class Client:
             "forseti-client", self.forseti.app.connection_for_read, self._queues, self._on_replies,
             intensity=RestartIntensity(self.settings.max_retries, self.settings.max_time),
             on_connect=lambda: self._subscribed(True), on_disconnect=lambda: self._subscribed(False),
+            busy=lambda: len(self.pending) > 1,  # a sync caller drives it (_request): others wait too
         )
 
     def _subscribed(self, ready: bool) -> None:
@@ -292,17 +293,19 @@ class Client:
     def _request(self, ask: Ask) -> Any:
         """Send ``ask`` and wait for its answer, decoded here (on the caller's thread)."""
         encoded = self.encode(ask)
-        self.ensure_started()
+        self._start()
         corr, routing_key, timeout, resend = ask.msg.corr, ask.routing_key, ask.timeout, ask.resend
         pending = self.pending[corr] = Pending()
         deadline = time.monotonic() + timeout
         try:
             self._sender.send(routing_key, encoded)  # behind what this client queued before
             while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                now = time.monotonic()
+                if now >= deadline:
                     raise self.timed_out(ask)
-                if pending.wait(min(remaining, self.settings.retry_interval) if resend else remaining):
+                until = min(deadline, now + self.settings.retry_interval) if resend else deadline
+                self._loop.drive(pending.answered, until)  # reads the answer here if it can (issue 15)
+                if pending.wait(max(0.0, until - time.monotonic())):
                     break
                 if resend:
                     self._sender.send(routing_key, encoded)
@@ -320,7 +323,7 @@ class Client:
                               f"{self.names.namespace!r} on {self._broker} (is a worker with forseti running there?)")
 
     def _publish(self, routing_key: str, msgs: list[Message | Encoded]) -> None:
-        self.ensure_started()
+        self._start()
         if routing_key != self.names.leader:
             self._publisher.publish(self.names.exchange, routing_key, msgs)
             return
@@ -360,6 +363,11 @@ class Client:
                 pending.deliver(reply)
 
     def ensure_started(self) -> None:
+        """:meth:`_start`; the reply thread then reads an async caller's answer (:mod:`.aio`)."""
+        self._start()
+        self._loop.call_back()
+
+    def _start(self) -> None:
         """Start the reply thread, or a new one after the last gave up (its broker gone for longer
         than forseti_max_retries/forseti_max_time): raises :class:`BrokerUnavailable` while the
         broker is still away."""

@@ -72,7 +72,8 @@ class Waiter(Protocol):
 class Pending:
     """A sync caller waiting for the answer to one request.
 
-    A lock taken at creation and released by the first answer: the caller's :meth:`wait` blocks
+    A caller first reads the answers itself when it can (``ConsumerLoop.drive``), then waits. A
+    lock taken at creation and released by the first answer: the caller's :meth:`wait` blocks
     on it directly, where an ``Event`` adds a condition (a lock of its own per wait, two more
     acquisitions) on both sides. A second answer (a resent request answered twice) is ignored.
     """
@@ -85,10 +86,15 @@ class Pending:
         self.reply: Message | None = None  # decoded (Reply.from_wire) on the caller's thread
 
     def deliver(self, reply: Message) -> None:
-        """The answer came (called on the client's consumer thread, the only one that delivers)."""
+        """The answer came (called by whoever holds the consumer's work, the only one that delivers:
+        its thread, or a caller driving it)."""
         if self.reply is None:
             self.reply = reply
             self._answered.release()
+
+    def answered(self) -> bool:
+        """Whether the answer came (read by a caller driving the consumer's reads)."""
+        return self.reply is not None
 
     def wait(self, timeout: float) -> bool:
         """Whether the answer came within ``timeout`` seconds (at once if it came before)."""

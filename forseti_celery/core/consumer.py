@@ -21,6 +21,7 @@ from kombu import Connection, Consumer, Queue
 from kombu.exceptions import OperationalError
 
 from . import transport
+from .baton import Baton
 from .broker import RestartIntensity
 from .errors import BrokerUnavailable
 from .protocol import Message, decode
@@ -59,6 +60,7 @@ class ConsumerLoop(threading.Thread):
         on_give_up: Callable[[BaseException], None] | None = None,
         admit: Callable[[Any, list[Message]], list[Message]] | None = None,
         windowed: Callable[[], list[Queue]] = lambda: [],
+        busy: Callable[[], bool] | None = None,
     ) -> None:
         """``admit(message, batch)``: what of the batch decoded from a kombu message to handle (a
         worker's :meth:`~forseti_celery.core.signing.Signer.admit`); all of it without one.
@@ -71,6 +73,10 @@ class ConsumerLoop(threading.Thread):
         once, as with ``no_ack``. Redis needs none of this: a list's messages come
         one BRPOP at a time (kombu's, or :mod:`.transport.redis_consume`'s), a fanout on a
         connection of its own.
+
+        ``busy()``: a client's loop, whose callers may take its work over (:meth:`drive`); true
+        while answers are awaited besides the driving caller's (the loop thread takes the work
+        back at once then). Without it (a worker's loops) only the loop thread reads.
         """
         super().__init__(name=name, daemon=True)
         self._windowed = windowed
@@ -90,6 +96,13 @@ class ConsumerLoop(threading.Thread):
         self._transport: transport.Transport = transport.named("")
         self.connected = threading.Event()
         self._reading = threading.Event()  # a read may be pending (before ``connected``: the lists only)
+        self._busy = busy
+        #: The loop's work as a role (callers may drive it), or None: the loop thread's alone.
+        self._baton = Baton() if busy is not None else None
+        # The role holder's (the loop thread, or a caller driving: see .baton).
+        self._read: Callable[[float], None] | None = None  # one wait for messages, on the live connection
+        self._next_tick = 0.0
+        self._lost: BaseException | None = None  # a driving caller's failure, for the loop thread to raise
         #: Why the loop gave up (restart intensity reached), if it did.
         self.failure: BaseException | None = None
 
@@ -107,10 +120,39 @@ class ConsumerLoop(threading.Thread):
         up to kombu's ``brpop_timeout`` (1 s).
         """
         self._stopping.set()
+        if self._baton is not None:
+            self._baton.wake()
         if self.is_alive() and threading.current_thread() is not self:
             if wake is not None and self._reading.is_set():
                 self._safe(wake)
             self.join(timeout)
+
+    def call_back(self) -> None:
+        """Have the loop thread take its work back from the callers soon (an async caller's
+        answer is awaited); nothing if it holds it (or it is no client's)."""
+        if self._baton is not None:
+            self._baton.call_back()
+
+    def drive(self, done: Callable[[], bool], until: float) -> None:
+        """Do the loop's work on the calling thread (a caller waiting for an answer) until
+        ``done()``, ``until`` (monotonic) or a failure; returns at once when it cannot (another
+        caller drives, the loop is not connected, or it is no client's). A lost connection is the
+        loop thread's to reconnect: it takes the work back at once."""
+        baton = self._baton
+        if baton is None or done() or not baton.take(until):
+            return
+        resume = True
+        try:
+            while not done() and not self._stopping.is_set() and time.monotonic() < until:
+                self._step(until)
+            resume = self._stopping.is_set() or (self._busy is not None and self._busy())
+        except Exception as exc:
+            self._lost = exc
+        except BaseException:  # interrupted mid-read: the connection's state is unknown
+            self._lost = ConnectionAbortedError("a caller reading the connection was interrupted")
+            raise
+        finally:
+            baton.give_back(resume)
 
     # -- called from the loop thread only ----------------------------------------------
     def add_queue(self, queue: Queue) -> None:
@@ -133,6 +175,13 @@ class ConsumerLoop(threading.Thread):
             self._consumer.cancel_by_queue(queue.name)
 
     def run(self) -> None:
+        try:
+            self._run()
+        finally:
+            if self._baton is not None:
+                self._baton.close()
+
+    def _run(self) -> None:
         backoff = 0.1
         while not self._stopping.is_set():
             try:
@@ -169,8 +218,7 @@ class ConsumerLoop(threading.Thread):
             conn.ensure_connection(max_retries=1)
             channel = conn.channel()
             kind = self._transport = transport.for_connection(conn)
-            if kind is transport.amqp:  # a frame's reads in one recv (nothing else polls this socket)
-                transport.amqp.buffer_reads(conn)
+            buffered = kind is transport.amqp and transport.amqp.buffer_reads(conn)  # a frame in one recv
             windowed = self._windowed() if kind.prefetch_windows else []
             names = {q.name for q in windowed}
             queues = [q for q in self._queues() if q.name not in names]
@@ -181,9 +229,10 @@ class ConsumerLoop(threading.Thread):
                 self._consumer = self._consume(conn, channel, queues, windowed)
             self._fast = fast
             try:
-                self._loop(conn, fast)
+                self._loop(conn, fast, buffered)
             finally:
                 self._consumer = self._fast = None
+                self._read = None
                 self.connected.clear()
                 self._reading.clear()
                 if fast is not None:
@@ -203,11 +252,15 @@ class ConsumerLoop(threading.Thread):
             pass
         return consumer
 
-    def _loop(self, conn: Connection, fast: redis_consume.RedisConsumer | None) -> None:
-        """Read and tick until stopped (``fast``: Redis's reads without kombu's event loop).
+    def _loop(self, conn: Connection, fast: redis_consume.RedisConsumer | None, buffered: bool) -> None:
+        """Read and tick until stopped (``fast``: Redis's reads without kombu's event loop;
+        ``buffered``: RabbitMQ's reads ahead, :func:`.transport.amqp.buffer_reads`).
 
         ``connected`` and ``on_connect`` once every queue is heard: on Redis's fast path the lists
         are read (a client's first answer handled) while the fanouts' subscription is confirmed.
+        A client's loop then hands its work to a caller asking for it (:meth:`drive`) and parks
+        until given it back (:class:`.baton.Baton`); on a transport whose reads cannot be woken
+        (kombu's event loop: the guards off, TLS, another broker) its callers wait as before.
         """
         self._reading.set()
         while fast is not None and not fast.subscribed:
@@ -217,27 +270,53 @@ class ConsumerLoop(threading.Thread):
         self.connected.set()
         if self._on_connect is not None:
             self._on_connect()
-        next_tick = time.monotonic()
-        while not self._stopping.is_set():
-            now = time.monotonic()
-            if now >= next_tick:
-                if self._tick is not None:
-                    self._run_tick(self._tick)
-                next_tick = now + self._interval
-            timeout = max(0.001, next_tick - time.monotonic())
-            if fast is not None:
-                fast.drain(timeout)
-                continue
-            try:
-                conn.drain_events(timeout=timeout)
-            except TimeoutError:
-                pass
-            conn.heartbeat_check()
+        baton, self._read = self._baton, self._reader(conn, fast, buffered)
+        if self._read is None:
+            baton, self._read = None, functools.partial(_drain_events, conn)
+        self._next_tick = time.monotonic()
+        if baton is not None:
+            baton.enable(True)
+        try:
+            while not self._stopping.is_set():
+                self._step(float("inf"))
+                if baton is not None and baton.wanted:
+                    baton.hand_over()
+                    baton.park(self._next_tick if self._tick is not None else float("inf"), self._stopping)
+                    lost, self._lost = self._lost, None
+                    if lost is not None:
+                        raise lost
+        finally:
+            if baton is not None:
+                baton.enable(False)
         if self._consumer is not None:
             try:
                 self._consumer.cancel()
             except Exception:  # closing anyway
                 pass
+
+    def _reader(self, conn: Connection, fast: redis_consume.RedisConsumer | None,
+                buffered: bool) -> Callable[[float], None] | None:
+        """One wait for messages, which the baton's wake-up fd ends (None: it cannot be woken)."""
+        baton = self._baton
+        if fast is not None:
+            if baton is not None:
+                fast.wake_on(baton.wake_fd, baton.clear)
+            return fast.drain
+        if baton is None or not buffered:
+            return None
+        return transport.amqp.reader(conn, baton.wake_fd, baton.clear)
+
+    def _step(self, until: float) -> None:
+        """The tick if due, then one wait for messages, up to the next tick or ``until`` (the role
+        holder's)."""
+        now = time.monotonic()
+        if now >= self._next_tick:
+            if self._tick is not None:
+                self._run_tick(self._tick)
+            self._next_tick = now + self._interval
+        read = self._read
+        assert read is not None
+        read(max(0.001, min(self._next_tick, until) - time.monotonic()))
 
     def _on_windowed(self, message: Any) -> None:
         if message.delivery_info.get("redelivered"):
@@ -274,6 +353,15 @@ class ConsumerLoop(threading.Thread):
             fn()
         except Exception:
             logger.exception("forseti: %s callback failed", self.name)
+
+
+def _drain_events(conn: Connection, timeout: float) -> None:
+    """kombu's wait for messages on ``conn`` (the event loop's), then its heartbeat."""
+    try:
+        conn.drain_events(timeout=timeout)
+    except TimeoutError:
+        pass
+    conn.heartbeat_check()
 
 
 _CONNECTION_ERRORS = (

@@ -10,7 +10,8 @@ behind a consumer's prefetch window. Every declarer of a queue must pass identic
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterable
+import select
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -19,7 +20,7 @@ import amqp.exceptions
 from .. import compat
 
 __all__ = ["batch", "buffer_reads", "connection_errors", "declare", "list_ttl", "name", "needs_declaring",
-           "pipelines", "prefetch_windows", "prepare", "queue_arguments", "single_active_consumer"]
+           "pipelines", "prefetch_windows", "prepare", "queue_arguments", "reader", "single_active_consumer"]
 
 name = "amqp"
 single_active_consumer = True
@@ -136,3 +137,43 @@ def buffer_reads(connection: Any) -> bool:
 
     transport._read = _read
     return True
+
+
+#: Seconds py-amqp may wait for the rest of a message once its socket polled readable (a frame
+#: split across segments, a heartbeat frame alone).
+FRAME_WAIT = 0.01
+
+
+def reader(connection: Any, wake_fd: int, clear: Callable[[], None]) -> Callable[[float], None]:
+    """A wait for messages on ``connection`` (a kombu ``Connection`` whose reads :func:`buffer_reads`
+    made) that ``wake_fd`` readable ends too (``clear()`` empties it), for a consumer's work that
+    another thread may take over (:class:`~forseti_celery.core.baton.Baton`).
+
+    It polls the socket and ``wake_fd`` itself, unless bytes read ahead wait in py-amqp's buffer
+    already, then has py-amqp read what came (``drain_events``: one message, its callbacks run)
+    and send a heartbeat if one is due, as ``ConsumerLoop`` does after each wait.
+    """
+    transport = connection.connection.transport
+    sock_fd = transport.sock.fileno()
+    poll = select.poll()
+    poll.register(sock_fd, select.POLLIN)
+    poll.register(wake_fd, select.POLLIN)
+
+    def read(timeout: float) -> None:
+        if not transport._read_buffer:
+            data = False
+            for fd, _ in poll.poll(timeout * 1000):
+                if fd == sock_fd:
+                    data = True
+                else:
+                    clear()
+            if not data:
+                connection.heartbeat_check()
+                return
+        try:
+            connection.drain_events(timeout=FRAME_WAIT)
+        except TimeoutError:
+            pass
+        connection.heartbeat_check()
+
+    return read

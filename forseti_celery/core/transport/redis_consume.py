@@ -135,6 +135,12 @@ class RedisConsumer:
         for queue in queues:
             self.add_queue(queue)
 
+    def wake_on(self, fd: int, clear: Callable[[], None]) -> None:
+        """Poll ``fd`` beside the connections: when readable it ends :meth:`drain`'s wait
+        (``clear()`` empties it): a client's caller asks for the loop's work so."""
+        self._poll.register(fd, select.POLLIN)
+        self._fds[fd] = clear
+
     def consuming_from(self, name: str) -> bool:
         return name in self._fanouts or name in self._lists
 
