@@ -5,10 +5,10 @@ A :class:`~forseti_celery.KeyedProcess` with any coroutine hook (``init``, ``han
 mixed as you like), or an ``async def`` function, runs here: :func:`serve` runs it on an event
 loop in the process's main thread, where its handlers run one at a time, in order, as in a sync
 process: a handler that awaits holds the next message back, while the process's background tasks
-(:meth:`~forseti_celery.KeyedProcess.create_task`) run. No thread is added: the mailbox's reader
-thread (:mod:`.runtime`) queues frames as for any keyed process and wakes the loop with
-``call_soon_threadsafe`` only while it waits for a message (a busy loop takes them off the queue
-with no system call). Timers (:func:`~forseti_celery.send_after`) come through the mailbox as
+(:meth:`~forseti_celery.KeyedProcess.create_task`) run. No thread is added: the loop reads the
+pipe (``add_reader``) while it waits for a message, and only then: a handler that awaits
+leaves what is sent meanwhile in the pipe and the worker's mailbox, as a busy sync process
+does. Timers (:func:`~forseti_celery.send_after`) come through the mailbox as
 in a sync process; one set while the loop waits wakes it. See ``docs/asyncio.rst``.
 
 The loop starts when first needed (:func:`serve`): until a hook that can suspend (one with an
@@ -53,8 +53,9 @@ class AioMailbox:
         #: Whether the process runs on its loop (:func:`serve`); until then :meth:`get` waits as
         #: a sync process does, and nothing else runs meanwhile.
         self.looping = not isinstance(loop, LazyLoop)
-        #: Set while the loop waits for a message: the reader thread wakes it then only.
+        #: Set while the loop waits for a message: the pipe is read then only (:meth:`_readable`).
         self._waiter: asyncio.Future[None] | None = None
+        self._reading = False  # whether the loop watches the pipe (add_reader)
         self._tasks: set[asyncio.Task[Any]] = set()  # strong references: the loop keeps weak ones
         #: The exception a background task ended with: it crashes the process (see :meth:`create_task`).
         self.failure: BaseException | None = None
@@ -65,14 +66,18 @@ class AioMailbox:
         never awaited): wake :meth:`get` if it waits without the loop, so that it runs it."""
         self.box.put({TYPE: runtime.INFO, "timer": Timer(0.0, _WAKE, None, False)})
 
-    # -- waking the loop -------------------------------------------------------------------------
-    def notify(self) -> None:
-        """Called by the reader thread after it queued a frame's messages."""
-        if self._waiter is not None:
-            try:
-                self._loop.call_soon_threadsafe(self._wake)
-            except RuntimeError:  # the loop has closed: the process is ending
-                pass
+    # -- the pipe, read from the loop ------------------------------------------------------------
+    def _readable(self) -> None:
+        """The loop's reader of the pipe: while :meth:`get` waits, the frames the pipe holds are
+        read and it wakes; while a handler runs (it awaits something), the reader is taken off,
+        and what is sent waits in the pipe and the worker's mailbox as in a busy sync process."""
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            self._loop.remove_reader(self.box.pipe.fd)
+            self._reading = False
+            return
+        self.box.take()
+        waiter.set_result(None)
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -90,21 +95,22 @@ class AioMailbox:
                     return msg
             await self.to_loop()  # the loop was used (a task, a callback...): it runs from now on
         while True:
-            msg = box.get(0.0)
-            if msg is not None and msg.get(PAYLOAD) is not _WAKE:
-                return msg
-            self._waiter = waiter = self._loop.create_future()
-            msg = box.get(0.0)  # what the reader queued before it saw the waiter
-            if msg is not None and msg.get(PAYLOAD) is not _WAKE:
-                self._waiter = None
+            msg = box.ready()
+            if msg is not None:
+                if msg.get(PAYLOAD) is _WAKE:
+                    continue
                 return msg
             now = time.monotonic()
             wait = box.timers.wait(now) if box.timers.heap else None
             if deadline is not None:
                 if deadline <= now:
-                    self._waiter = None
-                    return None
+                    msg = box.get(0.0)  # what the pipe holds now
+                    return None if msg is None or msg.get(PAYLOAD) is _WAKE else msg
                 wait = deadline - now if wait is None else min(wait, deadline - now)
+            self._waiter = waiter = self._loop.create_future()
+            if not self._reading:
+                self._loop.add_reader(box.pipe.fd, self._readable)
+                self._reading = True
             later = None if wait is None else self._loop.call_later(wait, self._wake)
             try:
                 await waiter
@@ -190,7 +196,8 @@ def serve(box: runtime.Mailbox, target: Any, key: str, args: list[Any], state: K
     if lazy:
         loop._lazy_on_build = aio._built_elsewhere  # type: ignore[attr-defined]
     process._mailbox = aio
-    box.notify = aio.notify
+    if lazy:
+        box.pipe.waking_on()  # another thread may build the loop while the body waits without it
     try:
         body = _serve_class(aio, target, key, args, state) if isinstance(target, type) else _serve_function(
             aio, target, key, args)
@@ -207,7 +214,8 @@ def serve(box: runtime.Mailbox, target: Any, key: str, args: list[Any], state: K
         aio.main = loop.create_task(resume(body, yielded))
         loop.run_until_complete(aio.main)
     finally:
-        box.notify = None
+        if lazy:
+            box.pipe.waking_off()
         if not isinstance(loop, LazyLoop) or loop.built:
             _close(loop)
 
@@ -356,15 +364,17 @@ class _Stage:
     """A mailbox and a key state, as :func:`serve` sees them, for :func:`rehearse`: a call, a stop."""
 
     name = ""
-    notify = None
     stop_reason = None
 
     def __init__(self) -> None:
+        self.pipe = self  # its pipe: waking_on does nothing
         self.msgs: list[dict[str, Any]] = [{TYPE: CALL, PAYLOAD: None}, {TYPE: STOP, "reason": ""}]
 
     def get(self, timeout: float | None = None) -> dict[str, Any]:
         return self.msgs.pop(0)
 
+    def waking_on(self) -> None: ...
+    def waking_off(self) -> None: ...
     def send(self, msg: Any) -> None: ...
     def reply(self, request: Any, value: Any = None) -> None: ...
     def to_restore(self) -> None: ...

@@ -6,6 +6,7 @@ nor keeps its key once the worker may have lost it.
 
 from __future__ import annotations
 
+import _thread
 import ctypes
 import os
 import signal
@@ -36,7 +37,7 @@ class Lifeline:
     than ``fence_after`` ends before the leader may start its key elsewhere. The worker's zygote
     looks every ``check_every`` seconds (half a heartbeat: well inside the two heartbeats between
     ``fence_after`` and the leader's ``node_timeout``) and kills its children when it is cut off;
-    a keyed process the worker forked itself looks as often on its own."""
+    a keyed process the worker forked itself looks as often on its own (:meth:`watch`)."""
 
     def __init__(self, fence_after: float, check_every: float) -> None:
         self.fence_after = fence_after
@@ -50,6 +51,19 @@ class Lifeline:
     def cut_off(self) -> bool:
         """Whether the worker has not heard the broker for too long (asked in the child)."""
         return time.monotonic() - float(self._heard.value) > self.fence_after
+
+    def watch(self) -> None:
+        """In a keyed process the worker forked itself (no zygote looks for it): a thread that
+        ends the process (:data:`FENCED`) within ``check_every`` of its worker being cut off,
+        however long its callback runs. It never touches the pipe. A bare thread, as
+        ``threading.Thread``'s bookkeeping would copy some 80 shared pages into the process."""
+        _thread.start_new_thread(self._watch, ())
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(self.check_every)
+            if self.cut_off():
+                os._exit(FENCED)  # fenced: our key may be given to another worker soon
 
 
 def detach(parent_pid: int, close_fds: Iterable[int], signals: bool = True) -> None:

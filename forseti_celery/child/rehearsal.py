@@ -5,8 +5,8 @@ specialisation, after 8 calls or loop turns), and caches what modules build on f
 keyed process forked from a worker that never ran this code, the first messages copy every page
 that holds it: about 0.5 MB per keyed process here. :func:`rehearse` runs it in the worker (at
 import of :mod:`forseti_celery.child`, before the worker forks its zygote or any child) on a stage
-of the real types: a :class:`~.runtime.Mailbox` without its reader thread on a pipe of its own, a
-key state, a start, calls, a cast and a stop through :func:`~.runtime.serve`, each
+of the real types: a :class:`~.runtime.Mailbox` on a pipe of its own (the frames written before it
+reads them), a key state, a start, calls, a cast and a stop through :func:`~.runtime.serve`, each
 :data:`REHEARSALS` times. Every keyed process then shares that code, as it shares the rest of its
 worker's memory (``docs/benchmarks.rst``: row 6, USS per keyed process). The async side does the
 same for its own code (:func:`.aio.rehearse`).
@@ -25,7 +25,6 @@ from ..core.pipe import Assign, StopChild
 from ..core.process import KeyedProcess
 from ..core.protocol import encode, encode_message
 from . import runtime
-from .lifeline import Lifeline
 from .state import KeyState
 
 __all__ = ["REHEARSALS", "rehearse"]
@@ -65,16 +64,14 @@ def rehearse() -> None:
     frames = _frames(config.max_message_size)
     mailbox, state = process._mailbox, process._state
     ours, theirs = billiard.Pipe(duplex=True)
-    lifeline = Lifeline(3600.0, 1.0)  # not looked at: no reader thread
     try:
         for _ in range(REHEARSALS):
             for target, serve in ((_Rehearsed, runtime.serve), (_AsyncRehearsed, runtime.serve_async)):
                 if serve is None:
                     continue
-                box = runtime.Mailbox(theirs, lifeline, reader=False, max_size=config.max_message_size)
-                for frame in frames:
+                box = runtime.Mailbox(theirs, max_size=config.max_message_size)
+                for frame in frames:  # small: the pipe holds them all, the mailbox reads them as it waits
                     ours.send_bytes(frame)
-                    box.take()
                 serve(box, target, "", [], KeyState(box, config, target, Assign("", "", [])))
                 while ours.poll(0):
                     ours.recv_bytes()

@@ -2,8 +2,10 @@
 
 The child talks only to its worker, over a pipe: no broker connection of its own,
 which keeps creation at fork cost and memory at the pages the child touches.
-A reader thread moves frames from the pipe into the mailbox at once, so a busy
-callback never makes the worker block on a full pipe. A frame holds messages
+No thread of its own reads the pipe: the main thread reads it when it waits for its next
+message (:mod:`.pipe_end`), so a message to an idle process is handled on the thread that
+read it; a busy process's messages wait in the pipe and in its worker's bounded mailbox (the
+worker never blocks on a full pipe: its ends are non-blocking). A frame holds messages
 as a broker message does (see :mod:`~forseti_celery.core.protocol`): the payload of
 a cast or call comes as its sender encoded it, and is decoded here, where it is
 used; a reply's value leaves encoded here, and only its caller decodes it. The child dies with its
@@ -12,11 +14,10 @@ worker: ``PR_SET_PDEATHSIG`` and end-of-file on the pipe both end it.
 
 from __future__ import annotations
 
-import _thread
 import collections
 import gc
 import os
-import queue
+import socket
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, NoReturn
@@ -30,8 +31,9 @@ from ..core.errors import InvalidMessage
 from ..core.messages import CORR, REPLY_TO, TYPE, Call, Reply
 from ..core.pipe import ASSIGN, HANDOFF, STOP, Assign, Exit, InitError, Started, Touch
 from ..core.process import KeyedProcess, Timer
-from ..core.protocol import CALL, CAST, PAYLOAD, decode, decode_payloads, encode, encode_message
+from ..core.protocol import CALL, CAST, PAYLOAD, encode, encode_message
 from .lifeline import FENCED, Lifeline, become_keyed, detach
+from .pipe_end import PipeEnd
 from .state import KeyState
 from .state import qualname as _qualname
 from .timers import Timers
@@ -50,176 +52,161 @@ TOUCH_EVERY = 1.0
 
 
 class Mailbox:
-    """The child's end of the pipe: incoming messages queued in order, answers sent back; and the
-    process's timers, whose messages join that order as they come due."""
+    """The child's end of the pipe: incoming messages in order, answers sent back; and the
+    process's timers, whose messages join that order as they come due.
 
-    def __init__(self, conn: Any, lifeline: Lifeline, watch_lifeline: bool = True,
-                 max_size: int = ChildConfig.max_message_size, *, reader: bool = True) -> None:
-        """``reader=False``: no reader thread; :meth:`take` moves each frame (a rehearsal's stage)."""
-        self._conn = conn
-        self._lifeline = lifeline
-        self._watch = watch_lifeline
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        #: Messages taken off the queue ahead of their turn, with the timer messages due after them.
-        self._ready: collections.deque[dict[str, Any]] = collections.deque()
+    No thread reads the pipe: the thread waiting for the next message (:meth:`get`, the process's
+    main thread) reads it then, whole frames, and queues what a frame holds past that message. A
+    busy process leaves what is sent to it in the pipe and its worker's bounded mailbox."""
+
+    def __init__(self, conn: Any, max_size: int = ChildConfig.max_message_size) -> None:
+        self.pipe = PipeEnd(conn)
+        self._conn = conn  # its billiard Connection, as before (tests/app.py's Halfway writes to its descriptor)
+        #: Messages read off the pipe and not yet handled, with the timer messages due after them.
+        self._queue: collections.deque[dict[str, Any]] = collections.deque()
         self.timers = Timers()
         self._touched = -TOUCH_EVERY  # when the last touch went to the worker (time.monotonic())
         self.stop_reason: str | None = None
         #: forseti_max_message_size: the largest reply sent (see :meth:`reply`).
         self.max_size = max_size
         self.key = ""
-        #: Called by the reader thread after it queued a frame's messages (an async process's
-        #: loop, :mod:`.aio`, sets it to wake itself); ``None`` in a sync process.
-        self.notify: Callable[[], None] | None = None
-        # A bare thread: ``threading.Thread`` costs a keyed process ~80 more page faults (copies of
-        # pages it shares with its parent) for bookkeeping nothing here uses; it ends with the process.
-        if reader:
-            _thread.start_new_thread(self._read, ())
-
-    def _read(self) -> None:
-        check = self._lifeline.check_every if self._watch else None  # None: the zygote watches it
-        next_check = time.monotonic() + (check or 0.0)
-        try:
-            while True:
-                ready = self._conn.poll(check)
-                now = time.monotonic()
-                if check is not None and now >= next_check:  # also under a steady stream of messages
-                    next_check = now + check
-                    if self._lifeline.cut_off():
-                        os._exit(FENCED)  # fenced: our key may be given to another worker soon
-                if ready:
-                    self.take()
-        except (EOFError, OSError):
-            # The worker is gone: a keyed process never outlives its worker.
-            os._exit(1)
 
     def take(self) -> None:
-        """Read one frame off the pipe and queue its messages (the reader thread's work)."""
-        batch = decode(self._conn.recv_bytes(), routed=False)
-        decode_payloads(batch)
-        for msg in batch:
-            self._queue.put(msg)
-        if self.notify is not None:
-            self.notify()
+        """Read what the pipe holds, whole frames (waiting until it holds something), and queue
+        their messages. End-of-file (the worker is gone) ends the process."""
+        try:
+            batch = self.pipe.read()
+        except (EOFError, OSError):
+            os._exit(1)  # a keyed process never outlives its worker
+        self._queue.extend(batch)
+
+    def _pull(self, wait: float | None) -> None:
+        """Take what the pipe holds within ``wait`` seconds (``None``: until it holds something)."""
+        if wait is None and not self.pipe.waking:
+            self.take()  # the usual wait: one read, no poll
+        elif self.pipe.wait(wait):
+            self.take()
 
     def rehearse(self) -> None:
-        """Run once, on a pipe of its own, what taking a key runs (a frame received, decoded and
-        queued, an answer encoded and sent), while this process waits as a spare: the pages that
-        code touches are copied from the parent now, not while a caller waits for ``started``
-        (about half a millisecond per new key here)."""
-        ours, theirs = billiard.Pipe(duplex=True)
-        box: queue.SimpleQueue[Any] = queue.SimpleQueue()  # not ours: the real assign may be in it
+        """Run once, on a socket pair of its own, what taking a key runs (a frame read, decoded
+        and queued, an answer encoded and written), while this process waits as a spare: the
+        pages that code touches are copied from the parent now, not while a caller waits for
+        ``started`` (about half a millisecond per new key here). Nothing else: what only the
+        rehearsal ran would be copied for nothing (billiard's ``Pipe`` cost 0.1 MiB a process)."""
+        ours, theirs = socket.socketpair()
         try:
-            ours.send_bytes(encode([Assign("", "", []).to_wire()]))
-            if theirs.poll(1.0):
-                batch = decode(theirs.recv_bytes(), routed=False)
-                decode_payloads(batch)
-                for msg in batch:
-                    box.put(msg)
-                box.get()
-            theirs.send_bytes(encode([Started().to_wire()]))
-            ours.recv_bytes()
+            stage = Mailbox(theirs)  # not ours: the real assign may be in our pipe
+            body = encode([Assign("", "", []).to_wire()])
+            os.write(ours.fileno(), len(body).to_bytes(4, "big") + body)
+            stage.get()  # in the pipe already: read at once
+            stage.send(Started().to_wire())
+            os.read(ours.fileno(), 4096)
         finally:
             ours.close()
             theirs.close()
 
     def put(self, msg: dict[str, Any]) -> None:
-        """Queue ``msg`` behind what the reader thread has queued (from any thread: :mod:`.aio`)."""
-        self._queue.put(msg)
+        """Queue ``msg`` behind what is queued, from another thread (:mod:`.aio`, once
+        :meth:`PipeEnd.waking_on` was called): a wait for the next message wakes up."""
+        self._queue.append(msg)
+        self.pipe.wake()
 
     def start_timer(self, delay: float, msg: Any, interval: float | None, keep_alive: bool) -> Timer:
         """A timer whose ``msg`` joins the mailbox in ``delay`` seconds (then every ``interval``)."""
         return self.timers.add(time.monotonic() + delay, msg, interval, keep_alive)
 
+    def _ready(self) -> dict[str, Any] | None:
+        """The next message already read (a timer's, if one is due), or ``None``; never waits."""
+        if self.timers.heap:
+            now = time.monotonic()
+            fired = self.timers.due(now)
+            if fired:
+                self._fire(fired, now)
+        return self._queue.popleft() if self._queue else None
+
     def _next(self, deadline: float | None) -> dict[str, Any] | None:
         """The next message in order, a timer's included, or ``None`` at ``deadline``. A timer due
-        goes after every message already queued (they came first); with no timer set, the wait
-        is the queue's alone: an idle process without timers never wakes up."""
+        goes after every message sent before it came due; with no timer set, the wait is the
+        pipe's alone: an idle process without timers never wakes up."""
         while True:
-            if self._ready:
-                return self._ready.popleft()
-            wait = None
-            if self.timers.heap:
-                now = time.monotonic()
-                fired = self.timers.due(now)
-                if fired:
-                    self._fire(fired, now)
-                    continue
-                wait = self.timers.wait(now)
+            msg = self._ready()
+            if msg is not None:
+                return msg
+            wait = self.timers.wait(time.monotonic()) if self.timers.heap else None
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    try:
-                        return self._queue.get_nowait()  # type: ignore[no-any-return]
-                    except queue.Empty:
-                        return None
+                    self._pull(0.0)  # what the pipe holds now
+                    return self._queue.popleft() if self._queue else None
                 wait = left if wait is None else min(wait, left)
-            try:
-                return self._queue.get(timeout=wait)  # type: ignore[no-any-return]
-            except queue.Empty:
-                continue  # a timer is due, or the deadline has come: the loop says which
+            self._pull(wait)
 
     def _fire(self, fired: list[Timer], now: float) -> None:
-        while True:  # what the reader queued before these came due goes first
-            try:
-                self._ready.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
+        self._pull(0.0)  # what was sent before these came due goes first
         for timer in fired:
-            self._ready.append({TYPE: INFO, "timer": timer})
+            self._queue.append({TYPE: INFO, "timer": timer})
         if now - self._touched >= TOUCH_EVERY and any(t.keep_alive for t in fired):
             self._touched = now
             self.send(Touch().to_wire())
 
     def get(self, timeout: float | None = None) -> dict[str, Any] | None:
-        """Next protocol message, its payload decoded (by the reader thread), or ``None`` after
-        ``timeout``; a timer's message as ``{TYPE: INFO, PAYLOAD: msg}``. A cast or call whose
-        payload is no JSON (forged: the worker forwards payloads undecoded) or that has none is
-        dropped and logged; a call is answered :class:`InvalidMessage` (if it says where to). A
-        message of another type is dropped and logged too."""
+        """Next protocol message, its payload decoded, or ``None`` after ``timeout``; a timer's
+        message as ``{TYPE: INFO, PAYLOAD: msg}``. A cast or call whose payload is no JSON
+        (forged: the worker forwards payloads undecoded) or that has none is dropped and logged;
+        a call is answered :class:`InvalidMessage` (if it says where to). A message of another
+        type is dropped and logged too."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            if self._ready or self.timers.heap:
-                msg = self._next(deadline)
-                if msg is None:
-                    return None
-            else:  # no timer: the queue alone, as before timers (through _next a get cost +0.25 us)
-                try:
-                    msg = self._queue.get(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    return None
-            kind = msg.get(TYPE)
-            if kind != CAST and kind != CALL:
-                timer = msg.get("timer") if kind == INFO else None
-                if isinstance(timer, Timer):
-                    if not timer.active:
-                        continue  # cancelled after it came due, before its turn
-                    if timer.interval is None:
-                        timer.cancel()  # a one-shot is handled once: cancelling it now does nothing
-                    return {TYPE: INFO, PAYLOAD: timer.msg}
-                if type(kind) is str and kind in _OTHERS:
-                    return msg
-                logger.warning("forseti: keyed process %r (pid %d) dropped a message of type %r", self.key,
-                               os.getpid(), kind)
-                continue
-            value = msg.get(PAYLOAD, _STOP)
-            if kind == CALL and not (type(msg.get(REPLY_TO)) is str and type(msg.get(CORR)) is str):
-                logger.warning("forseti: keyed process %r (pid %d) dropped a call with no one to answer",
-                               self.key, os.getpid())
-                continue
-            if value is _STOP:
-                error = f"{kind} without a message"
-            elif isinstance(value, InvalidMessage):
-                error = str(value)
-            else:
+            msg = self._queue.popleft() if self._queue and not self.timers.heap else self._next(deadline)
+            if msg is None:
+                return None
+            msg = self._vet(msg)
+            if msg is not None:
                 return msg
-            logger.warning("forseti: keyed process %r (pid %d) dropped a %s: %s", self.key, os.getpid(), kind, error)
-            if kind == CALL:
-                self.reply(msg, error="invalid", exc_type="InvalidMessage", text=error)
+
+    def ready(self) -> dict[str, Any] | None:
+        """As :meth:`get`, from what is read already (and the timers due): ``None`` rather than
+        wait or read the pipe (an async process's loop waits for it, :mod:`.aio`)."""
+        while (msg := self._ready()) is not None:
+            if (msg := self._vet(msg)) is not None:
+                return msg
+        return None
+
+    def _vet(self, msg: dict[str, Any]) -> dict[str, Any] | None:
+        """``msg`` as :meth:`get` returns it, or ``None`` if dropped (see :meth:`get`)."""
+        kind = msg.get(TYPE)
+        if kind != CAST and kind != CALL:
+            timer = msg.get("timer") if kind == INFO else None
+            if isinstance(timer, Timer):
+                if not timer.active:
+                    return None  # cancelled after it came due, before its turn
+                if timer.interval is None:
+                    timer.cancel()  # a one-shot is handled once: cancelling it now does nothing
+                return {TYPE: INFO, PAYLOAD: timer.msg}
+            if type(kind) is str and kind in _OTHERS:
+                return msg
+            logger.warning("forseti: keyed process %r (pid %d) dropped a message of type %r", self.key,
+                           os.getpid(), kind)
+            return None
+        value = msg.get(PAYLOAD, _STOP)
+        if kind == CALL and not (type(msg.get(REPLY_TO)) is str and type(msg.get(CORR)) is str):
+            logger.warning("forseti: keyed process %r (pid %d) dropped a call with no one to answer",
+                           self.key, os.getpid())
+            return None
+        if value is _STOP:
+            error = f"{kind} without a message"
+        elif isinstance(value, InvalidMessage):
+            error = str(value)
+        else:
+            return msg
+        logger.warning("forseti: keyed process %r (pid %d) dropped a %s: %s", self.key, os.getpid(), kind, error)
+        if kind == CALL:
+            self.reply(msg, error="invalid", exc_type="InvalidMessage", text=error)
+        return None
 
     def send(self, msg: dict[str, Any]) -> None:
         """Report to the worker."""
-        self._conn.send_bytes(encode([msg]))
+        self.pipe.write(encode([msg]))
 
     def reply(self, request: dict[str, Any], value: Any = None, error: str | None = None, exc_type: str = "",
               text: str = "") -> None:
@@ -238,7 +225,7 @@ class Mailbox:
             logger.warning("forseti: keyed process %r (pid %d) could not answer a call: %s", self.key, os.getpid(), exc)
             invalid = Reply(corr, error="invalid", text=str(exc), exc_type="InvalidMessage", reply_to=to)
             data = encode_message(invalid.to_wire(), "reply", self.max_size).data
-        self._conn.send_bytes(data)
+        self.pipe.write(data)
 
     def receive(self, timeout: float | None) -> Any:
         """Function form: the next cast's (or timer's) payload, or ``None``; calls are refused."""
@@ -290,8 +277,9 @@ def run(conn: Any, config: ChildConfig, lifeline: Lifeline, resolve: Callable[[s
     detach(parent_pid, close_fds, signals=not from_zygote)
     if lifeline.cut_off():
         os._exit(FENCED)  # forked by a worker that has just stopped hearing the broker: too late to start
-    box = process._mailbox = Mailbox(conn, lifeline, watch_lifeline=not from_zygote,
-                                     max_size=config.max_message_size)
+    if not from_zygote:
+        lifeline.watch()  # a zygote looks at it for its spares; a fork of the worker looks itself
+    box = process._mailbox = Mailbox(conn, max_size=config.max_message_size)
     if start is not None:
         target, key, args = start
     else:
