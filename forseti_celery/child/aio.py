@@ -19,6 +19,7 @@ costs what a sync one costs; ``asyncio.get_running_loop()`` already answers the 
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import inspect
 import time
@@ -60,6 +61,9 @@ class AioMailbox:
         #: The exception a background task ended with: it crashes the process (see :meth:`create_task`).
         self.failure: BaseException | None = None
         self.main: asyncio.Task[Any] | None = None
+        #: Threads the process had (``_thread._count()``) before its own code ran: with more, a
+        #: wait without the loop can be woken (an eventfd polled with the pipe), else it is a read.
+        self.threads = _thread._count()
 
     def _built_elsewhere(self) -> None:
         """Another thread built the loop (``call_soon_threadsafe`` on it, given by a hook that
@@ -90,6 +94,8 @@ class AioMailbox:
         deadline = None if timeout is None else time.monotonic() + timeout
         if not self.looping:
             if not self._loop.built:  # type: ignore[attr-defined]
+                if _thread._count() > self.threads:  # a thread of its hooks' may build the loop meanwhile
+                    box.pipe.waking_on()
                 msg = box.get(timeout)  # no loop yet: nothing else to run while it waits
                 if msg is None or msg.get(PAYLOAD) is not _WAKE:
                     return msg
@@ -196,8 +202,6 @@ def serve(box: runtime.Mailbox, target: Any, key: str, args: list[Any], state: K
     if lazy:
         loop._lazy_on_build = aio._built_elsewhere  # type: ignore[attr-defined]
     process._mailbox = aio
-    if lazy:
-        box.pipe.waking_on()  # another thread may build the loop while the body waits without it
     try:
         body = _serve_class(aio, target, key, args, state) if isinstance(target, type) else _serve_function(
             aio, target, key, args)
@@ -367,7 +371,7 @@ class _Stage:
     stop_reason = None
 
     def __init__(self) -> None:
-        self.pipe = self  # its pipe: waking_on does nothing
+        self.pipe = self  # its pipe: waking_on and waking_off do nothing
         self.msgs: list[dict[str, Any]] = [{TYPE: CALL, PAYLOAD: None}, {TYPE: STOP, "reason": ""}]
 
     def get(self, timeout: float | None = None) -> dict[str, Any]:

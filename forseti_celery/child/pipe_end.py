@@ -133,10 +133,14 @@ class PipeEnd:
         self._waker = self._waker_w = -1
 
     def wake(self) -> None:
-        """Wake the wait (from any thread; only once :meth:`waking_on` was called)."""
+        """Wake the wait (from any thread); nothing unless :meth:`waking_on` was called (and
+        :meth:`waking_off` not yet: the process is ending)."""
+        fd = self._waker_w
+        if fd < 0:
+            return
         try:
-            os.write(self._waker_w, (1).to_bytes(8, "little"))
-        except BlockingIOError:  # woken many times already: once is enough
+            os.write(fd, (1).to_bytes(8, "little"))
+        except OSError:  # woken many times already (once is enough), or closed meanwhile
             pass
 
     def _drain_waker(self) -> None:
