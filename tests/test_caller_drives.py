@@ -232,3 +232,37 @@ def test_asyncio_callers_beside_sync_callers(h: Harness, delivered: list[str]) -
     assert any(name.startswith("mixed-") for name in delivered), set(delivered)
     for ref in refs:
         ref.stop()
+
+
+def test_the_role_is_handed_over_once_then_taken_while_free_and_called_back() -> None:
+    baton = Baton()
+    try:
+        assert baton.take(0.0) is False  # not connected: callers wait for the loop thread
+        baton.enable(True)
+        got: list[bool] = []
+        caller = threading.Thread(target=lambda: got.append(baton.take(float("inf"))))
+        caller.start()
+        wait_for(lambda: baton.wanted, 10, 0.001, "the caller never asked for the role")
+        baton.hand_over()
+        caller.join(10)
+        assert got == [True] and baton.take(0.0) is False  # one caller at a time
+        baton.give_back(False)
+        assert baton.take(0.0) is True  # free: taken without the loop thread
+        baton.call_back()  # an async caller's answer: the loop thread once this caller is done
+        baton.give_back(False)
+        assert baton._resume.is_set()
+    finally:
+        baton.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "eventfd"), reason="eventfd: Linux")
+def test_a_closed_baton_never_writes_the_fd_number_reused_since() -> None:
+    baton = Baton()
+    baton.close()
+    reused = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        baton.wake()
+        with pytest.raises(BlockingIOError):
+            os.read(reused, 8)
+    finally:
+        os.close(reused)

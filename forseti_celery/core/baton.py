@@ -55,6 +55,7 @@ class Baton:
             os.set_blocking(self.wake_fd, False)
             os.set_blocking(self._wake_w, False)
         self._pid = os.getpid()
+        self._closed = False  # the fds (under _mutex)
 
     @property
     def wanted(self) -> bool:
@@ -62,11 +63,23 @@ class Baton:
         return self._wanted
 
     def close(self) -> None:
-        """Close the wake-up fds (the loop is over)."""
-        for fd in {self.wake_fd, self._wake_w}:
+        """Close the wake-up fds (the loop is over): written no more (their numbers may be reused)."""
+        with self._mutex:
+            if self._closed:
+                return
+            self._closed = True
+            for fd in {self.wake_fd, self._wake_w}:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+    def _poke(self) -> None:
+        """Make the wake-up fd readable (under ``_mutex``; not once closed, nor in a forked child)."""
+        if not self._closed and os.getpid() == self._pid:
             try:
-                os.close(fd)
-            except OSError:
+                os.write(self._wake_w, b"\1\0\0\0\0\0\0\0")
+            except OSError:  # full (a pipe): readable already
                 pass
 
     # -- the loop thread ----------------------------------------------------------------------
@@ -114,11 +127,8 @@ class Baton:
                 self._holder = _CALLER
                 return True
             self._wanted = True
-        try:
-            os.write(self._wake_w, b"\1\0\0\0\0\0\0\0")
-        except OSError:  # full (a pipe) or closed: the loop thread is awake or gone
-            pass
-        got = self._granted.acquire(timeout=max(0.0, until - time.monotonic()))
+            self._poke()
+        got = self._granted.acquire(timeout=min(max(0.0, until - time.monotonic()), threading.TIMEOUT_MAX))
         with self._mutex:
             if not got:
                 if self._wanted:  # not handed over: never will be
@@ -152,11 +162,8 @@ class Baton:
     def wake(self) -> None:
         """End the wait of whoever holds the role and waits for messages, and a parked loop thread's."""
         self._resume.set()
-        if os.getpid() == self._pid:
-            try:
-                os.write(self._wake_w, b"\1\0\0\0\0\0\0\0")
-            except OSError:
-                pass
+        with self._mutex:
+            self._poke()
 
     def clear(self) -> None:
         """Empty the wake-up fd (it polled readable)."""
