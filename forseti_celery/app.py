@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Sequence
 from functools import cached_property
@@ -15,7 +14,7 @@ from kombu.utils.imports import symbol_by_name
 from . import control as _control  # noqa: F401  (registers the inspect/control commands)
 from .client.aio import AsyncClient
 from .client.client import Client
-from .core import installs, process, transport
+from .core import forks, installs, process, transport
 from .core.conf import KeyPolicy, Settings, checked_policy
 from .core.errors import InvalidArgument
 from .core.keyref import KeyRef
@@ -46,7 +45,7 @@ class Forseti:
         self._policies: dict[str, dict[str, Any]] = {}
         self._client: Client | None = None
         self._aio: AsyncClient | None = None
-        self._client_pid = 0
+        self._client_forks = -1  # forks.count() when the client was made
         self._client_lock = threading.Lock()
         installs.install(self)
         # By name: the worker side is imported only where a worker builds its blueprint.
@@ -131,12 +130,12 @@ class Forseti:
     @property
     def client(self) -> Client:
         """This process's client (a new one after a fork)."""
-        pid = os.getpid()
-        if self._client is None or self._client_pid != pid:
+        at = forks.count()  # not os.getpid(): a system call on every request
+        if self._client is None or self._client_forks != at:
             with self._client_lock:
-                if self._client is None or self._client_pid != pid:
+                if self._client is None or self._client_forks != at:
                     self._client = Client(self)
-                    self._client_pid = pid
+                    self._client_forks = at
         return self._client
 
     @property

@@ -31,7 +31,6 @@ import hashlib
 import itertools
 import json
 import math
-import os
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -40,6 +39,7 @@ from kombu.entity import maybe_delivery_mode
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
+from .. import forks
 from ..compat import Guard, _check_kombu_redis_declare, _missing, _version_in
 
 __all__ = ["KEEP_AT_LEAST", "KOMBU_REDIS_WIRE", "Wire", "for_channel", "release", "ttl_ms"]
@@ -74,19 +74,6 @@ return 0
 _KEEP_SHA = hashlib.sha1(KEEP_AT_LEAST.encode()).hexdigest()
 
 Command = tuple[Any, ...]
-
-#: Forks this process has come out of (counted in the child): a wire's kept connection is the
-#: process's that took it, never a forked child's (read without a system call, unlike ``getpid``).
-_forks = 0
-
-
-def _forked() -> None:
-    global _forks
-    _forks += 1
-
-
-os.register_at_fork(after_in_child=_forked)
-
 
 def ttl_ms(ttl: float) -> int:
     """A TTL of ``ttl`` seconds in whole milliseconds, at least one (rounded up)."""
@@ -147,7 +134,7 @@ class Wire:
         errors (a lost connection: any of them may have been applied or not). One thread at a
         time (its publisher's lock)."""
         conn, kept = self._conn, True
-        if conn is None or self._forks_at != _forks:  # none yet, or the parent's (left alone)
+        if conn is None or self._forks_at != forks.count():  # none yet, or the parent's (left alone)
             conn, kept = self._take(), False
         errors: list[tuple[Command, ResponseError]] = []
         answered = 0
@@ -180,7 +167,7 @@ class Wire:
         """A connection from the pool (checked by it: connected, nothing left to read), kept."""
         self._conn = None
         conn = self._pool.get_connection()  # after a fork: the pool's own, a new one (redis-py's pid check)
-        self._conn, self._forks_at = conn, _forks
+        self._conn, self._forks_at = conn, forks.count()
         return conn
 
     def _drop(self, conn: Any) -> None:
@@ -192,7 +179,7 @@ class Wire:
     def close(self) -> None:
         """Give the kept connection back to the pool (which the channel's close disconnects)."""
         conn, self._conn = self._conn, None
-        if conn is not None and self._forks_at == _forks:
+        if conn is not None and self._forks_at == forks.count():
             self._pool.release(conn)
 
 
