@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -197,9 +198,12 @@ def test_an_async_caller_after_a_sync_one_has_the_reply_thread_read_its_answer(
     monkeypatch.setattr(baton_module, "LOOK", 60.0)
     client = _client(h)
     ref = h.forseti.get_key(fresh("after"))
+    baton = _baton(client)
     for i in range(3):
         assert ref.call(i) == ["echo", i]
-        assert _baton(client)._holder != "loop"  # a caller took it and it stays free
+        # As a sync caller leaves it (whether this one took it or found its answer read already):
+        assert baton.take(time.monotonic() + 10)
+        baton.give_back(False)
         assert asyncio.run(ref.acall(["a", i], timeout=10)) == ["echo", ["a", i]]
     ref.stop()
 
@@ -235,11 +239,12 @@ def test_the_role_is_handed_over_once_then_taken_while_free_and_called_back() ->
     try:
         assert baton.take(0.0) is False  # not connected: callers wait for the loop thread
         baton.enable(True)
+        assert baton.hand_over() is False  # nobody asked (or the caller gave up): the loop thread reads on
         got: list[bool] = []
         caller = threading.Thread(target=lambda: got.append(baton.take(float("inf"))))
         caller.start()
         wait_for(lambda: baton.wanted, 10, 0.001, "the caller never asked for the role")
-        baton.hand_over()
+        assert baton.hand_over() is True
         caller.join(10)
         assert got == [True] and baton.take(0.0) is False  # one caller at a time
         baton.give_back(False)

@@ -91,13 +91,16 @@ class Baton:
                 self._wanted = False
                 self._granted.release()
 
-    def hand_over(self) -> None:
-        """Give the role to the caller waiting for it (the loop thread, holding it)."""
+    def hand_over(self) -> bool:
+        """Give the role to the caller waiting for it (the loop thread, holding it); False if it
+        gave up waiting meanwhile."""
         with self._mutex:
-            if self._wanted:
-                self._wanted = False
-                self._holder = _CALLER
-                self._granted.release()
+            if not self._wanted:
+                return False
+            self._wanted = False
+            self._holder = _CALLER
+            self._granted.release()
+            return True
 
     def park(self, due: float, stopping: threading.Event) -> None:
         """Wait, the role handed over, until the loop thread should hold it again: free for

@@ -279,8 +279,7 @@ class ConsumerLoop(threading.Thread):
         try:
             while not self._stopping.is_set():
                 self._step(float("inf"))
-                if baton is not None and baton.wanted:
-                    baton.hand_over()
+                if baton is not None and baton.wanted and baton.hand_over():
                     baton.park(self._next_tick if self._tick is not None else float("inf"), self._stopping)
                     lost, self._lost = self._lost, None
                     if lost is not None:
