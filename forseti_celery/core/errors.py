@@ -104,7 +104,7 @@ class ProcessGone(ForsetiError, LookupError):
 
 class MailboxFull(ForsetiError):
     """Raised by ``call`` when the keyed process has not taken ``forseti_mailbox_limit`` bytes
-    already waiting for it (stopped, or stuck in C code); the call was not delivered."""
+    already waiting for it (busy in a callback, stopped, or stuck in C code); the call was not delivered."""
 
 
 def remote_error(kind: str, exc_type: str, exc_message: str) -> ForsetiError:
