@@ -14,10 +14,10 @@ worker: ``PR_SET_PDEATHSIG`` and end-of-file on the pipe both end it.
 
 from __future__ import annotations
 
+import _socket
 import collections
 import gc
 import os
-import socket
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, NoReturn
@@ -49,6 +49,14 @@ _OTHERS = frozenset({ASSIGN, STOP, HANDOFF})
 INFO = "info"
 #: Seconds between two ``touch`` messages at most (keep_alive timers firing faster say nothing new).
 TOUCH_EVERY = 1.0
+
+
+#: The envelope of an answer (its value follows as the payload), its fields filled in per call: a
+#: fresh keyed process building a Reply would copy the pages of the dataclass's generated code.
+_ANSWER = Reply("", reply_to="").to_wire()
+#: The frame of :meth:`Mailbox.rehearse`'s assign, encoded once in the worker: a spare encoding
+#: it would copy the pages of that code, which taking a key never runs.
+_STAGE_ASSIGN = (lambda body: len(body).to_bytes(4, "big") + body)(encode([Assign("", "", []).to_wire()]))
 
 
 class Mailbox:
@@ -93,12 +101,13 @@ class Mailbox:
         pages that code touches are copied from the parent now, not while a caller waits for
         ``started`` (about half a millisecond per new key here). Nothing else: what only the
         rehearsal ran would be copied for nothing (billiard's ``Pipe`` cost 0.1 MiB a process)."""
-        ours, theirs = socket.socketpair()
+        ours, theirs = _socket.socketpair()  # no Python socket objects: what they touch would be copied too
         try:
             stage = Mailbox(theirs)  # not ours: the real assign may be in our pipe
-            body = encode([Assign("", "", []).to_wire()])
-            os.write(ours.fileno(), len(body).to_bytes(4, "big") + body)
-            stage.get()  # in the pipe already: read at once
+            os.write(ours.fileno(), _STAGE_ASSIGN)
+            order = stage.get()  # in the pipe already: read at once
+            assert order is not None
+            Assign.from_wire(order)  # as run() reads its key's
             stage.send(Started().to_wire())
             os.read(ours.fileno(), 4096)
         finally:
@@ -217,7 +226,7 @@ class Mailbox:
         to, corr = Call.caller(request)
         try:
             if error is None:  # the value travels as a payload: the worker forwards it undecoded
-                data = encode_message(Reply(corr, reply_to=to).to_wire(), "reply", self.max_size, payload=value).data
+                data = encode_message({**_ANSWER, REPLY_TO: to, CORR: corr}, "reply", self.max_size, payload=value).data
             else:
                 data = encode_message(Reply(corr, error=error, text=text, exc_type=exc_type, reply_to=to).to_wire(),
                                       "reply", self.max_size).data
