@@ -108,3 +108,84 @@ def test_a_consumer_reading_ahead_gets_every_message_once_in_order(rabbitmq_url:
         with pytest.raises(TimeoutError):
             conn.drain_events(timeout=0.2)  # nothing more: none twice
         assert got == bodies
+
+
+class _CountingSocket(socket.socket):
+    """A socket that counts the changes of its timeout (py-amqp's ``having_timeout`` makes two a frame)."""
+
+    changes = 0
+
+    def settimeout(self, value: float | None) -> None:
+        type(self).changes += 1
+        super().settimeout(value)
+
+
+def test_a_read_ahead_waits_for_a_frame_up_to_its_timeout_without_changing_the_sockets(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    ours = _CountingSocket(fileno=pair[0].detach())
+    theirs = pair[1]
+    transport = _transport_on(ours)
+    assert amqp_transport.buffer_reads(_Conn(transport))
+    frames = [_frame(1, b"m" * 12), _frame(2, b"h" * 30), _frame(3, b"b" * 5000)]
+    theirs.sendall(b"".join(frames))
+
+    def frame(timeout: float | None) -> bytes:  # what py-amqp's Connection.blocking_read does
+        with transport.having_timeout(timeout):
+            return bytes(transport.read_frame()[2])
+
+    _CountingSocket.changes = 0
+    assert [frame(0.5) for _ in frames] == [f[7:-1] for f in frames]
+    with pytest.raises(TimeoutError):
+        frame(0.05)  # nothing came
+    cut = _frame(3, b"z" * 9000)
+    theirs.sendall(cut[:5000])
+    with pytest.raises(TimeoutError):
+        frame(0.05)  # the rest did not come: what came is kept
+    theirs.sendall(cut[5000:] + _frame(1, b"next"))
+    assert frame(None) == b"z" * 9000
+    assert frame(0.0) == b"next"
+    assert _CountingSocket.changes == 0
+    assert ours.gettimeout() is None  # blocking, as py-amqp leaves it between reads, for its writes
+    ours.close()
+
+
+def test_a_consumer_reading_ahead_never_changes_its_sockets_timeout(rabbitmq_url: str) -> None:
+    name = f"forseti-t-reads-{uuid.uuid4().hex[:8]}"
+    with Connection(rabbitmq_url, heartbeat=10) as conn, Connection(rabbitmq_url) as pub:
+        conn.ensure_connection()
+        assert amqp_transport.buffer_reads(conn)
+        sock = conn.connection.transport.sock
+        calls: list[float | None] = []
+        setter = sock.settimeout
+        conn.connection.transport.sock = _Recording(sock, calls)
+        channel = conn.channel()
+        queue = Queue(name, auto_delete=True)
+        queue(channel).declare()
+        got: list[bytes] = []
+        Consumer(channel, [queue], no_ack=True, on_message=lambda m: got.append(m.body), auto_declare=False).consume()
+        producer = Producer(pub.default_channel)
+        for i in range(20):
+            producer.publish(b"%d" % i, routing_key=name, retry=False)
+        calls.clear()
+        while len(got) < 20:
+            conn.drain_events(timeout=5)
+        with pytest.raises(TimeoutError):
+            conn.drain_events(timeout=0.05)
+        assert got == [b"%d" % i for i in range(20)]
+        assert calls == []
+        assert setter.__self__.gettimeout() is None
+
+
+class _Recording:
+    """A socket's stand-in recording ``settimeout`` calls (py-amqp's ``having_timeout`` makes them)."""
+
+    def __init__(self, sock: socket.socket, calls: list[float | None]) -> None:
+        self._sock = sock
+        self._calls = calls
+
+    def settimeout(self, value: float | None) -> None:
+        self._calls.append(value)
+        self._sock.settimeout(value)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._sock, name)

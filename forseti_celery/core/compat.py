@@ -328,12 +328,13 @@ def _check_py_amqp_read() -> str | None:
     from amqp import transport
 
     return (_version_in("py-amqp", tuple(amqp.VERSION[:3]), (5, 0), (5, 5))
-            or _missing(transport.TCPTransport, "_read", "read_frame", "_setup_transport")
+            or _missing(transport.TCPTransport, "_read", "read_frame", "_setup_transport", "having_timeout")
             or _missing(transport.TCPTransport("127.0.0.1"), "_read_buffer", "raise_on_initial_eintr"))
 
 
-#: py-amqp ``TCPTransport._read`` (``_read_buffer``, ``_quick_recv``), replaced per consumer connection by
-#: :func:`forseti_celery.core.transport.amqp.buffer_reads`: a frame's three reads served by one ``recv``.
+#: py-amqp ``TCPTransport._read`` (``_read_buffer``, ``_quick_recv``) and ``having_timeout``, replaced per
+#: consumer connection by :func:`forseti_celery.core.transport.amqp.buffer_reads`: a frame's three reads
+#: served by one ``recv``, the read's timeout polled for instead of set on the socket.
 PY_AMQP_READ = Guard(
     "py-amqp frame reads", "reading each frame in py-amqp's three exact reads (a slower consume)",
     _check_py_amqp_read,

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import errno
 import select
+import socket
+import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -93,42 +95,88 @@ def batch(channel: Any) -> AbstractContextManager[_Plain]:
 #: the front of what was read (a copy of the rest) stays cheap.
 READ_AHEAD = 4096
 _RETRY = (errno.EAGAIN, errno.EINTR)
+_READABLE = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP | select.POLLNVAL
+
+
+class _Timeout:
+    """py-amqp's ``having_timeout(timeout)`` for a transport whose reads :func:`buffer_reads` made:
+    the timeout becomes a deadline those reads poll for, instead of the socket's own timeout (py-amqp
+    sets it and sets it back around every frame: two ``ioctl`` each, six for the smallest message).
+    The socket stays as py-amqp leaves it between reads, blocking, for its writes."""
+
+    __slots__ = ("deadline", "readable", "sock_of")
+
+    def __init__(self, sock_of: Callable[[], Any]) -> None:
+        self.sock_of = sock_of
+        self.deadline: float | None = None  # monotonic; None: no timeout (the socket's own, if any)
+        #: The socket polled readable just before (:func:`reader`): the next read asks it at once.
+        self.readable = False
+
+    def __call__(self, timeout: float | None) -> _Timeout:
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        return self
+
+    def __enter__(self) -> Any:
+        return self.sock_of()
+
+    def __exit__(self, *exc: object) -> None:
+        self.deadline = None
 
 
 def buffer_reads(connection: Any) -> bool:
     """Make py-amqp's reads on ``connection`` (a kombu ``Connection``, connected) take what the
-    socket holds, up to :data:`READ_AHEAD` bytes, instead of exactly the bytes asked for. True if
+    socket holds, up to :data:`READ_AHEAD` bytes, instead of exactly the bytes asked for, and wait
+    for them by polling the socket up to the read's timeout, never changing the socket's. True if
     they do; False for any other transport (TLS, Redis) or with the guard off.
 
     py-amqp reads each frame in three ``recv`` calls of the exact sizes (its header, its payload,
     its end octet), each after a ``poll`` while the socket has a timeout, as a consumer's
     ``drain_events(timeout)`` gives it: nine of each for the smallest message (method, header and
-    body frames). Read ahead, the three frames come in one: draining a backlog of small messages
-    took 19 µs of the consumer thread's CPU per message instead of 33 here. Frames, their order
-    and what a timeout keeps (the bytes read so far, in ``_read_buffer``) are as py-amqp's own
-    ``TCPTransport._read`` has them; only a consumer's connection, whose socket nothing else
-    polls, may read ahead (Celery's event loop polls its own).
+    body frames), and it sets the socket's timeout before each frame and sets it back after (six
+    ``ioctl``). Read ahead, the three frames come in one ``poll`` and one ``recv``: draining a
+    backlog of small messages took 19 µs of the consumer thread's CPU per message instead of 33
+    here. Frames, their order and what a timeout keeps (the bytes read so far, in
+    ``_read_buffer``) are as py-amqp's own ``TCPTransport._read`` has them; only a consumer's
+    connection, whose socket nothing else polls, may read ahead (Celery's event loop polls its own).
     """
     transport: Any = getattr(getattr(connection, "connection", None), "transport", None)
     if not compat.py_amqp_read_ahead_allowed(transport):
         return False
     recv = transport._quick_recv
+    poller = select.poll()
+    poller.register(transport.sock.fileno(), _READABLE)
+    timeout = _Timeout(lambda: transport.sock)
+
+    def _wait() -> bool:
+        """Poll until the socket is readable or the deadline (without one: the socket's own timeout)."""
+        deadline = timeout.deadline
+        if deadline is None:
+            wait = transport.sock.gettimeout()
+            return bool(poller.poll(None if wait is None else wait * 1000))
+        return bool(poller.poll(max(0.0, deadline - time.monotonic()) * 1000))
 
     def _read(n: int, initial: bool = False) -> bytes:  # TCPTransport._read's signature
         rbuf = transport._read_buffer
         try:
+            # A message's first frame is waited for (polled first, unless the caller just did); the
+            # rest of one is there, mostly.
+            ready, timeout.readable = not initial or timeout.readable, False
             while len(rbuf) < n:
+                if not ready and not _wait():
+                    raise TimeoutError()
                 try:
-                    s = recv(max(n - len(rbuf), READ_AHEAD))
+                    s = recv(max(n - len(rbuf), READ_AHEAD), socket.MSG_DONTWAIT)
                 except OSError as exc:
                     if exc.errno in _RETRY:
-                        if initial and transport.raise_on_initial_eintr:
+                        if exc.errno == errno.EINTR and initial and transport.raise_on_initial_eintr:
                             raise TimeoutError() from None
+                        ready = False
                         continue
                     raise
                 if not s:
                     raise OSError("Server unexpectedly closed connection")
                 rbuf += s
+                ready = True
         except BaseException:
             transport._read_buffer = rbuf
             raise
@@ -136,6 +184,7 @@ def buffer_reads(connection: Any) -> bool:
         return result  # type: ignore[no-any-return]
 
     transport._read = _read
+    transport.having_timeout = timeout
     return True
 
 
@@ -159,6 +208,9 @@ def reader(connection: Any, wake_fd: int, clear: Callable[[], None]) -> Callable
     poll.register(sock_fd, select.POLLIN)
     poll.register(wake_fd, select.POLLIN)
 
+    having: Any = transport.having_timeout
+    hint = isinstance(having, _Timeout)
+
     def read(timeout: float) -> None:
         if not transport._read_buffer:
             data = False
@@ -170,6 +222,8 @@ def reader(connection: Any, wake_fd: int, clear: Callable[[], None]) -> Callable
             if not data:
                 connection.heartbeat_check()
                 return
+            if hint:
+                having.readable = True
         try:
             connection.drain_events(timeout=FRAME_WAIT)
         except TimeoutError:
