@@ -398,3 +398,28 @@ def test_closing_the_publisher_closes_the_kept_connection(redis_url: str) -> Non
             assert addr in {c["addr"] for c in r.client_list()}
         wait_for(lambda: addr not in {c["addr"] for c in r.client_list()}, 5, 0.01,
                  "the kept connection outlived close")
+
+
+def test_the_wire_packs_its_commands_as_redis_py_does(redis_url: str) -> None:
+    # One bytes for the whole write, the same as redis-py's pack_commands joined (issue 15).
+    conn = redis.Redis.from_url(redis_url).connection_pool.make_connection()
+    commands: list[tuple[Any, ...]] = [
+        ("LPUSH", "ns.node.w1@h\u00e9", b"x" * 70_000), ("EVALSHA", "ab" * 20, 1, "pfx:q", 120_000),
+        ("PUBLISH", "/0.ns.bcast", bytearray(b"{}")), ("LPUSH", "q", b""),
+    ]
+    assert redis_wire.pack(commands) == b"".join(conn.pack_commands(commands))
+    with pytest.raises(TypeError):
+        redis_wire.pack([("LPUSH", "q", 1.5)])
+
+
+def test_a_wire_whose_pool_encodes_otherwise_packs_through_redis_py(redis_url: str) -> None:
+    app = _app(redis_url)
+    name = _name()
+    with _publisher(app, True, keep=lambda rk: 30.0) as publisher, redis.Redis.from_url(redis_url) as r:
+        publisher.publish(DEFAULT, name, [{"t": p.CAST, "i": 0}])
+        wire = _wire_of(publisher)
+        assert wire._utf8
+        wire._utf8 = False  # as for a pool of another encoding: redis-py's own packing
+        publisher.publish(DEFAULT, name, [{"t": p.CAST, "i": 1}])
+        assert _pushed(r, name) == [0, 1] and 0 < r.pttl(name) <= 30_000
+        r.delete(name)

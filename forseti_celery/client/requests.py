@@ -13,7 +13,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from ..core.codec import NO_PAYLOAD, Message, decode_payload
+from ..core.codec import NO_PAYLOAD, PAYLOAD, Message, decode_payload
 from ..core.conf import checked_timeout
 from ..core.errors import InvalidArgument, InvalidKey, remote_error
 from ..core.keyref import KeyRef
@@ -106,6 +106,9 @@ class Pending:
 
 def answer_of(reply: Message) -> Any:
     """What a reply answers: its value or payload, or the typed error it carries raised."""
+    if reply.get("error") is None:  # an answer, read as Reply.from_wire would (without building one)
+        raw = reply.get(PAYLOAD, NO_VALUE)
+        return reply.get("v") if raw is NO_VALUE else decode_payload(raw, REPLY)
     r = Reply.from_wire(reply)
     if r.error is not None:
         raise remote_error(r.error, r.exc_type or "", r.text or "")

