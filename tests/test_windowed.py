@@ -57,3 +57,46 @@ def test_a_windowed_message_is_handled_at_most_once_across_a_lost_connection(
         publisher.close()
         with Connection(rabbitmq_url) as conn:
             conn.default_channel.queue_delete(name)
+
+
+def test_windowed_messages_are_acknowledged_several_at_once_in_order_and_none_is_left_unacknowledged(
+        rabbitmq_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kombu.message import Message as KombuMessage
+
+    acks: list[bool] = []
+    ack = KombuMessage.ack
+
+    def counting_ack(self: KombuMessage, multiple: bool = False) -> None:
+        acks.append(multiple)
+        ack(self, multiple=multiple)
+
+    monkeypatch.setattr(KombuMessage, "ack", counting_ack)
+    app = Celery("windowed-test", broker=rabbitmq_url, set_as_current=False)
+    name = f"forseti-t-win-{uuid.uuid4().hex[:8]}"
+    exchange = Exchange("", type="direct")
+    queue = Queue(name, exchange, routing_key=name, auto_delete=False, queue_arguments={"x-expires": 60_000})
+    handled: list[int] = []
+    n = 3 * ConsumerLoop.acks_every + 1  # the last one's acknowledgement waits for a tick
+    loop = ConsumerLoop("test-windowed", app.connection_for_read, lambda: [queue],
+                        lambda batch: handled.extend(int(m["i"]) for m in batch),
+                        intensity=RestartIntensity(5, 10), interval=0.05, windowed=lambda: [queue])
+    publisher = Publisher(app.connection_for_write())
+    publisher.declare(queue)
+    try:
+        loop.start()
+        wait_for(loop.connected.is_set, 20, 0.02, "the loop never connected")
+        for i in range(n):
+            publisher.publish(exchange, name, [{"t": "x", "i": i}])
+        wait_for(lambda: len(handled) == n and len(acks) == 4, 20, 0.02, f"handled {handled}, acks {acks}")
+        assert handled == list(range(n))
+        assert acks == [True] * 4  # three of acks_every, then the last one at a tick
+    finally:
+        loop.stop()
+        publisher.close()
+    # Nothing was left unacknowledged: a new consumer of the queue gets nothing again.
+    with Connection(rabbitmq_url) as conn:
+        channel = conn.default_channel
+        try:
+            assert channel.basic_get(name, no_ack=True) is None
+        finally:
+            channel.queue_delete(name)

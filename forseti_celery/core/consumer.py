@@ -68,9 +68,10 @@ class ConsumerLoop(threading.Thread):
         ``windowed()``: queues (among ``queues()``) a flood may come through. On RabbitMQ they are
         consumed with acks and a prefetch of :attr:`window` broker messages, so a backlog of theirs
         waits in the broker, not in this connection, ahead of the other queues' messages (a
-        worker's own heartbeat echo among them). Each is acknowledged once handled, and one the
-        broker delivers again after a lost connection is dropped: a message is handled at most
-        once, as with ``no_ack``. Redis needs none of this: a list's messages come
+        worker's own heartbeat echo among them). Each is acknowledged once handled (every
+        :attr:`acks_every` in one frame, what is left at the next tick), and one the broker
+        delivers again after a lost connection is dropped: a message is handled at most once, as
+        with ``no_ack``. Redis needs none of this: a list's messages come
         one BRPOP at a time (kombu's, or :mod:`.transport.redis_consume`'s), a fanout on a
         connection of its own.
 
@@ -103,6 +104,8 @@ class ConsumerLoop(threading.Thread):
         self._read: Callable[[float], None] | None = None  # one wait for messages, on the live connection
         self._next_tick = 0.0
         self._lost: BaseException | None = None  # a driving caller's failure, for the loop thread to raise
+        self._handled: Any = None  # the last windowed message handled and not acknowledged yet
+        self._unacked = 0  # how many are (up to it)
         #: Why the loop gave up (restart intensity reached), if it did.
         self.failure: BaseException | None = None
 
@@ -110,6 +113,10 @@ class ConsumerLoop(threading.Thread):
     #: each holds up to 500 protocol messages (a client's batch), a few ms of work, so what else
     #: arrives waits behind some 0.1 s of them at worst, where a whole backlog fenced a worker.
     window = 8
+    #: Windowed messages handled before one acknowledgement covers them all (``multiple``): one
+    #: frame (a system call, and the broker's work) for several, well before the window fills;
+    #: the tick acknowledges what is left.
+    acks_every = window // 2
 
     # -- control (from any thread) --------------------------------------------------
     def stop(self, timeout: float = 5.0, wake: Callable[[], None] | None = None) -> None:
@@ -232,6 +239,7 @@ class ConsumerLoop(threading.Thread):
                 self._loop(conn, fast, buffered)
             finally:
                 self._consumer = self._fast = None
+                self._handled, self._unacked = None, 0  # a lost channel's: delivered again, and dropped
                 self._read = None
                 self.connected.clear()
                 self._reading.clear()
@@ -289,6 +297,7 @@ class ConsumerLoop(threading.Thread):
                 baton.enable(False)
         if self._consumer is not None:
             try:
+                self._ack_handled()
                 self._consumer.cancel()
             except Exception:  # closing anyway
                 pass
@@ -312,6 +321,8 @@ class ConsumerLoop(threading.Thread):
         if now >= self._next_tick:
             if self._tick is not None:
                 self._run_tick(self._tick)
+            if self._handled is not None:
+                self._ack_handled()
             self._next_tick = now + self._interval
         read = self._read
         assert read is not None
@@ -320,13 +331,23 @@ class ConsumerLoop(threading.Thread):
     def _on_windowed(self, message: Any) -> None:
         if message.delivery_info.get("redelivered"):
             # Delivered before, on a connection lost since: perhaps handled already.
-            message.ack()
+            self._handled, self._unacked = message, self._unacked + 1
+            self._ack_handled()
             logger.info("forseti: %s dropped a message delivered again after a reconnection", self.name)
             return
         try:
             self._on_message(message)
         finally:  # once handled: the ack's write (and the broker it wakes) is off the message's way
-            message.ack()
+            self._handled, self._unacked = message, self._unacked + 1
+            if self._unacked >= self.acks_every:
+                self._ack_handled()
+
+    def _ack_handled(self) -> None:
+        """Acknowledge the windowed messages handled so far, in one frame (delivery tags grow in
+        the order of delivery, which is the order they are handled in)."""
+        message, self._handled, self._unacked = self._handled, None, 0
+        if message is not None:
+            message.ack(multiple=True)
 
     def _on_message(self, message: Any) -> None:
         try:
