@@ -6,6 +6,10 @@ Native, no thread per request: each operation is the sync client's own steps
 * **Answers** reach the awaiting loop from the client's one consumer thread: it hands
   each answer to its waiter's :class:`_LoopSide`, which wakes the loop once per burst
   (one ``call_soon_threadsafe`` for every answer that arrived before the loop ran it).
+  While the consumer's work is free (a sync caller just read its own answer and gave it back)
+  the loop reads its answers itself instead, without waiting (:mod:`.loop_reads`): no thread
+  woken, as for a sync caller. Whoever reads hands an answer over; on the loop it settles
+  its waiter at once.
 * **Publishing** happens on the loop, inline: the requests of one loop iteration are
   held and, at its end, published grouped by destination, one broker message per
   destination, after what the client's :class:`~forseti_celery.core.broker.Batcher` had
@@ -39,6 +43,7 @@ from celery.utils.log import get_logger
 from ..core.codec import Encoded, Message
 from ..core.keyref import KeyRef
 from .client import Client
+from .loop_reads import LoopReads
 from .requests import Ask, Steps, T, answer_of
 
 __all__ = ["AsyncClient", "AsyncPending"]
@@ -77,7 +82,7 @@ def _settle(future: asyncio.Future[None] | None) -> None:
 class _LoopSide:
     """One event loop's part of a client: its wake-ups and its flushes."""
 
-    __slots__ = ("_client", "_held", "_lock", "_ready", "_sender", "_waking", "_will_flush", "loop")
+    __slots__ = ("_client", "_held", "_lock", "_ready", "_sender", "_waking", "_will_flush", "loop", "reads")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, client: Client) -> None:
         self.loop = loop
@@ -89,9 +94,15 @@ class _LoopSide:
         #: Requests held since the last flush (loop only).
         self._held: list[tuple[str, Encoded, AsyncPending]] = []
         self._will_flush = False  #: a flush is scheduled (loop only)
+        #: The loop's reads of its own answers while the consumer's work is free (loop only).
+        self.reads = LoopReads(loop)
 
     def wake(self, pending: AsyncPending) -> None:
-        """Hand ``pending``'s answer to the loop (from the consumer thread): one wake-up per burst."""
+        """Hand ``pending``'s answer to the loop: settled at once when read on the loop itself
+        (:mod:`.loop_reads`, or a sync call made on it), else one wake-up per burst."""
+        if asyncio._get_running_loop() is self.loop:
+            _settle(pending.future)
+            return
         with self._lock:
             self._ready.append(pending)
             if self._waking:
@@ -149,7 +160,7 @@ class _LoopSide:
         """Each ``(routing_key, messages)`` as one broker message: those to workers in one round
         trip on Redis (Publisher.publish_many), the leader's each with its expiration."""
         client = self._client
-        client.ensure_started()
+        client._start()
         leader = client.names.leader
         client._publisher.publish_many(client.names.exchange, [b for b in batches if b[0] != leader])
         for routing_key, msgs in batches:
@@ -185,6 +196,8 @@ class AsyncClient:
     def _side(self, loop: asyncio.AbstractEventLoop) -> _LoopSide:
         side: _LoopSide | None = getattr(self._local, "side", None)
         if side is None or side.loop is not loop:
+            if side is not None:  # this thread runs another loop now: the last one's dup closed
+                side.reads.close()
             side = self._local.side = _LoopSide(loop, self.client)
         return side
 
@@ -192,7 +205,7 @@ class AsyncClient:
         """Send ``ask`` and await its answer (no thread: the consumer thread wakes this loop)."""
         client = self.client
         encoded = client.encode(ask)
-        client.ensure_started()
+        client._start()
         loop = asyncio.get_running_loop()
         side = self._side(loop)
         corr = ask.msg.corr
@@ -200,8 +213,11 @@ class AsyncClient:
         client.pending[corr] = pending
         deadline = loop.time() + ask.timeout
         interval = client.settings.retry_interval
+        reads = side.reads
         try:
             side.send(ask.routing_key, encoded, pending)
+            if not reads.awaiting(client._loop):  # this loop cannot read its answer: the reply thread
+                client._loop.call_back()
             while True:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -221,6 +237,7 @@ class AsyncClient:
         finally:
             pending.future = None
             del client.pending[corr]
+            reads.answered()
         return answer_of(pending.reply)
 
     # -- the operations (each returns the coroutine of its steps: no frame of its own in flight) --

@@ -140,6 +140,21 @@ class Baton:
                 self._granted.acquire(blocking=False)  # handed over (or refused) meanwhile: released for us
             return self._holder == _CALLER and self._enabled
 
+    def take_free(self) -> bool:
+        """Take the role only if it is free (given back, the loop thread parked): no waiting, no
+        wake-up. For one read that never blocks (an event loop reading its own answers,
+        ``ConsumerLoop.read_free``), given back at once."""
+        with self._mutex:
+            if not self._enabled or self._wanted or self._holder != _FREE:
+                return False
+            self._holder = _CALLER
+            return True
+
+    @property
+    def free(self) -> bool:
+        """The role is free (unlocked: a hint, :meth:`take_free` decides)."""
+        return self._holder == _FREE
+
     def give_back(self, resume: bool) -> None:
         """Give the role back (the caller holding it); ``resume``: the loop thread takes it at
         once (others await answers, the loop must reconnect or stop), else after :data:`LINGER`."""

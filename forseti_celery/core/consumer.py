@@ -161,6 +161,42 @@ class ConsumerLoop(threading.Thread):
         finally:
             baton.give_back(resume)
 
+    def answer_socket(self) -> Any | None:
+        """The socket a client's lists' messages (its answers) come on while the loop's work is
+        free (Redis's fast path only), for an event loop to watch (:mod:`forseti_celery.client.aio`);
+        None otherwise. Unlocked: :meth:`read_free` checks it again."""
+        fast, baton = self._fast, self._baton
+        if fast is None or baton is None or not baton.free:
+            return None
+        return fast.socket
+
+    def read_free(self, sock: Any, whole: Callable[[Any], bool]) -> bool | None:
+        """Read what has come without waiting, on the calling thread, if the loop's work is free
+        (an event loop reading its own answers, :mod:`forseti_celery.client.aio`): a ``BRPOP`` sent
+        if none is out, what came handed over as the loop thread would. Then whether a ``BRPOP``
+        is out (False: it took an answer, call again for the next). None, nothing read, when the
+        work is held, ``sock`` is no longer :meth:`answer_socket`'s, or ``whole(sock)`` is false
+        (an answer not all in: the loop thread takes the work back and reads it, waiting)."""
+        baton = self._baton
+        if baton is None or not baton.take_free():
+            return None
+        resume = True
+        try:
+            fast = self._fast
+            if fast is None or fast.socket is not sock or self._stopping.is_set() or not whole(sock):
+                return None
+            fast.drain(0.0)
+            resume = False
+            return fast.popping
+        except Exception as exc:
+            self._lost = exc
+            return None
+        except BaseException:
+            self._lost = ConnectionAbortedError("a caller reading the connection was interrupted")
+            raise
+        finally:
+            baton.give_back(resume)
+
     # -- called from the loop thread only ----------------------------------------------
     def add_queue(self, queue: Queue) -> None:
         """Start consuming ``queue`` on the live consumer (no-op while disconnected)."""

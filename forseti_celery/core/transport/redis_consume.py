@@ -141,6 +141,17 @@ class RedisConsumer:
         self._poll.register(fd, select.POLLIN)
         self._fds[fd] = clear
 
+    @property
+    def socket(self) -> Any:
+        """The socket of the ``BRPOP`` connection (the lists' messages come on it), or None."""
+        conn = self._conn
+        return None if conn is None else conn._sock
+
+    @property
+    def popping(self) -> bool:
+        """A ``BRPOP`` is out (its answer not read yet)."""
+        return self._sent_at is not None
+
     def consuming_from(self, name: str) -> bool:
         return name in self._fanouts or name in self._lists
 
