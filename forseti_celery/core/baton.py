@@ -20,6 +20,8 @@ import os
 import threading
 import time
 
+from . import forks
+
 __all__ = ["LINGER", "LOOK", "Baton"]
 
 #: Seconds the role stays free after a caller gave it back before the loop thread takes it again:
@@ -54,7 +56,7 @@ class Baton:
             self.wake_fd, self._wake_w = os.pipe()
             os.set_blocking(self.wake_fd, False)
             os.set_blocking(self._wake_w, False)
-        self._pid = os.getpid()
+        self._forks = forks.count()  # the wake-up fds are this process's (a forked child's are its parent's)
         self._closed = False  # the fds (under _mutex)
 
     @property
@@ -75,8 +77,9 @@ class Baton:
                     pass
 
     def _poke(self) -> None:
-        """Make the wake-up fd readable (under ``_mutex``; not once closed, nor in a forked child)."""
-        if not self._closed and os.getpid() == self._pid:
+        """Make the wake-up fd readable (under ``_mutex``; not once closed, nor in a forked child:
+        ``forks.count``, one comparison where ``os.getpid`` is a system call per poke)."""
+        if not self._closed and forks.count() == self._forks:
             try:
                 os.write(self._wake_w, b"\1\0\0\0\0\0\0\0")
             except OSError:  # full (a pipe): readable already
