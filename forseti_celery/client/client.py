@@ -21,7 +21,7 @@ from celery.utils.log import get_logger
 from kombu import Queue
 
 from ..core.broker import Batcher, Publisher, RestartIntensity
-from ..core.codec import Encoded, Message, check_json, encode_cast, encode_message
+from ..core.codec import Encoded, Message, check_json, encode_call, encode_cast, encode_message
 from ..core.consumer import ConsumerLoop
 from ..core.errors import BrokerUnavailable, ForsetiError, ForsetiTimeout, InvalidMessage, ProcessGone, RemoteError
 from ..core.keyref import KeyRef
@@ -288,6 +288,8 @@ class Client:
         """``ask``'s message and payload, encoded once and checked (:class:`InvalidMessage` names
         ``ask.what``)."""
         msg = ask.msg
+        if type(msg) is Call:
+            return encode_call(msg, ask.what, self._max_size, ask.payload)
         return encode_message(msg.to_wire(), ask.what, self._max_size, deadline=msg.deadline, payload=ask.payload)
 
     def _request(self, ask: Ask) -> Any:
