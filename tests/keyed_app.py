@@ -29,6 +29,8 @@ app.conf.update(
     forseti_node_timeout=4.0,
     forseti_lease=2.0,
 )
+if "KA_STOP_TIMEOUT" in os.environ:  # a leaving worker's grace, for a test that needs a wide one
+    app.conf.forseti_stop_timeout = float(os.environ["KA_STOP_TIMEOUT"])
 forseti = Forseti(app)
 
 

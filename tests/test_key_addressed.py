@@ -31,7 +31,7 @@ from forseti_celery import (
     UnknownName,
 )
 from forseti_celery.client.routes import Route, RouteTable
-from forseti_celery.testing import Cluster, short_hostname, wait_for
+from forseti_celery.testing import Cluster, WaitTimeout, short_hostname, wait_for
 
 from .helpers import ROOT, client_app, fresh
 from .keyed_app import record_key
@@ -78,6 +78,24 @@ class KeyedCluster:
         self.forseti.close()
         self.db.close()
         return self.cluster.stop()
+
+
+def key_off_the_leader(c: KeyedCluster, prefix: str) -> tuple[str, str]:
+    """A new key of ``"ka"`` whose process runs on a worker that does not lead, and that worker.
+
+    The leader's warm shutdown hands its role over first, and a new leader makes every client
+    drop its routes, which may reorder what a route still had waiting at the old worker (the
+    documented price, ``docs/lifecycle.rst``): a test of the hand-off alone leaves the leader be."""
+    stats = c.app.control.inspect(destination=[w.hostname for w in c.cluster.workers], timeout=5).stats() or {}
+    leaders = [h for h, s in stats.items() if s.get("forseti", {}).get("leader")]
+    assert len(leaders) == 1, f"not one leader: {stats}"
+    for _ in range(len(c.cluster.workers) + 1):  # a new key goes to the least-used worker
+        key = fresh(prefix)
+        c.forseti.call(key, -1, name="ka")
+        node = c.forseti.get_key(key, name="ka").node
+        if node != leaders[0]:
+            return key, node
+    raise AssertionError(f"every key went to the leader {leaders[0]}")
 
 
 @contextmanager
@@ -174,9 +192,7 @@ def test_sends_while_their_worker_shuts_down_reach_the_next_incarnation_all_of_t
     broker_url: str, redis_url: str, tmp_path: Path
 ) -> None:
     with keyed_cluster(broker_url, redis_url, tmp_path, n=2) as c:
-        key = fresh("left")
-        c.forseti.call(key, -1, name="ka")
-        node = c.forseti.get_key(key, name="ka").node
+        key, node = key_off_the_leader(c, "left")
         leaving = threading.Thread(target=c.cluster.worker(node).stop)  # a warm shutdown
         leaving.start()
         sent = 0
@@ -190,6 +206,55 @@ def test_sends_while_their_worker_shuts_down_reach_the_next_incarnation_all_of_t
         assert last["incarnation"] == 2 and c.forseti.get_key(key, name="ka").node != node
         assert c.log(key) == [-1, *range(sent), "last"]
         assert c.ends(key) == ["shutdown"]
+
+
+def test_a_sender_stalled_behind_a_notice_that_does_not_cover_it_loses_nothing_to_its_worker_leaving(
+    broker_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    # A client streaming sends to a key whose worker shuts down stalls as it reads the first
+    # ``moved`` notice: nothing it sends reaches the broker until the old worker has left (or for
+    # 3 s, well within its grace of 10 s), and it sends one more message meanwhile, which no notice
+    # can cover. The worker, which hears nothing from it meanwhile, must not take the silence for
+    # the client having moved: it waits for the client's ``followed``.
+    with keyed_cluster(broker_url, redis_url, tmp_path, n=2, KA_STOP_TIMEOUT="10") as c:
+        key, node = key_off_the_leader(c, "stalled")
+        leaving = threading.Thread(target=c.cluster.worker(node).stop)  # a warm shutdown
+        client = c.forseti.client
+        notice_of = client._moved
+        stalled = threading.Event()
+
+        def stall() -> None:
+            with client._sender._lock:  # the sender thread publishes nothing while this is held
+                stalled.set()
+                try:  # until the client hears that the worker left (it has said bye), for 3 s at most
+                    wait_for(lambda: (r := client._routes.get("ka", key)) is None or r.ref.node != node, 3, 0.01)
+                except WaitTimeout:
+                    return  # it waits for this client, still consuming: what was stalled reaches it
+                leaving.join()  # it reads its queue no more
+
+        def moved(notice: dict[str, Any]) -> None:
+            if not stalled.is_set():
+                threading.Thread(target=stall).start()
+                stalled.wait()
+                route = client._routes.get("ka", key)
+                assert route is not None
+                published = route.last  # what the client sent before (maybe on its way to the worker)
+                wait_for(lambda: route.last > published, 10, 0.005, "the client sent nothing more")
+            notice_of(notice)  # no notice covers what is stalled: the route stays, until the worker left
+
+        client._moved = moved  # type: ignore[method-assign]
+        leaving.start()
+        sent = 0
+        t0 = time.monotonic()
+        while leaving.is_alive() or time.monotonic() - t0 < 3:
+            c.forseti.send(key, sent, name="ka")
+            sent += 1
+            time.sleep(0.01)
+        leaving.join()
+        assert stalled.is_set(), "no moved notice came"
+        last = c.forseti.call(key, "last", name="ka", timeout=10)
+        assert last["incarnation"] == 2 and c.forseti.get_key(key, name="ka").node != node
+        assert c.log(key) == [-1, *range(sent), "last"]
 
 
 def test_a_key_addressed_call_that_crashed_its_process_raises_remote_error_and_is_not_replayed(

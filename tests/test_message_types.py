@@ -33,6 +33,7 @@ GOLDEN: list[tuple[Any, bytes]] = [
      b'{"n":"n1","k":"k1","p":42,"t":"call","r":"rq","c":"c1","d":12.5,"ka":1,"a":[],"q":8}'),
     (m.Moved("n1", "k1", "w1", 42, "w2", 43, 8),
      b'{"t":"moved","n":"n1","k":"k1","node":"w1","p":42,"to":["w2",43],"q":8}'),
+    (m.Followed("n1", "k1", 42, "rq"), b'{"t":"followed","n":"n1","k":"k1","p":42,"r":"rq"}'),
     (m.Stop("n1", "k1", 42, "duplicate"), b'{"t":"stop","n":"n1","k":"k1","p":42,"reason":"duplicate"}'),
     (m.StopKey("n1", "k1", 42, "w1", "stop", 4.0, "rq", "c1", 12.5).forwarded(),
      b'{"n":"n1","k":"k1","p":42,"t":"stop","node":"w1","reason":"stop","grace":4.0,"r":"rq","c":"c1","d":12.5}'),

@@ -25,7 +25,7 @@ from ..core.codec import Encoded, Message, check_json, encode_call, encode_cast,
 from ..core.consumer import ConsumerLoop
 from ..core.errors import BrokerUnavailable, ForsetiError, ForsetiTimeout, InvalidMessage, ProcessGone, RemoteError
 from ..core.keyref import KeyRef
-from ..core.messages import MOVED, NO_VALUE, TYPE, Call, Cast, Get, Metrics, Moved, Reply, Search, StopKey
+from ..core.messages import MOVED, NO_VALUE, TYPE, Call, Cast, Followed, Get, Metrics, Moved, Reply, Search, StopKey
 from ..core.names import EVENT_EXITED, EVENT_LEADER, EVENT_NODE_LOST
 from .cache import RefCache
 from .requests import Ask, Pending, Steps, Waiter, answer_of, check_key, check_ref, drive, timeout_of
@@ -263,6 +263,11 @@ class Client:
         ref = KeyRef(m.new_node, m.new_pid, m.key, m.name, self.names.namespace, self.forseti.app)
         if self._routes.moved(m.name, m.key, m.node, m.pid, ref, m.seq):
             self._cache.put(ref)
+        route = self._routes.get(m.name, m.key)
+        if route is None or (route.ref.node, route.ref.pid) != (m.node, m.pid):
+            # Nothing more goes to the old process: its worker, if leaving, need not wait for us.
+            followed = Followed(m.name, m.key, m.pid, self._reply_rk).to_wire()
+            self._sender.put(self.names.node_routing_key(m.node), followed)
 
     def stop(self, ref: KeyRef, timeout: float | None) -> None:
         """``ref.stop()``: returns once the process has exited and the leader has freed its key."""

@@ -28,10 +28,11 @@ from typing import Any, ClassVar
 from .errors import InvalidMessage
 
 __all__ = [
-    "ARGS", "BYE", "CALL", "CAST", "CORR", "EXITED", "GET", "HEARTBEAT", "KEY", "KEY_ADDRESSED", "LEADS", "METRICS",
+    "ARGS", "BYE", "CALL", "CAST", "CORR", "EXITED", "FOLLOWED", "GET", "HEARTBEAT", "KEY", "KEY_ADDRESSED", "LEADS",
+    "METRICS",
     "MOVE", "MOVED", "NAME", "NO_VALUE", "PAYLOAD", "PID", "PING", "REPLY", "REPLY_TO", "REPORT", "REPORT_REQUEST",
     "SEARCH", "SEQ", "SPAWN", "SPAWNED", "SPAWN_FAILED", "STOP", "STOP_KEY", "TYPE",
-    "Call", "Cast", "Get", "Metrics", "Moved", "Reply", "Search", "Stop", "StopKey", "Wire",
+    "Call", "Cast", "Followed", "Get", "Metrics", "Moved", "Reply", "Search", "Stop", "StopKey", "Wire",
 ]
 
 #: A message as the codec reads and writes it: its envelope's fields by wire name.
@@ -59,6 +60,8 @@ REPORT = "report"
 CAST = "cast"
 CALL = "call"
 STOP = "stop"
+#: the answer to a ``moved`` notice: the client's route to the key no longer leads to the old process
+FOLLOWED = "followed"
 # anyone -> client (its reply queue)
 REPLY = "reply"
 # worker -> client (its reply queue): key-addressed messages of that client now go to a new incarnation
@@ -388,3 +391,26 @@ class Moved:
         if not isinstance(to, list) or len(to) != 2:
             raise InvalidMessage(f"'moved' message with a bad 'to': {to!r}")
         return cls(need(d, "n"), need(d, "k"), need(d, "node"), need(d, "p"), to[0], to[1], need(d, "q"))
+
+
+# -- client -> worker, in answer to a notice ---------------------------------------------------
+@dataclass(**FROZEN)
+class Followed:
+    """The sender whose reply routing key is ``reply_to`` sends nothing more to process ``pid``
+    for ``(name, key)``: its route moved (a ``moved`` notice covered it) or was dropped. Sent by
+    the client to the old process's worker in answer to each :class:`Moved` notice once that is
+    so: a leaving worker waits for it from every sender it told of a move
+    (:mod:`forseti_celery.worker.leaving`)."""
+
+    T: ClassVar[str] = FOLLOWED
+    name: str
+    key: str
+    pid: int
+    reply_to: str
+
+    def to_wire(self) -> Wire:
+        return {"t": FOLLOWED, "n": self.name, "k": self.key, "p": self.pid, "r": self.reply_to}
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> Followed:
+        return cls(need(d, "n"), need(d, "k"), need(d, "p"), need(d, "r"))

@@ -40,6 +40,7 @@ from .messages import (
     CALL,
     CAST,
     EXITED,
+    FOLLOWED,
     GET,
     HEARTBEAT,
     LEADS,
@@ -73,8 +74,8 @@ from .names import (
 
 __all__ = [
     "BYE", "CACHE_EVENTS", "CALL", "CAST", "CONTENT_ENCODING", "CONTENT_TYPE", "EVENT_EXITED", "EVENT_GIVEN_UP",
-    "EVENT_LEADER", "EVENT_MOVED", "EVENT_NODE_LOST", "EVENT_RESTARTED", "EVENT_STARTED", "EXITED", "GET",
-    "HEARTBEAT", "LEADS", "MAX_DEPTH", "METRICS", "MOVE", "NODE_QUEUE_EXPIRES", "NO_PAYLOAD", "PAYLOAD", "PING",
+    "EVENT_LEADER", "EVENT_MOVED", "EVENT_NODE_LOST", "EVENT_RESTARTED", "EVENT_STARTED", "EXITED", "FOLLOWED",
+    "GET", "HEARTBEAT", "LEADS", "MAX_DEPTH", "METRICS", "MOVE", "NODE_QUEUE_EXPIRES", "NO_PAYLOAD", "PAYLOAD", "PING",
     "REDIS_CACHE_EVENTS_PATTERN",
     "REPLY", "REPORT", "REPORT_REQUEST", "SEARCH", "SPAWN", "SPAWNED", "SPAWN_FAILED", "STOP", "STOP_KEY", "Chunk",
     "Encoded", "Message", "Names", "Raw", "check_json", "decode", "decode_payload", "decode_payloads", "encode",

@@ -33,6 +33,7 @@ from .messages import (
     SPAWNED,
     Call,
     Cast,
+    Followed,
     Get,
     Metrics,
     Moved,
@@ -390,12 +391,12 @@ class Bye:
 
 
 Message = (Get | Search | Metrics | StopKey | Spawned | SpawnFailed | Exited | Ping | Report | Spawn
-           | ReportRequest | Leads | Cast | Call | Stop | Reply | Heartbeat | Bye | Moved | Move)
+           | ReportRequest | Leads | Cast | Call | Stop | Reply | Heartbeat | Bye | Moved | Followed | Move)
 
 #: Every kind of the broker's messages, by type name.
 WIRE_KINDS: dict[str, Any] = {cls.T: cls for cls in (
     Get, Search, Metrics, StopKey, Spawned, SpawnFailed, Exited, Ping, Report, Spawn, ReportRequest, Leads,
-    Cast, Call, Stop, Reply, Heartbeat, Bye, Moved, Move)}
+    Cast, Call, Stop, Reply, Heartbeat, Bye, Moved, Followed, Move)}
 
 
 def from_wire(d: Mapping[str, Any]) -> Message:

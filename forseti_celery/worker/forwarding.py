@@ -23,11 +23,16 @@ pid follow the same way, behind the held ones. Last, each sender is told with a 
 notice (:class:`~forseti_celery.core.messages.Moved`, to its reply queue) the highest of its
 sequence numbers forwarded: its client sends to the new ref directly only once that covers all
 it sent on the old route, so this worker is the single funnel while it matters and nothing
-overtakes. A message written to a process's pipe counts as taken: it is never replayed.
+overtakes. The client answers each notice with ``followed``
+(:class:`~forseti_celery.core.messages.Followed`) once its route no longer leads to the old
+process; until then the sender is *following* (:attr:`Forwarding.following`): it may still send
+here, and a leaving worker keeps forwarding for it (:mod:`~forseti_celery.worker.leaving`). A
+message written to a process's pipe counts as taken: it is never replayed.
 
 Owner: the node's consumer thread (every field here); the pool's table is read through
 :class:`~forseti_celery.worker.pool.children.Children`. A leaving worker's main thread reads
-:attr:`Forwarding.arrived` and :attr:`Forwarding.holding` (:mod:`~forseti_celery.worker.leaving`).
+:attr:`Forwarding.arrived`, :attr:`Forwarding.holding` and :attr:`Forwarding.following`
+(:mod:`~forseti_celery.worker.leaving`).
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from ..core.messages import (
     REPLY_TO,
     SEQ,
     TYPE,
+    Followed,
     Get,
     Moved,
     Reply,
@@ -104,6 +110,9 @@ class Forwarding:
         self._redirects: dict[tuple[str, str, int], tuple[str, int, float]] = {}
         #: ``moved`` notices due once this batch's forwarded messages are out.
         self._moved: dict[tuple[str, str, str, int], tuple[str, int, int]] = {}
+        #: ``(name, key, reply_to, old pid)`` of the senders told of a move that have not answered
+        #: ``followed`` yet -> until when (monotonic) they are waited for (as long as the redirect).
+        self._following: dict[tuple[str, str, str, int], float] = {}
         self._expire_at = 0.0
         #: When (monotonic) the node last had messages for its keyed processes: a leaving worker
         #: says ``bye`` once they stop coming (read by its main thread, a float swapped whole).
@@ -113,6 +122,17 @@ class Forwarding:
     def holding(self) -> int:
         """How many keys have messages held (any thread: the length of a dict)."""
         return len(self._held)
+
+    @property
+    def following(self) -> int:
+        """How many senders told of a move may still send to the old process here: no ``followed``
+        from them yet (any thread: the length of a dict)."""
+        return len(self._following)
+
+    def followed(self, msg: Message) -> None:
+        """A sender's ``followed``: it sends nothing more to the old process (see :class:`Followed`)."""
+        f = Followed.from_wire(msg)
+        self._following.pop((f.name, f.key, f.reply_to, f.pid), None)
 
     # -- the node's deliveries -----------------------------------------------------------------
     def route(self, batches: Batches) -> Batches:
@@ -194,8 +214,11 @@ class Forwarding:
             return
         self._flush()
         moved, self._moved = self._moved, {}
-        for (name, key, reply_to, old), (node, pid, seq) in moved.items():
+        until = time.monotonic() + REDIRECT_FOR
+        for at, (node, pid, seq) in moved.items():
+            name, key, reply_to, old = at
             self._to_queue(reply_to, Moved(name, key, self.hostname, old, node, pid, seq).to_wire())
+            self._following[at] = until
 
     # -- finding the next incarnation ----------------------------------------------------------
     def _advance(self, k: Key, h: _Held) -> None:
@@ -303,17 +326,20 @@ class Forwarding:
     # -- the node's clock ----------------------------------------------------------------------
     def tick(self, now: float) -> None:
         """Ask again for keys whose answer is overdue (then send what that sent, see :meth:`sent`);
-        forget expired redirects (once a second)."""
+        forget expired redirects and senders that never answered (once a second)."""
         self._resume()
         for k, h in list(self._held.items()):
             if now - h.asked_at >= _ASK_AGAIN:
                 self._advance(k, h)
         self.sent()
-        if self._redirects and now >= self._expire_at:
+        if (self._redirects or self._following) and now >= self._expire_at:
             self._expire_at = now + 1.0
             for old, (_, _, until) in list(self._redirects.items()):
                 if until < now:
                     del self._redirects[old]
+            for at, until in list(self._following.items()):
+                if until < now:  # a client gone, or one older than ``followed``
+                    del self._following[at]
 
 
 def _readdressed(m: Message, pid: int) -> Message:

@@ -12,20 +12,26 @@ messages that still reach its queue handed to their keys' next incarnations befo
    client that has not moved its route yet) is held and forwarded by
    :class:`~.forwarding.Forwarding` to the key's next incarnation, which the leader starts on
    another worker (this one is closing: not eligible, and it refuses spawns as
-   ``unavailable``); its sender gets a ``moved`` notice and moves its route. The node waits
-   until nothing is held and nothing has arrived for :func:`quiet_for` seconds, at most until
-   the grace (counted from here) runs out.
+   ``unavailable``); its sender gets a ``moved`` notice and moves its route once the notice
+   covers all it sent here, which it answers with ``followed``. The node waits until nothing is
+   held, every sender told of a move has answered (:attr:`Forwarding.following
+   <.forwarding.Forwarding.following>`: a streaming sender whose notice did not cover its latest
+   message yet, or that has not read it yet, still sends here, however long its process or the
+   broker stalls) and nothing has arrived for :func:`quiet_for` seconds, at most until the grace
+   (counted from here) runs out.
 3. ``bye``: the leader drops this worker at once and tells the clients (``forseti-node-lost``);
    its heartbeats stop, so a member that said ``bye`` is never heard again.
 4. The node forwards what arrives for :func:`quiet_for` seconds more, and until nothing is held
-   (within the grace): messages clients sent before they heard that this worker left.
+   and every sender told of a move has answered (within the grace): messages clients sent
+   before they heard that this worker left.
 
 Then the node stops its consumer. What is still held past the grace is lost, and logged.
 
 Threads: :func:`leave` runs in the worker's main thread (the bootstep's ``stop``) while the
 ``forseti-node`` consumer thread goes on handling what arrives; they share only what
-:attr:`Forwarding.arrived <.forwarding.Forwarding.arrived>` and
-:attr:`Forwarding.holding <.forwarding.Forwarding.holding>` say (written there, read here) and
+:attr:`Forwarding.arrived <.forwarding.Forwarding.arrived>`,
+:attr:`Forwarding.holding <.forwarding.Forwarding.holding>` and
+:attr:`Forwarding.following <.forwarding.Forwarding.following>` say (written there, read here) and
 :attr:`Liveness.left <.liveness.Liveness.left>` (set here, once).
 """
 
@@ -71,15 +77,19 @@ def leave(hostname: str, children: Children, forwarding: Forwarding, liveness: L
     if not _drain(forwarding, time.monotonic(), quiet, max(deadline, time.monotonic() + quiet)):
         logger.warning("forseti: %s left with key-addressed messages held for %d keys: lost", hostname,
                        forwarding.holding)
+    if forwarding.following:
+        logger.warning("forseti: %s left before %d senders told of a move answered: what they still send here is "
+                       "lost", hostname, forwarding.following)
 
 
 def _drain(forwarding: Forwarding, since: float, quiet: float, deadline: float) -> bool:
-    """Wait until nothing is held and nothing arrived for ``quiet`` seconds (counted from ``since``
-    at the earliest), or until ``deadline``; whether nothing is held."""
+    """Wait until nothing is held, every sender told of a move has followed it, and nothing
+    arrived for ``quiet`` seconds (counted from ``since`` at the earliest), or until ``deadline``;
+    whether nothing is held."""
     while True:
         now = time.monotonic()
         held = forwarding.holding
-        if not held and now - max(since, forwarding.arrived) >= quiet:
+        if not held and not forwarding.following and now - max(since, forwarding.arrived) >= quiet:
             return True
         if now >= deadline:
             return not held

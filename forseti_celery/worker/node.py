@@ -107,7 +107,7 @@ class Node:
             **{kind: self._for_leader for kind in _LEADER_TYPES},
             _LOST: lambda msg: self._lost(msg["node"]), p.HEARTBEAT: self._heard, p.BYE: self._bye,
             p.LEADS: self._leads, p.SPAWN: self._spawn, p.REPORT_REQUEST: self._report, p.REPORT: self.leader.report,
-            p.REPLY: self.forwarding.reply, p.MOVE: self.handoffs.move,
+            p.REPLY: self.forwarding.reply, p.MOVE: self.handoffs.move, p.FOLLOWED: self.forwarding.followed,
         }
         self.loop = self.role.loop = ConsumerLoop(
             # The broker's heartbeat ends a hung leader's connection, so a standby takes over.
