@@ -188,20 +188,27 @@ def test_a_passivated_key_whose_route_had_only_answered_calls_is_created_again_b
     assert kc.log(key) == [1, 2]
 
 
+
+def _send_while_leaving(c: KeyedCluster, key: str, leaving: threading.Thread) -> int:
+    """Start ``leaving`` (a worker's warm shutdown) and send ``key`` 0, 1, ... every 10 ms while it
+    runs, for 3 s at least; how many were sent."""
+    leaving.start()
+    sent = 0
+    t0 = time.monotonic()
+    while leaving.is_alive() or time.monotonic() - t0 < 3:
+        c.forseti.send(key, sent, name="ka")
+        sent += 1
+        time.sleep(0.01)
+    leaving.join()
+    return sent
+
 def test_sends_while_their_worker_shuts_down_reach_the_next_incarnation_all_of_them_in_order(
     broker_url: str, redis_url: str, tmp_path: Path
 ) -> None:
     with keyed_cluster(broker_url, redis_url, tmp_path, n=2) as c:
         key, node = key_off_the_leader(c, "left")
         leaving = threading.Thread(target=c.cluster.worker(node).stop)  # a warm shutdown
-        leaving.start()
-        sent = 0
-        t0 = time.monotonic()
-        while leaving.is_alive() or time.monotonic() - t0 < 3:
-            c.forseti.send(key, sent, name="ka")
-            sent += 1
-            time.sleep(0.01)
-        leaving.join()
+        sent = _send_while_leaving(c, key, leaving)
         last = c.forseti.call(key, "last", name="ka", timeout=10)
         assert last["incarnation"] == 2 and c.forseti.get_key(key, name="ka").node != node
         assert c.log(key) == [-1, *range(sent), "last"]
@@ -243,14 +250,7 @@ def test_a_sender_stalled_behind_a_notice_that_does_not_cover_it_loses_nothing_t
             notice_of(notice)  # no notice covers what is stalled: the route stays, until the worker left
 
         client._moved = moved  # type: ignore[method-assign]
-        leaving.start()
-        sent = 0
-        t0 = time.monotonic()
-        while leaving.is_alive() or time.monotonic() - t0 < 3:
-            c.forseti.send(key, sent, name="ka")
-            sent += 1
-            time.sleep(0.01)
-        leaving.join()
+        sent = _send_while_leaving(c, key, leaving)
         assert stalled.is_set(), "no moved notice came"
         last = c.forseti.call(key, "last", name="ka", timeout=10)
         assert last["incarnation"] == 2 and c.forseti.get_key(key, name="ka").node != node

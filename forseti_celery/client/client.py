@@ -370,7 +370,9 @@ class Client:
                 pending.deliver(reply)
 
     def ensure_started(self) -> None:
-        """:meth:`_start`; the reply thread then reads an async caller's answer (:mod:`.aio`)."""
+        """:meth:`_start`, and the consumer work handed back to the reply thread at once (its
+        connections made and reading before the first request; :mod:`.aio` starts the client
+        itself and calls the thread back only when its loop cannot read its own answer)."""
         self._start()
         self._loop.call_back()
 
