@@ -78,6 +78,7 @@ class Client:
             intensity=RestartIntensity(self.settings.max_retries, self.settings.max_time),
             on_connect=lambda: self._subscribed(True), on_disconnect=lambda: self._subscribed(False),
             busy=lambda: len(self.pending) > 1,  # a sync caller drives it (_request): others wait too
+            awaited=lambda: any(w.reply is None for w in list(self.pending.values())),
         )
 
     def _subscribed(self, ready: bool) -> None:
@@ -368,6 +369,8 @@ class Client:
             pending = self.pending.get(Reply.corr_of(reply))
             if pending is not None:
                 pending.deliver(reply)
+                if type(pending) is Pending:  # a sync caller: its next request may read for itself
+                    self._loop.answered()
 
     def ensure_started(self) -> None:
         """:meth:`_start`, and the consumer work handed back to the reply thread at once (its

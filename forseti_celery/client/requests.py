@@ -66,6 +66,9 @@ def drive(steps: Steps[T], request: Callable[[Ask], Any]) -> T:
 class Waiter(Protocol):
     """Who waits for the answer to one request: the client's consumer thread hands it over."""
 
+    #: The answer once it came (None while awaited).
+    reply: Message | None
+
     def deliver(self, reply: Message) -> None: ...
 
 

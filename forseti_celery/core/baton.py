@@ -11,7 +11,8 @@ The loop thread, asked for the role while it waits for messages, is woken throug
 coming: it takes it back once the role has been free for :data:`LINGER` seconds, or at once when
 a caller leaves answers awaited by others (:meth:`give_back` with ``resume``), a tick is due,
 or the loop must stop or reconnect. One holder at a time: every field the loop's work touches is
-the holder's.
+the holder's. The loop thread that has handed a waiting sync caller its answer leaves the role free
+the same way (:meth:`Baton.release`): that caller's next request finds it free.
 """
 
 from __future__ import annotations
@@ -104,6 +105,20 @@ class Baton:
             self._holder = _CALLER
             self._granted.release()
             return True
+
+    def release(self) -> None:
+        """Leave the role free, as a caller giving it back does (the loop thread, holding it, has
+        just handed a sync caller its answer: that caller's next request, the second of a new
+        client among them, then reads its own answer without waking anyone); handed over at once
+        to a caller waiting for it."""
+        with self._mutex:
+            if self._wanted:
+                self._wanted = False
+                self._holder = _CALLER
+                self._granted.release()
+                return
+            self._holder = _FREE
+            self._freed_at = time.monotonic()
 
     def park(self, due: float, stopping: threading.Event) -> None:
         """Wait, the role handed over, until the loop thread should hold it again: free for

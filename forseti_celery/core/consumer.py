@@ -61,6 +61,7 @@ class ConsumerLoop(threading.Thread):
         admit: Callable[[Any, list[Message]], list[Message]] | None = None,
         windowed: Callable[[], list[Queue]] = lambda: [],
         busy: Callable[[], bool] | None = None,
+        awaited: Callable[[], bool] = lambda: False,
     ) -> None:
         """``admit(message, batch)``: what of the batch decoded from a kombu message to handle (a
         worker's :meth:`~forseti_celery.core.signing.Signer.admit`); all of it without one.
@@ -78,6 +79,10 @@ class ConsumerLoop(threading.Thread):
         ``busy()``: a client's loop, whose callers may take its work over (:meth:`drive`); true
         while answers are awaited besides the driving caller's (the loop thread takes the work
         back at once then). Without it (a worker's loops) only the loop thread reads.
+
+        ``awaited()``: an answer is still awaited (a client's loop): the loop thread that has handed
+        a sync caller its answer (:meth:`answered`) leaves its work free for that caller's next
+        request only when none is (:meth:`.baton.Baton.release`).
         """
         super().__init__(name=name, daemon=True)
         self._windowed = windowed
@@ -98,6 +103,9 @@ class ConsumerLoop(threading.Thread):
         self.connected = threading.Event()
         self._reading = threading.Event()  # a read may be pending (before ``connected``: the lists only)
         self._busy = busy
+        self._awaited = awaited
+        self._answered = False  # the holder handed a sync caller its answer (see answered)
+        self._unheard: redis_consume.RedisConsumer | None = None  # its fanouts' subscription not confirmed
         #: The loop's work as a role (callers may drive it), or None: the loop thread's alone.
         self._baton = Baton() if busy is not None else None
         # The role holder's (the loop thread, or a caller driving: see .baton).
@@ -134,6 +142,13 @@ class ConsumerLoop(threading.Thread):
                 self._safe(wake)
             self.join(timeout)
 
+    def answered(self) -> None:
+        """A sync caller's answer was just handed over (by the handler, on the holder's thread): if
+        the loop thread did it, it leaves its work free after this read (:meth:`.baton.Baton.release`),
+        so that caller's next request, back within :data:`.baton.LINGER`, reads its own answer
+        without waking this thread (a new client's second request among them, issue 15)."""
+        self._answered = True
+
     def call_back(self) -> None:
         """Have the loop thread take its work back from the callers soon (an async caller's
         answer is awaited); nothing if it holds it (or it is no client's)."""
@@ -143,7 +158,7 @@ class ConsumerLoop(threading.Thread):
     def drive(self, done: Callable[[], bool], until: float) -> None:
         """Do the loop's work on the calling thread (a caller waiting for an answer) until
         ``done()``, ``until`` (monotonic) or a failure; returns at once when it cannot (another
-        caller drives, the loop is not connected, or it is no client's). A lost connection is the
+        caller drives, the loop's reads are not set up, or it is no client's). A lost connection is the
         loop thread's to reconnect: it takes the work back at once."""
         baton = self._baton
         if baton is None or done() or not baton.take(until):
@@ -276,7 +291,7 @@ class ConsumerLoop(threading.Thread):
             finally:
                 self._consumer = self._fast = None
                 self._handled, self._unacked = None, 0  # a lost channel's: delivered again, and dropped
-                self._read = None
+                self._read = self._unheard = None
                 self.connected.clear()
                 self._reading.clear()
                 if fast is not None:
@@ -301,33 +316,37 @@ class ConsumerLoop(threading.Thread):
         ``buffered``: RabbitMQ's reads ahead, :func:`.transport.amqp.buffer_reads`).
 
         ``connected`` and ``on_connect`` once every queue is heard: on Redis's fast path the lists
-        are read (a client's first answer handled) while the fanouts' subscription is confirmed.
-        A client's loop then hands its work to a caller asking for it (:meth:`drive`) and parks
-        until given it back (:class:`.baton.Baton`); on a transport whose reads cannot be woken
-        (kombu's event loop: the guards off, TLS, another broker) its callers wait as before.
+        are read (a client's first answers handled) while the fanouts' subscription is confirmed.
+        A client's loop hands its work to a caller asking for it (:meth:`drive`; on Redis already
+        while the subscription is confirmed, which whoever reads then notices) and parks until
+        given it back (:class:`.baton.Baton`); on a transport whose reads cannot be woken (kombu's
+        event loop: the guards off, TLS, another broker) its callers wait as before.
         """
         self._reading.set()
-        while fast is not None and not fast.subscribed:
-            if self._stopping.is_set():
-                return  # never connected: the owner hears of no connection
-            fast.drain(self._interval)
-        self.connected.set()
-        if self._on_connect is not None:
-            self._on_connect()
         baton, self._read = self._baton, self._reader(conn, fast, buffered)
         if self._read is None:
             baton, self._read = None, functools.partial(_drain_events, conn)
+        self._unheard = fast if fast is not None and not fast.subscribed else None
+        while baton is None and self._unheard is not None and not self._unheard.subscribed:
+            # A worker's loop reads nothing else before every queue is heard.
+            if self._stopping.is_set():
+                return  # never connected: the owner hears of no connection
+            self._unheard.drain(self._interval)
+        self._check_heard()
         self._next_tick = time.monotonic()
         if baton is not None:
             baton.enable(True)
         try:
             while not self._stopping.is_set():
-                self._step(float("inf"))
-                if baton is not None and baton.wanted and baton.hand_over():
+                answered, self._answered = self._answered, False
+                if baton is not None and ((baton.wanted and baton.hand_over()) or (answered and self._release(baton))):
                     baton.park(self._next_tick if self._tick is not None else float("inf"), self._stopping)
+                    self._answered = False  # handed over by a caller meanwhile: it read for itself
                     lost, self._lost = self._lost, None
                     if lost is not None:
                         raise lost
+                    continue
+                self._step(float("inf"))
         finally:
             if baton is not None:
                 baton.enable(False)
@@ -337,6 +356,26 @@ class ConsumerLoop(threading.Thread):
                 self._consumer.cancel()
             except Exception:  # closing anyway
                 pass
+
+    def _check_heard(self) -> None:
+        """``connected`` and ``on_connect`` once the fanouts' subscription is confirmed (the holder's)."""
+        if self._unheard is not None and not self._unheard.subscribed:
+            return
+        self._unheard = None
+        self.connected.set()
+        if self._on_connect is not None:
+            self._on_connect()
+
+    def _release(self, baton: Baton) -> bool:
+        """Leave the work free after handing a sync caller its answer and park (True), unless an
+        answer is still awaited (False: read on). Checked again once free: an async caller's
+        ``call_back`` meanwhile found it held, so the loop thread reads on at once."""
+        if self._awaited():
+            return False
+        baton.release()
+        if self._awaited():
+            baton.call_back()
+        return True
 
     def _reader(self, conn: Connection, fast: redis_consume.RedisConsumer | None,
                 buffered: bool) -> Callable[[float], None] | None:
@@ -363,6 +402,8 @@ class ConsumerLoop(threading.Thread):
         read = self._read
         assert read is not None
         read(max(0.001, min(self._next_tick, until) - time.monotonic()))
+        if self._unheard is not None:
+            self._check_heard()
 
     def _on_windowed(self, message: Any) -> None:
         if message.delivery_info.get("redelivered"):
