@@ -26,6 +26,7 @@ from benchmarks.common import (
     log,
     measure,
     mem_available_mib,
+    prefault,
     repeat_ms,
     timed,
     uss_mib,
@@ -34,6 +35,10 @@ from benchmarks.common import (
 from benchmarks.floor import Floor
 from benchmarks.probe import probe as _probe
 from benchmarks.solo import Solo
+
+#: Memory to touch for each key a row creates, in MiB: what the 2048 MiB measured for 310 keys came to
+#: (a keyed process takes 2.2 of USS, row 6; the rest is its page tables, the spare forked after it, the kernel).
+_MIB_PER_NEW_KEY = 6
 
 
 class ForsetiBench:
@@ -146,6 +151,7 @@ class ForsetiBench:
     def measure_all(self) -> ForsetiRun:
         s, r = self.sizes, self.run.results
         self._warm_up()
+        self._prefault("rows 1-2b", s.cold + 50 * (s.batches + s.thread_batches))
         measure(r, "cold", lambda: repeat_ms(self._cold, s.cold))
         measure(r, "batch", lambda: [self._batch(f"b{i}", threads=0) for i in range(s.batches)])
         measure(r, "batch_threads", lambda: [self._batch(f"t{i}", threads=8) for i in range(s.thread_batches)])
@@ -241,6 +247,14 @@ class ForsetiBench:
             out.append(self.sizes.task_tput / (time.perf_counter() - t0))
         return out
 
+    def _prefault(self, rows: str, keys: int) -> None:
+        """Touch the memory ``keys`` new keyed processes will take (see
+        :func:`~benchmarks.common.prefault`), at most a quarter of what is free; noted with its cost
+        a page (10 us and more: pages the host had taken back)."""
+        mib = int(min(keys * _MIB_PER_NEW_KEY, mem_available_mib() / 4))
+        if mib > 0:
+            self.run.notes.append(f"{rows}: {mib:,} MiB touched first, {prefault(mib):.1f} us a page")
+
     def _cold(self, i: int) -> None:
         ref = self.forseti.get_key(f"cold-{i}")
         ref.call(i)
@@ -320,6 +334,7 @@ class ForsetiBench:
             self.run.notes.append(f"row 7/8: {want} keys would not fit in half the free memory; used {fits}")
             want = fits
         missing = [f"many-{i}" for i in range(max(0, want - len(self.refs)))]
+        self._prefault("row 7a", len(missing))
         created = 0
         t0 = time.perf_counter()
         with ThreadPoolExecutor(8) as pool:

@@ -3,6 +3,7 @@ repetitions per row (:class:`Sizes`) and the brokers measured (:class:`Brokers`)
 
 from __future__ import annotations
 
+import mmap
 import os
 import socket
 import statistics
@@ -131,6 +132,27 @@ def mem_available_mib() -> float:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) / 1024
     return 0.0
+
+
+def prefault(mib: int) -> float:
+    """Write one byte in each page of ``mib`` MiB of new memory, give it back, and return the
+    microseconds a page took.
+
+    Called just before the rows that create keys: on a virtual machine whose host backs guest memory
+    on its first use and takes free memory back (this one: a virtio balloon reporting free pages), a
+    page not touched lately costs 10-16 us on its first write against 1.4 for one in use shortly
+    before, and each new keyed process writes a few hundred (its copies after the fork, its own
+    allocations). The kernel hands the pages given back here out again first, so the keys' processes
+    find them warm, whichever section of the run comes first; a run after a quiet spell had Redis,
+    its first section, create keys at half RabbitMQ's rate."""
+    size = mib << 20
+    if size <= 0:
+        return 0.0
+    with mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) as mem:
+        t0 = time.perf_counter()
+        mem[::mmap.PAGESIZE] = b"\x01" * (size // mmap.PAGESIZE)
+        elapsed = time.perf_counter() - t0
+    return elapsed * 1e6 / max(1, size // mmap.PAGESIZE)
 
 
 @dataclass(frozen=True)
