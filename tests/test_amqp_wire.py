@@ -4,7 +4,8 @@ kombu's producer would have sent (body, headers, content type and encoding, deli
 priority, expiration), in the order published (``publish`` and ``publish_many`` mixed), signed
 headers admitted, an expired message dropped by the broker; a killed connection raises
 :class:`BrokerUnavailable` and the next publish goes out once on a new one. With the guard
-forced off, kombu's own path gives the same results.
+forced off, kombu's own path gives the same results. The frames the wire writes itself are
+py-amqp's byte for byte; a body past one frame goes through py-amqp's writer.
 """
 
 from __future__ import annotations
@@ -263,3 +264,51 @@ def test_a_refused_declaration_is_heard_before_the_next_publish(rabbitmq_url: st
         publisher.publish(DEFAULT, queue.name, [{"t": p.CAST, "i": 2}])
         with Connection(rabbitmq_url) as conn:
             assert _ids(conn, queue.name, 3) == [0, 1, 2]
+
+
+@pytest.mark.parametrize(("body", "headers", "expiration"), [
+    (b"x" * 200, {}, "60000"), (b"", {}, None), ("é".encode() * 500, {"forseti-sig": "v1:abc"}, "30000"),
+])
+def test_the_wire_frames_a_publish_as_py_amqps_frame_writer(body: bytes, headers: dict[str, str],
+                                                           expiration: str | None) -> None:
+    # The wire writes a publish's frames itself (one write, the method frame and the properties
+    # kept): byte for byte py-amqp's, on a channel of another number, the properties of each kind.
+    message = amqp_wire._message(p.CONTENT_TYPE, p.CONTENT_ENCODING, headers, 2, expiration, body)
+    ours = amqp_wire.frames(3, amqp_wire.method_payload("", "forseti.node.w1@h"), message._serialize_properties(),
+                            body)
+    assert ours == amqp_wire._py_amqp_frames(3, "", "forseti.node.w1@h", message)
+
+
+def test_publishes_go_out_in_one_write_each_and_a_body_past_a_frame_through_py_amqp(
+        rabbitmq_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A body py-amqp would split across frames (past frame_max) takes its send_method; the rest are
+    # written whole, once each, and arrive in order as kombu's producer would have sent them.
+    queue = _queue()
+    methods: list[int] = []
+    send_method = amqp.Channel.send_method
+
+    def counted(self: amqp.Channel, *args: Any, **kwargs: Any) -> Any:
+        methods.append(1)
+        return send_method(self, *args, **kwargs)
+
+    monkeypatch.setattr(amqp.Channel, "send_method", counted)
+    big = "y" * 300_000  # RabbitMQ's frame_max: 128 KiB
+    with _publisher(rabbitmq_url, True, queue) as (publisher, count):
+        writes: list[int] = []
+        transport = publisher._conn.connection.transport
+        write = transport.write
+        monkeypatch.setattr(transport, "write", lambda data: (writes.append(len(data)), write(data))[1])
+        sent_before = publisher._conn.connection.bytes_sent
+        methods.clear()  # the declarations'
+        publisher.publish(DEFAULT, queue.name, [{"t": p.CAST, "i": 0}])
+        publisher.publish(DEFAULT, queue.name, [{"t": p.CAST, "i": 1, "payload": big}], expiration=60.0)
+        publisher.publish(DEFAULT, queue.name, [{"t": p.CAST, "i": 2}], expiration=60.0)
+        publisher.publish(DEFAULT, queue.name, [{"t": p.CAST, "i": 3}])
+        assert len(count) == 4 and len(methods) == 1, "a small publish went through send_method"
+        assert len(writes) == 3  # the three others once each (py-amqp's writer holds its own write)
+        assert publisher._conn.connection.bytes_sent == sent_before + 4  # what the heartbeat check counts
+        with Connection(rabbitmq_url) as conn:
+            got = [p.decode(_get(conn, queue.name).body, routed=False)[0] for _ in range(4)]
+            conn.default_channel.queue_delete(queue.name)
+    assert [m["i"] for m in got] == [0, 1, 2, 3]
+    assert got[1]["payload"] == big
