@@ -20,10 +20,10 @@ _CHECK = textwrap.dedent("""
         sys.modules["forseti_celery.child"].__path__ = [
             __import__("os").path.join(__import__("forseti_celery").__path__[0], "child")]
     from forseti_celery.child import runtime
-    from forseti_celery.core import protocol
+    from forseti_celery.core import codec, protocol
     from forseti_celery.child import pipe_end
     fns = [runtime.serve, runtime.Mailbox.take, runtime.Mailbox.get, runtime.Mailbox.reply, protocol.encode_message,
-           pipe_end.PipeEnd.read, pipe_end.PipeEnd.write]
+           pipe_end.PipeEnd.read, pipe_end.PipeEnd.write, codec.encode_reply, codec.decode_line]
     base = set(dis.opmap)
     print(sum(any(i.opname not in base for i in dis.get_instructions(f, adaptive=True)) for f in fns), len(fns))
 """)

@@ -21,6 +21,7 @@ import select
 import struct
 from typing import Any
 
+from ..core.codec import decode_line
 from ..core.protocol import Message, decode, decode_payloads
 
 __all__ = ["CHUNK", "PipeEnd"]
@@ -55,6 +56,7 @@ class PipeEnd:
             raise EOFError("the worker has closed the pipe")
         batch: list[Message] = []
         at = 0
+        raw = False  # a message whose payload decode_payloads has to decode
         while at < end:
             if end - at < 4:  # a header cut by the read
                 data = data[at:] + self._exactly(4 - (end - at))
@@ -62,15 +64,24 @@ class PipeEnd:
             size = _HEADER.unpack_from(data, at)[0]
             at += 4
             if end - at >= size:
-                batch += decode(data, at, at + size, routed=False)
+                # A frame of one message (a call, as a caller waits for each answer) is decoded whole
+                # at once, payload included; any other, as any frame is (see decode_line).
+                msg = decode_line(data, at, at + size)
+                if msg is not None:
+                    batch.append(msg)
+                else:
+                    batch += decode(data, at, at + size, routed=False)
+                    raw = True
                 at += size
                 continue
             body = bytearray(size)  # the rest of this frame is in the pipe, or on its way: read it now
             body[:end - at] = memoryview(data)[at:end]
             self._fill(memoryview(body)[end - at:])
             batch += decode(body, routed=False)
+            raw = True
             break
-        decode_payloads(batch)
+        if raw:
+            decode_payloads(batch)  # a payload decode_line decoded is no Raw: left as it is
         return batch
 
     def _exactly(self, n: int) -> bytes:

@@ -50,11 +50,12 @@ class _AsyncRehearsed(KeyedProcess):
 
 
 def _frames(max_size: int) -> list[bytes]:
-    """What a worker writes to a keyed process: calls and a cast, then a stop."""
+    """What a worker writes to a keyed process: calls and a cast, a call alone, then a stop."""
     msgs = [encode_message(Call("", "", 0, "rehearsal", f"c{i}").to_wire(), "message", max_size, payload=i)
             for i in range(2)]
     msgs.append(encode_message(Cast.envelope("", "", 0), "message", max_size, payload="cast"))
-    return [encode(msgs), encode([StopChild("rehearsal").to_wire()])]
+    # A frame of one call too: a caller's calls come so (PipeEnd.read decodes it whole at once).
+    return [encode(msgs), encode(msgs[:1]), encode([StopChild("rehearsal").to_wire()])]
 
 
 def rehearse() -> None:

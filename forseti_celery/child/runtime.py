@@ -26,6 +26,7 @@ import billiard
 from celery.utils.log import get_logger
 
 from ..core import process
+from ..core.codec import encode_reply
 from ..core.conf import ChildConfig
 from ..core.errors import InvalidMessage
 from ..core.messages import CORR, REPLY_TO, TYPE, Call, Reply
@@ -51,9 +52,6 @@ INFO = "info"
 TOUCH_EVERY = 1.0
 
 
-#: The envelope of an answer (its value follows as the payload), its fields filled in per call: a
-#: fresh keyed process building a Reply would copy the pages of the dataclass's generated code.
-_ANSWER = Reply("", reply_to="").to_wire()
 #: The frame of :meth:`Mailbox.rehearse`'s assign, encoded once in the worker: a spare encoding
 #: it would copy the pages of that code, which taking a key never runs.
 _STAGE_ASSIGN = (lambda body: len(body).to_bytes(4, "big") + body)(encode([Assign("", "", []).to_wire()]))
@@ -226,7 +224,8 @@ class Mailbox:
         to, corr = Call.caller(request)
         try:
             if error is None:  # the value travels as a payload: the worker forwards it undecoded
-                data = encode_message({**_ANSWER, REPLY_TO: to, CORR: corr}, "reply", self.max_size, payload=value).data
+                # (no Reply built: a fresh keyed process would copy the pages of the dataclass's code)
+                data = encode_reply(to, corr, value, self.max_size).data
             else:
                 data = encode_message(Reply(corr, error=error, text=text, exc_type=exc_type, reply_to=to).to_wire(),
                                       "reply", self.max_size).data

@@ -21,7 +21,7 @@ from celery.utils.log import get_logger
 
 from . import messages
 from .errors import InvalidMessage
-from .messages import CALL, CAST, GET, METRICS, SEARCH, STOP, STOP_KEY
+from .messages import CALL, CAST, GET, METRICS, REPLY, SEARCH, STOP, STOP_KEY
 
 logger = get_logger(__name__)
 
@@ -139,6 +139,26 @@ def encode_call(call: messages.Call, what: str, max_size: int, payload: Any) -> 
     return encode_message(call.to_wire(), what, max_size, deadline=d, payload=payload, head=head)
 
 
+@functools.lru_cache(maxsize=64, typed=True)
+def _reply_head(reply_to: str) -> bytes:
+    return _dumps({"t": REPLY, "r": reply_to, "c": ""})[:-3]  # up to the corr's value: ``...,"c":``
+
+
+def encode_reply(reply_to: Any, corr: Any, value: Any, max_size: int) -> Encoded:
+    """``encode_message({"t": REPLY, "r": reply_to, "c": corr}, "reply", max_size, payload=value)``,
+    the same bytes and the same refusals, without its generic checks for a small answer: a keyed
+    process answers every call so, and those checks cost as much as the rest of its Python work."""
+    if type(reply_to) is str and type(corr) is str and not (isinstance(value, (str, list, tuple))
+                                                             and len(value) > max_size):
+        try:
+            data = b"%b%b}\t%b" % (_reply_head(reply_to), _dumps(corr), _dumps(value))
+        except (TypeError, ValueError, RecursionError):
+            data = b""  # encode_message says why
+        if data and len(data) <= max_size and data.count(b"[") + data.count(b"{") <= MAX_DEPTH + 1:
+            return Encoded(data)
+    return encode_message({"t": REPLY, "r": reply_to, "c": corr}, "reply", max_size, payload=value)
+
+
 def _deeper(value: Any, limit: int) -> bool:
     """Whether the container ``value`` nests lists or dicts more than ``limit`` levels deep."""
     level = [value]
@@ -248,6 +268,36 @@ def decode(body: Any, start: int = 0, end: int | None = None, routed: bool = Tru
         logger.warning("forseti: dropped %d undecodable or malformed messages of a batch of %d",
                        dropped, dropped + len(batch))
     return batch
+
+
+#: The JSON decoder's C scanner: ``(value, end)`` of the JSON text at an index (``json.loads`` less its
+#: Python layers: encoding detection, whitespace regexes).
+_SCAN: Any = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+
+
+def decode_line(body: bytes | bytearray, start: int, end: int) -> Message | None:
+    """The message alone on ``body[start:end]`` (a pipe's frame of one message), its payload
+    decoded; ``None`` for anything else (more than one line, a large one, any text ``json.dumps``
+    would not have written: whitespace, bad UTF-8, a payload that is no JSON), which
+    :func:`decode` and :func:`decode_payloads` then take as they take every frame. A keyed
+    process reads a frame of one call per call: this is its hot path."""
+    if end - start >= _NO_GC_FROM or body.find(_LINE, start, end) >= 0:
+        return None
+    tab = body.find(_TAB, start, end)
+    try:
+        text = body[start:end if tab < 0 else tab].decode()
+        m, at = _SCAN(text, 0)
+        if type(m) is not dict or at != len(text):
+            return None
+        if tab >= 0:
+            text = body[tab + 1:end].decode()
+            value, at = _SCAN(text, 0)
+            if at != len(text):
+                return None
+            m[PAYLOAD] = value
+    except (ValueError, StopIteration, RecursionError):
+        return None
+    return m
 
 
 def _decode_together(body: bytes | bytearray, start: int, end: int, view: memoryview,
