@@ -6,6 +6,11 @@ A connection of its own, from the Celery app's broker settings, so forseti traff
 cannot stall the leader or the registry living in the same process. On Redis it reads without
 kombu's event loop when it can (:mod:`.transport.redis_consume`, guarded): the same commands,
 no kombu ``Message`` per message.
+
+Owns the loop: connecting, consuming (RabbitMQ's windowed queues acknowledged), the tick, the
+reconnections and the restart intensity, and the step (a tick if due, one wait for messages) its
+thread or a caller repeats. How a client's callers read on their own threads with its work lent
+(``drive``, ``read_free``), and how the loop thread lends it, is :mod:`.lent_reads`'s (a mixin).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from . import transport
 from .baton import Baton
 from .broker import RestartIntensity
 from .errors import BrokerUnavailable
+from .lent_reads import LentReads
 from .protocol import Message, decode
 from .transport import redis_consume
 
@@ -35,7 +41,7 @@ __all__ = ["ConsumerLoop"]
 Handler = Callable[[list[Message]], None]
 
 
-class ConsumerLoop(threading.Thread):
+class ConsumerLoop(LentReads, threading.Thread):
     """A daemon thread consuming queues with ``no_ack`` (but see ``windowed``); reconnects with backoff.
 
     ``handler`` gets each batch (the protocol messages of one broker message). ``tick`` runs at least
@@ -141,76 +147,6 @@ class ConsumerLoop(threading.Thread):
             if wake is not None and self._reading.is_set():
                 self._safe(wake)
             self.join(timeout)
-
-    def answered(self) -> None:
-        """A sync caller's answer was just handed over (by the handler, on the holder's thread): if
-        the loop thread did it, it leaves its work free after this read (:meth:`.baton.Baton.release`),
-        so that caller's next request, back within :data:`.baton.LINGER`, reads its own answer
-        without waking this thread (a new client's second request among them, issue 15)."""
-        self._answered = True
-
-    def call_back(self) -> None:
-        """Have the loop thread take its work back from the callers soon (an async caller's
-        answer is awaited); nothing if it holds it (or it is no client's)."""
-        if self._baton is not None:
-            self._baton.call_back()
-
-    def drive(self, done: Callable[[], bool], until: float) -> None:
-        """Do the loop's work on the calling thread (a caller waiting for an answer) until
-        ``done()``, ``until`` (monotonic) or a failure; returns at once when it cannot (another
-        caller drives, the loop's reads are not set up, or it is no client's). A lost connection is the
-        loop thread's to reconnect: it takes the work back at once."""
-        baton = self._baton
-        if baton is None or done() or not baton.take(until):
-            return
-        resume = True
-        try:
-            while not done() and not self._stopping.is_set() and time.monotonic() < until:
-                self._step(until)
-            resume = self._stopping.is_set() or (self._busy is not None and self._busy())
-        except Exception as exc:
-            self._lost = exc
-        except BaseException:  # interrupted mid-read: the connection's state is unknown
-            self._lost = ConnectionAbortedError("a caller reading the connection was interrupted")
-            raise
-        finally:
-            baton.give_back(resume)
-
-    def answer_socket(self) -> Any | None:
-        """The socket a client's lists' messages (its answers) come on while the loop's work is
-        free (Redis's fast path only), for an event loop to watch (:mod:`forseti_celery.client.aio`);
-        None otherwise. Unlocked: :meth:`read_free` checks it again."""
-        fast, baton = self._fast, self._baton
-        if fast is None or baton is None or not baton.free:
-            return None
-        return fast.socket
-
-    def read_free(self, sock: Any, whole: Callable[[Any], bool]) -> bool | None:
-        """Read what has come without waiting, on the calling thread, if the loop's work is free
-        (an event loop reading its own answers, :mod:`forseti_celery.client.aio`): a ``BRPOP`` sent
-        if none is out, what came handed over as the loop thread would. Then whether a ``BRPOP``
-        is out (False: it took an answer, call again for the next). None, nothing read, when the
-        work is held, ``sock`` is no longer :meth:`answer_socket`'s, or ``whole(sock)`` is false
-        (an answer not all in: the loop thread takes the work back and reads it, waiting)."""
-        baton = self._baton
-        if baton is None or not baton.take_free():
-            return None
-        resume = True
-        try:
-            fast = self._fast
-            if fast is None or fast.socket is not sock or self._stopping.is_set() or not whole(sock):
-                return None
-            fast.drain(0.0)
-            resume = False
-            return fast.popping
-        except Exception as exc:
-            self._lost = exc
-            return None
-        except BaseException:
-            self._lost = ConnectionAbortedError("a caller reading the connection was interrupted")
-            raise
-        finally:
-            baton.give_back(resume)
 
     # -- called from the loop thread only ----------------------------------------------
     def add_queue(self, queue: Queue) -> None:
@@ -365,29 +301,6 @@ class ConsumerLoop(threading.Thread):
         self.connected.set()
         if self._on_connect is not None:
             self._on_connect()
-
-    def _release(self, baton: Baton) -> bool:
-        """Leave the work free after handing a sync caller its answer and park (True), unless an
-        answer is still awaited (False: read on). Checked again once free: an async caller's
-        ``call_back`` meanwhile found it held, so the loop thread reads on at once."""
-        if self._awaited():
-            return False
-        baton.release()
-        if self._awaited():
-            baton.call_back()
-        return True
-
-    def _reader(self, conn: Connection, fast: redis_consume.RedisConsumer | None,
-                buffered: bool) -> Callable[[float], None] | None:
-        """One wait for messages, which the baton's wake-up fd ends (None: it cannot be woken)."""
-        baton = self._baton
-        if fast is not None:
-            if baton is not None:
-                fast.wake_on(baton.wake_fd, baton.clear)
-            return fast.drain
-        if baton is None or not buffered:
-            return None
-        return transport.amqp.reader(conn, baton.wake_fd, baton.clear)
 
     def _step(self, until: float) -> None:
         """The tick if due, then one wait for messages, up to the next tick or ``until`` (the role
