@@ -40,6 +40,19 @@ def test_the_guard_accepts_the_installed_kombu_and_py_amqp() -> None:
     assert amqp_wire.KOMBU_AMQP_WIRE._check() is None
 
 
+def test_the_guard_refuses_a_py_amqp_whose_frame_writer_holds_no_lock(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A wire writes under the writer's own lock; found none, its frames could interleave with py-amqp's.
+    import amqp.method_framing
+
+    def frame_writer(connection: Any, transport: Any) -> Any:
+        def write_frame(*args: Any) -> None:
+            transport.write(b"")
+        return write_frame
+
+    monkeypatch.setattr(amqp.method_framing, "frame_writer", frame_writer)
+    assert amqp_wire.KOMBU_AMQP_WIRE._check() == "py-amqp's frame writer holds no buffer_lock"
+
+
 @contextmanager
 def _publisher(url: str, wired: bool, *queues: Queue, **kwargs: Any) -> Iterator[tuple[Publisher, list[int]]]:
     """A publisher with ``queues`` declared, the guard forced on or off, and the count of the

@@ -74,7 +74,17 @@ def _check() -> str | None:
                 else "py-amqp's basic_publish is not _basic_publish")
             or (None if type(prepared) is Message and prepared.body == b"x" and prepared.properties == _message(
                 "t", "e", {"h": "v"}, 2, "1000").properties else "kombu's prepare_message builds another message")
+            or _check_lock()
             or _check_frames())
+
+
+def _check_lock() -> str | None:
+    """py-amqp's frame writer holds a lock (``buffer_lock``) around each write, which a wire's
+    write holds too (:func:`_writer_lock`): without it a wire's frames could interleave with
+    py-amqp's own on the connection."""
+    from amqp.method_framing import frame_writer
+
+    return None if "buffer_lock" in frame_writer.__code__.co_cellvars else "py-amqp's frame writer holds no buffer_lock"
 
 
 def _py_amqp_frames(channel_id: int, exchange: str, routing_key: str, message: Message) -> bytes:
