@@ -1,10 +1,9 @@
 """The async keyed processes' rows of ``make bench`` (issue 14), on the run's cluster.
 
 * ``async_call``: ``ref.call`` round trip to an ``async def`` keyed process (:class:`AsyncEcho`,
-  ms), sampled in blocks interleaved with the same call to a sync :class:`~benchmarks.app.Echo`
-  (its median is in the run's notes) so that load from elsewhere hits both alike; the row is
-  checked against row 4. What it adds to a call is the loop's wake-up
-  (``call_soon_threadsafe`` from the mailbox's reader thread) and awaiting the handler.
+  ms), checked against row 4: sampled by :meth:`~benchmarks.cluster.ForsetiBench.round_trips`
+  in the same blocks as row 4 (:func:`start` makes its key), so that load from elsewhere hits
+  both alike. What it adds to a call is awaiting the handler (a coroutine run without the loop).
 * ``async_uss``: unique set size of idle async keyed processes (MiB), checked against row 6's
   sync ones. :class:`AsyncEcho`'s hooks do not await, so it runs without building its event loop
   (``forseti_celery/child/lazyloop.py``); the run's notes also give the same processes' USS once
@@ -20,13 +19,13 @@ import statistics
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from benchmarks.common import log, measure, repeat_ms, uss_mib
+from benchmarks.common import log, measure, uss_mib
 from forseti_celery import KeyedProcess
 
 if TYPE_CHECKING:
     from benchmarks.cluster import ForsetiBench
 
-__all__ = ["NAME", "AsyncEcho", "measure_rows"]
+__all__ = ["NAME", "AsyncEcho", "measure_rows", "start"]
 
 #: The keyed-process name :class:`AsyncEcho` is registered under (``benchmarks.app``).
 NAME = "async-echo"
@@ -52,12 +51,18 @@ class AsyncEcho(KeyedProcess):
         self.casts += 1
 
 
+def start(bench: ForsetiBench) -> Any:
+    """The key of row ``async_call``: a new :class:`AsyncEcho`, called once."""
+    ref = bench.forseti.get_key(f"aecho-rtt-{uuid.uuid4().hex[:6]}", name=NAME)
+    ref.call(0)
+    return ref
+
+
 def measure_rows(bench: ForsetiBench) -> None:
-    """Rows ``async_call`` and ``async_uss`` into the run's results."""
+    """Row ``async_uss`` into the run's results (``async_call`` is measured with row 4)."""
     r, tag = bench.run.results, uuid.uuid4().hex[:6]
     refs = [bench.forseti.get_key(f"aecho-{tag}-{i}", name=NAME) for i in range(PROCESSES)]
     try:
-        measure(r, "async_call", lambda: _round_trips(bench, refs[0]))
         for ref in refs:
             ref.call("pid")
         measure(r, "async_uss", lambda: [uss_mib(ref.pid) for ref in refs])
@@ -72,19 +77,3 @@ def measure_rows(bench: ForsetiBench) -> None:
     finally:
         for ref in refs:
             ref.stop()
-
-
-def _round_trips(bench: ForsetiBench, ref: Any) -> list[float]:
-    # An Echo of its own, not bench.refs[0] ("cold-0"): the failover row (8) SIGKILLs the leader's
-    # worker before these rows, and with it cold-0 if it was placed there (ProcessGone: 'cold-0').
-    sync_ref, n, blocks = bench.forseti.get_key(f"aecho-sync-{uuid.uuid4().hex[:6]}"), bench.sizes.rtt, 5
-    samples: dict[str, list[float]] = {"async": [], "sync": []}
-    for _ in range(blocks):
-        samples["async"] += repeat_ms(lambda i: ref.call(i), max(1, n // blocks))
-        samples["sync"] += repeat_ms(lambda i: sync_ref.call(i), max(1, n // blocks))
-    sync_ref.stop()
-    sync, aio = statistics.median(samples["sync"]), statistics.median(samples["async"])
-    note = f"call round trip, interleaved (median): async keyed process {aio:.3f} ms, sync {sync:.3f} ms"
-    bench.run.notes.append(note)
-    log(f"  {note}")
-    return samples["async"]

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from benchmarks import lifecycle
+from benchmarks import async_process, lifecycle
 from benchmarks.common import (
     ROOT,
     ForsetiRun,
@@ -191,10 +191,12 @@ class ForsetiBench:
         so that a burst of load from elsewhere on the machine hits them alike."""
         s, r = self.sizes, self.run.results
         ref, key = self.refs[0], self.refs[0].key
+        aref = async_process.start(self)  # row 16 beside row 4, in the same blocks
         samplers: dict[str, tuple[Callable[[int], Any], int]] = {
             "call": (lambda i: ref.call(i), s.rtt),
             "lookup_warm": (lambda _: self.forseti.get_key(key), s.warm),
             "ka_call": (lambda i: self.forseti.call(key, i), s.rtt),
+            "async_call": (lambda i: aref.call(i), s.rtt),
         }
         for backend, name in self.task_names.items():
             samplers[f"task {backend}"] = (self._task_call(name), s.tasks)
@@ -223,10 +225,12 @@ class ForsetiBench:
             self.run.notes.append(f"the same task in a `celery worker -P solo` (median): {shown}; the table "
                                   f"uses {backend}")
             r["task_rt_solo"] = Stat(values, note=backend)
-        for name in ("call", "lookup_warm", "ka_call", "floor_rt"):
+        with contextlib.suppress(Exception):
+            aref.stop()
+        for name in ("call", "lookup_warm", "ka_call", "async_call", "floor_rt"):
             if name not in r:
                 r[name] = Stat(samples[name])
-        for name in ("task_rt", "task_rt_solo", "floor_rt", "call", "lookup_warm", "ka_call"):
+        for name in ("task_rt", "task_rt_solo", "floor_rt", "call", "lookup_warm", "ka_call", "async_call"):
             stat = r.get(name, Stat(note="failed"))
             log(f"  {name}: " + (f"median {stat.median:.4g} p90 {stat.p90:.4g}" if stat.ok else stat.note))
         log(f"  (round trips: {time.monotonic() - t0:.1f} s)")

@@ -105,7 +105,7 @@ def measure_more(bench: ForsetiBench) -> None:
     r = bench.run.results
     measure(r, "checkpoint", lambda: state.checkpoint_cost(bench))
     handoff.measure_rows(bench)  # rows 14 and 15: one cluster of movable keys of their own
-    async_process.measure_rows(bench)  # rows 16 and 16a: async keyed processes (benchmarks.app's "async-echo")
+    async_process.measure_rows(bench)  # row 16a (row 16 is sampled with row 4): idle "async-echo" processes
     aio.measure_rows(bench)  # rows 17-17d: the async client
 
 
