@@ -115,6 +115,43 @@ async def test_a_leader_request_nobody_answers_is_sent_again_then_times_out(
 
 
 @pytest.mark.asyncio
+async def test_an_idle_loops_request_goes_at_once_and_the_others_of_its_iteration_in_one_flush(
+        h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The first request of a loop with none awaiting is published in the task's own step (issue
+    # 15, row 17c: a loop iteration less); those of the same iteration after it are grouped.
+    published: list[list[int]] = []
+    publish_many = _LoopSide._publish_many
+    monkeypatch.setattr(_LoopSide, "_publish_many", lambda side, batches: (
+        published.append([len(msgs) for _, msgs in batches]), publish_many(side, batches))[1])
+    ref = nowhere(h, fresh("idle"))
+    tasks = [asyncio.ensure_future(ref.acall(i, timeout=30)) for i in range(3)]
+    await asyncio.sleep(0)  # the three tasks' first steps ran, then this one: no flush callback yet
+    assert published == [[1]]
+    await asyncio.sleep(0)  # the flush of the other two, one broker message
+    assert published == [[1], [2]]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert async_waiters(h) == 0
+
+
+@pytest.mark.asyncio
+async def test_a_request_whose_publish_fails_at_once_raises_broker_unavailable_not_a_timeout(
+        h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(side: _LoopSide, batches: Any) -> None:
+        raise forseti_celery.BrokerUnavailable("the broker went away (test)")
+
+    ref = await forseti_celery.aget_key(fresh("refused"), app=h.app)  # the client started
+    monkeypatch.setattr(_LoopSide, "_publish_many", refuse)
+    with pytest.raises(forseti_celery.BrokerUnavailable, match="went away"):
+        # At once: without the check it was raised only once the call's 60 s had run out.
+        await asyncio.wait_for(ref.acall("get", timeout=60), 20)
+    monkeypatch.undo()
+    assert await ref.acall("get", timeout=10) == 0
+    assert async_waiters(h) == 0 and not h.forseti.client.pending
+
+
+@pytest.mark.asyncio
 async def test_100k_cancelled_calls_leave_no_waiter_and_bounded_memory(h: Harness) -> None:
     ref = nowhere(h)
 

@@ -131,6 +131,11 @@ class LoopReads:
         self._again_at = self.loop.call_soon(self._again)  # after this iteration's flush: a BRPOP out
         return True
 
+    @property
+    def busy(self) -> bool:
+        """Whether a request of this loop awaits an answer."""
+        return self._awaiting > 0
+
     def answered(self) -> None:
         """A request of this loop no longer awaits (answered, failed, timed out or cancelled)."""
         self._awaiting -= 1
