@@ -23,4 +23,5 @@ def cluster_conf(spares: int) -> dict[str, Any]:
         "forseti_node_timeout": float(os.environ.get("FORSETI_NODE_TIMEOUT", "4")),
         "forseti_lease": float(os.environ.get("FORSETI_LEASE", "2")),
         "forseti_spares": int(os.environ.get("FORSETI_SPARES", str(spares))),
+        "forseti_zygote": os.environ.get("FORSETI_ZYGOTE", "fork"),
     }

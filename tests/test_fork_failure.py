@@ -33,12 +33,13 @@ def _refused_refills(worker: WorkerProcess) -> int:
     return worker.log_text().count("could not fork a spare keyed process")
 
 
-@pytest.mark.parametrize("forker", ["zygote", "worker"])
+@pytest.mark.parametrize("forker", ["zygote", "exec-zygote", "worker"])
 def test_a_fork_refused_at_the_pids_limit_fails_the_new_key_and_no_other(
     forker: str, broker_url: str, tmp_path: Path, pids_cgroup: Path
 ) -> None:
-    spares = SPARES if forker == "zygote" else 0  # without spares there is no zygote: the worker forks
-    with harness(broker_url, tmp_path, n=1, FORSETI_SPARES=str(spares)) as h:
+    spares = 0 if forker == "worker" else SPARES  # without spares there is no zygote: the worker forks
+    with harness(broker_url, tmp_path, n=1, FORSETI_SPARES=str(spares),
+                 FORSETI_ZYGOTE="exec" if forker == "exec-zygote" else "fork") as h:
         worker = h.cluster.workers[0]
         join_group(pids_cgroup, worker)
         refs = [h.forseti.get_key(fresh(f"pids-{i}")) for i in range(10)]

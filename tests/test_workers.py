@@ -78,12 +78,13 @@ def test_sigkill_of_a_worker_takes_its_children_and_frees_their_keys(
             r.stop()
 
 
+@pytest.mark.parametrize("zygote", ["fork", "exec"])
 @pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
 def test_children_of_a_stopped_worker_end_themselves_before_their_keys_move(
-    broker: str, request: pytest.FixtureRequest, tmp_path: Path
+    broker: str, zygote: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     url = request.getfixturevalue(f"{broker}_url")
-    with harness(url, tmp_path, n=2) as h:
+    with harness(url, tmp_path, n=2, FORSETI_ZYGOTE=zygote) as h:
         refs = [h.forseti.get_key(f"sigstop-{i}") for i in range(4)]
         frozen = next(w for w in h.cluster.workers if w.hostname == refs[-1].node)
         mine = [r for r in refs if r.node == frozen.hostname]

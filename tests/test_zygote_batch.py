@@ -25,9 +25,25 @@ class Echo(KeyedProcess):
         return msg
 
 
-def test_the_zygote_forks_several_spares_in_one_request_each_a_live_keyed_process_of_its_own() -> None:
-    zygote = zygote_mod.Zygote(KeyedChild, ChildConfig(), child_main.Lifeline(fence_after=60.0, check_every=0.1),
-                               lambda name: Echo, [])
+#: Each test runs on a zygote forked from this process and on one started by exec (a new
+#: interpreter importing this module for ``Echo``).
+HOW = pytest.mark.parametrize("how", ["fork", "exec"])
+
+
+def started(how: str) -> zygote_mod.Zygote:
+    if how == "fork":
+        return zygote_mod.Zygote(KeyedChild, ChildConfig(), child_main.Lifeline(fence_after=60.0, check_every=0.1),
+                                 lambda name: Echo, [])
+    ref = zygote_mod.ref_of(Echo)
+    assert ref is not None and ref.endswith(":Echo")
+    return zygote_mod.Zygote(KeyedChild, ChildConfig(zygote="exec"),
+                             child_main.Lifeline(fence_after=60.0, check_every=0.1, mappable=True),
+                             lambda name: None, [], refs={"echo": ref})
+
+
+@HOW
+def test_the_zygote_forks_several_spares_in_one_request_each_a_live_keyed_process_of_its_own(how: str) -> None:
+    zygote = started(how)
     try:
         got = zygote.fork_many(3)
         assert all(not isinstance(g, OSError) for g in got) and len(got) == 3
@@ -48,12 +64,12 @@ def test_the_zygote_forks_several_spares_in_one_request_each_a_live_keyed_proces
         zygote.stop()
 
 
-def test_spares_forked_in_one_request_keep_none_of_each_others_pipe_ends() -> None:
+@HOW
+def test_spares_forked_in_one_request_keep_none_of_each_others_pipe_ends(how: str) -> None:
     """The pairs of a batch are all made before its first fork: each spare must close the others'
     ends, or a spare's death would show no end-of-file to the worker (a sibling holding its end),
     and the worker's end closed would not end it (a sibling holding ours)."""
-    zygote = zygote_mod.Zygote(KeyedChild, ChildConfig(), child_main.Lifeline(fence_after=60.0, check_every=0.1),
-                               lambda name: Echo, [])
+    zygote = started(how)
     try:
         got = zygote.fork_many(3)
         spares = [(g[0], billiard.connection.Connection(g[1])) for g in got if not isinstance(g, OSError)]
@@ -77,11 +93,11 @@ def test_spares_forked_in_one_request_keep_none_of_each_others_pipe_ends() -> No
         zygote.stop()
 
 
-def test_a_zygote_spare_takes_sigchld_as_the_default_again() -> None:
+@HOW
+def test_a_zygote_spare_takes_sigchld_as_the_default_again(how: str) -> None:
     """The zygote catches SIGCHLD (its wake-up); a keyed process must not (its own children's
     exits are its code's to wait for): the spare resets it, through the C function."""
-    zygote = zygote_mod.Zygote(KeyedChild, ChildConfig(), child_main.Lifeline(fence_after=60.0, check_every=0.1),
-                               lambda name: Echo, [])
+    zygote = started(how)
     try:
         process, fd = zygote.fork()
         conn = billiard.connection.Connection(fd)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import _thread
 import ctypes
+import mmap
 import os
 import signal
 import sys
@@ -39,10 +40,30 @@ class Lifeline:
     ``fence_after`` and the leader's ``node_timeout``) and kills its children when it is cut off;
     a keyed process the worker forked itself looks as often on its own (:meth:`watch`)."""
 
-    def __init__(self, fence_after: float, check_every: float) -> None:
+    def __init__(self, fence_after: float, check_every: float, *, mappable: bool = False) -> None:
         self.fence_after = fence_after
         self.check_every = min(check_every, fence_after / 4)
-        self._heard = billiard.sharedctypes.RawValue("d", time.monotonic())
+        #: With ``mappable``: a memfd holding the value, for a process that is no fork of this one
+        #: (a zygote started by exec, see :meth:`attach`); ``None`` otherwise.
+        self.fd: int | None = None
+        self._heard: Any
+        if mappable:
+            self.fd = os.memfd_create("forseti-lifeline", os.MFD_CLOEXEC)
+            os.ftruncate(self.fd, ctypes.sizeof(ctypes.c_double))
+            self._heard = _mapped(self.fd)
+            self._heard.value = time.monotonic()
+        else:
+            self._heard = billiard.sharedctypes.RawValue("d", time.monotonic())
+
+    @classmethod
+    def attach(cls, fd: int, fence_after: float, check_every: float) -> Lifeline:
+        """The lifeline a worker made ``mappable``, in another process that was given its
+        :attr:`fd` (the fd is closed here; the mapping stays, and is inherited by forks)."""
+        lifeline = cls.__new__(cls)
+        lifeline.fence_after, lifeline.check_every, lifeline.fd = fence_after, check_every, None
+        lifeline._heard = _mapped(fd)
+        os.close(fd)
+        return lifeline
 
     def heard(self, when: float) -> None:
         """The worker heard the broker at ``when`` (called in the worker)."""
@@ -64,6 +85,12 @@ class Lifeline:
             time.sleep(self.check_every)
             if self.cut_off():
                 os._exit(FENCED)  # fenced: our key may be given to another worker soon
+
+
+def _mapped(fd: int) -> Any:
+    """A ``double`` in a shared mapping of ``fd`` (``CLOCK_MONOTONIC`` is one clock for every
+    process of the machine, so the worker's ``time.monotonic()`` means the same in the other)."""
+    return ctypes.c_double.from_buffer(mmap.mmap(fd, ctypes.sizeof(ctypes.c_double)))
 
 
 def detach(parent_pid: int, close_fds: Iterable[int], signals: bool = True) -> None:

@@ -17,8 +17,8 @@ from .errors import ConfigurationError, InvalidArgument
 
 logger = get_logger(__name__)
 
-__all__ = ["MAX_TIMEOUT", "REBALANCE_POLICIES", "RESTART_POLICIES", "ChildConfig", "KeyPolicy", "Settings",
-           "checked_timeout"]
+__all__ = ["MAX_TIMEOUT", "REBALANCE_POLICIES", "RESTART_POLICIES", "ZYGOTE_STARTS", "ChildConfig", "KeyPolicy",
+           "Settings", "checked_timeout"]
 
 #: The restart policies, in OTP's words: ``temporary`` never restarted, ``transient`` after an
 #: abnormal end, ``permanent`` after any end but ``stop()``.
@@ -26,6 +26,9 @@ RESTART_POLICIES = ("temporary", "transient", "permanent")
 #: The values of ``forseti_rebalance``: ``off`` (never move a key to a joining worker) or
 #: ``on_join`` (move movable keys to it until counts differ by at most one).
 REBALANCE_POLICIES = ("off", "on_join")
+#: How a worker starts its zygote (``forseti_zygote``): forked from the worker, or a new
+#: interpreter (``exec``) that imports the keyed processes' modules.
+ZYGOTE_STARTS = ("fork", "exec")
 #: The URL schemes of ``forseti_state_url`` (redis-py's ``Redis.from_url``).
 STATE_URL_SCHEMES = ("redis://", "rediss://", "unix://")
 #: The settings a keyed-process name may set for itself (``@forseti.keyed(name=..., idle_timeout=...)``).
@@ -84,6 +87,11 @@ class Settings:
     #: Keyed processes each worker forks ahead of need, waiting for a key: a new key then costs
     #: a pipe write instead of a fork and a process start. 0 forks on demand only.
     spares: int = 2
+    #: How the worker starts the zygote that forks its spares: ``"fork"`` (a fork of the worker,
+    #: sharing its memory and state) or ``"exec"`` (a new interpreter that imports the modules
+    #: of the registered keyed processes, as multiprocessing's *forkserver* does: a new key costs
+    #: less CPU, the worker ~45 MiB more memory). See docs/configuration.rst.
+    zygote: str = "fork"
     #: Seconds a stopped keyed process gets to run ``terminate`` before it is killed.
     stop_timeout: float = 5.0
     #: Prefix of every queue, exchange and Redis key, so several clusters can share a broker.
@@ -240,6 +248,8 @@ class ChildConfig:
     heartbeat: float = Settings.heartbeat
     #: Keyed processes forked ahead of need, waiting for a key.
     spares: int = Settings.spares
+    #: ``"fork"`` or ``"exec"``: how the worker starts its zygote (:data:`ZYGOTE_STARTS`).
+    zygote: str = Settings.zygote
     #: Bytes the worker holds for one keyed process that has not taken them off its pipe.
     mailbox_limit: int = Settings.mailbox_limit
     #: Largest reply a keyed process sends, in bytes of encoded JSON.
@@ -255,7 +265,7 @@ class ChildConfig:
     def from_settings(cls, s: Settings) -> ChildConfig:
         """The per-process part of ``s``."""
         return cls(stop_timeout=s.stop_timeout, fence_after=s.fence_after, heartbeat=s.heartbeat,
-                   spares=s.spares, mailbox_limit=s.mailbox_limit, max_message_size=s.max_message_size,
+                   spares=s.spares, zygote=s.zygote, mailbox_limit=s.mailbox_limit, max_message_size=s.max_message_size,
                    state_url=s.state_url, checkpoint_every=s.checkpoint_every, namespace=s.namespace)
 
 
@@ -305,6 +315,10 @@ def _checked(name: str, value: Any) -> Any:
     if name == "rebalance":
         if value not in REBALANCE_POLICIES:
             raise ConfigurationError(f"{key} must be one of {', '.join(map(repr, REBALANCE_POLICIES))}, not {value!r}")
+        return value
+    if name == "zygote":
+        if value not in ZYGOTE_STARTS:
+            raise ConfigurationError(f"{key} must be one of {', '.join(map(repr, ZYGOTE_STARTS))}, not {value!r}")
         return value
     if name == "state_url":
         if not isinstance(value, str) or not value.startswith(STATE_URL_SCHEMES):

@@ -92,7 +92,7 @@ class Node:
                              self.events.send)
         self.children = Children(hostname, forseti.resolve, self.sender.publish_many, self.names.leader,
                                  self.events.send, ChildConfig.from_settings(s),
-                                 lambda name: forseti.policy(name).idle_timeout)
+                                 lambda name: forseti.policy(name).idle_timeout, forseti.known_names)
         self.forwarding = Forwarding(hostname, self.children, self.sender)
         self.liveness = Liveness(hostname, s, self.members, self.children)
         self.role = Role(hostname, self.leader, self.election, self.events, self.names.leader_queue, self._forward_held)

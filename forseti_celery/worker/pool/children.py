@@ -21,9 +21,10 @@ for a fork.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from ...child import runtime as child_main
@@ -47,18 +48,22 @@ class Children:
 
     def __init__(self, hostname: str, resolve: Callable[[str], Any], publish: Publish, leader_rk: str,
                  event: Callable[..., None], config: ChildConfig,
-                 idle_of: Callable[[str], float | None] = lambda name: None) -> None:
+                 idle_of: Callable[[str], float | None] = lambda name: None,
+                 names: Callable[[], Iterable[str]] = tuple) -> None:
         self.hostname = hostname
         self.config = config
-        #: Shared with every child: see :class:`~forseti_celery.child.runtime.Lifeline`.
-        self.lifeline = child_main.Lifeline(config.fence_after, config.heartbeat / 2)
+        #: Shared with every child: see :class:`~forseti_celery.child.runtime.Lifeline` (in a memfd
+        #: for a zygote started by exec).
+        self.lifeline = child_main.Lifeline(config.fence_after, config.heartbeat / 2,
+                                            mappable=config.zygote == "exec" and hasattr(os, "memfd_create"))
         self._stopping = threading.Event()
         self._table = Table()
         wake = self._wake = Waker()
         self._reports = Reports(hostname, leader_rk, publish, wake)
         self._watcher: Watcher
         self._spawner = Spawner(self._table, self._reports, config, self.lifeline, resolve, wake,
-                                [wake.r, wake.w], lambda box: self._watcher.on_writing(box), self._stopping)
+                                [wake.r, wake.w, *([] if self.lifeline.fd is None else [self.lifeline.fd])],
+                                lambda box: self._watcher.on_writing(box), self._stopping, names)
         self._watcher = Watcher(self._table, self._reports, wake, self._spawner.refill, self.spawn_failed, event,
                                 config.spares > 0, self._stopping, Idle(self._table, idle_of, config.stop_timeout))
 

@@ -27,7 +27,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import billiard
@@ -61,8 +61,10 @@ class Spawner:
 
     def __init__(self, table: Table, reports: Reports, config: ChildConfig, lifeline: child_main.Lifeline,
                  resolve: Callable[[str], Any], wake: Callable[[], None], worker_fds: list[int],
-                 on_writing: Callable[[Outbox], None], stopping: threading.Event) -> None:
+                 on_writing: Callable[[Outbox], None], stopping: threading.Event,
+                 names: Callable[[], Iterable[str]] = tuple) -> None:
         self._table = table
+        self._names = names  # the registered keyed-process names (a zygote started by exec imports them)
         self._reports = reports
         self._config = config
         self._lifeline = lifeline
@@ -82,6 +84,14 @@ class Spawner:
         """Fork the zygote, where it runs and spares are wanted (from the worker's main thread,
         before the pool's threads run: the zygote dies with it)."""
         if self._config.spares and zygote_mod.available():
+            refs = self._exec_refs() if self._config.zygote == "exec" else None
+            if refs is not None:
+                try:
+                    self.zygote = zygote_mod.Zygote(KeyedChild, self._config, self._lifeline, self._resolve,
+                                                    self._worker_fds, refs=refs)
+                    return self.zygote
+                except Exception:
+                    logger.exception("forseti: could not start the zygote by exec; it is forked")
             try:
                 self.zygote = zygote_mod.Zygote(KeyedChild, self._config, self._lifeline, self._resolve,
                                                 self._worker_fds)
@@ -89,6 +99,23 @@ class Spawner:
                 logger.exception("forseti: no zygote; spares are forked by the worker")
                 self.zygote = None
         return self.zygote
+
+    def _exec_refs(self) -> dict[str, str] | None:
+        """Every registered keyed process by ``"module:qualname"``, for a zygote started by exec;
+        ``None`` (logged: the zygote is forked) if one cannot be imported by name."""
+        if self._lifeline.fd is None:
+            logger.warning("forseti: forseti_zygote is 'exec', but this system has no memfd: the zygote is forked")
+            return None
+        refs: dict[str, str] = {}
+        for name in sorted(self._names()):
+            target = self._resolve(name)
+            ref = zygote_mod.ref_of(target)
+            if ref is None:
+                logger.warning("forseti: forseti_zygote is 'exec', but keyed process %r (%r) cannot be imported "
+                               "by name (defined in __main__ or in a function): the zygote is forked", name, target)
+                return None
+            refs[name] = ref
+        return refs
 
     def start(self) -> None:
         self._thread.start()
@@ -121,7 +148,8 @@ class Spawner:
         """Give the key to a spare (under the table's lock); False if none is left. Not when cut
         off: the spawner then answers "unavailable"."""
         table = self._table
-        while table.spares and not self._lifeline.cut_off() and self._resolve(name) is not None:
+        while table.spares and not self._lifeline.cut_off() and self._resolve(name) is not None \
+                and (self.zygote is None or self.zygote.serves(name)):
             c = table.spares.popleft()
             if self._give(c, name, key, args, sid, waiters, start):
                 table.by_key[(name, key)] = c
@@ -331,7 +359,8 @@ class Spawner:
         is given the key (the worker's threads never wait for a fork), else a fork of the worker.
         :class:`OSError` when a resource ran out (the worker does not try a fork of its own then:
         the zygote lives on, and the worker is in the same cgroup, under the same limits)."""
-        if self._zygote_alive():
+        if self.zygote is not None and self.zygote.alive and self.zygote.serves(name):
+            # (a name registered after a zygote started by exec is forked by the worker)
             try:
                 c = self._fork_from_zygote(min(zygote_mod.MAX_BATCH - 1, self._orders.qsize()))
             except EOFError:

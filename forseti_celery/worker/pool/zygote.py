@@ -13,6 +13,13 @@ exit status from the zygote, which reaps it. A spare dies with the zygote
 end of their socket or pipe closes. The zygote also looks at the worker's
 :class:`~forseti_celery.child.runtime.Lifeline` for all of them (every half heartbeat) and kills them
 when the worker is cut off, so an idle keyed process never wakes up.
+
+With ``forseti_zygote = "exec"`` the zygote is no fork of the worker but a new interpreter
+(:func:`boot`), as multiprocessing's *forkserver* is: it imports the modules of the registered
+keyed processes (each named ``"module:qualname"`` by the worker, :func:`ref_of`), maps the
+lifeline from a memfd, and then runs the same loop. Its spares fork from a small process whose
+memory the kernel never shares with the busy worker, which costs each fork and each new keyed
+process less (docs/benchmarks.rst, "A zygote forked, or started by exec").
 """
 
 from __future__ import annotations
@@ -21,10 +28,13 @@ import _socket
 import errno
 import gc
 import importlib
+import logging
 import os
+import pickle
 import select
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -34,12 +44,15 @@ import billiard
 import billiard.connection
 
 from ...child import runtime as child_main
-from ...core import compat
+from ...core import compat, process
 from ...core.conf import ChildConfig
 
-__all__ = ["Grandchild", "Zygote", "available"]
+__all__ = ["Grandchild", "Zygote", "available", "boot", "ref_of"]
 
 MAX_BATCH = 16  #: spares forked for one request at most
+#: Seconds the first request waits for a zygote started by exec to have imported what it needs.
+BOOT_TIMEOUT = 60.0
+_BOOT = "import sys; from forseti_celery.worker.pool.zygote import boot; boot(int(sys.argv[1]))"
 
 try:  # the C function: signal.signal turns its answer into an enum, which copies ~35 pages into a new spare
     _set_handler: Callable[[int, int], Any] = importlib.import_module("_signal").signal
@@ -57,23 +70,50 @@ class Zygote:
     the watcher thread (:attr:`exit_fd`, :meth:`read_exits`)."""
 
     def __init__(self, process_class: Any, config: ChildConfig, lifeline: child_main.Lifeline,
-                 resolve: Callable[[str], Any], close_fds: Iterable[int]) -> None:
+                 resolve: Callable[[str], Any], close_fds: Iterable[int], *,
+                 refs: dict[str, str] | None = None) -> None:
+        """A zygote forked from this process; with ``refs`` (keyed-process name ->
+        ``"module:qualname"``, see :func:`ref_of`), one started by exec that serves those names
+        (``lifeline`` must then be mappable). Raises :class:`OSError` if it could not start."""
         self._requests, their_requests = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._exits, their_exits = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._exits.setblocking(False)
-        keep_closed = [self._requests.fileno(), self._exits.fileno(), *close_fds]
-        self.process = process_class(
-            target=_main, name="forseti:zygote",
-            args=(their_requests, their_exits, config, lifeline, resolve, os.getpid(), keep_closed),
-        )
-        self.process.start()
-        their_requests.close()
-        their_exits.close()
+        self._refs = refs
+        #: Started by exec and not yet known to have imported its targets (the first request waits).
+        self._booting = refs is not None
+        self.process: Any
+        try:
+            if refs is not None:
+                self.process = _Execd(their_requests, their_exits, config, lifeline, refs)
+            else:
+                keep_closed = [self._requests.fileno(), self._exits.fileno(), *close_fds]
+                self.process = process_class(
+                    target=_main, name="forseti:zygote",
+                    args=(their_requests, their_exits, config, lifeline, resolve, os.getpid(), keep_closed),
+                )
+                self.process.start()
+        except BaseException:
+            self._requests.close()
+            self._exits.close()
+            raise
+        finally:
+            their_requests.close()
+            their_exits.close()
         self.exit_fd = self._exits.fileno()
         self._codes: dict[int, int] = {}
         self._forgotten: set[int] = set()  # reaped before their status came: dropped when it does
         #: False once a request failed: the worker then forks its spares itself.
         self.alive = True
+
+    @property
+    def execd(self) -> bool:
+        """Whether this zygote was started by exec (a new interpreter), not forked."""
+        return self._refs is not None
+
+    def serves(self, name: str) -> bool:
+        """Whether a spare of this zygote can run keyed-process ``name`` (one started by exec
+        knows the names the worker had registered when it started it)."""
+        return self._refs is None or name in self._refs
 
     @property
     def fds(self) -> list[int]:
@@ -99,6 +139,13 @@ class Zygote:
         would raise; :class:`EOFError` once the zygote has ended (what came is closed then)."""
         got: list[tuple[Grandchild, int] | OSError] = []
         try:
+            if self._booting:
+                self._requests.settimeout(BOOT_TIMEOUT)
+                said = self._requests.recv(4096)
+                if said != b"r":
+                    why = said[1:].decode(errors="replace") if said else "it ended"
+                    raise EOFError(f"it could not start: {why}")
+                self._booting = False
             self._requests.settimeout(timeout)
             self._requests.send(b"s" * max(1, min(n, MAX_BATCH)))
             for _ in range(max(1, min(n, MAX_BATCH))):
@@ -176,6 +223,111 @@ class Zygote:
         except ProcessLookupError:
             pass
         self.process.join(2)
+
+
+class _Execd:
+    """What :class:`Zygote` needs of a process (``pid``, ``join``), for a zygote started by exec:
+    ``python -c`` running :func:`boot`, given its two sockets, the lifeline's memfd and a pipe
+    from which it reads the rest (the config, the targets by name, ``sys.path``, logging)."""
+
+    def __init__(self, requests: socket.socket, exits: socket.socket, config: ChildConfig,
+                 lifeline: child_main.Lifeline, refs: dict[str, str]) -> None:
+        if lifeline.fd is None:
+            raise ValueError("a zygote started by exec needs a mappable lifeline")
+        payload = pickle.dumps({
+            "config": config, "refs": refs, "path": list(sys.path), "logging": _logging_of(logging.getLogger()),
+            "requests": requests.fileno(), "exits": exits.fileno(), "lifeline": lifeline.fd,
+            "check_every": lifeline.check_every, "worker_pid": os.getpid(),
+        })
+        r, w = os.pipe()
+        try:
+            if len(payload) > 65536:  # more than a pipe holds: the worker would wait for the new interpreter
+                raise ValueError(f"the exec'd zygote's start order is too large ({len(payload)} bytes)")
+            os.write(w, payload)  # (a pipe holds it: the worker never waits here)
+            os.close(w)
+            w = -1
+            self._popen = subprocess.Popen(
+                [sys.executable, "-c", _BOOT, str(r)], pass_fds=(r, requests.fileno(), exits.fileno(), lifeline.fd))
+        finally:
+            os.close(r)
+            if w >= 0:
+                os.close(w)
+        self.pid = self._popen.pid
+
+    def join(self, timeout: float | None = None) -> None:
+        try:
+            self._popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def ref_of(target: Any) -> str | None:
+    """``"module:qualname"`` naming ``target`` for a new interpreter to import, or ``None`` when
+    the name would not give this very object (defined in ``__main__``, in a function, or rebound)."""
+    module, qualname = getattr(target, "__module__", None), getattr(target, "__qualname__", None)
+    if not isinstance(module, str) or not isinstance(qualname, str) or module == "__main__" or "<locals>" in qualname:
+        return None
+    ref = f"{module}:{qualname}"
+    try:
+        return ref if _by_name(ref) is target else None
+    except Exception:
+        return None
+
+
+def _by_name(ref: str) -> Any:
+    module, _, qualname = ref.partition(":")
+    obj = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _logging_of(root: logging.Logger) -> tuple[int, list[tuple[str, str, str | None]]]:
+    """The worker's root logging, as a new interpreter can set it up again (:func:`_log_as`): its
+    level, and each handler writing to a file or to the standard error or output."""
+    handlers: list[tuple[str, str, str | None]] = []
+    for h in root.handlers:
+        fmt = getattr(h.formatter, "_fmt", None)
+        if isinstance(h, logging.FileHandler):
+            handlers.append(("file", h.baseFilename, fmt))
+        elif isinstance(h, logging.StreamHandler) and h.stream in (sys.__stderr__, sys.stderr):
+            handlers.append(("stderr", "", fmt))
+        elif isinstance(h, logging.StreamHandler) and h.stream in (sys.__stdout__, sys.stdout):
+            handlers.append(("stdout", "", fmt))
+    return root.level, handlers
+
+
+def _log_as(level: int, handlers: list[tuple[str, str, str | None]]) -> None:
+    root = logging.getLogger()
+    root.setLevel(level)
+    for kind, path, fmt in handlers:
+        h: logging.Handler = (logging.FileHandler(path) if kind == "file"
+                              else logging.StreamHandler(sys.stdout if kind == "stdout" else sys.stderr))
+        h.setFormatter(logging.Formatter(fmt))
+        root.addHandler(h)
+
+
+def boot(fd: int) -> None:
+    """A zygote started by exec (``python -c``): read its start order from pipe ``fd``, import
+    the targets and take the worker's ``sys.path`` and logging, say it is ready (``r``, or ``!``
+    and why not) on its request socket, then serve as a forked zygote does (:func:`_main`)."""
+    with os.fdopen(fd, "rb") as f:
+        order = pickle.load(f)
+    requests = socket.socket(fileno=order["requests"])
+    exits = socket.socket(fileno=order["exits"])
+    config: ChildConfig = order["config"]
+    try:
+        sys.path[:] = order["path"]
+        _log_as(*order["logging"])
+        lifeline = child_main.Lifeline.attach(order["lifeline"], config.fence_after, order["check_every"])
+        targets = {name: _by_name(ref) for name, ref in order["refs"].items()}
+        for target in targets.values():
+            process.is_async(target)  # remembered before any fork, as the worker does at registration
+    except BaseException as exc:
+        requests.send(b"!" + f"{type(exc).__name__}: {exc}".encode()[:4000])
+        os._exit(1)
+    requests.send(b"r")
+    _main(requests, exits, config, lifeline, targets.get, order["worker_pid"], [])
 
 
 class Grandchild:
