@@ -6,8 +6,8 @@ is also registered as ``"idle"`` (passivates after :data:`IDLE_TIMEOUT`) and as
 ``"transient"`` (restarted after an abnormal end) for the lifecycle rows. The broker
 comes from ``FORSETI_BROKER_URL`` and the namespace from ``FORSETI_NAMESPACE``;
 every ``forseti_*`` setting keeps its library default unless ``FORSETI_HEARTBEAT``,
-``FORSETI_NODE_TIMEOUT`` or ``FORSETI_LEASE`` says otherwise; ``FORSETI_WORKER_SECRET`` (set
-for the workers only) makes them sign their messages.
+``FORSETI_NODE_TIMEOUT``, ``FORSETI_LEASE`` or ``FORSETI_ZYGOTE`` says otherwise;
+``FORSETI_WORKER_SECRET`` (set for the workers only) makes them sign their messages.
 """
 
 from __future__ import annotations
@@ -63,6 +63,8 @@ def make_app(broker_url: str | None, namespace: str, redis_backend: str | None =
         if value:
             app.conf[f"forseti_{setting}"] = float(value)
     app.conf.forseti_worker_secret = os.environ.get("FORSETI_WORKER_SECRET") or None
+    if os.environ.get("FORSETI_ZYGOTE"):
+        app.conf.forseti_zygote = os.environ["FORSETI_ZYGOTE"]
     forseti = Forseti(app)
     forseti.keyed(Echo)
     # The lifecycle rows (issue 12): a name that passivates at once, and one restarted after a crash.

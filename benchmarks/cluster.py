@@ -44,7 +44,8 @@ _MIB_PER_NEW_KEY = 6
 class ForsetiBench:
     """A three-worker cluster of :mod:`benchmarks.app` on one broker, and a client app next to it."""
 
-    def __init__(self, kind: str, url: str, redis_backend: str | None, sizes: Sizes, signed: bool = False) -> None:
+    def __init__(self, kind: str, url: str, redis_backend: str | None, sizes: Sizes, signed: bool = False,
+                 zygote: str = "fork") -> None:
         import secrets
 
         from benchmarks.app import REDIS_BACKEND_ENV, make_app
@@ -57,7 +58,7 @@ class ForsetiBench:
         tag = self.namespace[-4:]
         # The secret for the workers only: the client (this process) never holds it.
         self.env = {"FORSETI_NAMESPACE": self.namespace, REDIS_BACKEND_ENV: redis_backend or "",
-                    "FORSETI_WORKER_SECRET": secrets.token_urlsafe(32) if signed else ""}
+                    "FORSETI_WORKER_SECRET": secrets.token_urlsafe(32) if signed else "", "FORSETI_ZYGOTE": zygote}
         self.hostnames = [f"bench{i}-{tag}@{short_hostname()}" for i in (1, 2, 3)]
         self.log_dir = Path(tempfile.mkdtemp(prefix=f"forseti-bench-{kind}-"))
         self.cluster = Cluster("benchmarks.app", 3, broker_url=url, env=self.env, cwd=str(ROOT),
@@ -96,13 +97,15 @@ class ForsetiBench:
         self._clean_broker()
         log(f"{self.run.kind}: workers stopped in {self.stop_seconds:.1f} s; logs in {self.log_dir}")
 
-    def start(self) -> None:
+    def start(self, baselines: bool = True) -> None:
+        """Start the workers (and, with ``baselines``, the floor's relay and the solo worker)."""
         from forseti_celery.testing import wait_for
 
         t0 = time.monotonic()
         self.cluster.start()
-        self.floor.start()
-        self.solo.start()
+        if baselines:
+            self.floor.start()
+            self.solo.start()
 
         def three() -> bool:
             try:

@@ -24,7 +24,7 @@ import shlex
 import sys
 import time
 
-from benchmarks import aio, async_process, handoff, state
+from benchmarks import aio, async_process, handoff, state, zygote
 from benchmarks.cluster import ForsetiBench
 from benchmarks.common import Brokers, ForsetiRun, Results, Row, Sizes, log, measure
 from benchmarks.probe import probe_main
@@ -52,6 +52,10 @@ ROWS = [
         ray="batch"),
     Row("batch_threads", "2b batch of 50 new keys, 8 threads", "keys/s", True, ">= 200/s", lambda v, _: v >= 200,
         ray="batch_threads"),
+    Row("cold_exec", "1e   row 1, zygote started by exec", "ms", target="<= 3 ms", check=lambda v, _: v <= 3,
+        ray="cold", floor="floor_rt"),
+    Row("batch_exec", "2e   row 2, zygote started by exec", "keys/s", True, ">= 400/s", lambda v, _: v >= 400,
+        ray="batch"),
     Row("lookup_fresh", "3  lookup, fresh client process", "ms", target="<= 2x floor", check=_twice_the_floor,
         celery="task_rt", ray="lookup_fresh", floor="floor_rt", versus="floor_rt"),
     Row("lookup_fresh_connect", "3a   same, first request (connects)", "ms", target="<= ray", check=_at_most,
@@ -107,6 +111,7 @@ def measure_more(bench: ForsetiBench) -> None:
     handoff.measure_rows(bench)  # rows 14 and 15: one cluster of movable keys of their own
     async_process.measure_rows(bench)  # row 16a (row 16 is sampled with row 4): idle "async-echo" processes
     aio.measure_rows(bench)  # rows 17-17d: the async client
+    zygote.measure_rows(bench)  # rows 1e, 2e: rows 1 and 2 on a cluster whose zygotes are started by exec
 
 
 # --- main ----------------------------------------------------------------------------------------

@@ -214,7 +214,7 @@ def test_a_client_warns_once_per_app_about_each_unknown_key_of_app_conf(caplog: 
                             "forseti: unknown setting forseti_colour (known: forseti_call, forseti_nodes, "
                             "forseti_max_retries, forseti_max_time, forseti_timeout, forseti_call_timeout, "
                             "forseti_cache, forseti_retry_interval, forseti_heartbeat, forseti_node_timeout, "
-                            "forseti_lease, forseti_spares, forseti_stop_timeout, forseti_namespace, "
+                            "forseti_lease, forseti_spares, forseti_zygote, forseti_stop_timeout, forseti_namespace, "
                             "forseti_max_key_length, forseti_mailbox_limit, forseti_max_message_size, "
                             "forseti_worker_secret, forseti_idle_timeout, forseti_restart, "
                             "forseti_max_restarts, forseti_restart_window, forseti_handoff_timeout, "
