@@ -69,6 +69,12 @@ class Lifeline:
         """The worker heard the broker at ``when`` (called in the worker)."""
         self._heard.value = when
 
+    def close(self) -> None:
+        """Close the memfd (the mapping stays): once nothing will start a process that needs it."""
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
+
     def cut_off(self) -> bool:
         """Whether the worker has not heard the broker for too long (asked in the child)."""
         return time.monotonic() - float(self._heard.value) > self.fence_after

@@ -322,3 +322,4 @@ class Children:
             c.process.kill()
         self._spawner.stop_zygote()
         self._watcher.join(5)
+        self.lifeline.close()  # (its memfd, if any: nothing forks any more)
