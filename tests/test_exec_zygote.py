@@ -175,3 +175,14 @@ def test_keyed_processes_of_an_exec_zygote_serve_keys_log_in_the_worker_and_die_
         worker.kill(signal.SIGKILL)
         wait_for(lambda: not any(alive(pid) for pid in pids), 5.0,
                  message=lambda: f"outlived their worker: {[pid for pid in pids if alive(pid)]}")
+
+
+def test_async_keyed_processes_run_from_an_exec_zygote(redis_url: str, tmp_path: Path) -> None:
+    with harness(redis_url, tmp_path, n=1, app="tests.async_app", FORSETI_ZYGOTE="exec") as h:
+        worker = h.cluster.workers[0]
+        ref = h.forseti.get_key(fresh("exec-async"), name="async-ordered")
+        assert ref.call(["c", 1, 0.01]) == 1
+        assert ref.call("log") == [["in", "c", 1], ["out", "c", 1]]
+        zygote = _ppid(ref.pid)
+        assert zygote != worker.pid and "zygote import boot" in _cmdline(zygote)
+        ref.stop()
