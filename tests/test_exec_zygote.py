@@ -83,8 +83,8 @@ def test_the_exec_zygote_runs_a_spare_in_a_new_interpreter() -> None:
     zygote = _execd({"echo": f"{__name__}:Echo"})
     try:
         assert zygote.execd and zygote.serves("echo") and not zygote.serves("other")
+        process, fd = zygote.fork()  # (once it answers, it has exec'd: its command line is set)
         assert "forseti_celery.worker.pool.zygote import boot" in _cmdline(zygote.process.pid)
-        process, fd = zygote.fork()
         conn = billiard.connection.Connection(fd)
         conn.send_bytes(p.encode([Assign("echo", "k", [], None, 0, "s").to_wire()]))
         assert p.decode(conn.recv_bytes())[0]["t"] == "started"
