@@ -74,7 +74,8 @@ class Zygote:
                  refs: dict[str, str] | None = None) -> None:
         """A zygote forked from this process; with ``refs`` (keyed-process name ->
         ``"module:qualname"``, see :func:`ref_of`), one started by exec that serves those names
-        (``lifeline`` must then be mappable). Raises :class:`OSError` if it could not start."""
+        (``lifeline`` must then be mappable). Raises :class:`OSError` if it could not start
+        (:class:`ValueError` for a lifeline that is not mappable)."""
         self._requests, their_requests = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._exits, their_exits = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._exits.setblocking(False)
