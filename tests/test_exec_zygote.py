@@ -186,3 +186,32 @@ def test_async_keyed_processes_run_from_an_exec_zygote(redis_url: str, tmp_path:
         zygote = _ppid(ref.pid)
         assert zygote != worker.pid and "zygote import boot" in _cmdline(zygote)
         ref.stop()
+
+
+def test_a_name_registered_after_the_exec_zygote_started_is_forked_by_the_worker() -> None:
+    """The exec'd zygote imported the names registered when it started; a later one takes no
+    spare of it, and its keyed process is a fork of the worker, which knows it."""
+    sp = _spawner(ChildConfig(spares=2, zygote="exec"), Echo)  # registered: "default" only
+    zygote = sp.start_zygote()
+    late: list[Any] = []
+    try:
+        assert zygote is not None and zygote.execd and not zygote.serves("late")
+        assert sp._fork_spare() is False  # both spares, from the exec'd zygote
+        with sp._table.lock:
+            assert len(sp._table.spares) == 2
+            assert not sp.assign_spare("late", "k1", [], "s1", [])
+            assert len(sp._table.spares) == 2  # (none taken)
+        late.append(sp._fork_for(Echo, "late", "k1", [], "s1", []))
+        assert isinstance(late[0].process, KeyedChild) and _ppid(late[0].pid) != zygote.process.pid
+        with sp._table.lock:
+            assert sp.assign_spare("default", "k2", [], "s2", [])
+            late.append(sp._table.by_key[("default", "k2")])
+        assert _ppid(late[1].pid) == zygote.process.pid
+    finally:
+        with sp._table.lock:
+            left = [*late, *sp._table.spares]
+        for c in left:
+            c.process.kill()
+            c.process.join(5.0)
+            c.conn.close()
+        sp.stop_zygote()
